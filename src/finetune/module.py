@@ -1,0 +1,159 @@
+"""The LightningModule: a backbone with its head, the loss, metrics, optimizer and schedule.
+
+It holds no strategy logic: which parameters train is decided by the strategy callback before
+the optimizer is built, and the optimizer only ever receives parameters that require grad.
+Its hparams are plain config dicts (never an nn.Module), enough to rebuild the network from a
+checkpoint with `load_classifier`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from finetune import backbones
+from finetune.backbones import Backbone
+from finetune.errors import unknown_name
+
+
+def accuracy_metrics(num_classes: int) -> MetricCollection:
+    metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+class WarmupSchedule:
+    """Learning-rate multiplier per optimizer step: linear warmup, then cosine, step or constant.
+
+    A callable object (not a lambda) so that LambdaLR can save and restore it in checkpoints. The
+    multiplier applies to every param group alike, so ratios between groups are preserved.
+    """
+
+    KINDS = ("cosine", "step", "constant")
+
+    def __init__(
+        self,
+        kind: str,
+        total_steps: int,
+        steps_per_epoch: int,
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        step_epochs: int = 7,
+        gamma: float = 0.1,
+    ) -> None:
+        if kind not in self.KINDS:
+            raise unknown_name("scheduler", kind, self.KINDS)
+        self.kind = kind
+        self.total_steps = max(int(total_steps), 1)
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.warmup_steps = int(round(warmup_epochs * self.steps_per_epoch))
+        self.min_lr_ratio = min_lr_ratio
+        self.step_epochs = step_epochs
+        self.gamma = gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "step":
+            return self.gamma ** (step // (self.step_epochs * self.steps_per_epoch))
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only; biases and norm weights (1-D) get no weight decay."""
+    decay, no_decay = [], []
+    for _, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [group for group in groups if group["params"]]
+
+
+class ClassifierModule(pl.LightningModule):
+    def __init__(
+        self,
+        backbone: Backbone,
+        class_names: list[str],
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        # Plain dicts only: the checkpoint must rebuild without pickled modules.
+        self.save_hyperparameters(ignore=["backbone"], logger=False)
+        self.backbone = backbone
+        self.class_names = list(class_names)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
+        metrics = accuracy_metrics(len(class_names))
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`.
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_metrics": metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer_cfg = dict(self.hparams.optim["optimizer"])
+        weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
+        optimizer = instantiate(optimizer_cfg)(parameter_groups(self, weight_decay))
+        steps_per_epoch = max(
+            int(self.trainer.estimated_stepping_batches) // max(self.trainer.max_epochs or 1, 1), 1
+        )
+        schedule_cfg = dict(self.hparams.scheduler)
+        schedule = WarmupSchedule(
+            kind=schedule_cfg.pop("name"),
+            total_steps=self.trainer.estimated_stepping_batches,
+            steps_per_epoch=steps_per_epoch,
+            **schedule_cfg,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def load_classifier(checkpoint_path: str | Path) -> ClassifierModule:
+    """Rebuild a trained classifier from one of this project's checkpoints (no download)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    backbone = backbones.build(hparams["model"], len(hparams["class_names"]), pretrained=False)
+    module = ClassifierModule(backbone, **hparams)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()

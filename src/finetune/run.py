@@ -1,0 +1,162 @@
+"""The one training flow: config -> data + model -> trainer -> run dir.
+
+    seed -> data module (downloads or generates, finds the classes) -> backbone with a new head
+    -> LightningModule -> callbacks, strategy, TensorBoard -> fit -> evaluate the best
+    checkpoint -> metrics.json, classes.json, config.yaml and events in the run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from finetune import backbones, strategies
+from finetune.data import FinetuneDataModule
+from finetune.module import ClassifierModule
+from finetune.strategies import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """Print the resolved config as a tree, one branch per config group."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("config")
+    for key, value in cfg.items():
+        branch = tree.add(str(key))
+        text = OmegaConf.to_yaml(value) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write then rename, so a reader never sees half a file."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+
+
+def _instantiate_all(group_cfg: DictConfig | None) -> list[Any]:
+    """Instantiate each entry of a callbacks/logger group; a null entry switches it off."""
+    if not group_cfg:
+        return []
+    return [instantiate(entry) for entry in group_cfg.values() if entry is not None]
+
+
+def _plain(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _stage_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    return {name: float(value) for name, value in results[0].items()} if results else {}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment end to end and return what it writes to `metrics.json`."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+    # The preprocessing belongs to the weights: the backbone's spec drives the data transforms.
+    input_spec = backbones.input_spec(cfg.model)
+    datamodule = FinetuneDataModule(input_spec=input_spec, **_plain(cfg.data))
+    datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    write_json(run_dir / "classes.json", datamodule.class_names)
+
+    strategy = strategies.build(_plain(cfg.strategy))
+    backbone = backbones.build(
+        cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
+    )
+    module = ClassifierModule(
+        backbone,
+        class_names=datamodule.class_names,
+        model=_plain(cfg.model),
+        optim=_plain(cfg.optim),
+        scheduler=_plain(cfg.scheduler),
+    )
+
+    callbacks = [strategy, *_instantiate_all(cfg.get("callbacks"))]
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds = time.perf_counter() - started
+
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+    evaluate_from = best or None  # without checkpoints, evaluate the weights in memory
+    metrics: dict[str, Any] = _stage_metrics(
+        trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
+    )
+    if datamodule.has_test_split:
+        metrics |= _stage_metrics(
+            trainer.test(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
+        )
+
+    counts = count_parameters(module.backbone)
+    metrics |= {
+        "best_checkpoint": best,
+        "epochs": trainer.current_epoch,
+        "fit_seconds": round(fit_seconds, 2),
+        "trainable_params": counts["trainable_params"],
+        "total_params": counts["total_params"],
+        "model": cfg.model.name,
+        "weights": backbone.weights,
+        "strategy": cfg.strategy.name,
+        "data": cfg.data.dataset,
+        "num_classes": datamodule.num_classes,
+        "split_sizes": datamodule.splits.sizes(),
+        "seed": cfg.seed,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    _log_final_hparams(loggers, cfg, metrics)
+    log.info("Run finished: %s", run_dir)
+    return metrics
+
+
+def _log_final_hparams(loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
+    runs of a sweep by their results (not by a placeholder hp_metric)."""
+    params = {
+        key: str(value) if isinstance(value, list | tuple) else value
+        for key, value in _flatten(_plain(cfg)).items()
+    }
+    final = {
+        f"final/{name.replace('/', '_')}": value
+        for name, value in metrics.items()
+        if isinstance(value, float) and "/" in name
+    }
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=final)
+        else:
+            logger.log_hyperparams(params)
+        logger.save()
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat

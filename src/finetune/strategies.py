@@ -1,0 +1,96 @@
+"""Which parameters train: freeze strategies as a Lightning callback.
+
+The callback decides the trainable set in `setup`, before Lightning builds the optimizer, so the
+optimizer only ever sees trainable parameters. Frozen parts of the network are put in eval mode,
+not only `requires_grad=False`: a frozen BatchNorm in train mode would still normalise with batch
+statistics and overwrite its running statistics.
+
+Strategies:
+- last_layer: only the new head trains; the whole backbone is frozen and in eval mode.
+- full:       every layer trains, starting from the pretrained weights.
+- scratch:    every layer trains, starting from random initialisation (the baseline).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+from torch import nn
+
+from finetune.backbones import Backbone
+from finetune.errors import unknown_name
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("last_layer", "full", "scratch")
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return {"trainable_params": trainable, "frozen_params": total - trainable, "total_params": total}
+
+
+def frozen_subtrees(module: nn.Module) -> list[nn.Module]:
+    """The largest submodules whose parameters are all frozen.
+
+    Parameter-free modules (activations, dropout) take their parent's state, so a dropout right
+    before a trainable head keeps working while a frozen feature extractor goes to eval mode.
+    """
+    parameters = list(module.parameters())
+    if parameters and not any(p.requires_grad for p in parameters):
+        return [module]
+    return [frozen for child in module.children() for frozen in frozen_subtrees(child)]
+
+
+class FreezeStrategy(pl.Callback):
+    """Sets `requires_grad` per strategy before the optimizer exists, and keeps frozen parts in
+    eval mode for the whole fit."""
+
+    def __init__(self, name: str, pretrained: bool = True, **_: Any) -> None:
+        if name not in STRATEGIES:
+            raise unknown_name("strategy", name, STRATEGIES)
+        self.name = name
+        self.pretrained = pretrained
+        self._frozen: list[nn.Module] = []
+
+    def trainable_names(self, backbone: Backbone) -> set[str]:
+        if self.name == "last_layer":
+            return backbone.head_parameter_names()
+        return {name for name, _ in backbone.named_parameters()}
+
+    def apply(self, backbone: Backbone) -> dict[str, int]:
+        """Freeze `backbone` per this strategy; returns the parameter counts."""
+        trainable = self.trainable_names(backbone)
+        for name, parameter in backbone.named_parameters():
+            parameter.requires_grad_(name in trainable)
+        self._frozen = frozen_subtrees(backbone)
+        self._set_frozen_to_eval()
+        return count_parameters(backbone)
+
+    def _set_frozen_to_eval(self) -> None:
+        for module in self._frozen:
+            module.eval()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        counts = self.apply(pl_module.backbone)
+        log.info(
+            "Strategy %s: %s trainable / %s frozen parameters (of %s)",
+            self.name,
+            f"{counts['trainable_params']:,}",
+            f"{counts['frozen_params']:,}",
+            f"{counts['total_params']:,}",
+        )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning or user code may have called .train() on the whole module since setup.
+        self._set_frozen_to_eval()
+
+
+def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
+    return FreezeStrategy(**strategy_cfg)
