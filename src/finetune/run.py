@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from finetune.module import ClassifierModule
 from finetune.strategies import count_parameters
 
 log = logging.getLogger(__name__)
+
+# Frozen parts of the network are in eval mode on purpose (see strategies.py).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def print_config_tree(cfg: DictConfig) -> None:

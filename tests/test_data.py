@@ -1,0 +1,133 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, make_class_folders
+from finetune.backbones import InputSpec
+from finetune.data import FinetuneDataModule, stratified_split
+from finetune.errors import DataUnavailableError
+from finetune.transforms import eval_transform, train_transform
+
+SPEC = InputSpec(crop_size=32, resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+
+
+def datamodule(dataset: str, root: Path, **options) -> FinetuneDataModule:
+    options = {"batch_size": 4, "num_workers": 0, **options}
+    return FinetuneDataModule(dataset=dataset, root=str(root), input_spec=SPEC, **options)
+
+
+def first_batch(dm: FinetuneDataModule, loader: str = "train_dataloader"):
+    dm.prepare_data()
+    dm.setup("fit")
+    return next(iter(getattr(dm, loader)()))
+
+
+def test_imagefolder_with_train_val_test_subfolders(tmp_path):
+    for split, count in (("train", 5), ("val", 2), ("test", 3)):
+        make_class_folders(tmp_path / split, {"cat": count, "dog": count}, seed=len(split))
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    dm = datamodule("imagefolder", tmp_path)
+    assert dm.class_names == ["cat", "dog"]
+    assert dm.splits.sizes() == {"train": 10, "val": 4, "test": 6}
+    images, labels = first_batch(dm)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert set(labels.tolist()) <= {0, 1}
+
+
+def test_imagefolder_of_class_folders_is_split_stratified_and_seeded(tmp_path):
+    make_class_folders(tmp_path, {"a": 20, "b": 10, "c": 5})
+    dm = datamodule("imagefolder", tmp_path, val_fraction=0.2, split_seed=3)
+    splits = dm.splits
+    assert splits.test is None
+    assert Counter(label for _, label in splits.val) == {0: 4, 1: 2, 2: 1}
+    assert Counter(label for _, label in splits.train) == {0: 16, 1: 8, 2: 4}
+    assert not {p for p, _ in splits.val} & {p for p, _ in splits.train}
+    again = datamodule("imagefolder", tmp_path, val_fraction=0.2, split_seed=3).splits
+    other_seed = datamodule("imagefolder", tmp_path, val_fraction=0.2, split_seed=4).splits
+    assert again.val == splits.val
+    assert other_seed.val != splits.val
+
+
+def test_stratified_split_keeps_one_of_each_class_in_val():
+    samples = [(f"{label}_{i}", label) for label, n in ((0, 3), (1, 2)) for i in range(n)]
+    train, val = stratified_split(samples, 0.1, seed=0)
+    assert sorted(label for _, label in val) == [0, 1]
+    assert len(train) == 3
+
+
+def test_flowers102_uses_the_official_splits(flowers_root):
+    dm = datamodule("flowers102", flowers_root, download=False)
+    assert dm.splits.sizes() == {"train": 1020, "val": 1020, "test": 6149}
+    assert dm.num_classes == 102 and len(set(dm.class_names)) == 102
+    assert Counter(label for _, label in dm.splits.train) == {label: 10 for label in range(102)}
+    images, labels = first_batch(dm, "test_dataloader")
+    assert images.shape == (4, 3, 32, 32)
+    assert labels.max() < 102
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hymenoptera_data").is_dir(), reason="no shared hymenoptera")
+def test_real_hymenoptera_set_loads_without_the_gif_placeholder():
+    dm = datamodule("hymenoptera", SHARED_DATA, download=False)
+    assert dm.class_names == ["ants", "bees"]
+    assert dm.splits.sizes() == {"train": 244, "val": 153}
+    assert not any(path.endswith(".gif") for path, _ in dm.splits.train)
+    assert not dm.has_test_split
+    images, _ = first_batch(dm, "val_dataloader")
+    assert images.shape == (4, 3, 32, 32)
+
+
+def test_synthetic_set_is_generated_once_and_regenerated_when_its_recipe_changes(tmp_path):
+    recipe = {"train_per_class": 3, "val_per_class": 2, "test_per_class": 1, "image_size": 24, "seed": 0}
+    dm = datamodule("synthetic", tmp_path, synthetic=recipe)
+    assert dm.class_names == ["circle", "square", "stripes"]
+    assert dm.splits.sizes() == {"train": 9, "val": 6, "test": 3}
+    marker = tmp_path / "synthetic" / "recipe.json"
+    first_mtime = marker.stat().st_mtime_ns
+    assert datamodule("synthetic", tmp_path, synthetic=recipe).splits.sizes()["train"] == 9
+    assert marker.stat().st_mtime_ns == first_mtime  # reused, not regenerated
+    bigger = datamodule("synthetic", tmp_path, synthetic={**recipe, "train_per_class": 5})
+    assert bigger.splits.sizes()["train"] == 15
+    assert json.loads(marker.read_text())["train_per_class"] == 5
+
+
+def test_missing_dataset_without_network_names_the_folder_and_the_fix(tmp_path):
+    dm = datamodule("hymenoptera", tmp_path / "nowhere")  # download=True: the download fails here
+    with pytest.raises(DataUnavailableError) as caught:
+        dm.prepare_data()
+    message = str(caught.value)
+    assert str(tmp_path / "nowhere" / "hymenoptera_data") in message
+    assert "data.root" in message
+    assert not (tmp_path / "nowhere" / "hymenoptera_data.zip").exists()
+
+
+def test_missing_imagefolder_root_is_a_clear_error(tmp_path):
+    with pytest.raises(DataUnavailableError, match="does not exist"):
+        datamodule("imagefolder", tmp_path / "photos").prepare_data()
+
+
+def test_flowers102_absent_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(DataUnavailableError, match="flowers-102"):
+        datamodule("flowers102", tmp_path, download=False).prepare_data()
+
+
+def test_eval_preset_resizes_crops_and_normalises_with_the_spec():
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 40), (128, 255, 0))
+    tensor = eval_transform(SPEC)(image)
+    assert tensor.shape == (3, 32, 32)
+    expected = torch.tensor([(128 / 255 - 0.5) / 0.25, (1 - 0.5) / 0.25, (0 - 0.5) / 0.25])
+    assert torch.allclose(tensor[:, 16, 16], expected, atol=1e-2)
+
+
+def test_augment_none_trains_on_exactly_the_eval_preprocessing():
+    from PIL import Image
+
+    image = Image.effect_noise((50, 70), 40).convert("RGB")
+    none = {"random_resized_crop": False, "hflip": False, "color_jitter": 0, "auto_augment": "none", "random_erasing": 0}
+    assert torch.equal(train_transform(SPEC, none)(image), eval_transform(SPEC)(image))
+    strong = {"auto_augment": "trivialaugment", "random_erasing": 0.5, "color_jitter": 0.3}
+    assert train_transform(SPEC, strong)(image).shape == (3, 32, 32)

@@ -1,0 +1,94 @@
+"""What each strategy trains, checked tensor by tensor after real optimizer steps."""
+
+import pytest
+import torch
+
+from finetune import backbones
+from finetune.run import train
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def changed_tensors(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    after = module.state_dict()
+    return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+
+
+def run_and_capture(cfg, monkeypatch):
+    """Train with `cfg`, returning the backbone's state before training and the trained backbone."""
+    captured = {}
+    original_build = backbones.build
+
+    def build_and_remember(*args, **kwargs):
+        backbone = original_build(*args, **kwargs)
+        captured["before"] = snapshot(backbone)
+        captured["backbone"] = backbone
+        return backbone
+
+    monkeypatch.setattr(backbones, "build", build_and_remember)
+    metrics = train(cfg)
+    return captured["before"], captured["backbone"], metrics
+
+
+# Two epochs of three steps: enough for every trainable tensor to move.
+STEPS = ["trainer.max_epochs=2", "callbacks.model_checkpoint=null"]
+
+
+def test_last_layer_changes_only_the_head_and_leaves_batchnorm_statistics_alone(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=last_layer", *STEPS)
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    head = {name for name in before if name.startswith(f"net.{backbone.head_name}.")}
+    assert head == {"net.classifier.weight", "net.classifier.bias"}
+    assert changed_tensors(before, backbone) == head
+    running_stats = [n for n in before if "running_" in n or "num_batches_tracked" in n]
+    assert len(running_stats) > 100  # the check above covered the BatchNorm buffers
+    assert metrics["trainable_params"] == backbone.get_classifier().weight.numel() + 3
+
+
+def test_full_changes_the_backbone_and_its_batchnorm_statistics(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=full", *STEPS)
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    changed = changed_tensors(before, backbone)
+    assert "net.conv_stem.weight" in changed
+    assert "net.bn1.running_mean" in changed
+    assert "net.blocks.3.0.conv_dw.weight" in changed
+    assert metrics["trainable_params"] == metrics["total_params"]
+
+
+def test_scratch_starts_from_random_weights_and_trains_everything(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=scratch", *STEPS)
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    pretrained = backbones.resolve(cfg.model).create(pretrained=True).state_dict()
+    assert not torch.equal(before["net.conv_stem.weight"], pretrained["conv_stem.weight"])
+    assert metrics["weights"] is None
+    assert metrics["trainable_params"] == metrics["total_params"]
+    assert "net.conv_stem.weight" in changed_tensors(before, backbone)
+
+
+def test_optimizer_receives_only_trainable_parameters(make_cfg, monkeypatch):
+    from finetune.module import ClassifierModule
+
+    seen = {}
+    original = ClassifierModule.configure_optimizers
+
+    def spy(self):
+        result = original(self)
+        seen["optimizer"] = result["optimizer"]
+        seen["trainable"] = {id(p) for p in self.parameters() if p.requires_grad}
+        return result
+
+    monkeypatch.setattr(ClassifierModule, "configure_optimizers", spy)
+    train(make_cfg("strategy=last_layer", "trainer.max_epochs=1", "callbacks.model_checkpoint=null"))
+    in_optimizer = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
+    assert in_optimizer == seen["trainable"]
+    assert len(in_optimizer) == 2
+
+
+def test_unknown_strategy_lists_the_choices():
+    from finetune import strategies
+    from finetune.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="last_layer"):
+        strategies.build({"name": "half"})

@@ -1,0 +1,111 @@
+"""train.py as a user runs it: a subprocess, real config composition, real run dirs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST_OVERRIDES, REPO, subprocess_env
+from finetune.module import load_classifier
+
+REQUIRED_METRICS = {
+    "val/acc",
+    "test/acc",
+    "best_checkpoint",
+    "epochs",
+    "fit_seconds",
+    "trainable_params",
+    "total_params",
+    "model",
+    "strategy",
+    "data",
+}
+
+
+def run_train(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*FAST_OVERRIDES, f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert REQUIRED_METRICS <= set(metrics)
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert (metrics["model"], metrics["strategy"], metrics["data"]) == ("efficientnet_lite0", "last_layer", "synthetic")
+    assert Path(metrics["best_checkpoint"]).is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "classes.json").read_text()) == ["circle", "square", "stripes"]
+    assert "efficientnet_lite0" in (run_dir / "config.yaml").read_text()
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss_epoch", "val/acc", "val/loss"} <= scalars
+    assert any(tag.startswith("final/") for tag in scalars)
+
+    # The checkpoint alone rebuilds the trained classifier (no weights download, no pickles).
+    classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    assert classifier.class_names == ["circle", "square", "stripes"]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    head = "backbone.net.classifier.weight"
+    assert torch.equal(classifier.state_dict()[head], saved[head])
+
+
+def test_a_two_value_multirun_writes_two_runs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "strategy=last_layer,full",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(sweep_dir.glob("*/metrics.json"))
+    assert len(runs) == 2
+    strategies = {json.loads(path.read_text())["strategy"] for path in runs}
+    assert strategies == {"last_layer", "full"}
+
+
+def test_missing_weights_stop_the_run_with_one_clear_message(tmp_path):
+    env = subprocess_env() | {"TORCH_HOME": str(tmp_path / "torch_home")}
+    run_dir = tmp_path / "run"
+    result = run_train(*FAST_OVERRIDES, "model=resnet18", f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", env=env)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "resnet18-f37072fd.pth" in output
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in output
+    assert "model.weights=none" in output
+    assert "Traceback" not in output
+    assert not (run_dir / "metrics.json").exists()
+    assert not (run_dir / "checkpoints").exists()  # stopped before training
+
+
+def test_missing_dataset_stops_the_run_with_one_clear_message(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train("data=hymenoptera", "model=efficientnet_lite0", f"data.root={tmp_path / 'empty'}", f"hydra.run.dir={run_dir}")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert str(tmp_path / "empty" / "hymenoptera_data") in output
+    assert "data.root" in output
+    assert "Traceback" not in output
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_unknown_model_option_lists_the_valid_ones(tmp_path):
+    result = run_train("model=resnet_mystery", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "efficientnet_lite0" in output and "mobilenet_v2" in output
