@@ -66,7 +66,9 @@ def make_cfg(tmp_path, data_root) -> Callable[..., DictConfig]:
     return _make
 
 
-def write_image(path: Path, colour: tuple[int, int, int], size: int = 24, fmt: str = "JPEG") -> None:
+def write_image(
+    path: Path, colour: tuple[int, int, int], size: int = 24, fmt: str = "JPEG"
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (size, size), colour).save(path, format=fmt)
 

@@ -43,7 +43,9 @@ def test_lite_weights_fill_every_tensor_of_the_timm_architecture():
     ],
 )
 def test_new_head_is_found_and_replaced_for_every_torchvision_family(name, head_name):
-    backbone = backbones.build({"name": name, "source": "torchvision", "weights": "none"}, 7, pretrained=False)
+    backbone = backbones.build(
+        {"name": name, "source": "torchvision", "weights": "none"}, 7, pretrained=False
+    )
     assert backbone.head_name == head_name
     head = backbone.get_classifier()
     assert isinstance(head, nn.Linear) and head.out_features == 7
@@ -65,23 +67,35 @@ def test_timm_model_gets_a_new_head_through_reset_classifier():
 
 
 def test_input_spec_comes_from_the_weights():
-    mobilenet = backbones.input_spec({"name": "mobilenet_v2", "source": "torchvision", "weights": "DEFAULT"})
-    assert (mobilenet.crop_size, mobilenet.resize_size, mobilenet.interpolation) == (224, 232, "bilinear")
+    mobilenet = backbones.input_spec(
+        {"name": "mobilenet_v2", "source": "torchvision", "weights": "DEFAULT"}
+    )
+    assert (mobilenet.crop_size, mobilenet.resize_size, mobilenet.interpolation) == (
+        224,
+        232,
+        "bilinear",
+    )
     assert mobilenet.mean == pytest.approx((0.485, 0.456, 0.406))
-    vit = backbones.input_spec({"name": "vit_b_16", "source": "torchvision", "weights": "IMAGENET1K_SWAG_E2E_V1"})
+    vit = backbones.input_spec(
+        {"name": "vit_b_16", "source": "torchvision", "weights": "IMAGENET1K_SWAG_E2E_V1"}
+    )
     assert (vit.crop_size, vit.interpolation) == (384, "bicubic")
     lite2 = backbones.input_spec({**LITE0, "name": "efficientnet_lite2"})
     assert (lite2.crop_size, lite2.mean, lite2.interpolation) == (260, (0.5, 0.5, 0.5), "bicubic")
 
 
 def test_torchvision_weights_are_read_from_torch_home_before_any_download(offline_torch_home):
-    reference = backbones.resolve({"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"})
+    reference = backbones.resolve(
+        {"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"}
+    )
     file_name = reference.weights.url.rsplit("/", 1)[-1]
     state = reference.create(pretrained=False).state_dict()
     target = offline_torch_home / "hub" / "checkpoints" / file_name
     target.parent.mkdir(parents=True)
     torch.save(state, target)
-    backbone = backbones.build({"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"}, 2)
+    backbone = backbones.build(
+        {"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"}, 2
+    )
     assert torch.equal(backbone.net.conv1.weight, state["conv1.weight"])
     assert torch.equal(backbone.net.layer4[1].bn2.running_var, state["layer4.1.bn2.running_var"])
     assert backbone.get_classifier().out_features == 2

@@ -11,7 +11,13 @@ from finetune.data import FinetuneDataModule, stratified_split
 from finetune.errors import DataUnavailableError
 from finetune.transforms import eval_transform, train_transform
 
-SPEC = InputSpec(crop_size=32, resize_size=36, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), interpolation="bilinear")
+SPEC = InputSpec(
+    crop_size=32,
+    resize_size=36,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    interpolation="bilinear",
+)
 
 
 def datamodule(dataset: str, root: Path, **options) -> FinetuneDataModule:
@@ -80,7 +86,13 @@ def test_real_hymenoptera_set_loads_without_the_gif_placeholder():
 
 
 def test_synthetic_set_is_generated_once_and_regenerated_when_its_recipe_changes(tmp_path):
-    recipe = {"train_per_class": 3, "val_per_class": 2, "test_per_class": 1, "image_size": 24, "seed": 0}
+    recipe = {
+        "train_per_class": 3,
+        "val_per_class": 2,
+        "test_per_class": 1,
+        "image_size": 24,
+        "seed": 0,
+    }
     dm = datamodule("synthetic", tmp_path, synthetic=recipe)
     assert dm.class_names == ["circle", "square", "stripes"]
     assert dm.splits.sizes() == {"train": 9, "val": 6, "test": 3}
@@ -127,7 +139,13 @@ def test_augment_none_trains_on_exactly_the_eval_preprocessing():
     from PIL import Image
 
     image = Image.effect_noise((50, 70), 40).convert("RGB")
-    none = {"random_resized_crop": False, "hflip": False, "color_jitter": 0, "auto_augment": "none", "random_erasing": 0}
+    none = {
+        "random_resized_crop": False,
+        "hflip": False,
+        "color_jitter": 0,
+        "auto_augment": "none",
+        "random_erasing": 0,
+    }
     assert torch.equal(train_transform(SPEC, none)(image), eval_transform(SPEC)(image))
     strong = {"auto_augment": "trivialaugment", "random_erasing": 0.5, "color_jitter": 0.3}
     assert train_transform(SPEC, strong)(image).shape == (3, 32, 32)

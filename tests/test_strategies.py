@@ -36,7 +36,9 @@ def run_and_capture(cfg, monkeypatch):
 STEPS = ["trainer.max_epochs=2", "callbacks.model_checkpoint=null"]
 
 
-def test_last_layer_changes_only_the_head_and_leaves_batchnorm_statistics_alone(make_cfg, monkeypatch):
+def test_last_layer_changes_only_the_head_and_leaves_batchnorm_statistics_alone(
+    make_cfg, monkeypatch
+):
     cfg = make_cfg("strategy=last_layer", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     head = {name for name in before if name.startswith(f"net.{backbone.head_name}.")}
@@ -80,7 +82,9 @@ def test_optimizer_receives_only_trainable_parameters(make_cfg, monkeypatch):
         return result
 
     monkeypatch.setattr(ClassifierModule, "configure_optimizers", spy)
-    train(make_cfg("strategy=last_layer", "trainer.max_epochs=1", "callbacks.model_checkpoint=null"))
+    train(
+        make_cfg("strategy=last_layer", "trainer.max_epochs=1", "callbacks.model_checkpoint=null")
+    )
     in_optimizer = {id(p) for group in seen["optimizer"].param_groups for p in group["params"]}
     assert in_optimizer == seen["trainable"]
     assert len(in_optimizer) == 2

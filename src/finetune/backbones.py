@@ -21,7 +21,7 @@ import urllib.error
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -253,7 +253,11 @@ class EfficientNetLiteSource:
     tensors by position, checking every shape.
     """
 
-    NATIVE_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+    NATIVE_SIZE: ClassVar[dict[str, int]] = {
+        "efficientnet_lite0": 224,
+        "efficientnet_lite1": 240,
+        "efficientnet_lite2": 260,
+    }
     VARIANTS = tuple(NATIVE_SIZE)
 
     def __init__(self, name: str, weights: str | None) -> None:

@@ -175,7 +175,9 @@ def build_flowers102(root: Path, download: bool, **_: Any) -> DatasetSplits:
                 "flowers-102/."
             ) from error
         # torchvision keeps the official split's files and labels in these attributes.
-        splits[split] = [(str(p), int(y)) for p, y in zip(dataset._image_files, dataset._labels)]
+        splits[split] = [
+            (str(p), int(y)) for p, y in zip(dataset._image_files, dataset._labels, strict=False)
+        ]
     missing = [p for p, _ in splits["train"][:1] if not Path(p).is_file()]
     if missing:
         raise DataUnavailableError(

@@ -56,7 +56,7 @@ class WarmupSchedule:
         self.kind = kind
         self.total_steps = max(int(total_steps), 1)
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
-        self.warmup_steps = int(round(warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)
         self.min_lr_ratio = min_lr_ratio
         self.step_epochs = step_epochs
         self.gamma = gamma
@@ -105,7 +105,10 @@ class ClassifierModule(pl.LightningModule):
         metrics = accuracy_metrics(len(class_names))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
         self.metrics = nn.ModuleDict(
-            {f"{stage}_metrics": metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")}
+            {
+                f"{stage}_metrics": metrics.clone(prefix=f"{stage}/")
+                for stage in ("train", "val", "test")
+            }
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -132,21 +135,39 @@ class ClassifierModule(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer_cfg = dict(self.hparams.optim["optimizer"])
-        weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
-        optimizer = instantiate(optimizer_cfg)(parameter_groups(self, weight_decay))
-        steps_per_epoch = max(
-            int(self.trainer.estimated_stepping_batches) // max(self.trainer.max_epochs or 1, 1), 1
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        optimizer, scheduler = build_optimizer(
+            self,
+            self.hparams.optim,
+            self.hparams.scheduler,
+            total_steps=total_steps,
+            steps_per_epoch=total_steps // max(self.trainer.max_epochs or 1, 1),
         )
-        schedule_cfg = dict(self.hparams.scheduler)
-        schedule = WarmupSchedule(
-            kind=schedule_cfg.pop("name"),
-            total_steps=self.trainer.estimated_stepping_batches,
-            steps_per_epoch=steps_per_epoch,
-            **schedule_cfg,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def build_optimizer(
+    module: nn.Module,
+    optim: Mapping[str, Any],
+    scheduler: Mapping[str, Any],
+    total_steps: int,
+    steps_per_epoch: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The configured optimizer over `module`'s trainable parameters, and its per-step schedule."""
+    optimizer_cfg = dict(optim["optimizer"])
+    weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
+    optimizer = instantiate(optimizer_cfg)(parameter_groups(module, weight_decay))
+    schedule_cfg = dict(scheduler)
+    schedule = WarmupSchedule(
+        kind=schedule_cfg.pop("name"),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        **schedule_cfg,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def load_classifier(checkpoint_path: str | Path) -> ClassifierModule:

@@ -1,8 +1,8 @@
 """The one training flow: config -> data + model -> trainer -> run dir.
 
-    seed -> data module (downloads or generates, finds the classes) -> backbone with a new head
-    -> LightningModule -> callbacks, strategy, TensorBoard -> fit -> evaluate the best
-    checkpoint -> metrics.json, classes.json, config.yaml and events in the run dir.
+seed -> data module (downloads or generates, finds the classes) -> backbone with a new head
+-> LightningModule -> callbacks, strategy, TensorBoard -> fit -> evaluate the best
+checkpoint -> metrics.json, classes.json, config.yaml and events in the run dir.
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - started
 
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    checkpoint = next(
+        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None
+    )
     best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
     evaluate_from = best or None  # without checkpoints, evaluate the weights in memory
     metrics: dict[str, Any] = _stage_metrics(

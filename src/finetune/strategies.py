@@ -31,7 +31,11 @@ STRATEGIES = ("last_layer", "full", "scratch")
 def count_parameters(module: nn.Module) -> dict[str, int]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
-    return {"trainable_params": trainable, "frozen_params": total - trainable, "total_params": total}
+    return {
+        "trainable_params": trainable,
+        "frozen_params": total - trainable,
+        "total_params": total,
+    }
 
 
 def frozen_subtrees(module: nn.Module) -> list[nn.Module]:

@@ -11,8 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from finetune.backbones import InputSpec
 from finetune.errors import unknown_name
@@ -57,7 +56,6 @@ def train_transform(spec: InputSpec, augment: Mapping[str, Any]) -> v2.Compose:
         ]
     if augment.get("hflip", True):
         steps.append(v2.RandomHorizontalFlip())
-    steps.append(v2.ToImage())  # colour and policy ops below run on uint8 tensors
     jitter = float(augment.get("color_jitter", 0.0) or 0.0)
     if jitter > 0:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
@@ -68,7 +66,8 @@ def train_transform(spec: InputSpec, augment: Mapping[str, Any]) -> v2.Compose:
         steps.append(v2.TrivialAugmentWide(interpolation=interpolation))
     elif policy == "randaugment":
         steps.append(v2.RandAugment(interpolation=interpolation))
-    steps += _normalise(spec)
+    # Everything above runs on PIL images, which (unlike tensors) support bicubic rotations.
+    steps += [v2.ToImage(), *_normalise(spec)]
     erasing = float(augment.get("random_erasing", 0.0) or 0.0)
     if erasing > 0:
         steps.append(v2.RandomErasing(p=erasing))

@@ -33,7 +33,11 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
             f"arbitrary commands ({error}). Fix: re-save it as a plain state dict "
             "(torch.save(model.state_dict(), ...)) or as .safetensors."
         ) from error
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+    if (
+        isinstance(state, Mapping)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], Mapping)
+    ):
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, Mapping):
         raise FinetuneError(f"{path} does not hold a state dict (found {type(state).__name__}).")
@@ -57,7 +61,9 @@ def map_by_position(
             f"{len(target_items)}. Is it the right variant?"
         )
     mapped = {k: v for k, v in target.items() if _is_counter(k)}
-    for (source_key, tensor), (target_key, target_tensor) in zip(source_items, target_items):
+    for (source_key, tensor), (target_key, target_tensor) in zip(
+        source_items, target_items, strict=False
+    ):
         if tensor.shape != target_tensor.shape:
             raise FinetuneError(
                 f"Weights do not fit: {source_key} {tuple(tensor.shape)} would go to "

@@ -1,0 +1,129 @@
+"""Every option of every config group composes, and what it describes can be instantiated."""
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+
+from conftest import CONF_DIR, make_class_folders
+from finetune import backbones, strategies
+from finetune.data import FinetuneDataModule
+from finetune.module import build_optimizer
+from finetune.run import _instantiate_all, _plain
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def test_every_group_has_options():
+    for group in (
+        "model",
+        "strategy",
+        "data",
+        "augment",
+        "optim",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "debug",
+        "experiment",
+    ):
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_build_with_a_new_head(make_cfg, name):
+    cfg = make_cfg(f"model={name}", "model.weights=none")
+    spec = backbones.input_spec(cfg.model)
+    backbone = backbones.build(cfg.model, num_classes=3, pretrained=False)
+    assert backbone.get_classifier().out_features == 3
+    assert spec == backbone.input_spec
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_build_a_datamodule(make_cfg, tmp_path, name):
+    cfg = make_cfg(f"data={name}", fast=False)
+    if name == "imagefolder":
+        make_class_folders(tmp_path / "photos", {"x": 3, "y": 3})
+        cfg.data.root = str(tmp_path / "photos")
+    elif name == "synthetic":
+        cfg.data.synthetic.image_size = 24
+    spec = backbones.input_spec(cfg.model)
+    dm = FinetuneDataModule(input_spec=spec, **_plain(cfg.data))
+    assert dm.dataset == cfg.data.dataset
+    if name in ("imagefolder", "synthetic"):
+        assert dm.num_classes >= 2
+
+
+@pytest.mark.parametrize("name", options("augment"))
+def test_augment_options_build_a_train_transform(make_cfg, name):
+    from finetune.transforms import train_transform
+
+    cfg = make_cfg(f"augment={name}")
+    spec = backbones.input_spec(cfg.model)
+    from PIL import Image
+
+    image = train_transform(spec, cfg.data.augment)(Image.new("RGB", (300, 200)))
+    assert image.shape == (3, spec.crop_size, spec.crop_size)
+
+
+@pytest.mark.parametrize("name", options("strategy"))
+def test_strategy_options_build(make_cfg, name):
+    cfg = make_cfg(f"strategy={name}")
+    assert strategies.build(_plain(cfg.strategy)).name == name
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+@pytest.mark.parametrize("scheduler", options("scheduler"))
+def test_optim_and_scheduler_options_configure_the_optimizer(make_cfg, optim, scheduler):
+    cfg = make_cfg(f"optim={optim}", f"scheduler={scheduler}")
+    backbone = backbones.build(cfg.model, 3, pretrained=False)
+    optimizer, scheduler = build_optimizer(
+        backbone, cfg.optim, cfg.scheduler, total_steps=20, steps_per_epoch=10
+    )
+    assert type(optimizer).__name__ == cfg.optim.optimizer._target_.rsplit(".", 1)[-1]
+    assert optimizer.param_groups[0]["lr"] > 0
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_instantiate(make_cfg, name):
+    cfg = make_cfg(f"trainer={name}")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU to instantiate")
+    trainer = pl.Trainer(**_plain(cfg.trainer), logger=False)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callback_options_instantiate(make_cfg, name):
+    cfg = make_cfg(f"callbacks={name}")
+    callbacks = _instantiate_all(cfg.callbacks)
+    assert all(isinstance(c, pl.Callback) for c in callbacks)
+    assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options_instantiate(make_cfg, name):
+    cfg = make_cfg(f"logger={name}")
+    loggers = _instantiate_all(cfg.logger)
+    assert loggers and all(Path(lg.save_dir) == Path(cfg.run_dir) for lg in loggers)
+
+
+@pytest.mark.parametrize("group", ["debug", "experiment"])
+def test_debug_and_experiment_options_compose(make_cfg, group):
+    for name in options(group):
+        cfg = make_cfg(f"{group}={name}", fast=False)
+        assert cfg.trainer.max_epochs >= 1
+        instantiate(cfg.optim.optimizer)  # still a valid partial
+
+
+def test_precision_and_devices_are_plain_keys(make_cfg):
+    cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.devices=2")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 2
