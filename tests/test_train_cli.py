@@ -25,14 +25,38 @@ REQUIRED_METRICS = {
 }
 
 
-def run_train(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+def hparams_plugin_data(log_dir: Path) -> dict:
+    """What TensorBoard's HPARAMS tab reads: metric tags and the run's hparam values."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    found = {"metrics": [], "hparams": {}}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if not value.tag.startswith("_hparams_/"):
+                    continue
+                data = plugin_data_pb2.HParamsPluginData.FromString(
+                    value.metadata.plugin_data.content
+                )
+                if data.HasField("experiment"):
+                    found["metrics"] += [info.name.tag for info in data.experiment.metric_infos]
+                if data.HasField("session_start_info"):
+                    for name, hparam in data.session_start_info.hparams.items():
+                        found["hparams"][name] = hparam.string_value or hparam.number_value
+    return found
+
+
+def run_train(
+    *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args],
         cwd=cwd,
         env=env or subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 
@@ -60,6 +84,10 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss_epoch", "val/acc", "val/loss"} <= scalars
     assert any(tag.startswith("final/") for tag in scalars)
+    hparams = hparams_plugin_data(run_dir / "tensorboard")
+    assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])
+    assert hparams["hparams"]["model.name"] == "efficientnet_lite0"
+    assert hparams["hparams"]["strategy.name"] == "last_layer"
 
     # The checkpoint alone rebuilds the trained classifier (no weights download, no pickles).
     classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")

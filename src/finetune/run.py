@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from finetune import backbones, strategies
 from finetune.data import FinetuneDataModule
@@ -73,15 +74,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("print_config", True):
-        print_config_tree(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    # With several devices Lightning re-runs this script once per extra rank; only rank 0
+    # writes files (the other ranks start after rank 0 has prepared the data).
+    is_rank_zero = rank_zero_only.rank == 0
+    if is_rank_zero:
+        if cfg.get("print_config", True):
+            print_config_tree(cfg)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     # The preprocessing belongs to the weights: the backbone's spec drives the data transforms.
     input_spec = backbones.input_spec(cfg.model)
     datamodule = FinetuneDataModule(input_spec=input_spec, **_plain(cfg.data))
     datamodule.prepare_data()  # a missing dataset stops the run here, before any training
-    write_json(run_dir / "classes.json", datamodule.class_names)
+    if is_rank_zero:
+        write_json(run_dir / "classes.json", datamodule.class_names)
 
     strategy = strategies.build(_plain(cfg.strategy))
     backbone = backbones.build(
@@ -131,18 +137,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "split_sizes": datamodule.splits.sizes(),
         "seed": cfg.seed,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    _log_final_hparams(loggers, cfg, metrics)
+    if trainer.is_global_zero:
+        write_json(run_dir / "metrics.json", metrics)
+        _log_final_hparams(loggers, cfg, metrics)
     log.info("Run finished: %s", run_dir)
     return metrics
+
+
+# The config that defines an experiment's result (not where its files go or how it is shown).
+HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "seed")
 
 
 def _log_final_hparams(loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any]) -> None:
     """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
     runs of a sweep by their results (not by a placeholder hp_metric)."""
+    experiment = {key: cfg[key] for key in HPARAM_GROUPS if key in cfg}
     params = {
-        key: str(value) if isinstance(value, list | tuple) else value
-        for key, value in _flatten(_plain(cfg)).items()
+        key: str(value) if isinstance(value, list | tuple) or value is None else value
+        for key, value in _flatten(OmegaConf.to_container(OmegaConf.create(experiment))).items()
     }
     final = {
         f"final/{name.replace('/', '_')}": value
