@@ -49,14 +49,29 @@ def test_last_layer_changes_only_the_head_and_leaves_batchnorm_statistics_alone(
     assert metrics["trainable_params"] == backbone.get_classifier().weight.numel() + 3
 
 
-def test_full_changes_the_backbone_and_its_batchnorm_statistics(make_cfg, monkeypatch):
-    cfg = make_cfg("strategy=full", *STEPS)
+def test_full_trains_every_layer_and_keeps_pretrained_batchnorm_statistics(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=full", *STEPS)  # default bn policy: train_affine
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    changed = changed_tensors(before, backbone)
+    assert {"net.conv_stem.weight", "net.blocks.3.0.conv_dw.weight", "net.bn1.weight"} <= changed
+    assert not {name for name in changed if "running_" in name}
+    assert metrics["trainable_params"] == metrics["total_params"]
+
+
+def test_bn_policy_train_updates_running_statistics(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=full", "strategy.bn=train", *STEPS)
+    before, backbone, _ = run_and_capture(cfg, monkeypatch)
+    changed = changed_tensors(before, backbone)
+    assert {"net.bn1.running_mean", "net.blocks.3.0.bn2.running_var", "net.bn1.weight"} <= changed
+
+
+def test_bn_policy_frozen_keeps_batchnorm_affine_and_statistics(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=full", "strategy.bn=frozen", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
     assert "net.conv_stem.weight" in changed
-    assert "net.bn1.running_mean" in changed
-    assert "net.blocks.3.0.conv_dw.weight" in changed
-    assert metrics["trainable_params"] == metrics["total_params"]
+    assert not {name for name in changed if ".bn" in name}
+    assert metrics["trainable_params"] < metrics["total_params"]
 
 
 def test_scratch_starts_from_random_weights_and_trains_everything(make_cfg, monkeypatch):
@@ -96,3 +111,5 @@ def test_unknown_strategy_lists_the_choices():
 
     with pytest.raises(UnknownNameError, match="last_layer"):
         strategies.build({"name": "half"})
+    with pytest.raises(UnknownNameError, match="train_affine"):
+        strategies.build({"name": "full", "bn": "sometimes"})

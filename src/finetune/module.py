@@ -9,7 +9,7 @@ checkpoint with `load_classifier`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +73,27 @@ class WarmupSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters only; biases and norm weights (1-D) get no weight decay."""
-    decay, no_decay = [], []
-    for _, parameter in module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+def parameter_groups(
+    module: nn.Module,
+    base_lr: float,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
+) -> list[dict[str, Any]]:
+    """Trainable parameters only, grouped by learning rate and weight decay.
+
+    `lr_scale(name)` gives each parameter's learning rate as a multiple of `base_lr`; biases and
+    norm weights (1-D) get no weight decay. Each group carries its real `lr`, so every torch or
+    Lightning scheduler scales it and the ratios between groups hold.
+    """
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            key = (lr_scale(name), parameter.ndim > 1)
+            groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "lr": base_lr * scale, "weight_decay": weight_decay if decays else 0.0}
+        for (scale, decays), params in sorted(groups.items(), key=lambda item: item[0])
     ]
-    return [group for group in groups if group["params"]]
 
 
 class ClassifierModule(pl.LightningModule):
@@ -95,6 +104,7 @@ class ClassifierModule(pl.LightningModule):
         model: Mapping[str, Any],
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any],
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         # Plain dicts only: the checkpoint must rebuild without pickled modules.
@@ -134,6 +144,11 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    def lr_scale(self, parameter_name: str) -> float:
+        """The new head learns at the base rate; pretrained layers at `backbone_lr_scale` of it."""
+        head = {f"backbone.{name}" for name in self.backbone.head_parameter_names()}
+        return 1.0 if parameter_name in head else float(self.hparams.backbone_lr_scale)
+
     def configure_optimizers(self) -> dict[str, Any]:
         total_steps = int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(
@@ -142,6 +157,7 @@ class ClassifierModule(pl.LightningModule):
             self.hparams.scheduler,
             total_steps=total_steps,
             steps_per_epoch=total_steps // max(self.trainer.max_epochs or 1, 1),
+            lr_scale=self.lr_scale,
         )
         return {
             "optimizer": optimizer,
@@ -155,11 +171,13 @@ def build_optimizer(
     scheduler: Mapping[str, Any],
     total_steps: int,
     steps_per_epoch: int,
+    lr_scale: Callable[[str], float] = lambda name: 1.0,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The configured optimizer over `module`'s trainable parameters, and its per-step schedule."""
     optimizer_cfg = dict(optim["optimizer"])
     weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
-    optimizer = instantiate(optimizer_cfg)(parameter_groups(module, weight_decay))
+    groups = parameter_groups(module, float(optimizer_cfg["lr"]), weight_decay, lr_scale)
+    optimizer = instantiate(optimizer_cfg)(groups)
     schedule_cfg = dict(scheduler)
     schedule = WarmupSchedule(
         kind=schedule_cfg.pop("name"),

@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model=_plain(cfg.model),
         optim=_plain(cfg.optim),
         scheduler=_plain(cfg.scheduler),
+        backbone_lr_scale=strategy.backbone_lr_scale,
     )
 
     callbacks = [strategy, *_instantiate_all(cfg.get("callbacks"))]

@@ -26,6 +26,11 @@ from finetune.errors import unknown_name
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("last_layer", "full", "scratch")
+# What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
+#   train:        batch statistics in training, running statistics and affine parameters update;
+#   train_affine: eval mode (running statistics fixed), affine parameters train;
+#   frozen:       eval mode and affine parameters frozen too.
+BN_POLICIES = ("train", "train_affine", "frozen")
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
@@ -54,12 +59,25 @@ class FreezeStrategy(pl.Callback):
     """Sets `requires_grad` per strategy before the optimizer exists, and keeps frozen parts in
     eval mode for the whole fit."""
 
-    def __init__(self, name: str, pretrained: bool = True, **_: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = True,
+        backbone_lr_scale: float = 1.0,
+        bn: str = "train",
+        **_: Any,
+    ) -> None:
         if name not in STRATEGIES:
             raise unknown_name("strategy", name, STRATEGIES)
+        if bn not in BN_POLICIES:
+            raise unknown_name("strategy.bn policy", bn, BN_POLICIES)
         self.name = name
+        self.bn = bn
         self.pretrained = pretrained
-        self._frozen: list[nn.Module] = []
+        # Pretrained layers learn at this fraction of the head's rate, so the randomly
+        # initialised head's first, noisy gradients do not wreck the features beneath it.
+        self.backbone_lr_scale = backbone_lr_scale
+        self._eval_modules: list[nn.Module] = []
 
     def trainable_names(self, backbone: Backbone) -> set[str]:
         if self.name == "last_layer":
@@ -71,12 +89,20 @@ class FreezeStrategy(pl.Callback):
         trainable = self.trainable_names(backbone)
         for name, parameter in backbone.named_parameters():
             parameter.requires_grad_(name in trainable)
-        self._frozen = frozen_subtrees(backbone)
-        self._set_frozen_to_eval()
+        batch_norms = [
+            m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        if self.bn == "frozen":
+            for layer in batch_norms:
+                layer.requires_grad_(False)
+        self._eval_modules = frozen_subtrees(backbone)
+        if self.bn != "train":
+            self._eval_modules += batch_norms
+        self._set_eval_modes()
         return count_parameters(backbone)
 
-    def _set_frozen_to_eval(self) -> None:
-        for module in self._frozen:
+    def _set_eval_modes(self) -> None:
+        for module in self._eval_modules:
             module.eval()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -93,7 +119,7 @@ class FreezeStrategy(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning or user code may have called .train() on the whole module since setup.
-        self._set_frozen_to_eval()
+        self._set_eval_modes()
 
 
 def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:

@@ -1,0 +1,95 @@
+import math
+
+import pytest
+import torch
+
+from finetune import backbones
+from finetune.module import ClassifierModule, WarmupSchedule, build_optimizer
+
+SGD = {
+    "optimizer": {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+    }
+}
+COSINE = {"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.0}
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_the_floor():
+    schedule = WarmupSchedule(
+        "cosine", total_steps=110, steps_per_epoch=10, warmup_epochs=1, min_lr_ratio=0.1
+    )
+    warmup = [schedule(step) for step in range(10)]
+    assert warmup == sorted(warmup) and warmup[0] < 0.2 and warmup[-1] < 1.0
+    assert schedule(10) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert schedule(110) == pytest.approx(0.1)
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_epochs():
+    schedule = WarmupSchedule("step", total_steps=300, steps_per_epoch=10, step_epochs=7, gamma=0.1)
+    assert schedule(69) == 1.0
+    assert schedule(70) == pytest.approx(0.1)
+    assert schedule(140) == pytest.approx(0.01)
+
+
+def test_unknown_schedule_lists_choices():
+    from finetune.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="cosine"):
+        WarmupSchedule("linear", total_steps=10, steps_per_epoch=1)
+
+
+def make_module(backbone_lr_scale: float) -> ClassifierModule:
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    backbone = backbones.build(model, 3, pretrained=False)
+    return ClassifierModule(backbone, ["a", "b", "c"], model, SGD, COSINE, backbone_lr_scale)
+
+
+def test_backbone_learns_at_a_fraction_of_the_head_rate_under_the_schedule():
+    module = make_module(backbone_lr_scale=0.1)
+    optimizer, scheduler = build_optimizer(module, SGD, COSINE, 40, 10, lr_scale=module.lr_scale)
+    head = {id(p) for p in module.backbone.get_classifier().parameters()}
+    for _ in range(40):
+        rates = {
+            ("head" if id(group["params"][0]) in head else "backbone"): group["lr"]
+            for group in optimizer.param_groups
+        }
+        assert rates["backbone"] == pytest.approx(0.1 * rates["head"])
+        optimizer.step()
+        scheduler.step()
+    assert rates["head"] < 0.01  # the cosine has decayed both groups together
+
+
+def test_no_weight_decay_on_biases_and_norm_weights():
+    module = make_module(backbone_lr_scale=1.0)
+    optimizer, _ = build_optimizer(module, SGD, COSINE, 10, 10)
+    for group in optimizer.param_groups:
+        dims = {p.ndim for p in group["params"]}
+        assert (group["weight_decay"] == 0.0) == (dims == {1})
+
+
+def test_frozen_parameters_never_reach_the_optimizer():
+    module = make_module(backbone_lr_scale=1.0)
+    for parameter in module.backbone.net.layer1.parameters():
+        parameter.requires_grad_(False)
+    optimizer, _ = build_optimizer(module, SGD, COSINE, 10, 10)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in module.backbone.net.layer1.parameters()}
+    assert len(in_optimizer) == sum(1 for p in module.parameters() if p.requires_grad)
+
+
+def test_top5_accuracy_only_with_more_than_five_classes():
+    from finetune.module import accuracy_metrics
+
+    assert set(accuracy_metrics(5).keys()) == {"acc"}
+    metrics = accuracy_metrics(6)
+    assert set(metrics.keys()) == {"acc", "acc_top5"}
+    logits = torch.eye(6)[[1, 2]] * 10 + torch.arange(6.0)
+    values = metrics(logits, torch.tensor([1, 3]))  # row 2: top-1 is class 2, class 3 in top-5
+    assert values["acc"].item() == pytest.approx(0.5)
+    assert values["acc_top5"].item() == pytest.approx(1.0)
+    assert not math.isnan(values["acc"].item())
