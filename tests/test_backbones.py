@@ -13,7 +13,7 @@ LITE0 = {"name": "efficientnet_lite0", "source": "efficientnet_lite", "weights":
 def test_offline_lite0_weights_call_chelsea_an_egyptian_cat():
     skimage_data = pytest.importorskip("skimage.data")
     source = backbones.resolve(LITE0)
-    net = source.create(pretrained=True).eval()  # keeps the ImageNet head
+    net = backbones.pretrained_network(LITE0).eval()  # keeps the ImageNet head
     image = eval_transform(source.input_spec())(Image.fromarray(skimage_data.chelsea()))
     with torch.no_grad():
         logits = net(image.unsqueeze(0))
@@ -21,9 +21,8 @@ def test_offline_lite0_weights_call_chelsea_an_egyptian_cat():
 
 
 def test_lite_weights_fill_every_tensor_of_the_timm_architecture():
-    source = backbones.resolve(LITE0)
-    pretrained = source.create(pretrained=True).state_dict()
-    random_init = source.create(pretrained=False).state_dict()
+    pretrained = backbones.pretrained_network(LITE0).state_dict()
+    random_init = backbones.resolve(LITE0).create().state_dict()
     changed = [k for k in pretrained if not torch.equal(pretrained[k], random_init[k])]
     learned = [k for k in pretrained if not k.endswith("num_batches_tracked")]
     assert set(learned) <= set(changed)
@@ -89,7 +88,7 @@ def test_torchvision_weights_are_read_from_torch_home_before_any_download(offlin
         {"name": "resnet18", "source": "torchvision", "weights": "IMAGENET1K_V1"}
     )
     file_name = reference.weights.url.rsplit("/", 1)[-1]
-    state = reference.create(pretrained=False).state_dict()
+    state = reference.create().state_dict()
     target = offline_torch_home / "hub" / "checkpoints" / file_name
     target.parent.mkdir(parents=True)
     torch.save(state, target)

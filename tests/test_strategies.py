@@ -77,7 +77,7 @@ def test_bn_policy_frozen_keeps_batchnorm_affine_and_statistics(make_cfg, monkey
 def test_scratch_starts_from_random_weights_and_trains_everything(make_cfg, monkeypatch):
     cfg = make_cfg("strategy=scratch", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
-    pretrained = backbones.resolve(cfg.model).create(pretrained=True).state_dict()
+    pretrained = backbones.pretrained_network(cfg.model).state_dict()
     assert not torch.equal(before["net.conv_stem.weight"], pretrained["conv_stem.weight"])
     assert metrics["weights"] is None
     assert metrics["trainable_params"] == metrics["total_params"]

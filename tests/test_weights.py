@@ -1,0 +1,198 @@
+"""Bottom-up weight loading: up to the first layer that cannot be loaded, nothing above it."""
+
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from finetune.errors import FinetuneError
+from finetune.weights import RENAMES, load_bottom_up, load_file, rename_keys
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def layers_equal(model: nn.Module, state: dict[str, torch.Tensor], prefix: str) -> bool:
+    mine = model.state_dict()
+    keys = [k for k in mine if k.startswith(prefix) and not k.endswith("num_batches_tracked")]
+    return bool(keys) and all(torch.equal(mine[k], state[k]) for k in keys)
+
+
+def imagenet_resnet18() -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return torchvision.models.resnet18(num_classes=1000).state_dict()
+
+
+def test_resnet18_into_two_classes_loads_everything_but_the_head():
+    source = imagenet_resnet18()
+    target = torchvision.models.resnet18(num_classes=2)
+    report = load_bottom_up(target, source)
+    assert report.blocker["layer"] == "fc"
+    assert report.blocker["reason"].startswith("shape")
+    assert report.not_loaded == []
+    assert report.loaded[0] == "conv1" and report.loaded[-1] == "layer4.1.bn2"
+    assert len(report.loaded) == report.total_layers - 1
+    assert layers_equal(target, source, "layer4.1.bn2")  # BatchNorm buffers too
+    assert set(report.unused_source_keys) == {"fc.weight", "fc.bias"}
+
+
+def test_a_changed_middle_layer_blocks_everything_above_it_even_where_shapes_match():
+    source = imagenet_resnet18()
+    target = torchvision.models.resnet18(num_classes=1000)
+    target.layer3[0].conv1 = nn.Conv2d(128, 256, kernel_size=5, stride=2, padding=2, bias=False)
+    before = snapshot(target)
+    report = load_bottom_up(target, source)
+    assert report.blocker["layer"] == "layer3.0.conv1"
+    assert "shape" in report.blocker["reason"]
+    assert layers_equal(target, source, "conv1.") and layers_equal(target, source, "layer2.")
+    assert "layer2.1.bn2" in report.loaded
+    # layer4 and fc have the source's shapes, yet stay as initialised.
+    for prefix in ("layer4.", "fc.", "layer3.1."):
+        assert layers_equal(target, before, prefix), prefix
+    assert {"layer4.0.conv1", "fc", "layer3.0.downsample.0"} <= set(report.not_loaded)
+    assert report.loaded[-1] == "layer2.1.bn2"
+
+
+def test_densenet_legacy_names_load_through_the_rename_table():
+    torch.manual_seed(2)
+    modern = torchvision.models.densenet121(num_classes=1000).state_dict()
+    legacy = {}
+    for key, tensor in modern.items():
+        for old in ("norm1", "norm2", "conv1", "conv2", "relu1", "relu2"):
+            key = key.replace(f".{old}.", f".{old[:-1]}.{old[-1]}.")
+        legacy[key] = tensor
+    assert any(".norm.1." in key for key in legacy)
+    target = torchvision.models.densenet121(num_classes=5)
+    report = load_bottom_up(target, legacy, rename="densenet_legacy")
+    assert report.blocker["layer"] == "classifier"
+    assert layers_equal(target, modern, "features.denseblock4.denselayer16.norm2")
+
+
+class TwoBranch(nn.Module):
+    """An image CNN and a text embedding + GRU, fused by a linear head."""
+
+    def __init__(self, image_channels: int = 8) -> None:
+        super().__init__()
+        self.image = nn.Sequential(
+            nn.Conv2d(3, image_channels, 3), nn.BatchNorm2d(image_channels), nn.ReLU(),
+            nn.Conv2d(image_channels, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )  # fmt: skip
+        self.embed = nn.Embedding(50, 12)
+        self.rnn = nn.GRU(12, 16, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, image, tokens):
+        text = self.rnn(self.embed(tokens))[0][:, -1]
+        return self.head(torch.cat([self.image(image), text], dim=1))
+
+
+def test_two_branch_model_loads_each_input_path_up_to_its_own_blocker():
+    torch.manual_seed(3)
+    source = {
+        k: v
+        for k, v in TwoBranch(image_channels=8).state_dict().items()
+        if k.startswith("image.0.") or k.startswith("image.1.")
+    }
+    source |= {
+        "image.3.weight": torch.randn(16, 4, 3, 3),
+        "image.3.bias": torch.randn(16),
+    }  # a blocker
+    target = TwoBranch(image_channels=8)
+    before = snapshot(target)
+    inputs = (torch.zeros(1, 3, 10, 10), torch.zeros(1, 4, dtype=torch.long))
+    report = load_bottom_up(target, source, example_inputs=inputs)
+    assert report.loaded == ["image.0", "image.1"]
+    blockers = {b["layer"]: b["reason"] for b in report.blockers}
+    assert blockers["image.3"].startswith("shape")
+    assert blockers["embed"].startswith("missing")
+    after = target.state_dict()
+    for key in before:
+        if key.startswith(("embed.", "rnn.", "head.", "image.3.")):
+            assert torch.equal(after[key], before[key]), key
+    assert torch.equal(after["image.0.weight"], source["image.0.weight"])
+    assert "rnn" in report.not_loaded and "head" in report.not_loaded
+
+
+def test_a_different_layer_type_is_a_blocker():
+    source = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)).state_dict()
+    target = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3))
+    report = load_bottom_up(target, source, example_inputs=(torch.zeros(1, 3, 9, 9),))
+    assert report.loaded == ["0"]
+    assert report.blocker["layer"] == "1" and report.blocker["reason"].startswith("type")
+    assert report.not_loaded == ["2"]
+
+
+def test_report_prints_as_a_short_table_and_serialises():
+    report = load_bottom_up(torchvision.models.resnet18(num_classes=2), imagenet_resnet18())
+    text = str(report)
+    assert "blocker" in text and "fc" in text and len(text.splitlines()) <= 6
+    assert report.to_dict()["blocker"]["layer"] == "fc"
+    assert report.counts()["weights_loaded_layers"] == len(report.loaded)
+
+
+def test_rename_tables_cover_dataparallel_and_lightning_prefixes():
+    state = {"module.conv1.weight": torch.zeros(1)}
+    assert list(rename_keys(state, "dataparallel")) == ["conv1.weight"]
+    state = {"backbone.net.conv1.weight": torch.zeros(1)}
+    assert list(rename_keys(state, "lightning")) == ["conv1.weight"]
+    assert set(RENAMES) >= {"dataparallel", "lightning", "densenet_legacy"}
+
+
+class _CreatesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "evil.pth"
+    with open(weights, "wb") as handle:
+        pickle.dump({"conv1.weight": _CreatesFile(str(marker))}, handle)
+    with pytest.raises(FinetuneError, match="Refused"):
+        load_file(weights)
+    assert not marker.exists()
+    with open(weights, "rb") as handle:  # the payload is live: plain unpickling runs it
+        pickle.load(handle)
+    assert marker.exists()
+
+
+def test_safetensors_files_load(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.ones(2, 2)}, str(tmp_path / "w.safetensors"))
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["conv1.weight"], torch.ones(2, 2))
+
+
+def test_build_loads_a_local_file_bottom_up_and_enforces_min_loaded_fraction(tmp_path):
+    from safetensors.torch import save_file
+
+    from finetune import backbones
+
+    source = imagenet_resnet18()
+    save_file(source, str(tmp_path / "resnet18.safetensors"))
+    model_cfg = {
+        "name": "resnet18",
+        "source": "torchvision",
+        "weights": str(tmp_path / "resnet18.safetensors"),
+    }
+    backbone = backbones.build(model_cfg, num_classes=2)
+    assert backbone.weights == f"file:{tmp_path / 'resnet18.safetensors'}"
+    assert backbone.load_report.blocker["layer"] == "fc"
+    assert torch.equal(backbone.net.layer4[1].conv2.weight, source["layer4.1.conv2.weight"])
+    assert backbones.build({**model_cfg, "min_loaded_fraction": 0.9}, num_classes=2)
+    with pytest.raises(FinetuneError, match="min_loaded_fraction"):
+        backbones.build({**model_cfg, "min_loaded_fraction": 0.99}, num_classes=2)
+
+
+def test_dataparallel_files_are_recognised_without_a_rename_argument(tmp_path):
+    from finetune import backbones
+
+    torch.save({f"module.{k}": v for k, v in imagenet_resnet18().items()}, tmp_path / "dp.pth")
+    model_cfg = {"name": "resnet18", "source": "torchvision", "weights": str(tmp_path / "dp.pth")}
+    assert backbones.build(model_cfg, num_classes=2).load_report.blocker["layer"] == "fc"
