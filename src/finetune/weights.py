@@ -13,11 +13,6 @@ import torch
 from finetune.errors import FinetuneError
 
 
-def _is_counter(key: str) -> bool:
-    # BatchNorm's step counter carries no learned information and is absent from many exports.
-    return key.endswith("num_batches_tracked")
-
-
 def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a state dict from `.safetensors` or a torch file without executing pickled code."""
     path = Path(path).expanduser()
@@ -46,35 +41,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def map_by_position(
-    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Rename `source` onto `target`'s keys by position, checking that every shape agrees.
-
-    For exports of the same architecture under another naming scheme (the lukemelas
-    EfficientNet-Lite files versus timm's tf_efficientnet_lite). BatchNorm step counters are
-    ignored on both sides and kept from the target.
-    """
-    source_items = [(k, v) for k, v in source.items() if not _is_counter(k)]
-    target_items = [(k, v) for k, v in target.items() if not _is_counter(k)]
-    if len(source_items) != len(target_items):
-        raise FinetuneError(
-            f"Weights do not fit: the file has {len(source_items)} tensors, the network "
-            f"{len(target_items)}. Is it the right variant?"
-        )
-    mapped = {k: v for k, v in target.items() if _is_counter(k)}
-    for (source_key, tensor), (target_key, target_tensor) in zip(
-        source_items, target_items, strict=False
-    ):
-        if tensor.shape != target_tensor.shape:
-            raise FinetuneError(
-                f"Weights do not fit: {source_key} {tuple(tensor.shape)} would go to "
-                f"{target_key} {tuple(target_tensor.shape)}. Is it the right variant?"
-            )
-        mapped[target_key] = tensor
-    return mapped
-
-
 # ------------------------------------------------------------------------------------------
 # Bottom-up loading
 # ------------------------------------------------------------------------------------------
@@ -93,6 +59,47 @@ RENAMES: dict[str, list[tuple[str, str]]] = {
         )
     ],
 }
+
+
+def lukemelas_efficientnet_lite_renames(stage_depths: list[int]) -> list[tuple[str, str]]:
+    """Rename table from the lukemelas EfficientNet(-Lite) names onto timm's.
+
+    lukemelas numbers blocks flatly (`_blocks.7.`) where timm nests them by stage
+    (`blocks.3.1.`), so the table depends on the stage depths (`[len(s) for s in net.blocks]`).
+    The first stage's blocks have no expansion conv, which shifts their norm names.
+    """
+    table: list[tuple[str, str]] = [
+        (r"^_conv_stem\.", "conv_stem."),
+        (r"^_bn0\.", "bn1."),
+        (r"^_conv_head\.", "conv_head."),
+        (r"^_bn1\.", "bn2."),
+        (r"^_fc\.", "classifier."),
+    ]
+    flat_index = 0
+    for stage, depth in enumerate(stage_depths):
+        for block in range(depth):
+            if stage == 0:  # depthwise-separable block: dw conv, bn1, pw conv, bn2
+                inner = {
+                    "_depthwise_conv": "conv_dw",
+                    "_bn1": "bn1",
+                    "_project_conv": "conv_pw",
+                    "_bn2": "bn2",
+                }
+            else:  # inverted residual: expand, bn1, dw, bn2, project, bn3
+                inner = {
+                    "_expand_conv": "conv_pw",
+                    "_bn0": "bn1",
+                    "_depthwise_conv": "conv_dw",
+                    "_bn1": "bn2",
+                    "_project_conv": "conv_pwl",
+                    "_bn2": "bn3",
+                }
+            for old, new in inner.items():
+                table.append(
+                    (rf"^_blocks\.{flat_index}\.{old}\.", f"blocks.{stage}.{block}.{new}.")
+                )
+            flat_index += 1
+    return table
 
 
 def rename_keys(
