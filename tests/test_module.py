@@ -93,3 +93,33 @@ def test_top5_accuracy_only_with_more_than_five_classes():
     assert values["acc"].item() == pytest.approx(0.5)
     assert values["acc_top5"].item() == pytest.approx(1.0)
     assert not math.isnan(values["acc"].item())
+
+
+def test_layer_decay_keeps_its_ratios_at_every_step_of_a_cosine_schedule():
+    optim = {**SGD, "layer_decay": 0.5}
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    backbone = backbones.build(model, 3, pretrained=False)
+    module = ClassifierModule(
+        backbone, ["a", "b", "c"], model, optim, COSINE, backbone_lr_scale=1.0
+    )
+    optimizer, scheduler = build_optimizer(module, optim, COSINE, 30, 10, lr_scale=module.lr_scale)
+    depth_of = {}
+    blocks = backbone.blocks()  # stem, layer1..layer4: depths 5..1 below the head (depth 0)
+    for index, block in enumerate(blocks):
+        for name in block:
+            depth_of[id(dict(module.named_parameters())[f"backbone.{name}"])] = len(blocks) - index
+    for _ in range(30):
+        head_lr = max(group["lr"] for group in optimizer.param_groups)
+        for group in optimizer.param_groups:
+            depth = depth_of.get(id(group["params"][0]), 0)
+            assert group["lr"] == pytest.approx(head_lr * 0.5**depth)
+        optimizer.step()
+        scheduler.step()
+    assert {depth_of.get(id(g["params"][0]), 0) for g in optimizer.param_groups} == {
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+    }

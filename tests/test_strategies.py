@@ -74,6 +74,36 @@ def test_bn_policy_frozen_keeps_batchnorm_affine_and_statistics(make_cfg, monkey
     assert metrics["trainable_params"] < metrics["total_params"]
 
 
+def test_top_k_trains_the_head_and_exactly_the_top_k_blocks(make_cfg, monkeypatch):
+    cfg = make_cfg("strategy=top_k", "strategy.k=2", *STEPS)
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    changed = changed_tensors(before, backbone)
+    learned = {name for name, p in backbone.named_parameters()}
+    top_two = set(backbone.blocks()[-1]) | set(backbone.blocks()[-2])
+    assert "net.conv_head.weight" in top_two and "net.blocks.5.0.conv_pw.weight" in top_two
+    assert changed & learned == top_two | backbone.head_parameter_names()
+    assert not {name for name in changed if "running_" in name}  # bn: train_affine
+    expected = sum(p.numel() for n, p in backbone.named_parameters() if n in top_two) + 3843
+    assert metrics["trainable_params"] == expected
+
+
+def test_regex_trains_what_the_patterns_choose(make_cfg, monkeypatch, caplog):
+    cfg = make_cfg(
+        "strategy=regex", "strategy.train=[blocks\\.6\\.]", "strategy.freeze=[bn]", *STEPS
+    )
+    with caplog.at_level("INFO", logger="finetune.strategies"):
+        before, backbone, _ = run_and_capture(cfg, monkeypatch)
+    changed = changed_tensors(before, backbone)
+    assert changed == {
+        "net.blocks.6.0.conv_pw.weight",
+        "net.blocks.6.0.conv_dw.weight",
+        "net.blocks.6.0.conv_pwl.weight",
+        "net.classifier.weight",
+        "net.classifier.bias",
+    }
+    assert "net.blocks.6.0.conv_dw.weight" in caplog.text  # the trainable names are printed
+
+
 def test_scratch_starts_from_random_weights_and_trains_everything(make_cfg, monkeypatch):
     cfg = make_cfg("strategy=scratch", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)

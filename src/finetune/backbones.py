@@ -103,10 +103,66 @@ class Backbone(nn.Module):
             hook.remove()
         return captured[0]
 
+    def blocks(self) -> list[list[str]]:
+        """The network below the head as blocks of parameter names, input to output.
+
+        Blocks are a family's natural stages (resnet layers, `features[i]`, vit encoder layers,
+        timm's coarse parameter groups); the top-k and layer-decay strategies count them.
+        """
+        from timm.models import group_parameters
+
+        matcher = getattr(self.net, "group_matcher", None)
+        matcher = (
+            matcher(coarse=True) if matcher else torchvision_block_matcher(self.name, self.net)
+        )
+        head = {name.removeprefix("net.") for name in self.head_parameter_names()}
+        groups = group_parameters(self.net, matcher)
+        blocks = [
+            [f"net.{n}" for n in names if n not in head] for _, names in sorted(groups.items())
+        ]
+        return [block for block in blocks if block]
+
     def head_parameter_names(self) -> set[str]:
         """Names (as in `self.named_parameters()`) of the head's parameters."""
         prefix = f"net.{self.head_name}."
         return {name for name, _ in self.named_parameters() if name.startswith(prefix)}
+
+
+# Blocks of torchvision families, in timm's group-matcher format: each regex's numeric capture
+# orders the blocks; (99999,) is timm's MATCH_PREV_GROUP: the layers between the last stage and
+# the head (a final norm, a pre-logits linear) join the top block.
+TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
+    ("resnet", "resnext", "wide_resnet"): {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
+    ("mobilenet", "efficientnet", "convnext", "mnasnet"): {
+        "blocks": [(r"^features\.(\d+)", None), (r"^classifier", (99999,))]
+    },
+    ("densenet",): {
+        "stem": r"^features\.(?:conv0|norm0)",
+        "blocks": [
+            (r"^features\.denseblock(\d+)", None),
+            (r"^features\.transition(\d+)", None),
+            (r"^features\.norm5", (99999,)),
+        ],
+    },
+    ("swin",): {"blocks": [(r"^features\.(\d+)", None), (r"^norm", (99999,))]},
+    ("vit_",): {
+        "stem": r"^conv_proj|^class_token|^encoder\.pos_embedding",
+        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))],
+    },
+}
+
+
+def torchvision_block_matcher(name: str, net: nn.Module) -> dict[str, Any]:
+    for prefixes, matcher in TORCHVISION_BLOCK_MATCHERS.items():
+        if name.startswith(prefixes):
+            return matcher
+    # Any other family: each top-level child with parameters is a block.
+    children = [
+        child
+        for child, module in net.named_children()
+        if next(module.parameters(), None) is not None
+    ]
+    return {"blocks": [(rf"^{child}\.", (index,)) for index, child in enumerate(children)]}
 
 
 def find_head_name(net: nn.Module) -> str:
@@ -417,9 +473,14 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
             )
     else:
         log.info("%s starts from random initialisation (no pretrained weights)", model_cfg["name"])
+    head_name = find_head_name(net)
+    # One head initialisation for every family: PyTorch's nn.Linear default (+-1/sqrt(features)).
+    # timm's EfficientNet init draws +-1/sqrt(classes) instead, huge for a 2-class head: on
+    # hymenoptera it cost the lite0 linear probe several points within the default 10 epochs.
+    net.get_submodule(head_name).reset_parameters()
     backbone = Backbone(
         net,
-        head_name=find_head_name(net),
+        head_name=head_name,
         input_spec=spec,
         name=model_cfg["name"],
         weights=source.weights_id if state is not None else None,

@@ -111,6 +111,7 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.backbone = backbone
         self.class_names = list(class_names)
+        self._depths: dict[str, int] | None = None  # parameter name -> blocks from the top
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
         metrics = accuracy_metrics(len(class_names))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
@@ -145,9 +146,24 @@ class ClassifierModule(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def lr_scale(self, parameter_name: str) -> float:
-        """The new head learns at the base rate; pretrained layers at `backbone_lr_scale` of it."""
-        head = {f"backbone.{name}" for name in self.backbone.head_parameter_names()}
-        return 1.0 if parameter_name in head else float(self.hparams.backbone_lr_scale)
+        """Learning rate of a parameter as a multiple of the base rate.
+
+        The new head learns at the base rate. Below it, pretrained layers learn at
+        `backbone_lr_scale` of it, times `optim.layer_decay ** depth` when layer decay is on,
+        where depth counts blocks from the top (the top block is 1).
+        """
+        if self._depths is None:
+            blocks = self.backbone.blocks()
+            self._depths = {
+                f"backbone.{name}": len(blocks) - index
+                for index, block in enumerate(blocks)
+                for name in block
+            }
+        depth = self._depths.get(parameter_name, 0)  # the head is not in any block
+        if depth == 0:
+            return 1.0
+        decay = self.hparams.optim.get("layer_decay")
+        return float(self.hparams.backbone_lr_scale) * (float(decay) ** depth if decay else 1.0)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total_steps = int(self.trainer.estimated_stepping_batches)

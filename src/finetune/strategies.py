@@ -25,7 +25,7 @@ from finetune.errors import unknown_name
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("last_layer", "full", "scratch")
+STRATEGIES = ("last_layer", "top_k", "regex", "full", "scratch")
 # What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
 #   train:        batch statistics in training, running statistics and affine parameters update;
 #   train_affine: eval mode (running statistics fixed), affine parameters train;
@@ -65,6 +65,9 @@ class FreezeStrategy(pl.Callback):
         pretrained: bool = True,
         backbone_lr_scale: float = 1.0,
         bn: str = "train",
+        k: int = 1,
+        train: list[str] | None = None,
+        freeze: list[str] | None = None,
         **_: Any,
     ) -> None:
         if name not in STRATEGIES:
@@ -73,6 +76,10 @@ class FreezeStrategy(pl.Callback):
             raise unknown_name("strategy.bn policy", bn, BN_POLICIES)
         self.name = name
         self.bn = bn
+        self.k = int(k)  # top_k: how many of the top blocks train besides the head
+        # regex: patterns (re.search) over parameter names as the network names them
+        self.train_patterns = list(train or [])
+        self.freeze_patterns = list(freeze or [])
         self.pretrained = pretrained
         # Pretrained layers learn at this fraction of the head's rate, so the randomly
         # initialised head's first, noisy gradients do not wreck the features beneath it.
@@ -80,8 +87,27 @@ class FreezeStrategy(pl.Callback):
         self._eval_modules: list[nn.Module] = []
 
     def trainable_names(self, backbone: Backbone) -> set[str]:
+        """Parameter names (as `backbone.named_parameters()` gives them) that train. The new,
+        randomly initialised head always trains."""
+        head = backbone.head_parameter_names()
         if self.name == "last_layer":
-            return backbone.head_parameter_names()
+            return head
+        if self.name == "top_k":
+            top_blocks = backbone.blocks()[len(backbone.blocks()) - self.k :] if self.k > 0 else []
+            return head | {name for block in top_blocks for name in block}
+        if self.name == "regex":
+            import re
+
+            def matches(patterns: list[str], name: str) -> bool:
+                return any(re.search(pattern, name) for pattern in patterns)
+
+            chosen = {
+                name
+                for name, _ in backbone.named_parameters()
+                if matches(self.train_patterns, name.removeprefix("net."))
+                and not matches(self.freeze_patterns, name.removeprefix("net."))
+            }
+            return head | chosen
         return {name for name, _ in backbone.named_parameters()}
 
     def apply(self, backbone: Backbone) -> dict[str, int]:
@@ -116,6 +142,9 @@ class FreezeStrategy(pl.Callback):
             f"{counts['frozen_params']:,}",
             f"{counts['total_params']:,}",
         )
+        if self.name == "regex":
+            trainable = [n for n, p in pl_module.backbone.named_parameters() if p.requires_grad]
+            log.info("Trainable parameters:\n  %s", "\n  ".join(trainable))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning or user code may have called .train() on the whole module since setup.
