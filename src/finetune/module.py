@@ -132,7 +132,10 @@ class ClassifierModule(pl.LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        # sync_dist: with several devices the epoch loss is averaged over all of them.
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
