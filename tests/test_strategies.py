@@ -1,6 +1,7 @@
 """What each strategy trains, checked tensor by tensor after real optimizer steps."""
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from finetune import backbones
@@ -143,3 +144,87 @@ def test_unknown_strategy_lists_the_choices():
         strategies.build({"name": "half"})
     with pytest.raises(UnknownNameError, match="train_affine"):
         strategies.build({"name": "full", "bn": "sometimes"})
+
+
+class KillAfterEpoch(pl.Callback):
+    """Stands in for a kill: the fit dies at the end of `epoch`, before that epoch's checkpoint
+    is written, so the last checkpoint is the previous epoch's."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def gradual_state(checkpoint_path):
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    strategy = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("FreezeStrategy"))
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    return {
+        "unfrozen": strategy["unfrozen"],
+        "groups": [
+            (len(g["params"]), round(g["lr"], 12), round(g["initial_lr"], 12)) for g in groups
+        ],
+        "epoch": checkpoint["epoch"],
+    }
+
+
+GRADUAL = [
+    "strategy=gradual",
+    "trainer.max_epochs=4",
+    "trainer.deterministic=true",
+]
+
+
+def test_gradual_unfreezes_one_block_per_epoch_with_its_own_param_groups(make_cfg, monkeypatch):
+    cfg = make_cfg(*GRADUAL, "callbacks.model_checkpoint=null")  # evaluate the final weights
+    before, backbone, metrics = run_and_capture(cfg, monkeypatch)
+    state = gradual_state(f"{cfg.run_dir}/checkpoints/last.ckpt")
+    assert state["unfrozen"] == 3  # unfrozen at the start of epochs 1, 2 and 3
+    blocks = backbone.blocks()
+    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == backbone.head_parameter_names() | set(blocks[-1]) | set(blocks[-2]) | set(
+        blocks[-3]
+    )
+    assert len(state["groups"]) == 2 + 3 * 2  # head (weight, bias) + each block (decay, no decay)
+    head_lr = state["groups"][0][1]
+    assert all(lr == pytest.approx(0.1 * head_lr) for _, lr, _ in state["groups"][2:])
+    changed = changed_tensors(before, backbone)
+    assert "net.blocks.6.0.conv_pw.weight" in changed  # unfrozen at epoch 1
+    assert "net.blocks.3.0.conv_pw.weight" not in changed  # never unfrozen
+    assert metrics["trainable_params"] == sum(
+        p.numel() for p in backbone.parameters() if p.requires_grad
+    )
+
+
+def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monkeypatch, tmp_path):
+    from finetune import run
+
+    whole = make_cfg(*GRADUAL)
+    train(whole)
+    uninterrupted = gradual_state(f"{whole.run_dir}/checkpoints/last.ckpt")
+
+    killed = make_cfg(*GRADUAL)
+    killed.run_dir = str(tmp_path / "killed")
+    original = run._instantiate_all
+    monkeypatch.setattr(
+        run,
+        "_instantiate_all",
+        lambda group: (
+            [*original(group), KillAfterEpoch(2)]
+            if group and "model_checkpoint" in group
+            else original(group)
+        ),
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        train(killed)
+    monkeypatch.setattr(run, "_instantiate_all", original)
+    at_kill = gradual_state(tmp_path / "killed" / "checkpoints" / "last.ckpt")
+    assert at_kill["unfrozen"] == 1 and at_kill["epoch"] == 1
+
+    resumed = make_cfg(*GRADUAL, f"ckpt_path={tmp_path / 'killed' / 'checkpoints' / 'last.ckpt'}")
+    resumed.run_dir = str(tmp_path / "resumed")
+    train(resumed)
+    assert gradual_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == uninterrupted

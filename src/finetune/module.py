@@ -9,7 +9,7 @@ checkpoint with `load_classifier`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ class WarmupSchedule:
 
 
 def parameter_groups(
-    module: nn.Module,
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
     base_lr: float,
     weight_decay: float,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
@@ -86,7 +86,7 @@ def parameter_groups(
     Lightning scheduler scales it and the ratios between groups hold.
     """
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, parameter in module.named_parameters():
+    for name, parameter in named_parameters:
         if parameter.requires_grad:
             key = (lr_scale(name), parameter.ndim > 1)
             groups.setdefault(key, []).append(parameter)
@@ -168,6 +168,27 @@ class ClassifierModule(pl.LightningModule):
         decay = self.hparams.optim.get("layer_decay")
         return float(self.hparams.backbone_lr_scale) * (float(decay) ** depth if decay else 1.0)
 
+    def add_param_groups(self, parameter_names: list[str]) -> None:
+        """Give newly unfrozen parameters their own groups in the running optimizer, at their
+        own learning rate, and extend the per-step schedule to the new groups."""
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        wanted = set(parameter_names)
+        optimizer_cfg = self.hparams.optim["optimizer"]
+        groups = parameter_groups(
+            ((n, p) for n, p in self.named_parameters() if n in wanted),
+            float(optimizer_cfg["lr"]),
+            float(optimizer_cfg.get("weight_decay", 0.0)),
+            self.lr_scale,
+        )
+        schedule = scheduler.lr_lambdas[0]
+        for group in groups:
+            group["initial_lr"] = group["lr"]
+            group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
+            optimizer.add_param_group(group)
+            scheduler.base_lrs.append(group["initial_lr"])
+            scheduler.lr_lambdas.append(schedule)
+
     def configure_optimizers(self) -> dict[str, Any]:
         total_steps = int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(
@@ -195,7 +216,9 @@ def build_optimizer(
     """The configured optimizer over `module`'s trainable parameters, and its per-step schedule."""
     optimizer_cfg = dict(optim["optimizer"])
     weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
-    groups = parameter_groups(module, float(optimizer_cfg["lr"]), weight_decay, lr_scale)
+    groups = parameter_groups(
+        module.named_parameters(), float(optimizer_cfg["lr"]), weight_decay, lr_scale
+    )
     optimizer = instantiate(optimizer_cfg)(groups)
     schedule_cfg = dict(scheduler)
     schedule = WarmupSchedule(

@@ -139,10 +139,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds = time.perf_counter() - started
 
-    checkpoint = next(
-        (c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None
-    )
-    best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else ""
+    checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    # The best checkpoint by the monitored metric; without one, the latest checkpoint.
+    ranked = [c.best_model_path for c in checkpoints if c.monitor and c.best_model_path]
+    best = (ranked or [c.best_model_path for c in checkpoints if c.best_model_path] or [""])[0]
     evaluate_from = best or None  # without checkpoints, evaluate the weights in memory
     metrics: dict[str, Any] = _stage_metrics(
         trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)

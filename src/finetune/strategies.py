@@ -25,7 +25,7 @@ from finetune.errors import unknown_name
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("last_layer", "top_k", "regex", "full", "scratch")
+STRATEGIES = ("last_layer", "top_k", "regex", "gradual", "full", "scratch")
 # What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
 #   train:        batch statistics in training, running statistics and affine parameters update;
 #   train_affine: eval mode (running statistics fixed), affine parameters train;
@@ -68,6 +68,9 @@ class FreezeStrategy(pl.Callback):
         k: int = 1,
         train: list[str] | None = None,
         freeze: list[str] | None = None,
+        every_n_epochs: int = 1,
+        on_plateau: bool = False,
+        patience: int = 1,
         **_: Any,
     ) -> None:
         if name not in STRATEGIES:
@@ -84,6 +87,15 @@ class FreezeStrategy(pl.Callback):
         # Pretrained layers learn at this fraction of the head's rate, so the randomly
         # initialised head's first, noisy gradients do not wreck the features beneath it.
         self.backbone_lr_scale = backbone_lr_scale
+        # gradual: one more block every `every_n_epochs`, or after `patience` epochs without a
+        # better val/acc when `on_plateau`. `unfrozen` and the plateau tracking are the state a
+        # checkpoint keeps, so a resumed run continues the same schedule.
+        self.every_n_epochs = max(int(every_n_epochs), 1)
+        self.on_plateau = on_plateau
+        self.patience = max(int(patience), 1)
+        self.unfrozen = 0
+        self.best_val_acc = float("-inf")
+        self.epochs_without_improvement = 0
         self._eval_modules: list[nn.Module] = []
 
     def trainable_names(self, backbone: Backbone) -> set[str]:
@@ -92,8 +104,10 @@ class FreezeStrategy(pl.Callback):
         head = backbone.head_parameter_names()
         if self.name == "last_layer":
             return head
-        if self.name == "top_k":
-            top_blocks = backbone.blocks()[len(backbone.blocks()) - self.k :] if self.k > 0 else []
+        if self.name in ("top_k", "gradual"):
+            count = self.k if self.name == "top_k" else self.unfrozen
+            blocks = backbone.blocks()
+            top_blocks = blocks[len(blocks) - count :] if count > 0 else []
             return head | {name for block in top_blocks for name in block}
         if self.name == "regex":
             import re
@@ -147,8 +161,65 @@ class FreezeStrategy(pl.Callback):
             log.info("Trainable parameters:\n  %s", "\n  ".join(trainable))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.name == "gradual":
+            if self.on_plateau:
+                due = self.epochs_without_improvement >= self.patience
+            else:
+                due = trainer.current_epoch > 0 and trainer.current_epoch % self.every_n_epochs == 0
+            if due:
+                self.unfreeze_next_block(pl_module, epoch=trainer.current_epoch)
+                self.epochs_without_improvement = 0
         # Lightning or user code may have called .train() on the whole module since setup.
         self._set_eval_modes()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.name != "gradual" or trainer.sanity_checking or not self.on_plateau:
+            return
+        val_acc = trainer.callback_metrics.get("val/acc")
+        if val_acc is None:
+            return
+        if float(val_acc) > self.best_val_acc:
+            self.best_val_acc = float(val_acc)
+            self.epochs_without_improvement = 0
+        else:
+            self.epochs_without_improvement += 1
+
+    def unfreeze_next_block(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Unfreeze the next block down and give it its own param groups in the running
+        optimizer (and schedule)."""
+        backbone = pl_module.backbone
+        blocks = backbone.blocks()
+        if self.unfrozen >= len(blocks):
+            return
+        self.unfrozen += 1
+        block = blocks[len(blocks) - self.unfrozen]
+        backbone.train()  # the block's modules leave eval mode; frozen parts return to it below
+        self.apply(backbone)
+        new_names = [f"backbone.{name}" for name in block]
+        pl_module.add_param_groups(new_names)
+        log.info("Epoch %d: unfroze block %d from the top (%s ...)", epoch, self.unfrozen, block[0])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming: the optimizer was just built for the head alone; unfreeze the blocks the
+        # checkpoint had unfrozen, in the same order, so that its param groups (and then the
+        # optimizer and scheduler states Lightning restores next) line up exactly.
+        if self.name == "gradual" and self.unfrozen > 0:
+            restored, self.unfrozen = self.unfrozen, 0
+            self.apply(pl_module.backbone)
+            for _ in range(restored):
+                self.unfreeze_next_block(pl_module, epoch=trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "unfrozen": self.unfrozen,
+            "best_val_acc": self.best_val_acc,
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.unfrozen = int(state_dict.get("unfrozen", 0))
+        self.best_val_acc = float(state_dict.get("best_val_acc", float("-inf")))
+        self.epochs_without_improvement = int(state_dict.get("epochs_without_improvement", 0))
 
 
 def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
