@@ -194,6 +194,7 @@ def test_gradual_unfreezes_one_block_per_epoch_with_its_own_param_groups(make_cf
     changed = changed_tensors(before, backbone)
     assert "net.blocks.6.0.conv_pw.weight" in changed  # unfrozen at epoch 1
     assert "net.blocks.3.0.conv_pw.weight" not in changed  # never unfrozen
+    assert changed <= trainable  # every other tensor, BatchNorm buffers included, is untouched
     assert metrics["trainable_params"] == sum(
         p.numel() for p in backbone.parameters() if p.requires_grad
     )
@@ -228,3 +229,25 @@ def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monk
     resumed.run_dir = str(tmp_path / "resumed")
     train(resumed)
     assert gradual_state(tmp_path / "resumed" / "checkpoints" / "last.ckpt") == uninterrupted
+
+
+def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(monkeypatch):
+    from types import SimpleNamespace
+
+    from finetune.strategies import FreezeStrategy
+
+    strategy = FreezeStrategy(name="gradual", on_plateau=True, patience=2)
+    unfrozen_at = []
+    monkeypatch.setattr(
+        strategy, "unfreeze_next_block", lambda module, epoch: unfrozen_at.append(epoch)
+    )
+    for epoch, val_acc in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7]):
+        strategy.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), None)
+        metrics = {"val/acc": torch.tensor(val_acc)}
+        strategy.on_validation_end(
+            SimpleNamespace(sanity_checking=False, callback_metrics=metrics), None
+        )
+    # no gain at epochs 2 and 3 -> unfreeze at the start of epoch 4; 0.7 at epoch 4 is a new best,
+    # then no gain at 5 and 6 -> the next unfreeze would come at epoch 7
+    assert unfrozen_at == [4]
+    assert strategy.state_dict()["epochs_without_improvement"] == 2
