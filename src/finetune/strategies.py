@@ -5,15 +5,19 @@ optimizer only ever sees trainable parameters. Frozen parts of the network are p
 not only `requires_grad=False`: a frozen BatchNorm in train mode would still normalise with batch
 statistics and overwrite its running statistics.
 
-Strategies:
-- last_layer: only the new head trains; the whole backbone is frozen and in eval mode.
-- full:       every layer trains, starting from the pretrained weights.
-- scratch:    every layer trains, starting from random initialisation (the baseline).
+Strategies (the new head always trains):
+- last_layer: only the head; the whole backbone is frozen and in eval mode.
+- top_k:      the head and the top k blocks (`Backbone.blocks()`).
+- regex:      the head and the parameters whose names match `train` and not `freeze`.
+- gradual:    the head, then one more block every n epochs (or on a val/acc plateau).
+- full:       every layer, starting from the pretrained weights.
+- scratch:    every layer, starting from random initialisation (the baseline).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,7 +114,6 @@ class FreezeStrategy(pl.Callback):
             top_blocks = blocks[len(blocks) - count :] if count > 0 else []
             return head | {name for block in top_blocks for name in block}
         if self.name == "regex":
-            import re
 
             def matches(patterns: list[str], name: str) -> bool:
                 return any(re.search(pattern, name) for pattern in patterns)
