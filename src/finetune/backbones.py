@@ -267,6 +267,14 @@ def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
     )
 
 
+def _create_timm(architecture: str, num_classes: int | None) -> nn.Module:
+    """A randomly initialised timm network; `num_classes=None` keeps its original head."""
+    import timm
+
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(architecture, pretrained=False, **extra)
+
+
 class TimmSource:
     """Any timm model by name; `weights: DEFAULT` (or `timm`) uses timm's hub weights."""
 
@@ -292,10 +300,7 @@ class TimmSource:
         return _timm_input_spec(timm.models.get_pretrained_cfg(self.name).to_dict())
 
     def create(self, num_classes: int | None = None) -> nn.Module:
-        import timm
-
-        extra = {} if num_classes is None else {"num_classes": num_classes}
-        return timm.create_model(self.name, pretrained=False, **extra)
+        return _create_timm(self.name, num_classes)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.pretrained:
@@ -366,10 +371,7 @@ class EfficientNetLiteSource:
         return Path(locator.get_model_file_path())
 
     def create(self, num_classes: int | None = None) -> nn.Module:
-        import timm
-
-        extra = {} if num_classes is None else {"num_classes": num_classes}
-        return timm.create_model(self.timm_name, pretrained=False, **extra)
+        return _create_timm(self.timm_name, num_classes)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.pretrained:
