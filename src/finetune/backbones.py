@@ -4,12 +4,13 @@ This module is the only place where pretrained weights are resolved. A model con
 
     name: resnet50            # the architecture
     source: torchvision       # torchvision | timm | efficientnet_lite
-    weights: DEFAULT          # DEFAULT, a source-specific name (e.g. IMAGENET1K_V1), or none
+    weights: DEFAULT          # DEFAULT, a source-specific name (e.g. IMAGENET1K_V1), a file, or none
 
-and `build(model_cfg, num_classes)` returns a `Backbone`: the network with a fresh head of
-`num_classes` outputs plus the `InputSpec` its weights were trained with. The head is found
-generically (timm's `reset_classifier`, else the network's last `nn.Linear`), so no other module
-needs to know which family a model belongs to.
+and `build(model_cfg, num_classes)` returns a `Backbone`: the network built with a head of
+`num_classes` outputs, its pretrained weights loaded bottom-up (the new head is the blocker),
+plus the `InputSpec` its weights were trained with. The head is found generically (timm's
+pretrained config, else the network's last `nn.Linear`), so no other module needs to know which
+family a model belongs to.
 """
 
 from __future__ import annotations
@@ -78,10 +79,6 @@ class Backbone(nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.net.get_submodule(self.head_name)
-
-    @property
-    def num_features(self) -> int:
-        return self.get_classifier().in_features
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a freshly initialised linear layer with `num_classes` outputs."""

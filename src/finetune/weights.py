@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -106,8 +107,6 @@ def rename_keys(
     state_dict: Mapping[str, torch.Tensor], rename: str | list[tuple[str, str]] | None
 ) -> dict[str, torch.Tensor]:
     """Apply a rename table (a name from RENAMES or a list of (regex, replacement))."""
-    import re
-
     if rename is None:
         return dict(state_dict)
     table = RENAMES[rename] if isinstance(rename, str) else rename
