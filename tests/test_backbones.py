@@ -56,7 +56,7 @@ def test_new_head_is_found_and_replaced_for_every_torchvision_family(name, head_
     assert features.shape == (2, head.in_features)
 
 
-def test_timm_model_gets_a_new_head_through_reset_classifier():
+def test_timm_model_gets_a_new_head_named_by_its_pretrained_config():
     model_cfg = {"name": "mobilenetv3_small_100", "source": "timm", "weights": "none"}
     backbone = backbones.build(model_cfg, 5, pretrained=False)
     assert backbone.head_name == "classifier"
