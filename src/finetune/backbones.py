@@ -100,6 +100,31 @@ class Backbone(nn.Module):
             hook.remove()
         return captured[0]
 
+    def head_dropout(self) -> float:
+        """The dropout probability applied to the features right before the classifier.
+
+        timm's convolutional nets apply `F.dropout(p=drop_rate)` in `forward_head`; torchvision
+        puts an `nn.Dropout` just before the last Linear of a `classifier` Sequential; timm's
+        vision transformers keep it as `head_drop`.
+        """
+        if isinstance(getattr(self.net, "drop_rate", None), int | float):
+            return float(self.net.drop_rate)
+        parent_name, _, child_name = self.head_name.rpartition(".")
+        parent = self.net.get_submodule(parent_name) if parent_name else self.net
+        if isinstance(parent, nn.Sequential) and child_name.isdigit() and int(child_name) > 0:
+            previous = parent[int(child_name) - 1]
+            if isinstance(previous, nn.Dropout):
+                return float(previous.p)
+        head_drop = getattr(self.net, "head_drop", None)
+        return float(head_drop.p) if isinstance(head_drop, nn.Dropout) else 0.0
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from `forward_features` output: exactly what the network does after that point
+        (the pre-classifier dropout in training, then the classifier), so a head trained on cached
+        features trains as it would inside the whole network."""
+        features = nn.functional.dropout(features, self.head_dropout(), training=self.training)
+        return self.get_classifier()(features)
+
     def blocks(self) -> list[list[str]]:
         """The network below the head as blocks of parameter names, input to output.
 

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,14 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision import tv_tensors
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 from finetune.backbones import InputSpec
 from finetune.errors import DataUnavailableError, FinetuneError, unknown_name
-from finetune.transforms import eval_transform, train_transform
+from finetune.transforms import device_normalise, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +59,94 @@ class DatasetSplits:
         return {name: len(samples) for name, samples in named.items() if samples is not None}
 
 
-class ImageListDataset(Dataset):
-    """Images from a list of `(path, label)` samples, decoded to RGB and transformed."""
+class DecodedImages:
+    """Decode-once cache: images as uint8 tensors, resized (with the eval preset's resize) so
+    that the shorter side is just above the training resolution, up to a memory budget.
 
-    def __init__(self, samples: list[Sample], transform: Callable | None) -> None:
+    Images beyond the budget are not cached and keep streaming from disk. Eval images are stored
+    at exactly the eval preset's resize size, so a cached image gives the same eval pixels as the
+    file; training images keep a margin above the crop size for random crops.
+    """
+
+    def __init__(self, interpolation: str, budget_mb: float) -> None:
+        self.interpolation = InterpolationMode(interpolation)
+        self.budget_bytes = int(budget_mb * 2**20)
+        self.used_bytes = 0
+        self.images: dict[str, torch.Tensor] = {}
+        self.streamed = 0  # images that did not fit in the budget
+
+    def fill(self, paths: list[str], size: int, threads: int) -> None:
+        """Decode `paths` in parallel threads (PIL releases the GIL) until the budget is used."""
+        resize = v2.Resize(size, interpolation=self.interpolation, antialias=True)
+
+        def decode(path: str) -> torch.Tensor:
+            with Image.open(path) as image:
+                return F.pil_to_tensor(resize(image.convert("RGB")))
+
+        todo = [p for p in dict.fromkeys(paths) if p not in self.images]
+        with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+            for start in range(0, len(todo), 64):
+                if self.used_bytes >= self.budget_bytes:
+                    self.streamed += len(todo) - start
+                    return
+                chunk = todo[start : start + 64]
+                for path, pixels in zip(chunk, pool.map(decode, chunk), strict=True):
+                    if self.used_bytes + pixels.numel() > self.budget_bytes:
+                        self.streamed += 1
+                        continue
+                    self.images[path] = pixels
+                    self.used_bytes += pixels.numel()
+
+    def get(self, path: str) -> torch.Tensor | None:
+        pixels = self.images.get(path)
+        return None if pixels is None else tv_tensors.Image(pixels)
+
+
+class ImageListDataset(Dataset):
+    """Images from a list of `(path, label)` samples, decoded to RGB (or taken from a decode
+    cache) and transformed."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        transform: Callable | None,
+        decoded: DecodedImages | None = None,
+    ) -> None:
         self.samples = samples
         self.transform = transform
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        return (self.transform(rgb) if self.transform else rgb), label
+        image = self.decoded.get(path) if self.decoded is not None else None
+        if image is None:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        return (self.transform(image) if self.transform else image), label
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+) -> DataLoader:
+    """The one loader recipe: shuffled for training, and a final training batch of one sample
+    (which breaks BatchNorm in training mode) dropped, only in that case."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) % batch_size == 1,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -86,12 +164,17 @@ def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
 
 
 def _class_folders(folder: Path) -> list[str]:
-    try:
-        class_names, _ = find_classes(str(folder))
-    except FileNotFoundError as error:
+    """Sub-folders of `folder` in sorted order; hidden ones (`.cache`, `.ipynb_checkpoints`) are
+    not classes."""
+    class_names = (
+        sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if folder.is_dir()
+        else []
+    )
+    if not class_names:
         raise DataUnavailableError(
             f"No class folders in {folder}: expected one sub-folder of images per class."
-        ) from error
+        )
     return class_names
 
 
@@ -287,7 +370,13 @@ BUILDERS: dict[str, Callable[..., DatasetSplits]] = {
 
 
 class FinetuneDataModule(pl.LightningDataModule):
-    """Loaders for any of the dataset layouts above, preprocessed for one backbone."""
+    """Loaders for any of the dataset layouts above, preprocessed for one backbone.
+
+    Speed options for small datasets: `decode_cache_mb` keeps decoded, resized images in memory
+    (0 turns it off); `device_transforms` moves the float conversion, normalisation and random
+    erasing onto the training device, so loader workers only crop, flip and ship uint8
+    (`auto`: when training on a GPU).
+    """
 
     def __init__(
         self,
@@ -304,12 +393,16 @@ class FinetuneDataModule(pl.LightningDataModule):
         val_fraction: float = 0.2,
         split_seed: int = 0,
         synthetic: Mapping[str, Any] | None = None,
+        cache_dir: str | None = None,
+        decode_cache_mb: float = 0,
+        device_transforms: bool | str = "auto",
     ) -> None:
         super().__init__()
         if dataset not in BUILDERS:
             raise unknown_name("dataset", dataset, list(BUILDERS))
         self.dataset = dataset
         self.root = Path(root).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / ".cache"
         self.input_spec = input_spec
         self.augment = dict(augment or {})
         self.batch_size = batch_size
@@ -321,6 +414,14 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.synthetic = dict(synthetic or {})
+        self.decode_cache_mb = float(decode_cache_mb or 0)
+        if device_transforms not in (True, False, "auto"):
+            raise unknown_name(
+                "data.device_transforms", str(device_transforms), ["auto", "true", "false"]
+            )
+        self.device_transforms_option = device_transforms
+        self.device_transforms = False  # decided in setup, once the training device is known
+        self.decoded: DecodedImages | None = None
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, ImageListDataset] = {}
 
@@ -353,25 +454,67 @@ class FinetuneDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         self.splits  # noqa: B018 - downloading/generating happens on first access
 
+    def _training_device(self) -> torch.device | None:
+        trainer = getattr(self, "trainer", None)
+        return trainer.strategy.root_device if trainer is not None else None
+
     def setup(self, stage: str | None = None) -> None:
         splits = self.splits
-        evaluation = eval_transform(self.input_spec)
+        if self.device_transforms_option == "auto":
+            device = self._training_device()
+            self.device_transforms = device is not None and device.type == "cuda"
+        else:
+            self.device_transforms = bool(self.device_transforms_option)
+        if self.decode_cache_mb > 0 and self.decoded is None:
+            self.decoded = self._decode_once(splits)
+        on_device = self.device_transforms
+        evaluation = eval_transform(self.input_spec, normalise=not on_device)
+        training = train_transform(
+            self.input_spec,
+            self.augment,
+            normalise=not on_device,
+            tensor_input=self.decoded is not None,
+        )
         self.datasets = {
-            "train": ImageListDataset(splits.train, train_transform(self.input_spec, self.augment)),
-            "val": ImageListDataset(splits.val, evaluation),
+            "train": ImageListDataset(splits.train, training, self.decoded),
+            "val": ImageListDataset(splits.val, evaluation, self.decoded),
         }
         if splits.test is not None:
-            self.datasets["test"] = ImageListDataset(splits.test, evaluation)
+            self.datasets["test"] = ImageListDataset(splits.test, evaluation, self.decoded)
+        self._device_normalise = {
+            train: device_normalise(self.input_spec, self.augment if train else {})
+            for train in (True, False)
+        }
+
+    def _decode_once(self, splits: DatasetSplits) -> DecodedImages:
+        spec = self.input_spec
+        decoded = DecodedImages(spec.interpolation, self.decode_cache_mb)
+        threads = os.cpu_count() or 1
+        # Random crops of the training images keep ImageNet's 256/224 margin of resolution.
+        train_size = max(spec.resize_size, round(spec.crop_size * 256 / 224))
+        decoded.fill([path for path, _ in splits.train], train_size, threads)
+        for samples in (splits.val, splits.test or []):
+            decoded.fill([path for path, _ in samples], spec.resize_size, threads)
+        log.info(
+            "Decode cache: %d images in %.0f MB (%d streamed beyond data.decode_cache_mb)",
+            len(decoded.images),
+            decoded.used_bytes / 2**20,
+            decoded.streamed,
+        )
+        return decoded
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.device_transforms:
+            return batch
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self._device_normalise[training](images), labels
 
     def _loader(self, split: str, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        batch_size = self.batch_size if train else self.eval_batch_size
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            # A final batch of one image breaks BatchNorm in training mode; drop just that case.
-            drop_last=train and len(dataset) % batch_size == 1,
+        return make_loader(
+            self.datasets[split],
+            self.batch_size if train else self.eval_batch_size,
+            train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

@@ -111,6 +111,9 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone"], logger=False)
         self.backbone = backbone
         self.class_names = list(class_names)
+        # Set by the run, not saved in hparams: a checkpoint always rebuilds an image classifier.
+        self.inputs_are_features = False  # batches hold cached `forward_features` outputs
+        self.channels_last = False  # feed images in NHWC layout (set with the network's layout)
         self._depths: dict[str, int] | None = None  # parameter name -> blocks from the top
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
         metrics = accuracy_metrics(len(class_names))
@@ -123,6 +126,10 @@ class ClassifierModule(pl.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.inputs_are_features:
+            return self.backbone.forward_head(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:

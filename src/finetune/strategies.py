@@ -25,7 +25,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from finetune.backbones import Backbone
-from finetune.errors import unknown_name
+from finetune.errors import FinetuneError, unknown_name
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class FreezeStrategy(pl.Callback):
         every_n_epochs: int = 1,
         on_plateau: bool = False,
         patience: int = 1,
+        cache_features: bool | str = False,
         **_: Any,
     ) -> None:
         if name not in STRATEGIES:
@@ -88,6 +89,16 @@ class FreezeStrategy(pl.Callback):
         self.train_patterns = list(train or [])
         self.freeze_patterns = list(freeze or [])
         self.pretrained = pretrained
+        if cache_features not in (True, False, "auto"):
+            raise unknown_name(
+                "strategy.cache_features", str(cache_features), ["auto", "true", "false"]
+            )
+        if cache_features is True and name != "last_layer":
+            raise FinetuneError(
+                f"strategy.cache_features=true needs a frozen backbone, but strategy={name} "
+                "trains part of it. Fix: use strategy=last_layer, or drop cache_features."
+            )
+        self.cache_features = cache_features
         # Pretrained layers learn at this fraction of the head's rate, so the randomly
         # initialised head's first, noisy gradients do not wreck the features beneath it.
         self.backbone_lr_scale = backbone_lr_scale
@@ -101,6 +112,18 @@ class FreezeStrategy(pl.Callback):
         self.best_val_acc = float("-inf")
         self.epochs_without_improvement = 0
         self._eval_modules: list[nn.Module] = []
+
+    def caches_features(self, augmenting: bool) -> bool:
+        """Whether the head trains on features computed once (`finetune.features`): only when the
+        backbone is frozen, and only without augmentation (which cached features cannot have)."""
+        if self.cache_features is True:
+            if augmenting:
+                log.warning(
+                    "strategy.cache_features=true: training images get the eval preprocessing "
+                    "(augmentation is off), so the backbone's features are computed once."
+                )
+            return True
+        return self.cache_features == "auto" and self.name == "last_layer" and not augmenting
 
     def trainable_names(self, backbone: Backbone) -> set[str]:
         """Parameter names (as `backbone.named_parameters()` gives them) that train. The new,

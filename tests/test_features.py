@@ -1,0 +1,250 @@
+"""The cached-feature linear probe and the data pipeline's speed switches."""
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST_OVERRIDES, SHARED_DATA, make_class_folders
+from finetune import backbones, features
+from finetune.backbones import InputSpec
+from finetune.data import FinetuneDataModule
+from finetune.errors import FinetuneError
+from finetune.run import train
+from finetune.transforms import eval_transform
+
+PROBE = ["strategy=last_layer", "augment=none", "trainer.max_epochs=2"]
+
+
+def final_head(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {name: tensor for name, tensor in state.items() if ".classifier." in name}
+
+
+@pytest.fixture(autouse=True)
+def empty_memory_cache():
+    features._IN_MEMORY.clear()
+    yield
+    features._IN_MEMORY.clear()
+
+
+def test_cached_run_trains_the_same_head_as_the_uncached_run(make_cfg, tmp_path):
+    # mobilenet_v2 has a dropout in front of its head: the cached run must draw the same masks.
+    common = [*PROBE, "model=mobilenet_v2", "model.weights=none", f"data.cache_dir={tmp_path}/c"]
+    cached_cfg = make_cfg(*common)
+    cached_cfg.run_dir = str(tmp_path / "cached")
+    cached = train(cached_cfg)
+    uncached_cfg = make_cfg(*common, "strategy.cache_features=false")
+    uncached_cfg.run_dir = str(tmp_path / "uncached")
+    uncached = train(uncached_cfg)
+
+    assert cached["feature_cache"] == "miss" and uncached["feature_cache"] == "off"
+    cached_head, uncached_head = final_head(tmp_path / "cached"), final_head(tmp_path / "uncached")
+    assert cached_head.keys() == uncached_head.keys() and cached_head
+    for name, tensor in cached_head.items():
+        torch.testing.assert_close(tensor, uncached_head[name], rtol=1e-4, atol=1e-5)
+    assert cached["val/acc"] == pytest.approx(uncached["val/acc"])
+    assert cached["test/acc"] == pytest.approx(uncached["test/acc"])
+    # The checkpoint holds the whole network, not just the head.
+    state = torch.load(tmp_path / "cached" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(state["state_dict"]) > 100
+
+
+def test_checkpoint_of_a_cached_run_restores_an_image_classifier(make_cfg, tmp_path):
+    from finetune.module import load_classifier
+
+    cfg = make_cfg(*PROBE)
+    metrics = train(cfg)
+    classifier = load_classifier(metrics["best_checkpoint"])
+    assert classifier.inputs_are_features is False
+    logits = classifier(torch.zeros(2, 3, 224, 224))
+    assert logits.shape == (2, 3)
+
+
+def test_second_identical_run_reuses_the_cache_from_disk(make_cfg, tmp_path):
+    first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    features._IN_MEMORY.clear()  # a new process: only the file remains
+    cfg = make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c")
+    cfg.run_dir = str(tmp_path / "second")
+    second = train(cfg)
+    assert (first["feature_cache"], second["feature_cache"]) == ("miss", "hit")
+    assert Path(second["feature_cache_file"]).is_file()
+    assert second["val/acc"] == first["val/acc"] and second["val/loss"] == first["val/loss"]
+
+
+def test_augmentation_turns_the_cache_off_unless_forced(make_cfg, caplog):
+    assert train(make_cfg("strategy=last_layer"))["feature_cache"] == "off"
+    with caplog.at_level(logging.WARNING):
+        forced = train(make_cfg("strategy=last_layer", "strategy.cache_features=true"))
+    assert forced["feature_cache"] in ("hit", "miss")
+    assert "augmentation is off" in caplog.text
+
+
+def test_cache_features_with_a_trainable_backbone_is_refused(make_cfg):
+    with pytest.raises(FinetuneError, match="strategy=last_layer"):
+        train(make_cfg("strategy=full", "+strategy.cache_features=true"))
+
+
+# --- the cache key: each part changes it, nothing else does ---------------------------------
+
+
+@pytest.fixture
+def key_parts(tmp_path):
+    make_class_folders(tmp_path / "imgs", {"a": 3, "b": 3})
+    samples = sorted(
+        (str(path), int(path.parent.name == "b")) for path in (tmp_path / "imgs").rglob("*.jpg")
+    )
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    torch.manual_seed(0)
+    backbone = backbones.build(model, 2, pretrained=False)
+    spec = backbone.input_spec
+    return backbone, spec, {"train": samples[:4], "val": samples[4:]}
+
+
+def key(backbone, spec, splits, precision="32"):
+    return features.cache_key(
+        features.cache_key_fields(backbone, eval_transform(spec), precision, splits)
+    )
+
+
+def test_cache_key_is_stable_for_identical_inputs(key_parts):
+    backbone, spec, splits = key_parts
+    assert key(backbone, spec, splits) == key(backbone, spec, dict(splits))
+
+
+def test_cache_key_changes_with_the_weights_but_not_the_head(key_parts):
+    backbone, spec, splits = key_parts
+    before = key(backbone, spec, splits)
+    with torch.no_grad():
+        backbone.get_classifier().weight.add_(1.0)  # the head is not part of the features
+    assert key(backbone, spec, splits) == before
+    with torch.no_grad():
+        backbone.net.conv1.weight[0, 0, 0, 0] += 1e-3
+    assert key(backbone, spec, splits) != before
+    backbone.net.bn1.running_mean[0] += 1.0  # buffers change features too
+    assert len({before, key(backbone, spec, splits)}) == 2
+
+
+def test_cache_key_changes_with_the_backbone_name(key_parts):
+    backbone, spec, splits = key_parts
+    before = key(backbone, spec, splits)
+    backbone.name = "resnet18_other"
+    assert key(backbone, spec, splits) != before
+
+
+def test_cache_key_changes_with_the_eval_transform(key_parts):
+    backbone, spec, splits = key_parts
+    before = key(backbone, spec, splits)
+    for change in (
+        {"crop_size": spec.crop_size - 8},
+        {"resize_size": spec.resize_size + 8},
+        {"mean": (0.5, 0.5, 0.5)},
+        {"interpolation": "bicubic"},
+    ):
+        other = InputSpec(**{**spec.to_dict(), **change})
+        assert key(backbone, other, splits) != before, change
+
+
+def test_cache_key_changes_with_the_precision(key_parts):
+    backbone, spec, splits = key_parts
+    assert key(backbone, spec, splits, "32") != key(backbone, spec, splits, "bf16-mixed")
+
+
+def test_cache_key_changes_with_the_file_lists(key_parts):
+    backbone, spec, splits = key_parts
+    before = key(backbone, spec, splits)
+    # a file moved from one split to another, one removed, the order changed
+    moved = {"train": splits["train"][:3], "val": splits["train"][3:] + splits["val"]}
+    assert key(backbone, spec, moved) != before
+    assert key(backbone, spec, {"train": splits["train"][:3], "val": splits["val"]}) != before
+    assert key(backbone, spec, {"train": splits["train"][::-1], "val": splits["val"]}) != before
+    # a file rewritten in place (new size and modification time)
+    path = splits["val"][0][0]
+    Path(path).write_bytes(Path(path).read_bytes() + b"\0")
+    os.utime(path, ns=(1, 1))
+    assert key(backbone, spec, splits) != before
+
+
+def test_a_changed_image_is_re_extracted_in_the_next_run(make_cfg, tmp_path):
+    make_class_folders(tmp_path / "folder", {"cat": 6, "dog": 6})
+    fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
+    options = [*fast, *PROBE, "data=imagefolder", f"data.root={tmp_path}/folder"]
+    assert train(make_cfg(*options, fast=False))["feature_cache"] == "miss"
+    assert train(make_cfg(*options, fast=False))["feature_cache"] == "hit"
+    victim = next((tmp_path / "folder" / "cat").glob("*.jpg"))
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    os.utime(victim, ns=(10**9, 10**9))
+    assert train(make_cfg(*options, fast=False))["feature_cache"] == "miss"
+
+
+def test_unreadable_cache_file_is_recomputed(make_cfg, tmp_path):
+    first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    Path(first["feature_cache_file"]).write_bytes(b"truncated")
+    features._IN_MEMORY.clear()
+    again = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    assert again["feature_cache"] == "miss" and again["val/acc"] == first["val/acc"]
+
+
+# --- decode cache and device transforms --------------------------------------------------------
+
+HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
+
+
+def hymenoptera_module(**options) -> FinetuneDataModule:
+    if not HYMENOPTERA.is_dir():
+        pytest.skip("../shared/data/hymenoptera_data is not present")
+    spec = backbones.input_spec({"name": "resnet18", "source": "torchvision", "weights": "DEFAULT"})
+    module = FinetuneDataModule(
+        "hymenoptera", str(SHARED_DATA), spec, batch_size=8, num_workers=0, **options
+    )
+    module.setup("fit")
+    return module
+
+
+@pytest.mark.parametrize("budget_mb", [512, 3])
+def test_decode_cache_gives_the_streaming_eval_pixels(budget_mb):
+    streaming = hymenoptera_module(decode_cache_mb=0)
+    cached = hymenoptera_module(decode_cache_mb=budget_mb)
+    assert streaming.decoded is None and cached.decoded is not None
+    if budget_mb == 3:  # a small budget caches some images and streams the rest
+        assert len(cached.decoded.images) > 0 and cached.decoded.streamed > 0
+    else:
+        assert cached.decoded.streamed == 0
+    for index in range(0, len(streaming.datasets["val"]), 10):
+        expected, label = streaming.datasets["val"][index]
+        actual, cached_label = cached.datasets["val"][index]
+        assert label == cached_label
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_decode_cache_feeds_augmented_training_crops():
+    cached = hymenoptera_module(decode_cache_mb=512, augment={"auto_augment": "trivialaugment"})
+    images, _labels = next(iter(cached.train_dataloader()))
+    assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32
+    assert len(cached.decoded.images) == sum(cached.splits.sizes().values())
+
+
+def test_device_transforms_normalise_after_the_transfer_like_the_loader_would():
+    on_cpu = hymenoptera_module(decode_cache_mb=0)
+    on_device = hymenoptera_module(decode_cache_mb=0, device_transforms=True)
+    expected, labels = next(iter(on_cpu.val_dataloader()))
+    uint8_batch, same_labels = next(iter(on_device.val_dataloader()))
+    assert uint8_batch.dtype == torch.uint8
+    actual, _ = on_device.on_after_batch_transfer((uint8_batch, same_labels), 0)
+    torch.testing.assert_close(actual, expected)
+    assert torch.equal(labels, same_labels)
+
+
+def test_run_with_decode_cache_channels_last_and_device_transforms(make_cfg):
+    metrics = train(
+        make_cfg(
+            "strategy=full",
+            "data.decode_cache_mb=64",
+            "data.device_transforms=true",
+            "speed.channels_last=true",
+        )
+    )
+    assert metrics["feature_cache"] == "off" and 0.0 <= metrics["val/acc"] <= 1.0
+    assert metrics["trainable_params"] == metrics["total_params"]
