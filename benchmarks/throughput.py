@@ -85,7 +85,10 @@ def main() -> None:
                 "callbacks.last_checkpoint=null",
             ]
             if not on_gpu:  # a few steps are enough to time a CPU
-                overrides.append(f"trainer.limit_train_batches={args.steps}")
+                overrides += [
+                    f"+trainer.limit_train_batches={args.steps}",
+                    "+trainer.limit_val_batches=2",
+                ]
             result = train_py(Path(scratch) / "run", *overrides)
         metrics = result.pop("metrics")
         images_per_epoch = min(

@@ -365,6 +365,7 @@ class EfficientNetLiteSource:
         self.name = name
         self.variant = name[-1]
         self.timm_name = f"tf_efficientnet_lite{self.variant}"
+        self._stage_depths: tuple[int, ...] | None = None
         self.pretrained = weights not in NO_WEIGHTS
 
     @property
@@ -393,14 +394,19 @@ class EfficientNetLiteSource:
         return Path(locator.get_model_file_path())
 
     def create(self, num_classes: int | None = None) -> nn.Module:
-        return _create_timm(self.timm_name, num_classes)
+        net = _create_timm(self.timm_name, num_classes)
+        self._stage_depths = tuple(len(stage) for stage in net.blocks)
+        return net
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.pretrained:
             return None
         from finetune.weights import load_file, lukemelas_efficientnet_lite_renames
 
-        stage_depths = [len(stage) for stage in self.create().blocks]
+        # Blocks per stage, which the rename table needs; known once the network was created.
+        if self._stage_depths is None:
+            self.create()
+        stage_depths = list(self._stage_depths)
         return rename_keys(
             load_file(self.weights_file()), lukemelas_efficientnet_lite_renames(stage_depths)
         )
