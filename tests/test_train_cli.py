@@ -1,14 +1,12 @@
 """train.py as a user runs it: a subprocess, real config composition, real run dirs."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST_OVERRIDES, REPO, subprocess_env
+from conftest import FAST_OVERRIDES, run_train, subprocess_env
 from finetune.module import load_classifier
 
 REQUIRED_METRICS = {
@@ -45,19 +43,6 @@ def hparams_plugin_data(log_dir: Path) -> dict:
                     for name, hparam in data.session_start_info.hparams.items():
                         found["hparams"][name] = hparam.string_value or hparam.number_value
     return found
-
-
-def run_train(
-    *args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env or subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):

@@ -214,6 +214,23 @@ def stratified_split(
     return train, val
 
 
+def training_subset(samples: list[Sample], fraction: float, seed: int) -> list[Sample]:
+    """A stratified, seeded `fraction` of `samples` (at least one image per class). For one seed
+    the subsets are nested: each fraction keeps the images of every smaller one."""
+    if fraction >= 1.0:
+        return samples
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    kept: list[Sample] = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        kept += members[: max(1, round(len(members) * fraction))]
+    return sorted(kept)
+
+
 def _require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
     for split_name, count in splits.sizes().items():
         if count == 0:
@@ -396,6 +413,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
         decode_cache_mb: float = 0,
         device_transforms: bool | str = "auto",
+        train_fraction: float = 1.0,
+        subset_seed: int = 0,
     ) -> None:
         super().__init__()
         if dataset not in BUILDERS:
@@ -421,6 +440,13 @@ class FinetuneDataModule(pl.LightningDataModule):
             )
         self.device_transforms_option = device_transforms
         self.device_transforms = False  # decided in setup, once the training device is known
+        if not 0.0 < float(train_fraction) <= 1.0:
+            raise FinetuneError(
+                f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
+                "the training split to train on."
+            )
+        self.train_fraction = float(train_fraction)
+        self.subset_seed = int(subset_seed)
         self.decoded: DecodedImages | None = None
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, ImageListDataset] = {}
@@ -436,6 +462,10 @@ class FinetuneDataModule(pl.LightningDataModule):
                 split_seed=self.split_seed,
                 synthetic=self.synthetic,
             )
+            if self.train_fraction < 1.0:
+                self._splits.train = training_subset(
+                    self._splits.train, self.train_fraction, self.subset_seed
+                )
             log.info("Dataset %s in %s: %s", self.dataset, self.root, self._splits.sizes())
         return self._splits
 

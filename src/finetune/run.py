@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from finetune import backbones, features, strategies
 from finetune.data import FinetuneDataModule
 from finetune.module import ClassifierModule
+from finetune.reports import EvaluationReport
 from finetune.strategies import count_parameters
 from finetune.transforms import is_augmenting
 
@@ -74,17 +75,28 @@ def _stage_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 class EpochTimer(pl.Callback):
-    """Seconds of each training epoch (validation excluded), for metrics.json and benchmarks."""
+    """Seconds of each training epoch, for metrics.json and the benchmarks. Lightning runs the
+    epoch's validation inside the training epoch; its time is subtracted."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self._started = 0.0
+        self._validation_started = 0.0
+        self._validation_seconds = 0.0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
+        self._validation_seconds = 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seconds.append(round(time.perf_counter() - self._started, 3))
+        elapsed = time.perf_counter() - self._started - self._validation_seconds
+        self.seconds.append(round(elapsed, 3))
 
 
 def _speed_switches(cfg: DictConfig, network: torch.nn.Module) -> dict[str, bool]:
@@ -159,7 +171,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
 
     epoch_timer = EpochTimer()
-    callbacks = [strategy, epoch_timer, *_instantiate_all(cfg.get("callbacks"))]
+    evaluation_report = EvaluationReport(
+        datamodule.class_names,
+        {"val": datamodule.splits.val, "test": datamodule.splits.test},
+    )
+    callbacks = [
+        strategy,
+        epoch_timer,
+        evaluation_report,
+        *_instantiate_all(cfg.get("callbacks")),
+    ]
     loggers = _instantiate_all(cfg.get("logger"))
     trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
     if backbone.load_report is not None and trainer.is_global_zero:
@@ -225,6 +246,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         **feature_report,
         **(report.counts() if report else {}),
+        **evaluation_report.results,
     }
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)

@@ -1,0 +1,281 @@
+"""Sweep summaries: one row per run of a Hydra multirun, aggregates over seeds, and a plot.
+
+Written automatically when a multirun ends (the Hydra callback `SweepSummary`, configured in
+`conf/hydra/default.yaml`) and runnable by hand on any sweep folder:
+
+    python -m finetune.summary outputs/multirun/2026-11-28_12-00-00
+
+Files written into the sweep folder:
+- `summary.csv`: one row per run: job number, status (`ok` or `failed`, with the error), its
+  overrides (one column per swept key), val/test accuracy, trainable params, fit seconds.
+- `summary.md`: the same table, and when the sweep has a `seed` axis, mean +- std over seeds
+  for every other combination.
+- `summary.png`: accuracy per strategy and model (bars with the std over seeds); when
+  `data.train_fraction` is swept, learning curves: accuracy against training images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("val_acc", "test_acc", "trainable_params", "fit_seconds", "train_images")
+AGGREGATED = ("val_acc", "test_acc")
+FAILURE_FILE = "failure.json"  # written by train.py into the run dir of a failed run
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()]
+    return sorted(jobs, key=lambda p: (0, int(p.name)) if p.name.isdigit() else (1, p.name))
+
+
+def _parse_overrides(lines: list[str]) -> dict[str, str]:
+    overrides = {}
+    for line in lines:
+        key, _, value = line.partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per job folder of the sweep, finished or failed."""
+    rows = []
+    for job in _job_dirs(Path(sweep_dir)):
+        overrides = _parse_overrides(
+            yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        )
+        row: dict[str, Any] = {"job": job.name, "overrides": overrides}
+        metrics_file = job / "metrics.json"
+        if metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            row |= {
+                "status": "ok",
+                "val_acc": metrics.get("val/acc"),
+                "test_acc": metrics.get("test/acc"),
+                "trainable_params": metrics.get("trainable_params"),
+                "fit_seconds": metrics.get("fit_seconds"),
+                "train_images": (metrics.get("split_sizes") or {}).get("train"),
+                "model": metrics.get("model"),
+                "strategy": metrics.get("strategy"),
+                "seed": metrics.get("seed"),
+            }
+        else:
+            failure_file = job / FAILURE_FILE
+            failure = json.loads(failure_file.read_text()) if failure_file.is_file() else {}
+            row |= {
+                "status": "failed",
+                "error": failure.get("error", "no metrics.json (the run did not finish)"),
+            }
+        rows.append(row)
+    return rows
+
+
+def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Override keys in the order they first appear, across every run of the sweep."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys |= dict.fromkeys(row["overrides"])
+    return list(keys)
+
+
+def aggregate(rows: list[dict[str, Any]], over: str = "seed") -> list[dict[str, Any]]:
+    """Mean and std of the accuracies per combination of the other overrides; failed runs are
+    counted (`failed`) but not averaged."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    keys = [key for key in swept_keys(rows) if key != over]
+    for row in rows:
+        group = tuple(row["overrides"].get(key, "") for key in keys)
+        groups.setdefault(group, []).append(row)
+    table = []
+    for group, members in groups.items():
+        finished = [m for m in members if m["status"] == "ok"]
+        entry: dict[str, Any] = dict(zip(keys, group, strict=True))
+        entry |= {"runs": len(members), "failed": len(members) - len(finished)}
+        for column in AGGREGATED:
+            values = [m[column] for m in finished if m.get(column) is not None]
+            entry[f"{column}_mean"] = statistics.mean(values) if values else None
+            entry[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        entry["train_images"] = finished[0].get("train_images") if finished else None
+        entry["strategy"] = finished[0].get("strategy") if finished else group_value(keys, group)
+        entry["model"] = finished[0].get("model") if finished else None
+        table.append(entry)
+    return table
+
+
+def group_value(keys: list[str], group: tuple, key: str = "strategy") -> str | None:
+    return dict(zip(keys, group, strict=True)).get(key)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    keys = swept_keys(rows)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["job", "status", *keys, *METRIC_COLUMNS, "error"])
+        for row in rows:
+            writer.writerow(
+                [
+                    row["job"],
+                    row["status"],
+                    *(row["overrides"].get(key, "") for key in keys),
+                    *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                    row.get("error", ""),
+                ]
+            )
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> None:
+    keys = swept_keys(rows)
+    failed = sum(row["status"] == "failed" for row in rows)
+    parts = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(rows)} runs, {len(rows) - failed} finished, {failed} failed.",
+        "",
+        _markdown_table(
+            ["job", "status", *keys, "val acc", "test acc", "trainable params", "fit s", "error"],
+            [
+                [
+                    row["job"],
+                    row["status"],
+                    *(row["overrides"].get(key, "") for key in keys),
+                    _fmt(row.get("val_acc")),
+                    _fmt(row.get("test_acc")),
+                    _fmt(row.get("trainable_params")),
+                    _fmt(row.get("fit_seconds")),
+                    row.get("error", "")[:200],
+                ]
+                for row in rows
+            ],
+        ),
+    ]
+    if "seed" in keys:
+        others = [key for key in keys if key != "seed"]
+        table = aggregate(rows)
+        parts += [
+            "",
+            "## Mean +- std over seeds",
+            "",
+            _markdown_table(
+                [*others, "runs", "failed", "val acc", "test acc"],
+                [
+                    [
+                        *(str(entry[key]) for key in others),
+                        str(entry["runs"]),
+                        str(entry["failed"]),
+                        _mean_std(entry, "val_acc"),
+                        _mean_std(entry, "test_acc"),
+                    ]
+                    for entry in table
+                ],
+            ),
+        ]
+    path.write_text("\n".join(parts) + "\n")
+
+
+def _mean_std(entry: dict[str, Any], column: str) -> str:
+    mean = entry[f"{column}_mean"]
+    return "" if mean is None else f"{mean:.4f} +- {entry[f'{column}_std']:.4f}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Learning curves when `data.train_fraction` is swept, else bars per strategy and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = [e for e in aggregate(rows) if e["val_acc_mean"] is not None]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    if any("data.train_fraction" in row["overrides"] for row in rows):
+        curves: dict[str, list[tuple[int, float, float]]] = {}
+        for entry in table:
+            label = " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k))
+            curves.setdefault(label, []).append(
+                (entry["train_images"], entry["val_acc_mean"], entry["val_acc_std"])
+            )
+        for label, points in sorted(curves.items()):
+            points.sort()
+            xs, ys, errors = zip(*points, strict=True)
+            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
+        axis.set_xlabel("training images")
+        axis.set_title("Learning curves (mean +- std over seeds)")
+    else:
+        labels = [
+            " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k)) or "run"
+            for entry in table
+        ]
+        axis.bar(
+            range(len(table)),
+            [e["val_acc_mean"] for e in table],
+            yerr=[e["val_acc_std"] for e in table],
+            capsize=3,
+        )
+        axis.set_xticks(range(len(table)), labels, rotation=30, ha="right")
+        axis.set_title("Validation accuracy per strategy and model")
+    axis.set_ylabel("val accuracy")
+    axis.set_ylim(0, 1.02)
+    axis.grid(alpha=0.3)
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Write summary.csv, summary.md and summary.png into `sweep_dir`; returns the rows."""
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        log.warning("No runs found in %s: nothing to summarise", sweep_dir)
+        return rows
+    write_csv(rows, sweep_dir / "summary.csv")
+    write_markdown(rows, sweep_dir / "summary.md", sweep_dir)
+    plot(rows, sweep_dir / "summary.png")
+    log.info("Sweep summary: %s", sweep_dir / "summary.md")
+    return rows
+
+
+class SweepSummary(Callback):
+    """Hydra callback: writes the sweep summary when a multirun ends. Failed jobs do not stop
+    the sweep (train.py records them), so this runs after every sweep."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        write_summary(config.hydra.sweep.dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Summarise a Hydra sweep folder.")
+    parser.add_argument("sweep_dir", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rows = write_summary(args.sweep_dir)
+    print(f"{len(rows)} runs summarised in {args.sweep_dir}/summary.{{csv,md,png}}")
+
+
+if __name__ == "__main__":
+    main()

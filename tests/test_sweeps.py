@@ -1,0 +1,190 @@
+"""Sweeps and dashboards: the sweep summary, TensorBoard contents, Optuna search, the notebook."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train_cli import hparams_plugin_data
+
+from conftest import FAST_OVERRIDES, REPO, run_train
+from finetune import summary
+
+
+def fake_run(sweep: Path, job: str, overrides: list[str], metrics: dict | None) -> None:
+    (sweep / job / ".hydra").mkdir(parents=True)
+    (sweep / job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (sweep / job / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_of_a_two_by_two_sweep_has_four_rows_and_the_right_aggregates(tmp_path):
+    accuracies = {
+        ("last_layer", 1): 0.9,
+        ("last_layer", 2): 0.8,
+        ("full", 1): 0.7,
+        ("full", 2): 0.5,
+    }
+    for job, ((strategy, seed), acc) in enumerate(accuracies.items()):
+        metrics = {
+            "val/acc": acc,
+            "test/acc": acc - 0.1,
+            "trainable_params": 10 if strategy == "last_layer" else 1000,
+            "fit_seconds": 1.5,
+            "split_sizes": {"train": 20},
+            "model": "m",
+            "strategy": strategy,
+            "seed": seed,
+        }
+        fake_run(tmp_path, str(job), [f"strategy={strategy}", f"seed={seed}"], metrics)
+
+    rows = summary.write_summary(tmp_path)
+
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    with (tmp_path / "summary.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["strategy"] for r in table] == ["last_layer", "last_layer", "full", "full"]
+    assert [float(r["val_acc"]) for r in table] == [0.9, 0.8, 0.7, 0.5]
+    aggregates = {entry["strategy"]: entry for entry in summary.aggregate(rows)}
+    assert aggregates["last_layer"]["val_acc_mean"] == pytest.approx(0.85)
+    assert aggregates["last_layer"]["val_acc_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert aggregates["full"]["val_acc_mean"] == pytest.approx(0.6)
+    assert aggregates["full"]["test_acc_mean"] == pytest.approx(0.5)
+    assert aggregates["full"]["runs"] == 2 and aggregates["full"]["failed"] == 0
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "Mean +- std over seeds" in markdown and "0.8500 +- 0.0707" in markdown
+    assert (tmp_path / "summary.png").stat().st_size > 1000
+
+
+def test_summary_can_be_run_by_hand_on_a_sweep_folder(tmp_path):
+    fake_run(tmp_path, "0", ["strategy=full"], {"val/acc": 0.5, "strategy": "full"})
+    fake_run(tmp_path, "1", ["strategy=scratch"], None)  # killed: no metrics, no failure.json
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.summary", str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["strategy"], r["status"]) for r in rows] == [("full", "ok"), ("scratch", "failed")]
+    assert "did not finish" in rows[1]["error"]
+
+
+def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "augment=none",
+        "data.train_fraction=0.5,2.0,1.0",  # 2.0 is invalid: the middle job fails
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "train_fraction must be in (0, 1]" in rows[1]["error"]
+    assert [r["data.train_fraction"] for r in rows] == ["0.5", "2.0", "1.0"]
+    # stratified subset: half of the 4 images per class of the synthetic set
+    assert (int(rows[0]["train_images"]), int(rows[2]["train_images"])) == (6, 12)
+    assert "1 failed" in (sweep / "summary.md").read_text()
+    assert (sweep / "summary.png").is_file()
+
+
+def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *FAST_OVERRIDES,
+        "trainer.max_epochs=2",
+        "optim.optimizer.lr=0.0001",  # a barely trained head: some images are misclassified
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for scalar in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
+        assert scalar in tags["scalars"], scalar
+    assert any(tag.startswith("lr-") for tag in tags["scalars"])
+    for stage in ("val", "test"):
+        assert f"{stage}/confusion_matrix" in tags["images"]
+        assert f"{stage}/misclassified" in tags["images"]
+        assert {f"{stage}/acc_per_class/{name}" for name in ("circle", "square", "stripes")} <= set(
+            tags["scalars"]
+        )
+    assert "weights/load_report/text_summary" in tags["tensors"]
+    hparams = hparams_plugin_data(run_dir / "tensorboard")
+    assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    matrix = metrics["val/confusion_matrix"]
+    assert sum(map(sum, matrix)) == metrics["split_sizes"]["val"]
+    correct = sum(matrix[i][i] for i in range(len(matrix)))
+    assert correct / metrics["split_sizes"]["val"] == pytest.approx(metrics["val/acc"])
+
+
+FLAKY_SEARCH = """# @package _global_
+defaults:
+  - optuna
+hydra:
+  sweeper:
+    n_trials: 4
+    sampler:
+      seed: 3
+    params:
+      optim.optimizer.lr: tag(log, interval(0.001, 0.1))
+      data.train_fraction: choice(1.0, 3.0)
+      trainer.max_epochs: choice(1, 2)
+"""
+
+
+def test_optuna_search_survives_a_failed_trial(tmp_path):
+    extra = tmp_path / "conf" / "hparams_search"
+    extra.mkdir(parents=True)
+    (extra / "flaky.yaml").write_text(FLAKY_SEARCH)
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "augment=none",
+        "hparams_search=flaky",
+        f"hydra.searchpath=[file://{REPO / 'conf'},file://{tmp_path / 'conf'}]",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert len(rows) == 4
+    statuses = {r["data.train_fraction"]: r["status"] for r in rows}
+    assert statuses.get("3.0") == "failed" and statuses.get("1.0") == "ok"
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["data.train_fraction"] == 1.0
+
+
+def test_notebook_executes_against_a_sweep(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "augment=none",
+        "strategy=last_layer,full",
+        "data.train_fraction=0.5,1.0",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(csv.DictReader((sweep / "summary.csv").open()))) == 4
+
+    path = REPO / "notebooks" / "compare_strategies.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")
+    monkeypatch.setenv("SWEEP_DIR", str(sweep))  # the kernel inherits the environment
+    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
