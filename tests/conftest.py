@@ -3,6 +3,7 @@ real on-disk formats."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -128,3 +129,11 @@ def run_train(
         text=True,
         timeout=timeout,
     )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault-injection tally of tests/test_faults.py, when it ran."""
+    faults = sys.modules.get("test_faults")
+    if faults is not None and faults.TALLY["faults injected"]:
+        terminalreporter.write_sep("=", "fault tally")
+        terminalreporter.write_line(json.dumps(faults.TALLY))

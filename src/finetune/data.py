@@ -16,24 +16,26 @@ Layouts, all under `data.root` (the parent folder holding each dataset under its
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
@@ -80,8 +82,7 @@ class DecodedImages:
         resize = v2.Resize(size, interpolation=self.interpolation, antialias=True)
 
         def decode(path: str) -> torch.Tensor:
-            with Image.open(path) as image:
-                return F.pil_to_tensor(resize(image.convert("RGB")))
+            return F.pil_to_tensor(resize(load_rgb(path)))
 
         todo = [p for p in dict.fromkeys(paths) if p not in self.images]
         with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
@@ -102,30 +103,95 @@ class DecodedImages:
         return None if pixels is None else tv_tensors.Image(pixels)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: transparency composited onto white, 16-bit and 32-bit
+    greyscale scaled (PIL's own conversion would clip them), CMYK, palette and greyscale
+    converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        if image.mode == "F" and pixels.max() <= 1.0:
+            top = 1.0
+        scaled = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB")  # uint8: greyscale "L"
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return to_rgb(image)
+
+
 class ImageListDataset(Dataset):
     """Images from a list of `(path, label)` samples, decoded to RGB (or taken from a decode
-    cache) and transformed."""
+    cache) and transformed.
+
+    Indexed by position, or by `(epoch, position)` as `EpochSampler` yields: then the random
+    transforms of that image in that epoch are seeded by `(seed, epoch, position)`, whichever
+    worker process runs them, so a resumed run augments exactly as an uninterrupted one.
+    """
 
     def __init__(
         self,
         samples: list[Sample],
         transform: Callable | None,
         decoded: DecodedImages | None = None,
+        seed: int = 0,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.decoded = decoded
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         path, label = self.samples[index]
         image = self.decoded.get(path) if self.decoded is not None else None
         if image is None:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        return (self.transform(image) if self.transform else image), label
+            image = load_rgb(path)
+        if self.transform is None:
+            return image, label
+        if epoch is None:
+            return self.transform(image), label
+        # fork_rng: the caller's generator (the main process with num_workers=0) is left as is.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % (2**63)
+
+
+class EpochSampler(Sampler):
+    """A shuffled order per epoch from its own generator seeded by `(seed, epoch)`; yields
+    `(epoch, index)`. Lightning calls `set_epoch` before every epoch. Nothing is drawn from the
+    global random generators, so data order never depends on what else used them."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+        order = torch.randperm(self.length, generator=generator).tolist()
+        return iter([(self.epoch, index) for index in order])
 
 
 def make_loader(
@@ -135,17 +201,20 @@ def make_loader(
     num_workers: int,
     pin_memory: bool = False,
     persistent_workers: bool = False,
+    seed: int = 0,
 ) -> DataLoader:
-    """The one loader recipe: shuffled for training, and a final training batch of one sample
+    """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
+    epoch), worker seeds from the loader's own generator, and a final batch of one sample
     (which breaks BatchNorm in training mode) dropped, only in that case."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed) if train else None,
         drop_last=train and len(dataset) % batch_size == 1,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -154,22 +223,46 @@ def make_loader(
 # ------------------------------------------------------------------------------------------
 
 
-def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
-    """Image files under `folder/<class>/`, labelled by position in `class_names`."""
-    class_to_idx = {name: index for index, name in enumerate(class_names)}
-    return [
-        (str(path), label)
-        for path, label in make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
-    ]
+def _is_image_file(path: Path) -> bool:
+    """An image by extension, and not hidden: macOS `._name.jpg` resource forks, `.DS_Store`
+    and files in hidden folders such as `.ipynb_checkpoints` are not images of the class."""
+    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def _folder_samples(
+    folder: Path, class_names: list[str], require_every_class: bool = True
+) -> list[Sample]:
+    """Image files under `folder/<class>/` (recursively), labelled by position in
+    `class_names`. A class folder without images is an error naming that folder."""
+    samples: list[Sample] = []
+    for label, class_name in enumerate(class_names):
+        class_dir = folder / class_name
+        found = []
+        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            found += [Path(directory) / f for f in sorted(files) if _is_image_file(Path(f))]
+        if not found and require_every_class:
+            present = class_dir.is_dir()
+            raise DataUnavailableError(
+                f"Class '{class_name}' has no images in {folder}: "
+                + (f"{class_dir} holds no image files" if present else f"{class_dir} is missing")
+                + f" (looked for {', '.join(IMG_EXTENSIONS)}). Fix: add images of '{class_name}'"
+                " there, or remove the class from every split."
+            )
+        samples += [(str(path), label) for path in found]
+    return samples
 
 
 def _class_folders(folder: Path) -> list[str]:
     """Sub-folders of `folder` in sorted order; hidden ones (`.cache`, `.ipynb_checkpoints`) are
     not classes."""
-    class_names = (
-        sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if folder.is_dir()
-        else []
+    if not folder.is_dir():
+        raise DataUnavailableError(
+            f"Folder {folder} does not exist. Fix: check data.root (it should hold one "
+            "sub-folder of images per class, or train/ and val/ folders with those)."
+        )
+    class_names = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
     if not class_names:
         raise DataUnavailableError(
@@ -182,12 +275,20 @@ def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
     """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
     class_names = _class_folders(root / "train")
     train = _folder_samples(root / "train", class_names)
-    test = _folder_samples(root / "test", class_names) if (root / "test").is_dir() else None
-    if (root / "val").is_dir():
-        val = _folder_samples(root / "val", class_names)
-    else:
-        train, val = stratified_split(train, val_fraction, seed)
-    return DatasetSplits(class_names, train, val, test)
+    splits = {"val": None, "test": None}
+    for split in splits:
+        if not (root / split).is_dir():
+            continue
+        unknown = sorted(set(_class_folders(root / split)) - set(class_names))
+        if unknown:
+            raise DataUnavailableError(
+                f"{root / split} has class folders that train/ lacks: {', '.join(unknown)}. "
+                f"Fix: add training images for them under {root / 'train'}, or remove them."
+            )
+        splits[split] = _folder_samples(root / split, class_names)
+    if splits["val"] is None:
+        train, splits["val"] = stratified_split(train, val_fraction, seed)
+    return DatasetSplits(class_names, train, splits["val"], splits["test"])
 
 
 def stratified_split(
@@ -229,6 +330,31 @@ def training_subset(samples: list[Sample], fraction: float, seed: int) -> list[S
         rng.shuffle(members)
         kept += members[: max(1, round(len(members) * fraction))]
     return sorted(kept)
+
+
+def files_fingerprint(samples: list[Sample]) -> str:
+    """The exact file list, in order, with each file's size and modification time."""
+    digest = hashlib.sha256()
+    for path, _label in samples:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def find_unreadable(paths: list[str], threads: int) -> dict[str, str]:
+    """Files that do not decode completely (truncated, corrupt, not an image), with the reason."""
+
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.load()  # the whole file: truncation only shows when decoding
+            return None
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
+            return f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        problems = dict(zip(paths, pool.map(problem, paths), strict=True))
+    return {path: reason for path, reason in problems.items() if reason}
 
 
 def _require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
@@ -415,6 +541,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         device_transforms: bool | str = "auto",
         train_fraction: float = 1.0,
         subset_seed: int = 0,
+        shuffle_seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
         if dataset not in BUILDERS:
@@ -447,6 +575,9 @@ class FinetuneDataModule(pl.LightningDataModule):
             )
         self.train_fraction = float(train_fraction)
         self.subset_seed = int(subset_seed)
+        self.shuffle_seed = int(shuffle_seed)
+        self.skip_corrupt = bool(skip_corrupt)
+        self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
         self.decoded: DecodedImages | None = None
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, ImageListDataset] = {}
@@ -466,8 +597,42 @@ class FinetuneDataModule(pl.LightningDataModule):
                 self._splits.train = training_subset(
                     self._splits.train, self.train_fraction, self.subset_seed
                 )
+            self._splits = self._without_unreadable(self._splits)
             log.info("Dataset %s in %s: %s", self.dataset, self.root, self._splits.sizes())
         return self._splits
+
+    def _without_unreadable(self, splits: DatasetSplits) -> DatasetSplits:
+        """Decode every image once before training (remembered per exact file list under the
+        cache folder): stop naming every bad file, or skip them with data.skip_corrupt=true."""
+        every = [s for samples in (splits.train, splits.val, splits.test or []) for s in samples]
+        record = self.cache_dir / "verified" / f"{files_fingerprint(every)}.json"
+        unreadable = json.loads(record.read_text()) if record.is_file() else None
+        if unreadable is None:
+            unreadable = find_unreadable([path for path, _ in every], os.cpu_count() or 1)
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps(unreadable))
+            except OSError:  # a read-only data root: check again next time
+                pass
+        if not unreadable:
+            return splits
+        listing = "\n".join(f"  {path} ({reason})" for path, reason in sorted(unreadable.items()))
+        if not self.skip_corrupt:
+            raise DataUnavailableError(
+                f"{len(unreadable)} image file(s) of dataset {self.dataset} cannot be read:\n"
+                f"{listing}\nFix: remove or replace them, or set data.skip_corrupt=true to train "
+                "without them (the run lists them in skipped_images.json)."
+            )
+        log.warning("Skipping %d unreadable image file(s):\n%s", len(unreadable), listing)
+        self.skipped = dict(unreadable)
+
+        def keep(samples: list[Sample] | None) -> list[Sample] | None:
+            return None if samples is None else [s for s in samples if s[0] not in unreadable]
+
+        kept = DatasetSplits(
+            splits.class_names, keep(splits.train), keep(splits.val), keep(splits.test)
+        )
+        return _require_images(kept, self.root)
 
     @property
     def class_names(self) -> list[str]:
@@ -506,7 +671,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             tensor_input=self.decoded is not None,
         )
         self.datasets = {
-            "train": ImageListDataset(splits.train, training, self.decoded),
+            "train": ImageListDataset(splits.train, training, self.decoded, self.shuffle_seed),
             "val": ImageListDataset(splits.val, evaluation, self.decoded),
         }
         if splits.test is not None:
@@ -548,6 +713,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            seed=self.shuffle_seed,
         )
 
     def train_dataloader(self) -> DataLoader:

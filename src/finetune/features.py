@@ -24,10 +24,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from finetune.backbones import Backbone
-from finetune.data import FinetuneDataModule, ImageListDataset, Sample, make_loader
+from finetune.data import (
+    FinetuneDataModule,
+    ImageListDataset,
+    Sample,
+    files_fingerprint,
+    make_loader,
+)
 from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -48,15 +54,6 @@ def weights_fingerprint(backbone: Backbone) -> str:
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def files_fingerprint(samples: list[Sample]) -> str:
-    """The exact file list of a split, in order, with each file's size and modification time."""
-    digest = hashlib.sha256()
-    for path, _label in samples:
-        stat = os.stat(path)
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -120,6 +117,21 @@ def extract(
     return torch.cat(chunks)
 
 
+class FeatureDataset(Dataset):
+    """Cached features and labels; accepts `EpochSampler`'s `(epoch, index)` keys."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = key[1] if isinstance(key, tuple) else key
+        return self.features[index], self.labels[index]
+
+
 class FeatureDataModule(pl.LightningDataModule):
     """Loaders over cached features and the image data module's labels; same batch sizes,
     shuffling and last-batch rule as the image loaders, so the head sees the same batches."""
@@ -128,7 +140,7 @@ class FeatureDataModule(pl.LightningDataModule):
         super().__init__()
         self.images = images
         self.features = features
-        self.datasets: dict[str, TensorDataset] = {}
+        self.datasets: dict[str, FeatureDataset] = {}
 
     # The run reads these from whichever data module it trains on.
     @property
@@ -150,14 +162,16 @@ class FeatureDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         samples = {"train": self.splits.train, "val": self.splits.val, "test": self.splits.test}
         self.datasets = {
-            split: TensorDataset(features, torch.tensor([label for _, label in samples[split]]))
+            split: FeatureDataset(features, torch.tensor([label for _, label in samples[split]]))
             for split, features in self.features.items()
         }
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         batch_size = self.images.batch_size if train else self.images.eval_batch_size
         # Features are already in memory: worker processes would only add start-up time.
-        return make_loader(self.datasets[split], batch_size, train, num_workers=0)
+        return make_loader(
+            self.datasets[split], batch_size, train, num_workers=0, seed=self.images.shuffle_seed
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from finetune import backbones
 from finetune.backbones import Backbone
-from finetune.errors import unknown_name
+from finetune.errors import FinetuneError, unknown_name
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -149,7 +149,18 @@ class ClassifierModule(pl.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")[0]
+        loss = self._shared_step(batch, "train")[0]
+        if not torch.isfinite(loss):
+            # Stop before the optimizer step spreads it into the weights: the checkpoints
+            # written so far (checkpoints/last.ckpt: the last finished epoch) stay as they are.
+            raise FinetuneError(
+                f"The training loss became {loss.item()} at step {self.trainer.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}): training diverged. The "
+                "checkpoints written before are intact. Fix: lower optim.optimizer.lr, check the "
+                "data for broken labels or images, then start again or resume with "
+                "ckpt_path=last."
+            )
+        return loss
 
     # Evaluation steps return the predicted classes, for reports (finetune.reports).
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -25,8 +25,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from finetune import backbones, features, strategies
+from finetune import backbones, features, resume, strategies
 from finetune.data import FinetuneDataModule
+from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule
 from finetune.reports import EvaluationReport
 from finetune.strategies import count_parameters
@@ -115,6 +116,39 @@ def _speed_switches(cfg: DictConfig, network: torch.nn.Module) -> dict[str, bool
     return {"channels_last": bool(channels_last), "compile": bool(speed.get("compile", False))}
 
 
+def _require_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise FinetuneError(
+            f"Cannot write the run dir {run_dir} ({error.strerror}). Fix: choose a writable "
+            "folder with hydra.run.dir=..., or free space on that disk."
+        ) from error
+
+
+def _check_devices(trainer_cfg: DictConfig) -> None:
+    """`trainer.devices` as a count must not exceed what the machine has."""
+    devices, accelerator = trainer_cfg.get("devices", 1), str(trainer_cfg.get("accelerator"))
+    if not isinstance(devices, int) or devices < 1:
+        return  # "auto", -1 or a list of ids: Lightning resolves and checks those
+    gpus = torch.cuda.device_count()
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0):
+        available, kind = gpus, "GPU"
+    elif accelerator in ("cpu", "auto"):
+        available, kind = os.cpu_count() or 1, "CPU core"
+    else:
+        return
+    if devices > available:
+        raise FinetuneError(
+            f"trainer.devices={devices} with trainer.accelerator={accelerator}, but this machine "
+            f"has {available} {kind}(s). Fix: trainer.devices={max(available, 1)} or fewer"
+            + (", or trainer=cpu to train on the CPU." if kind == "GPU" else ".")
+        )
+
+
 def keep_freed_memory_in_process() -> None:
     """Stop glibc from returning large tensor buffers to the OS after every use.
 
@@ -140,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_started = time.perf_counter()
     keep_freed_memory_in_process()
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _require_writable(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     # With several devices Lightning re-runs this script once per extra rank; only rank 0
     # writes files (the other ranks start after rank 0 has prepared the data).
@@ -156,6 +190,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     if is_rank_zero:
         write_json(run_dir / "classes.json", datamodule.class_names)
+        if datamodule.skipped:
+            write_json(run_dir / "skipped_images.json", datamodule.skipped)
+    resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
+    if resume_from:
+        resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name)
 
     strategy = strategies.build(_plain(cfg.strategy))
     backbone = backbones.build(
@@ -182,7 +221,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         *_instantiate_all(cfg.get("callbacks")),
     ]
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer = pl.Trainer(**_plain(cfg.trainer), callbacks=callbacks, logger=loggers or False)
+    _check_devices(cfg.trainer)
+    trainer = pl.Trainer(
+        **_plain(cfg.trainer),
+        callbacks=[*callbacks, resume.RandomState()],
+        logger=loggers or False,
+        plugins=[resume.AtomicCheckpointIO()],
+    )
     if backbone.load_report is not None and trainer.is_global_zero:
         write_json(run_dir / "weights_report.json", backbone.load_report.to_dict())
         for logger in loggers:
@@ -212,7 +257,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     elif speed["compile"]:
         module.backbone.net.compile()
 
-    trainer.fit(module, datamodule=train_data, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=train_data, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - started
 
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
@@ -243,6 +288,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data.dataset,
         "num_classes": datamodule.num_classes,
         "split_sizes": datamodule.splits.sizes(),
+        "skipped_images": len(datamodule.skipped),
         "seed": cfg.seed,
         **feature_report,
         **(report.counts() if report else {}),

@@ -81,11 +81,20 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Override keys in the order they first appear, across every run of the sweep."""
+    """Override keys whose value differs between runs, in the order they first appear."""
     keys: dict[str, None] = {}
     for row in rows:
         keys |= dict.fromkeys(row["overrides"])
-    return list(keys)
+    return [
+        key for key in keys if len({row["overrides"].get(key, "") for row in rows}) > 1
+    ] or list(keys)[:1]
+
+
+def fixed_overrides(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Overrides every run of the sweep shares (the command line's constant part)."""
+    varying = set(swept_keys(rows)) if len(rows) > 1 else set()
+    shared = {k: v for k, v in rows[0]["overrides"].items() if k not in varying} if rows else {}
+    return {k: v for k, v in shared.items() if all(r["overrides"].get(k) == v for r in rows)}
 
 
 def aggregate(rows: list[dict[str, Any]], over: str = "seed") -> list[dict[str, Any]]:
@@ -154,6 +163,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
         f"# Sweep summary: {sweep_dir}",
         "",
         f"{len(rows)} runs, {len(rows) - failed} finished, {failed} failed.",
+        "",
+        "Shared overrides: "
+        + (" ".join(f"`{k}={v}`" for k, v in fixed_overrides(rows).items()) or "none"),
         "",
         _markdown_table(
             ["job", "status", *keys, "val acc", "test acc", "trainable params", "fit s", "error"],
