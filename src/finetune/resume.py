@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to `<name>.partial`, flush to disk, then rename over the target."""
+    """Write to `<name>.partial`, then rename over the target (atomic on POSIX)."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
@@ -40,10 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         partial = path.with_name(path.name + ".partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # No fsync: the rename alone protects against a killed process (the written data
+            # is in the OS's cache); flushing every epoch's checkpoint to the platter would
+            # cost more than a cached linear probe's whole training.
             with open(partial, "wb") as handle:
                 torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(partial, path)
         except OSError as error:
             partial.unlink(missing_ok=True)
