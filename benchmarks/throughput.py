@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
     parser.add_argument("--precision", default="bf16-mixed")
     parser.add_argument("--batch-size", type=int, default=64 if on_gpu else 16)
-    parser.add_argument("--steps", type=int, default=30 if on_gpu else 3)
+    parser.add_argument("--steps", type=int, default=30 if on_gpu else 5)
     parser.add_argument("--epochs", type=int, default=6 if on_gpu else 2)
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)

@@ -147,9 +147,13 @@ def test_cache_key_changes_with_the_eval_transform(key_parts):
         assert key(backbone, other, splits) != before, change
 
 
-def test_cache_key_changes_with_the_precision(key_parts):
+def test_cache_key_changes_with_the_precision_and_memory_layout(key_parts):
     backbone, spec, splits = key_parts
     assert key(backbone, spec, splits, "32") != key(backbone, spec, splits, "bf16-mixed")
+    nhwc = features.cache_key(
+        features.cache_key_fields(backbone, eval_transform(spec), "32", splits, True)
+    )
+    assert nhwc != key(backbone, spec, splits, "32")
 
 
 def test_cache_key_changes_with_the_file_lists(key_parts):

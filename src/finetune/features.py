@@ -58,14 +58,21 @@ def weights_fingerprint(backbone: Backbone) -> str:
 
 
 def cache_key_fields(
-    backbone: Backbone, transform: Any, precision: str, splits: dict[str, list[Sample]]
+    backbone: Backbone,
+    transform: Any,
+    precision: str,
+    splits: dict[str, list[Sample]],
+    channels_last: bool = False,
 ) -> dict[str, Any]:
+    """Everything that changes the features. channels_last: another convolution kernel, other
+    float roundings."""
     return {
         "format": CACHE_FORMAT,
         "backbone": backbone.name,
         "weights": weights_fingerprint(backbone),
         "transform": repr(transform),
         "precision": str(precision),
+        "channels_last": channels_last,
         "splits": {name: files_fingerprint(samples) for name, samples in splits.items()},
     }
 
@@ -198,8 +205,7 @@ def cached_features(
     if images.splits.test is not None:
         splits["test"] = images.splits.test
     transform = eval_transform(images.input_spec)
-    fields = cache_key_fields(backbone, transform, precision, splits)
-    fields["channels_last"] = channels_last  # a different convolution kernel, other roundings
+    fields = cache_key_fields(backbone, transform, precision, splits, channels_last)
     key = cache_key(fields)
     cache_file = images.cache_dir / "features" / f"{backbone.name}-{key}.pt"
     started = time.perf_counter()

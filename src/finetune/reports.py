@@ -9,7 +9,6 @@ true and predicted class names, and one accuracy scalar per class; the same numb
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,8 +19,6 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
 from finetune.data import Sample
-
-log = logging.getLogger(__name__)
 
 MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.

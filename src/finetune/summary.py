@@ -115,14 +115,10 @@ def aggregate(rows: list[dict[str, Any]], over: str = "seed") -> list[dict[str, 
             entry[f"{column}_mean"] = statistics.mean(values) if values else None
             entry[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         entry["train_images"] = finished[0].get("train_images") if finished else None
-        entry["strategy"] = finished[0].get("strategy") if finished else group_value(keys, group)
+        entry["strategy"] = (finished[0] if finished else entry).get("strategy")
         entry["model"] = finished[0].get("model") if finished else None
         table.append(entry)
     return table
-
-
-def group_value(keys: list[str], group: tuple, key: str = "strategy") -> str | None:
-    return dict(zip(keys, group, strict=True)).get(key)
 
 
 def _fmt(value: Any) -> str:
