@@ -44,10 +44,12 @@ def loadable(path: Path) -> bool:
 
 
 def comparable(metrics: dict) -> dict:
-    """metrics.json without what legitimately differs between two runs: timings and folders."""
+    """metrics.json without what legitimately differs between two runs: timings, folders and
+    whether the feature cache was filled by this run or an earlier one."""
     kept = {k: v for k, v in metrics.items() if k not in TIMING_FIELDS}
     kept["best_checkpoint"] = Path(kept["best_checkpoint"]).name
     kept.pop("feature_cache_file", None)
+    kept.pop("feature_cache", None)
     return kept
 
 
@@ -96,36 +98,47 @@ torch.save = save
 """
 
 
-def run_with_fault(tmp_path: Path, fault: str, run_dir: Path, data_root: Path):
+def run_with_fault(tmp_path: Path, fault: str, *overrides: str):
     """train.py in a subprocess whose interpreter first runs `fault` (a sitecustomize)."""
     hook = tmp_path / "fault"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(textwrap.dedent(fault))
     env = subprocess_env()
     env["PYTHONPATH"] = os.pathsep.join([str(hook), env.get("PYTHONPATH", "")])
-    return run_train(*RESUMABLE, f"data.root={data_root}", f"hydra.run.dir={run_dir}", env=env)
+    return run_train(*RESUMABLE, *overrides, env=env)
+
+
+# A cached linear probe (features computed once, the head trains on them) resumes too.
+CACHED_PROBE = ["strategy=last_layer", "augment=none"]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train(*RESUMABLE, f"data.root={root / 'data'}", f"hydra.run.dir={root / 'run'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((root / "run" / "metrics.json").read_text())
+def uninterrupted(tmp_path_factory) -> dict[str, dict]:
+    """metrics.json of uninterrupted runs, by kind."""
+    runs = {}
+    for name, extra in (("full", []), ("cached", CACHED_PROBE)):
+        root = tmp_path_factory.mktemp(f"uninterrupted_{name}")
+        result = run_train(
+            *RESUMABLE, *extra, f"data.root={root / 'data'}", f"hydra.run.dir={root / 'run'}"
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = json.loads((root / "run" / "metrics.json").read_text())
+    return runs
 
 
 @pytest.mark.parametrize(
-    "fault",
+    "fault,kind",
     [
-        pytest.param(KILL_AT_STEP.format(step=7), id="kill-9-mid-epoch"),
-        # saves: 1 best + 1 last after epoch 0, 1 (+1 if better) after epoch 1: the 3rd is
-        # a write of epoch 1's checkpoints
-        pytest.param(KILL_DURING_SAVE.format(call=3), id="kill-9-during-checkpoint-write"),
+        pytest.param(KILL_AT_STEP.format(step=7), "full", id="kill-9-mid-epoch"),
+        # saves: best + last after epoch 0, then epoch 1's: the 3rd save is cut in half
+        pytest.param(KILL_DURING_SAVE.format(call=3), "full", id="kill-9-during-checkpoint-write"),
+        pytest.param(KILL_AT_STEP.format(step=7), "cached", id="kill-9-cached-linear-probe"),
     ],
 )
-def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, fault, uninterrupted):
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, fault, kind, uninterrupted):
     run_dir, data_root = tmp_path / "run", tmp_path / "data"
-    killed = run_with_fault(tmp_path, fault, run_dir, data_root)
+    options = [*(CACHED_PROBE if kind == "cached" else []), f"data.root={data_root}"]
+    killed = run_with_fault(tmp_path, fault, *options, f"hydra.run.dir={run_dir}")
     assert killed.returncode == -9, killed.stderr[-2000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     finished = list((run_dir / "checkpoints").glob("*.ckpt"))
@@ -133,15 +146,15 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, fault, uninterr
     assert last.is_file() and lost == 0
     epoch_before = torch.load(last, weights_only=True)["epoch"]
 
-    resumed = run_train(
-        *RESUMABLE, f"data.root={data_root}", f"hydra.run.dir={run_dir}", "ckpt_path=last"
-    )
+    resumed = run_train(*RESUMABLE, *options, f"hydra.run.dir={run_dir}", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    equal = comparable(metrics) == comparable(uninterrupted)
+    equal = comparable(metrics) == comparable(uninterrupted[kind])
     record(handled=equal, lost=lost)
     assert epoch_before < 3
-    assert comparable(metrics) == comparable(uninterrupted)
+    assert comparable(metrics) == comparable(uninterrupted[kind])
+    if kind == "cached":
+        assert metrics["feature_cache"] == "hit"  # the resumed run reused the features
 
 
 def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(tmp_path):
