@@ -252,3 +252,11 @@ def test_run_with_decode_cache_channels_last_and_device_transforms(make_cfg):
     )
     assert metrics["feature_cache"] == "off" and 0.0 <= metrics["val/acc"] <= 1.0
     assert metrics["trainable_params"] == metrics["total_params"]
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels: minutes on a 2-core CPU
+def test_compile_switch_trains_the_compiled_network(make_cfg):
+    metrics = train(
+        make_cfg("strategy=full", "speed.compile=true", "model=resnet18", "model.weights=none")
+    )
+    assert metrics["feature_cache"] == "off" and 0.0 <= metrics["val/acc"] <= 1.0

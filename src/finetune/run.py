@@ -218,13 +218,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         strategy,
         epoch_timer,
         evaluation_report,
+        resume.RandomState(),
         *_instantiate_all(cfg.get("callbacks")),
     ]
     loggers = _instantiate_all(cfg.get("logger"))
     _check_devices(cfg.trainer)
     trainer = pl.Trainer(
         **_plain(cfg.trainer),
-        callbacks=[*callbacks, resume.RandomState()],
+        callbacks=callbacks,
         logger=loggers or False,
         plugins=[resume.AtomicCheckpointIO()],
     )
