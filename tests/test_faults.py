@@ -414,3 +414,16 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path):
     )
     record(handled)
     assert handled
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from finetune.resume import check_compatible
+
+    checkpoint = tmp_path / "other.ckpt"
+    hparams = {"class_names": ["a", "b"], "model": {"name": "resnet18"}}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, checkpoint)
+    check_compatible(str(checkpoint), ["a", "b"], "resnet18")  # the same experiment: fine
+    with pytest.raises(FinetuneError, match="it holds a resnet18, this run builds a resnet50") as e:
+        check_compatible(str(checkpoint), ["a", "b"], "resnet50")
+    record(f"model.weights={checkpoint}" in str(e.value))
+    assert f"model.weights={checkpoint}" in str(e.value)
