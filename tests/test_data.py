@@ -149,3 +149,16 @@ def test_augment_none_trains_on_exactly_the_eval_preprocessing():
     assert torch.equal(train_transform(SPEC, none)(image), eval_transform(SPEC)(image))
     strong = {"auto_augment": "trivialaugment", "random_erasing": 0.5, "color_jitter": 0.3}
     assert train_transform(SPEC, strong)(image).shape == (3, 32, 32)
+
+
+def test_epoch_sampler_reshuffles_every_epoch_and_follows_set_epoch():
+    from finetune.data import EpochSampler
+
+    sampler = EpochSampler(20, seed=3)
+    sampler.set_epoch(4)
+    fourth = list(sampler)
+    assert {epoch for epoch, _ in fourth} == {4} and sorted(i for _, i in fourth) == list(range(20))
+    fifth = list(sampler)  # no set_epoch (a wrapping distributed sampler): the next epoch
+    assert {epoch for epoch, _ in fifth} == {5} and fifth != fourth
+    sampler.set_epoch(4)
+    assert list(sampler) == fourth  # the same epoch, the same order: what a resume needs

@@ -189,9 +189,13 @@ class EpochSampler(Sampler):
         return self.length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 0))
+        epoch = self.epoch
+        # Lightning calls set_epoch before each epoch; when a distributed sampler wraps this
+        # one it sets the epoch on the wrapper only, so each pass also counts as an epoch.
+        self.epoch += 1
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0))
         order = torch.randperm(self.length, generator=generator).tolist()
-        return iter([(self.epoch, index) for index in order])
+        return iter([(epoch, index) for index in order])
 
 
 def make_loader(
