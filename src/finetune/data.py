@@ -295,6 +295,21 @@ def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
     return DatasetSplits(class_names, train, splits["val"], splits["test"])
 
 
+def _shuffled_by_class(samples: list[Sample], seed: int) -> list[list[Sample]]:
+    """Each class's samples (classes by label) in a seeded random order, the same for a seed
+    whatever the caller takes from it."""
+    by_class: dict[int, list[Sample]] = {}
+    for sample in samples:
+        by_class.setdefault(sample[1], []).append(sample)
+    rng = random.Random(seed)
+    shuffled = []
+    for label in sorted(by_class):
+        members = sorted(by_class[label])
+        rng.shuffle(members)
+        shuffled.append(members)
+    return shuffled
+
+
 def stratified_split(
     samples: list[Sample], val_fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
@@ -302,15 +317,9 @@ def stratified_split(
     when the class has two or more), reproducibly for a given seed."""
     if not 0.0 < val_fraction < 1.0:
         raise FinetuneError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
-    by_class: dict[int, list[Sample]] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    rng = random.Random(seed)
     train: list[Sample] = []
     val: list[Sample] = []
-    for label in sorted(by_class):
-        members = sorted(by_class[label])
-        rng.shuffle(members)
+    for members in _shuffled_by_class(samples, seed):
         n_val = round(len(members) * val_fraction)
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
@@ -324,14 +333,8 @@ def training_subset(samples: list[Sample], fraction: float, seed: int) -> list[S
     the subsets are nested: each fraction keeps the images of every smaller one."""
     if fraction >= 1.0:
         return samples
-    by_class: dict[int, list[Sample]] = {}
-    for sample in samples:
-        by_class.setdefault(sample[1], []).append(sample)
-    rng = random.Random(seed)
     kept: list[Sample] = []
-    for label in sorted(by_class):
-        members = sorted(by_class[label])
-        rng.shuffle(members)
+    for members in _shuffled_by_class(samples, seed):
         kept += members[: max(1, round(len(members) * fraction))]
     return sorted(kept)
 
