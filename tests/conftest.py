@@ -41,6 +41,12 @@ FAST_OVERRIDES = [
 ]
 
 
+def folder_overrides(root: Path) -> list[str]:
+    """FAST_OVERRIDES for an image folder at `root` in place of the synthetic set."""
+    kept = [o for o in FAST_OVERRIDES if not o.startswith(("data=", "data.synthetic"))]
+    return ["data=imagefolder", f"data.root={root}", *kept]
+
+
 def compose_config(overrides: list[str], run_dir: Path, data_root: Path) -> DictConfig:
     """The real `conf/config.yaml` composed with `overrides`, writing under `run_dir`."""
     GlobalHydra.instance().clear()

@@ -202,20 +202,56 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
 # --- diverging loss, unwritable run dir, full disk, devices ---------------------------------------
 
 
-def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(make_cfg, monkeypatch):
+@pytest.mark.parametrize("deferred", [False, True], ids=["checked_at_once", "checked_a_step_late"])
+def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
+    make_cfg, monkeypatch, deferred
+):
+    """On the CPU the loss is checked at once; on accelerators one step late (no stall per
+    step), which `deferred` forces here. Either way the error names the diverged step and no
+    checkpoint is written after it."""
+    from finetune.module import ClassifierModule
+
+    original = ClassifierModule._shared_step
+    training_steps = []  # global step of every training forward pass
+
+    def diverging(self, batch, stage):
+        loss, logits = original(self, batch, stage)
+        if stage == "train":
+            training_steps.append(self.trainer.global_step)
+            if self.trainer.global_step == 4:  # epoch 1, batch 1 of 3
+                loss = loss * float("nan")
+        return loss, logits
+
+    monkeypatch.setattr(ClassifierModule, "_shared_step", diverging)
+    monkeypatch.setattr(ClassifierModule, "defer_loss_check", deferred)
+    cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
+    with pytest.raises(FinetuneError, match=r"became nan at step 4 \(epoch 1, batch 1\)") as raised:
+        train(cfg)
+    # Stopped in the diverged step, or in the next one when the check is read a step late.
+    assert training_steps[-1] == (5 if deferred else 4)
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    kept = loadable(last) and torch.load(last, weights_only=True)["epoch"] == 0
+    record("lower optim.optimizer.lr" in str(raised.value), lost=int(not kept))
+    assert kept
+
+
+def test_nan_loss_in_the_last_batch_is_caught_before_the_epoch_checkpoint(make_cfg, monkeypatch):
+    """A check read one step late must not let the epoch's checkpoint save diverged weights:
+    the last batch of an epoch is checked at once."""
     from finetune.module import ClassifierModule
 
     original = ClassifierModule._shared_step
 
     def diverging(self, batch, stage):
         loss, logits = original(self, batch, stage)
-        if stage == "train" and self.trainer.global_step == 4:  # epoch 1
+        if stage == "train" and self.trainer.global_step == 5:  # epoch 1, last batch
             loss = loss * float("nan")
         return loss, logits
 
     monkeypatch.setattr(ClassifierModule, "_shared_step", diverging)
+    monkeypatch.setattr(ClassifierModule, "defer_loss_check", True)
     cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
-    with pytest.raises(FinetuneError, match=r"became nan at step 4 \(epoch 1") as raised:
+    with pytest.raises(FinetuneError, match=r"became nan at step 5 \(epoch 1, batch 2\)") as raised:
         train(cfg)
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     kept = loadable(last) and torch.load(last, weights_only=True)["epoch"] == 0

@@ -1,10 +1,13 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import folder_overrides, make_class_folders
 from finetune import backbones
 from finetune.module import ClassifierModule, WarmupSchedule, build_optimizer
+from finetune.run import train
 
 SGD = {
     "optimizer": {
@@ -123,3 +126,120 @@ def test_layer_decay_keeps_its_ratios_at_every_step_of_a_cosine_schedule():
         4,
         5,
     }
+
+
+# --- no waiting for the device inside a training step -----------------------------------------
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__")
+
+
+def six_class_folder(root: Path) -> list[str]:
+    """Overrides for a folder of six classes (top-5 accuracy too), 4 training images each."""
+    counts = {f"class{index}": 4 for index in range(6)}  # six classes: top-5 accuracy too
+    make_class_folders(root / "train", counts)
+    make_class_folders(root / "val", {name: 1 for name in counts}, seed=1)
+    return folder_overrides(root)
+
+
+def test_a_training_step_reads_nothing_of_its_own_back_from_the_device(
+    make_cfg, monkeypatch, tmp_path
+):
+    """On a GPU, reading a value back (item, bool, torch.unique's output size...) waits for
+    every queued kernel, so the device would idle once per step. Between an epoch's first and
+    last batch a training step may read only the previous step's loss check, computed before
+    this step's kernels. The CPU stands in for the device here, with the deferral an
+    accelerator gets; `test_no_device_sync_in_training_steps_on_cuda` asks CUDA itself."""
+    reads: list[str] = []
+    counting = [False]
+
+    def counted(name, original):
+        def wrapper(*args, **kwargs):
+            if counting[0]:
+                reads.append(name)
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    for name in ("unique", "bincount", "nonzero"):
+        monkeypatch.setattr(torch, name, counted(name, getattr(torch, name)))
+
+    step_reads, checked_steps = {}, {}
+    original_step = ClassifierModule.training_step
+    original_check = ClassifierModule._stop_if_diverged
+
+    def training_step(self, batch, batch_idx):
+        key = (self.current_epoch, batch_idx, self.trainer.global_step)
+        reads.clear()
+        checked_steps[key] = []
+        counting[0] = True
+        try:
+            return original_step(self, batch, batch_idx)
+        finally:
+            counting[0] = False
+            step_reads[key] = list(reads)
+
+    def stop_if_diverged(self, finite, loss, step, batch_idx):
+        checked_steps[next(reversed(checked_steps))].append(step)
+        earlier = step < self.trainer.global_step
+        counting[0] = not earlier  # an earlier step's value is ready: reading it costs nothing
+        try:
+            return original_check(self, finite, loss, step, batch_idx)
+        finally:
+            counting[0] = True
+
+    monkeypatch.setattr(ClassifierModule, "training_step", training_step)
+    monkeypatch.setattr(ClassifierModule, "_stop_if_diverged", stop_if_diverged)
+    monkeypatch.setattr(ClassifierModule, "defer_loss_check", True)
+    folder = six_class_folder(tmp_path / "folder")
+    train(make_cfg(*folder, "strategy=full", "trainer.max_epochs=2", fast=False))
+
+    batches = 6  # 24 images, batch 4
+    assert len(step_reads) == 2 * batches
+    for (epoch, batch, step), found in step_reads.items():
+        if batch == batches - 1:  # the epoch's last loss is read at once, before checkpoints
+            assert checked_steps[(epoch, batch, step)] == [step - 1, step]
+            continue
+        assert found == [], f"epoch {epoch} batch {batch} waited for the device: {found}"
+        assert checked_steps[(epoch, batch, step)] == ([] if batch == 0 else [step - 1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_path):
+    """CUDA's own detector: a synchronising call inside a training step (other than the
+    previous step's loss check and the epoch's last batch) raises."""
+    original_step = ClassifierModule.training_step
+    original_check = ClassifierModule._stop_if_diverged
+    in_middle = [False]
+
+    def training_step(self, batch, batch_idx):
+        in_middle[0] = 0 < batch_idx < self.trainer.num_training_batches - 1
+        torch.cuda.set_sync_debug_mode("error" if in_middle[0] else "default")
+        try:
+            return original_step(self, batch, batch_idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def stop_if_diverged(self, finite, loss, step, batch_idx):
+        torch.cuda.set_sync_debug_mode("default")  # the previous step's check: ready by now
+        try:
+            return original_check(self, finite, loss, step, batch_idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("error" if in_middle[0] else "default")
+
+    monkeypatch.setattr(ClassifierModule, "training_step", training_step)
+    monkeypatch.setattr(ClassifierModule, "_stop_if_diverged", stop_if_diverged)
+    folder = six_class_folder(tmp_path / "folder")
+    metrics = train(
+        make_cfg(
+            *folder,
+            "strategy=full",
+            "trainer.accelerator=gpu",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_epochs=2",
+            fast=False,
+        )
+    )
+    assert metrics["epochs"] == 2

@@ -97,6 +97,10 @@ def parameter_groups(
 
 
 class ClassifierModule(pl.LightningModule):
+    # Whether the finite-loss check of a training step may be read one step late (see
+    # training_step); None: on accelerators only, where reading it at once stalls the device.
+    defer_loss_check: bool | None = None
+
     def __init__(
         self,
         backbone: Backbone,
@@ -115,6 +119,8 @@ class ClassifierModule(pl.LightningModule):
         self.inputs_are_features = False  # batches hold cached `forward_features` outputs
         self.channels_last = False  # feed images in NHWC layout (set with the network's layout)
         self._depths: dict[str, int] | None = None  # parameter name -> blocks from the top
+        # The finite-loss check of the step before, when it is read one step late.
+        self._pending_loss_check: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
         metrics = accuracy_metrics(len(class_names))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
@@ -150,17 +156,42 @@ class ClassifierModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")[0]
-        if not torch.isfinite(loss):
-            # Stop before the optimizer step spreads it into the weights: the checkpoints
-            # written so far (checkpoints/last.ckpt: the last finished epoch) stay as they are.
-            raise FinetuneError(
-                f"The training loss became {loss.item()} at step {self.trainer.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}): training diverged. The "
-                "checkpoints written before are intact. Fix: lower optim.optimizer.lr, check the "
-                "data for broken labels or images, then start again or resume with "
-                "ckpt_path=last."
-            )
+        check = (torch.isfinite(loss), loss.detach(), self.trainer.global_step, batch_idx)
+        pending, self._pending_loss_check = self._pending_loss_check, None
+        if pending is not None:
+            self._stop_if_diverged(*pending)
+        defer = self.defer_loss_check
+        if defer is None:
+            defer = loss.device.type != "cpu"
+        last_of_epoch = batch_idx + 1 >= self.trainer.num_training_batches
+        if defer and not last_of_epoch:
+            # Reading a value back from an accelerator waits for all the work queued on it, so
+            # checking this loss now would idle the device every step. The previous step's
+            # loss (checked above) was computed before this step's forward pass, so reading it
+            # costs no idle time; a diverged step is then caught one step late, and always
+            # before the epoch ends, when checkpoints are written.
+            self._pending_loss_check = check
+        else:
+            self._stop_if_diverged(*check)
         return loss
+
+    def _stop_if_diverged(
+        self, finite: torch.Tensor, loss: torch.Tensor, step: int, batch_idx: int
+    ) -> None:
+        if bool(finite):
+            return
+        # Raised before the next checkpoint: the ones written so far (checkpoints/last.ckpt:
+        # the last finished epoch) stay as they are.
+        self._pending_loss_check = None
+        raise FinetuneError(
+            f"The training loss became {loss.item()} at step {step} "
+            f"(epoch {self.current_epoch}, batch {batch_idx}): training diverged. The "
+            "checkpoints written before are intact. Fix: lower optim.optimizer.lr, check the "
+            "data for broken labels or images, then start again or resume with ckpt_path=last."
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self._pending_loss_check = None
 
     # Evaluation steps return the predicted classes, for reports (finetune.reports).
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
