@@ -9,9 +9,8 @@ from hydra.utils import instantiate
 
 from conftest import CONF_DIR, make_class_folders
 from finetune import backbones, strategies
-from finetune.data import FinetuneDataModule
 from finetune.module import build_optimizer
-from finetune.run import _instantiate_all, _plain
+from finetune.run import _instantiate_all, _plain, build_datamodule
 
 
 def options(group: str) -> list[str]:
@@ -52,8 +51,8 @@ def test_data_options_build_a_datamodule(make_cfg, tmp_path, name):
         cfg.data.root = str(tmp_path / "photos")
     elif name == "synthetic":
         cfg.data.synthetic.image_size = 24
-    spec = backbones.input_spec(cfg.model)
-    dm = FinetuneDataModule(input_spec=spec, **_plain(cfg.data))
+    dm = build_datamodule(cfg)
+    assert dm.input_spec == backbones.input_spec(cfg.model)
     assert dm.dataset == cfg.data.dataset
     if name in ("imagefolder", "synthetic"):
         assert dm.num_classes >= 2

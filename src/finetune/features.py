@@ -118,10 +118,12 @@ def extract(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast_for(precision, device):
-                chunks.append(backbone.forward_features(images).float().cpu())
+                # Kept on the device until the end (a few KB per image): copying each batch
+                # out would make the CPU wait for the GPU before it could queue the next one.
+                chunks.append(backbone.forward_features(images).float())
     finally:
         backbone.train(was_training)
-    return torch.cat(chunks)
+    return torch.cat(chunks).cpu()
 
 
 class FeatureDataset(Dataset):

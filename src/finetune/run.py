@@ -169,6 +169,12 @@ def keep_freed_memory_in_process() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def build_datamodule(cfg: DictConfig) -> FinetuneDataModule:
+    """The data module of a composed config. The preprocessing belongs to the weights: the
+    backbone's input spec drives the data transforms, not the data config."""
+    return FinetuneDataModule(input_spec=backbones.input_spec(cfg.model), **_plain(cfg.data))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end and return what it writes to `metrics.json`."""
     run_started = time.perf_counter()
@@ -184,9 +190,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print_config_tree(cfg)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
-    # The preprocessing belongs to the weights: the backbone's spec drives the data transforms.
-    input_spec = backbones.input_spec(cfg.model)
-    datamodule = FinetuneDataModule(input_spec=input_spec, **_plain(cfg.data))
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     if is_rank_zero:
         write_json(run_dir / "classes.json", datamodule.class_names)
