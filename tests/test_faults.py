@@ -202,13 +202,17 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
 # --- diverging loss, unwritable run dir, full disk, devices ---------------------------------------
 
 
-@pytest.mark.parametrize("deferred", [False, True], ids=["checked_at_once", "checked_a_step_late"])
+@pytest.mark.parametrize(
+    "nan_step,deferred,stopped_in",
+    [(4, False, 4), (4, True, 5), (5, True, 5)],
+    ids=["checked_at_once", "checked_a_step_late", "late_check_but_last_batch_of_epoch"],
+)
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
-    make_cfg, monkeypatch, deferred
+    make_cfg, monkeypatch, nan_step, deferred, stopped_in
 ):
     """On the CPU the loss is checked at once; on accelerators one step late (no stall per
-    step), which `deferred` forces here. Either way the error names the diverged step and no
-    checkpoint is written after it."""
+    step), which `deferred` forces here, except in an epoch's last batch, so that the epoch's
+    checkpoint never holds diverged weights. Epoch 1 is steps 3-5 (batches 0-2)."""
     from finetune.module import ClassifierModule
 
     original = ClassifierModule._shared_step
@@ -218,41 +222,17 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
         loss, logits = original(self, batch, stage)
         if stage == "train":
             training_steps.append(self.trainer.global_step)
-            if self.trainer.global_step == 4:  # epoch 1, batch 1 of 3
+            if self.trainer.global_step == nan_step:
                 loss = loss * float("nan")
         return loss, logits
 
     monkeypatch.setattr(ClassifierModule, "_shared_step", diverging)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", deferred)
     cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
-    with pytest.raises(FinetuneError, match=r"became nan at step 4 \(epoch 1, batch 1\)") as raised:
+    expected = rf"became nan at step {nan_step} \(epoch 1, batch {nan_step - 3}\)"
+    with pytest.raises(FinetuneError, match=expected) as raised:
         train(cfg)
-    # Stopped in the diverged step, or in the next one when the check is read a step late.
-    assert training_steps[-1] == (5 if deferred else 4)
-    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-    kept = loadable(last) and torch.load(last, weights_only=True)["epoch"] == 0
-    record("lower optim.optimizer.lr" in str(raised.value), lost=int(not kept))
-    assert kept
-
-
-def test_nan_loss_in_the_last_batch_is_caught_before_the_epoch_checkpoint(make_cfg, monkeypatch):
-    """A check read one step late must not let the epoch's checkpoint save diverged weights:
-    the last batch of an epoch is checked at once."""
-    from finetune.module import ClassifierModule
-
-    original = ClassifierModule._shared_step
-
-    def diverging(self, batch, stage):
-        loss, logits = original(self, batch, stage)
-        if stage == "train" and self.trainer.global_step == 5:  # epoch 1, last batch
-            loss = loss * float("nan")
-        return loss, logits
-
-    monkeypatch.setattr(ClassifierModule, "_shared_step", diverging)
-    monkeypatch.setattr(ClassifierModule, "defer_loss_check", True)
-    cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
-    with pytest.raises(FinetuneError, match=r"became nan at step 5 \(epoch 1, batch 2\)") as raised:
-        train(cfg)
+    assert training_steps[-1] == stopped_in
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     kept = loadable(last) and torch.load(last, weights_only=True)["epoch"] == 0
     record("lower optim.optimizer.lr" in str(raised.value), lost=int(not kept))
