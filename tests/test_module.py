@@ -235,6 +235,7 @@ def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_pat
     metrics = train(
         make_cfg(
             *folder,
+            "model.weights=none",
             "strategy=full",
             "trainer.accelerator=gpu",
             "trainer.precision=bf16-mixed",
