@@ -244,3 +244,38 @@ def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_pat
         )
     )
     assert metrics["epochs"] == 2
+
+
+def test_the_progress_bar_reads_the_loss_every_n_batches_only(make_cfg, monkeypatch, tmp_path):
+    """Lightning's rich bar reads the logged loss (a copy back from the GPU, which waits for
+    the step) after every batch; the project's reads every `metrics_every` batches and at the
+    epoch's last, and still shows the loss."""
+    import pytorch_lightning as pl
+
+    from finetune.run import ProgressBar
+
+    in_batch_end, reads = [None], []
+    original_metrics = pl.Trainer.progress_bar_metrics
+    original_batch_end = ProgressBar.on_train_batch_end
+    bars = []
+
+    def progress_bar_metrics(trainer):
+        if in_batch_end[0] is not None:
+            reads.append((trainer.current_epoch, in_batch_end[0]))
+        return original_metrics.fget(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bars.append(self)
+        in_batch_end[0] = batch_idx
+        try:
+            return original_batch_end(self, trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            in_batch_end[0] = None
+
+    monkeypatch.setattr(pl.Trainer, "progress_bar_metrics", property(progress_bar_metrics))
+    monkeypatch.setattr(ProgressBar, "on_train_batch_end", on_train_batch_end)
+    folder = six_class_folder(tmp_path / "folder")  # 6 batches per epoch
+    bar = "callbacks.progress_bar={_target_:finetune.run.ProgressBar,metrics_every:4}"
+    train(make_cfg(*folder, bar, "trainer.max_epochs=2", fast=False))
+    assert reads == [(0, 0), (0, 3), (0, 5), (1, 3), (1, 5)]  # the first batch: nothing shown yet
+    assert "train/loss_step" in bars[-1]._shown

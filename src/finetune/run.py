@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -98,6 +98,34 @@ class EpochTimer(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         elapsed = time.perf_counter() - self._started - self._validation_seconds
         self.seconds.append(round(elapsed, 3))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading the logged numbers (the training loss) every
+    `metrics_every` training batches and at the epoch's last one, not after every batch. Each
+    read copies a value back from the GPU: the CPU waits for the step to finish and the GPU
+    then idles until the next step is queued. The bar itself still moves every batch."""
+
+    def __init__(self, metrics_every: int = 20, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every = max(int(metrics_every), 1)
+        self._read_now = True
+        self._shown: dict[str, Any] = {}
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        done = batch_idx + 1
+        self._read_now = done % self.metrics_every == 0 or done >= trainer.num_training_batches
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._read_now = True  # validation and epoch ends read as usual
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        if self._read_now or not self._shown:
+            self._shown = super().get_metrics(trainer, pl_module)
+        return self._shown
 
 
 def _speed_switches(cfg: DictConfig, network: torch.nn.Module) -> dict[str, bool]:
