@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from conftest import FAST_OVERRIDES, SHARED_DATA, make_class_folders
 from finetune import backbones, features
@@ -13,7 +14,12 @@ from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule
 from finetune.errors import FinetuneError
 from finetune.run import train
-from finetune.transforms import eval_transform
+from finetune.transforms import (
+    collate_crop_samples,
+    device_crop,
+    device_normalise,
+    eval_transform,
+)
 
 PROBE = ["strategy=last_layer", "augment=none", "trainer.max_epochs=2"]
 
@@ -200,9 +206,8 @@ def hymenoptera_module(**options) -> FinetuneDataModule:
     if not HYMENOPTERA.is_dir():
         pytest.skip("../shared/data/hymenoptera_data is not present")
     spec = backbones.input_spec({"name": "resnet18", "source": "torchvision", "weights": "DEFAULT"})
-    module = FinetuneDataModule(
-        "hymenoptera", str(SHARED_DATA), spec, batch_size=8, num_workers=0, **options
-    )
+    options = {"batch_size": 8, "num_workers": 0, **options}
+    module = FinetuneDataModule("hymenoptera", str(SHARED_DATA), spec, **options)
     module.setup("fit")
     return module
 
@@ -239,6 +244,103 @@ def test_device_transforms_normalise_after_the_transfer_like_the_loader_would():
     actual, _ = on_device.on_after_batch_transfer((uint8_batch, same_labels), 0)
     torch.testing.assert_close(actual, expected)
     assert torch.equal(labels, same_labels)
+
+
+SMALL_SPEC = InputSpec(
+    crop_size=16,
+    resize_size=18,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    interpolation="bilinear",
+)
+
+
+def test_device_crop_of_a_crop_sized_box_is_the_exact_slice_flipped_or_not():
+    generator = torch.Generator().manual_seed(0)
+    wide = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=generator)
+    tall = torch.randint(0, 256, (3, 24, 18), dtype=torch.uint8, generator=generator)
+    samples = [
+        ((wide, torch.tensor([5.0, 2.0, 21.0, 18.0]), False), 0),
+        ((tall, torch.tensor([2.0, 8.0, 18.0, 24.0]), True), 1),  # to the bottom-right corner
+    ]
+    batch, labels = collate_crop_samples(samples)
+    assert batch[0].shape == (2, 3, 25, 31) and labels.tolist() == [0, 1]
+    expected = torch.stack([wide[:, 2:18, 5:21], tall[:, 8:24, 2:18].flip(-1)])
+    normalise = device_normalise(SMALL_SPEC, {})
+    actual = device_crop(SMALL_SPEC, {})(batch)
+    torch.testing.assert_close(actual, normalise(expected), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("box_side", [32, 21, 12], ids=["shrink_2x", "shrink_1.3x", "enlarge"])
+def test_device_crop_resizes_like_torchvision_up_to_the_image_edge(box_side):
+    """A box at the image's right and bottom edge, in a canvas padded for a larger image: the
+    crop equals torchvision's antialiased resize of the same pixels within two uint8 steps,
+    with no padding leaking into the last row and column (it would darken them by 20+)."""
+    rows, columns = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+    smooth = 150 + 40 * torch.sin(rows / 7) * torch.cos(columns / 9)
+    image = smooth.round().to(torch.uint8).expand(3, -1, -1).clone()
+    left, top = 60 - box_side, 40 - box_side
+    samples = [
+        ((image, torch.tensor([left, top, 60.0, 40.0]), False), 0),
+        (
+            (
+                torch.zeros(3, 50, 80, dtype=torch.uint8),
+                torch.tensor([0.0, 0.0, 32.0, 32.0]),
+                False,
+            ),
+            1,
+        ),
+    ]
+    batch, _ = collate_crop_samples(samples)
+    cropped = device_crop(SMALL_SPEC, {})(batch)[0]
+    resized = F.resize(image[:, top:, left:], [16, 16], antialias=True)
+    expected = device_normalise(SMALL_SPEC, {})(resized[None])[0]
+    uint8_steps = (cropped - expected).abs() * 255 * 0.5  # std 0.5
+    assert uint8_steps.max() <= 2.001
+
+
+@pytest.mark.parametrize(
+    "decode_cache_mb,num_workers", [(512, 2), (0, 0)], ids=["cached_in_workers", "streamed"]
+)
+def test_device_crops_are_seeded_per_image_and_epoch(decode_cache_mb, num_workers):
+    """The loader ships whole images with boxes, the same ones for the same epoch (a resumed
+    run crops as the uninterrupted one), other ones the next epoch; the device makes crops."""
+    module = hymenoptera_module(
+        decode_cache_mb=decode_cache_mb, device_transforms=True, num_workers=num_workers
+    )
+    assert module.crops_on_device
+
+    def first_batch():
+        (canvas, boxes, flips), labels = next(iter(module.train_dataloader()))
+        assert canvas.dtype == torch.uint8 and canvas.shape[-2] >= module._train_decode_size
+        images, _ = module.on_after_batch_transfer(((canvas, boxes, flips), labels), 0)
+        assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32
+        return boxes, images
+
+    boxes, images = first_batch()
+    again_boxes, again_images = first_batch()
+    assert torch.equal(boxes, again_boxes) and torch.equal(images, again_images)
+    loader = module.train_dataloader()
+    loader.sampler.set_epoch(1)
+    (_, next_epoch_boxes, _), _ = next(iter(loader))
+    assert not torch.equal(boxes, next_epoch_boxes)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"device_transforms": True, "augment": {"color_jitter": 0.4}},  # per-image colours
+        {"device_transforms": "normalise"},  # asked for
+    ],
+    ids=["colour_jitter", "normalise_only"],
+)
+def test_crops_stay_in_the_loader_workers_when_they_must_or_are_asked_to(options):
+    module = hymenoptera_module(decode_cache_mb=0, **options)
+    assert module.device_transforms and not module.crops_on_device
+    uint8_batch, labels = next(iter(module.train_dataloader()))
+    assert uint8_batch.dtype == torch.uint8 and uint8_batch.shape == (8, 3, 224, 224)
+    images, _ = module.on_after_batch_transfer((uint8_batch, labels), 0)
+    assert images.dtype == torch.float32 and images.shape == (8, 3, 224, 224)
 
 
 def test_run_with_decode_cache_channels_last_and_device_transforms(make_cfg):

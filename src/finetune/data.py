@@ -41,7 +41,15 @@ from torchvision.transforms.v2 import functional as F
 
 from finetune.backbones import InputSpec
 from finetune.errors import DataUnavailableError, FinetuneError, unknown_name
-from finetune.transforms import device_normalise, eval_transform, train_transform
+from finetune.transforms import (
+    CropBox,
+    collate_crop_samples,
+    crops_on_device,
+    device_crop,
+    device_normalise,
+    eval_transform,
+    train_transform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +214,7 @@ def make_loader(
     pin_memory: bool = False,
     persistent_workers: bool = False,
     seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
     epoch), worker seeds from the loader's own generator, and a final batch of one sample
@@ -219,6 +228,7 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
     )
 
 
@@ -524,8 +534,10 @@ class FinetuneDataModule(pl.LightningDataModule):
 
     Speed options for small datasets: `decode_cache_mb` keeps decoded, resized images in memory
     (0 turns it off); `device_transforms` moves the float conversion, normalisation and random
-    erasing onto the training device, so loader workers only crop, flip and ship uint8
-    (`auto`: when training on a GPU).
+    erasing onto the training device (`auto`: when training on a GPU). With the default
+    augmentation (random resized crop and flip) the crops, resizes and flips run there too:
+    loader workers only draw each image's crop box and ship the whole uint8 image with it
+    (`normalise` keeps the crops in the workers).
     """
 
     def __init__(
@@ -569,9 +581,11 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.split_seed = split_seed
         self.synthetic = dict(synthetic or {})
         self.decode_cache_mb = float(decode_cache_mb or 0)
-        if device_transforms not in (True, False, "auto"):
+        if device_transforms not in (True, False, "auto", "normalise"):
             raise unknown_name(
-                "data.device_transforms", str(device_transforms), ["auto", "true", "false"]
+                "data.device_transforms",
+                str(device_transforms),
+                ["auto", "true", "normalise", "false"],
             )
         self.device_transforms_option = device_transforms
         self.device_transforms = False  # decided in setup, once the training device is known
@@ -586,6 +600,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.skip_corrupt = bool(skip_corrupt)
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
         self.decoded: DecodedImages | None = None
+        self.crops_on_device = False  # decided in setup, with device_transforms
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, ImageListDataset] = {}
 
@@ -662,21 +677,26 @@ class FinetuneDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.splits
-        if self.device_transforms_option == "auto":
+        option = self.device_transforms_option
+        if option == "auto":
             device = self._training_device()
             self.device_transforms = device is not None and device.type == "cuda"
         else:
-            self.device_transforms = bool(self.device_transforms_option)
+            self.device_transforms = option in (True, "normalise")
         if self.decode_cache_mb > 0 and self.decoded is None:
             self.decoded = self._decode_once(splits)
         on_device = self.device_transforms
+        self.crops_on_device = on_device and option != "normalise" and crops_on_device(self.augment)
         evaluation = eval_transform(self.input_spec, normalise=not on_device)
-        training = train_transform(
-            self.input_spec,
-            self.augment,
-            normalise=not on_device,
-            tensor_input=self.decoded is not None,
-        )
+        if self.crops_on_device:
+            training = CropBox(self.input_spec, self.augment, self._train_decode_size)
+        else:
+            training = train_transform(
+                self.input_spec,
+                self.augment,
+                normalise=not on_device,
+                tensor_input=self.decoded is not None,
+            )
         self.datasets = {
             "train": ImageListDataset(splits.train, training, self.decoded, self.shuffle_seed),
             "val": ImageListDataset(splits.val, evaluation, self.decoded),
@@ -687,14 +707,20 @@ class FinetuneDataModule(pl.LightningDataModule):
             train: device_normalise(self.input_spec, self.augment if train else {})
             for train in (True, False)
         }
+        self._device_crop = device_crop(self.input_spec, self.augment)
+
+    @property
+    def _train_decode_size(self) -> int:
+        """Shorter side of decoded training images: random crops keep ImageNet's 256/224 margin
+        of resolution."""
+        spec = self.input_spec
+        return max(spec.resize_size, round(spec.crop_size * 256 / 224))
 
     def _decode_once(self, splits: DatasetSplits) -> DecodedImages:
         spec = self.input_spec
         decoded = DecodedImages(spec.interpolation, self.decode_cache_mb)
         threads = os.cpu_count() or 1
-        # Random crops of the training images keep ImageNet's 256/224 margin of resolution.
-        train_size = max(spec.resize_size, round(spec.crop_size * 256 / 224))
-        decoded.fill([path for path, _ in splits.train], train_size, threads)
+        decoded.fill([path for path, _ in splits.train], self._train_decode_size, threads)
         for samples in (splits.val, splits.test or []):
             decoded.fill([path for path, _ in samples], spec.resize_size, threads)
         log.info(
@@ -709,6 +735,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         if not self.device_transforms:
             return batch
         images, labels = batch
+        if isinstance(images, (tuple, list)):  # whole images with crop boxes (CropBox)
+            return self._device_crop(images), labels
         training = self.trainer is not None and self.trainer.training
         return self._device_normalise[training](images), labels
 
@@ -721,6 +749,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             seed=self.shuffle_seed,
+            collate_fn=collate_crop_samples if train and self.crops_on_device else None,
         )
 
     def train_dataloader(self) -> DataLoader:

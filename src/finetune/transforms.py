@@ -11,7 +11,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode, v2
+from PIL import Image
+from torch.utils.data import get_worker_info
+from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as F
 
 from finetune.backbones import InputSpec
 from finetune.errors import unknown_name
@@ -116,3 +120,91 @@ def device_normalise(
         return images
 
     return finish
+
+
+# ------------------------------------------------------------------------------------------
+# Cropping on the device: the loader ships whole uint8 images with a crop box and a flip flag
+# per image, the training device cuts, resizes and flips the batch at once.
+# ------------------------------------------------------------------------------------------
+
+CropSample = tuple[torch.Tensor, torch.Tensor, bool]  # uint8 image, box (x0, y0, x1, y1), flip
+
+
+def crops_on_device(augment: Mapping[str, Any]) -> bool:
+    """Whether the training preset can run on the device: a random resized crop and flip, the
+    default. Colour jitter and auto-augment change each image differently after the crop, so
+    with them the loader workers keep the whole preset."""
+    return bool(
+        augment.get("random_resized_crop", True)
+        and float(augment.get("color_jitter", 0.0) or 0.0) == 0
+        and str(augment.get("auto_augment", "none") or "none").lower() == "none"
+    )
+
+
+class CropBox:
+    """The loader's half of a device crop: draws an image's random-resized-crop box and its
+    flip from the global generator (the dataset seeds it per image and epoch) and returns the
+    uncropped image with them. Images that are not in the decode cache are first resized so
+    that their shorter side is `short_side`, as the cache would have stored them."""
+
+    def __init__(self, spec: InputSpec, augment: Mapping[str, Any], short_side: int) -> None:
+        self.scale = tuple(augment.get("crop_scale", (0.08, 1.0)))
+        self.hflip = bool(augment.get("hflip", True))
+        self.short_side = short_side
+        self.interpolation = InterpolationMode(spec.interpolation)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> CropSample:
+        if isinstance(image, Image.Image):
+            image = F.resize(image, self.short_side, self.interpolation, antialias=True)
+            image = F.pil_to_tensor(image)
+        image = image.as_subclass(torch.Tensor)
+        top, left, height, width = RandomResizedCrop.get_params(image, self.scale, [3 / 4, 4 / 3])
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
+        box = torch.tensor([left, top, left + width, top + height], dtype=torch.float32)
+        return image, box, flip
+
+    def __repr__(self) -> str:
+        return f"CropBox(scale={self.scale}, hflip={self.hflip}, short_side={self.short_side})"
+
+
+def collate_crop_samples(
+    samples: list[tuple[CropSample, int]],
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Stack images of different sizes into one zero-padded uint8 canvas, with their boxes and
+    flips. One row and one column past each image repeat its edge: resizing samples up to half
+    a pixel beyond a box, and there it must find the image's edge, not the padding."""
+    images = [image for (image, _, _), _ in samples]
+    height = max(image.shape[1] for image in images) + 1
+    width = max(image.shape[2] for image in images) + 1
+    canvas = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
+    if get_worker_info() is not None:  # in a loader worker: fill it where the trainer reads it
+        canvas.share_memory_()
+    for slot, image in zip(canvas, images, strict=True):
+        h, w = image.shape[1:]
+        slot[:, :h, :w] = image
+        slot[:, :h, w] = image[:, :, -1]
+        slot[:, h, : w + 1] = slot[:, h - 1, : w + 1]
+    boxes = torch.stack([box for (_, box, _), _ in samples])
+    flips = torch.tensor([flip for (_, _, flip), _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    return (canvas, boxes, flips), labels
+
+
+def device_crop(
+    spec: InputSpec, augment: Mapping[str, Any]
+) -> Callable[[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The device's half: cut every box out of the canvas and resize it to the crop size in
+    one `roi_align` (bilinear, averaging several samples per output pixel when shrinking, as
+    an antialiased resize does), flip, then finish like `device_normalise`."""
+    finish = device_normalise(spec, augment)
+    size = spec.crop_size
+
+    def crop(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        canvas, boxes, flips = batch
+        index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)
+        rois = torch.cat([index[:, None], boxes], dim=1)
+        images = roi_align(canvas.float(), rois, size, sampling_ratio=-1, aligned=True)
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        return finish(images.round_().clamp_(0, 255).to(torch.uint8))
+
+    return crop
