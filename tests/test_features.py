@@ -246,13 +246,8 @@ def test_device_transforms_normalise_after_the_transfer_like_the_loader_would():
     assert torch.equal(labels, same_labels)
 
 
-SMALL_SPEC = InputSpec(
-    crop_size=16,
-    resize_size=18,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    interpolation="bilinear",
-)
+# crop 16 of a resize to 18; mean = std = 0.5, so one uint8 step is 2/255 after normalising
+SMALL_SPEC = InputSpec(16, 18, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
 
 def test_device_crop_of_a_crop_sized_box_is_the_exact_slice_flipped_or_not():
