@@ -294,6 +294,23 @@ def test_device_crop_resizes_like_torchvision_up_to_the_image_edge(box_side):
     assert uint8_steps.max() <= 2.001
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_crop_on_cuda_matches_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    samples = [
+        ((torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8, generator=generator), box, flip), 0)
+        for box, flip in [
+            (torch.tensor([3.0, 5.0, 40.0, 37.0]), True),
+            (torch.tensor([50.0, 30.0, 60.0, 40.0]), False),
+        ]
+    ]
+    batch, _ = collate_crop_samples(samples)
+    on_cpu = device_crop(SMALL_SPEC, {})(batch)
+    on_cuda = device_crop(SMALL_SPEC, {})(tuple(part.cuda() for part in batch))
+    assert (on_cuda.cpu() - on_cpu).abs().max() <= 2 / 255 / 0.5 + 1e-6  # one uint8 step
+
+
 @pytest.mark.parametrize(
     "decode_cache_mb,num_workers", [(512, 2), (0, 0)], ids=["cached_in_workers", "streamed"]
 )

@@ -10,7 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# Only the module with gpu-marked tests: the others import packages this image lacks.
-python3 -m pytest -p no:cacheprovider -m gpu tests/test_module.py 2>&1 | tee "$out/pytest_gpu.log"
+# Only the modules with gpu-marked tests: some others import packages this image lacks.
+python3 -m pytest -p no:cacheprovider -m gpu tests/test_module.py tests/test_features.py 2>&1 |
+    tee "$out/pytest_gpu.log"
 python3 benchmarks/throughput.py --data-root .gpu_carry/data 2>&1 | tee "$out/throughput.log"
 grep '^{' "$out/throughput.log" > "$out/throughput.jsonl"
