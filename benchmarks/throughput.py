@@ -25,22 +25,29 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import move_data_to_device
 
 from common import DATA_ROOT, REPO, emit, ratio, train_py
 from finetune import backbones
 from finetune.features import autocast_for
+from finetune.module import build_optimizer
 from finetune.run import build_datamodule
 
 
-def model_only(name: str, device: torch.device, batch_size: int, steps: int, precision: str):
+def composed(overrides: list[str]) -> DictConfig:
+    """The project's config with `overrides`, as train.py would compose it."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def model_only(cfg: DictConfig, device: torch.device, batch_size: int, steps: int, precision: str):
     """Training steps of the bare network on one synthetic batch resident on the device, with
-    the optimizer train.py uses by default (conf/optim/sgd.yaml)."""
-    net = backbones.build({"name": name, "source": "torchvision", "weights": "none"}, 2, False)
+    the optimizer and parameter groups train.py builds from the same config."""
+    net = backbones.build(cfg.model, 2, False)
     net = net.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(
-        net.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4
-    )
+    optim, schedule = (OmegaConf.to_container(c, resolve=True) for c in (cfg.optim, cfg.scheduler))
+    optimizer, _ = build_optimizer(net, optim, schedule, total_steps=steps, steps_per_epoch=steps)
     images = torch.randn(batch_size, 3, 224, 224, device=device)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (batch_size,), device=device)
@@ -79,11 +86,9 @@ def linked_hymenoptera(source: Path, train_images: int, folder: Path) -> Path:
     return folder
 
 
-def loader_only(overrides: list[str], device: torch.device, epochs: int) -> float:
+def loader_only(cfg: DictConfig, device: torch.device, epochs: int) -> float:
     """Images/s the project's training loader delivers, finished on the device as in training
     (no model); the first epoch (worker start-up) is left out."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -131,26 +136,21 @@ def main() -> None:
             "data.decode_cache_mb=8192",
         ]
         for name in args.models:
-            alone = model_only(name, device, args.batch_size, args.steps, args.precision)
+            model = [f"model={name}", "model.weights=none"]
+            alone = model_only(composed(model), device, args.batch_size, args.steps, args.precision)
             # As training on this device does it (a GPU: crops on the GPU); on a GPU also
             # with the crops in the loader workers, the other choice of data.device_transforms.
             variants = {"": "true", "_worker_crops": "normalise"} if on_gpu else {"": "auto"}
             loader = {
                 suffix: loader_only(
-                    [
-                        f"model={name}",
-                        "model.weights=none",
-                        *data,
-                        f"data.device_transforms={option}",
-                    ],
+                    composed([*model, *data, f"data.device_transforms={option}"]),
                     device,
                     epochs=args.epochs if on_gpu else 3,
                 )
                 for suffix, option in variants.items()
             }
             overrides = [
-                f"model={name}",
-                "model.weights=none",
+                *model,
                 "strategy=full",
                 "strategy.bn=train",
                 *data,
