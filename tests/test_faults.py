@@ -279,7 +279,9 @@ def test_more_devices_than_the_machine_has_is_a_clear_error(
     cfg = make_cfg(f"trainer.accelerator={accelerator}", f"trainer.devices={devices}")
     with pytest.raises(FinetuneError, match=f"trainer.devices={devices}") as raised:
         train(cfg)
-    record_fault("Fix:" in str(raised.value))
+    written = list(Path(cfg.run_dir).glob("*")) if Path(cfg.run_dir).exists() else []
+    record_fault("Fix:" in str(raised.value) and not written)
+    assert not written  # refused before anything is written
 
 
 def test_unknown_names_list_the_valid_ones(tmp_path, record_fault):

@@ -42,11 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fitting = build_trainer(cfg, model, datamodule)
     rundir.save_weights_report(run_dir, model.backbone.load_report, fitting.loggers)
     train_data, feature_report = training_data(cfg, model, datamodule, fitting.trainer)
-
-    started = time.perf_counter()
-    fitting.trainer.fit(model.module, datamodule=train_data, ckpt_path=resume_from)
-    fit_seconds = time.perf_counter() - started
-
+    fit_seconds = fit(fitting.trainer, model.module, train_data, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, train_data, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
     metrics |= fitting.evaluation_report.results
@@ -166,6 +162,18 @@ def training_data(
     elif speed["compile"]:
         module.backbone.net.compile()
     return train_data, feature_report
+
+
+def fit(
+    trainer: pl.Trainer,
+    module: ClassifierModule,
+    train_data: pl.LightningDataModule,
+    resume_from: str | None,
+) -> float:
+    """Train (from the checkpoint `resume_from`, when given); returns the seconds it took."""
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=train_data, ckpt_path=resume_from)
+    return time.perf_counter() - started
 
 
 def evaluate_best_checkpoint(
