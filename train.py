@@ -3,7 +3,6 @@
 A thin Hydra entry point; the flow itself lives in `finetune.run.train`.
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import DictConfig
 
 from finetune.errors import FinetuneError
 from finetune.run import train
+from finetune.rundir import save_failure
 
 log = logging.getLogger("finetune")
 
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except Exception as error:
-        record_failure(Path(cfg.run_dir), error)
+        save_failure(Path(cfg.run_dir), error)
         if in_sweep:
             # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
             # error): log it and leave failure.json for the sweep summary. The Optuna sweeper
@@ -38,16 +38,6 @@ def main(cfg: DictConfig) -> float | None:
             sys.exit(1)  # a single run: the message above is the whole story, no traceback
         raise
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
-
-
-def record_failure(run_dir: Path, error: BaseException) -> None:
-    """failure.json in the run dir: what the sweep summary shows for a run that did not finish."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        failure = {"error": f"{type(error).__name__}: {error}"}
-        (run_dir / "failure.json").write_text(json.dumps(failure, indent=2) + "\n")
-    except OSError:  # an unwritable run dir: the log still has the error
-        pass
 
 
 if __name__ == "__main__":

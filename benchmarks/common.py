@@ -13,7 +13,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data"
 # The plain loops get the allocator setting train.py applies to itself (see
-# finetune.run.keep_freed_memory_in_process): without it glibc's page faults would slow them
+# finetune.runtime.keep_freed_memory_in_process): without it glibc's page faults would slow them
 # down 1.5-3x on a small CPU, and the comparison would measure the allocator, not the loops.
 PLAIN_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 

@@ -3,6 +3,7 @@ real on-disk formats."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -137,9 +138,85 @@ def run_train(
     )
 
 
+# --- fault tally (tests/test_faults.py) -----------------------------------------------------------
+
+FAULT_TALLY = {"faults injected": 0, "handled clearly": 0, "checkpoints lost": 0}
+
+
+@pytest.fixture
+def record_fault() -> Callable[..., None]:
+    """`record_fault(handled, lost=0)`: count one injected fault, whether it was handled with a
+    clear message, and how many finished checkpoints it lost (printed at the session's end)."""
+
+    def record(handled: bool, lost: int = 0) -> None:
+        FAULT_TALLY["faults injected"] += 1
+        FAULT_TALLY["handled clearly"] += int(handled)
+        FAULT_TALLY["checkpoints lost"] += lost
+
+    return record
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The fault-injection tally of tests/test_faults.py, when it ran."""
-    faults = sys.modules.get("test_faults")
-    if faults is not None and faults.TALLY["faults injected"]:
+    """The fault-injection tally, when fault tests ran (`checkpoints lost` must be 0)."""
+    if FAULT_TALLY["faults injected"]:
         terminalreporter.write_sep("=", "fault tally")
-        terminalreporter.write_line(json.dumps(faults.TALLY))
+        terminalreporter.write_line(json.dumps(FAULT_TALLY))
+
+
+# --- nothing written into the repository ----------------------------------------------------------
+
+# Where a run without hydra.run.dir / hydra.sweep.dir / data.root would write, relative to REPO.
+RUN_OUTPUT_DIRS = ("outputs", "multirun", "lightning_logs", "data")
+
+
+def repository_outputs() -> dict[str, int]:
+    """Modification times of RUN_OUTPUT_DIRS and their entries two levels deep: a new run dir
+    (outputs/runs/<run>, outputs/multirun/<time>) or a file written into one changes them."""
+    seen = {}
+    for name in RUN_OUTPUT_DIRS:
+        top = REPO / name
+        for path in [top, *top.glob("*"), *top.glob("*/*")]:
+            with contextlib.suppress(FileNotFoundError):
+                seen[str(path.relative_to(REPO))] = path.stat().st_mtime_ns
+    return seen
+
+
+@pytest.fixture(autouse=True)
+def nothing_written_into_the_repository(request):
+    """Fails a test that wrote into the repository's own outputs/ (or multirun/, lightning_logs/,
+    data/): every run of a test belongs under its tmp_path."""
+    before = repository_outputs()
+    yield
+    after = repository_outputs()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if changed:
+        pytest.fail(
+            f"{request.node.nodeid} wrote into the repository: {', '.join(changed[:5])}. Fix: "
+            "give each train.py run hydra.run.dir= (or hydra.sweep.dir= with -m) and data.root= "
+            "under tmp_path."
+        )
+
+
+# --- TensorBoard ---------------------------------------------------------------------------------
+
+
+def hparams_plugin_data(log_dir: Path) -> dict:
+    """What TensorBoard's HPARAMS tab reads: metric tags and the run's hparam values."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    found = {"metrics": [], "hparams": {}}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if not value.tag.startswith("_hparams_/"):
+                    continue
+                data = plugin_data_pb2.HParamsPluginData.FromString(
+                    value.metadata.plugin_data.content
+                )
+                if data.HasField("experiment"):
+                    found["metrics"] += [info.name.tag for info in data.experiment.metric_infos]
+                if data.HasField("session_start_info"):
+                    for name, hparam in data.session_start_info.hparams.items():
+                        found["hparams"][name] = hparam.string_value or hparam.number_value
+    return found

@@ -6,9 +6,8 @@ Run with `pytest -m slow`. Needs ../shared/data/hymenoptera_data.
 import json
 
 import pytest
-from test_train_cli import run_train
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, run_train
 
 pytestmark = [
     pytest.mark.slow,

@@ -6,11 +6,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, make_class_folders
 from finetune import backbones, strategies
+from finetune.callbacks import instantiate_all
 from finetune.module import build_optimizer
-from finetune.run import _instantiate_all, _plain, build_datamodule
+from finetune.run import build_datamodule
 
 
 def options(group: str) -> list[str]:
@@ -73,7 +75,7 @@ def test_augment_options_build_a_train_transform(make_cfg, name):
 @pytest.mark.parametrize("name", options("strategy"))
 def test_strategy_options_build(make_cfg, name):
     cfg = make_cfg(f"strategy={name}")
-    assert strategies.build(_plain(cfg.strategy)).name == name
+    assert strategies.build(OmegaConf.to_container(cfg.strategy, resolve=True)).name == name
 
 
 @pytest.mark.parametrize("optim", options("optim"))
@@ -96,14 +98,14 @@ def test_trainer_options_instantiate(make_cfg, name):
     cfg = make_cfg(f"trainer={name}")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         pytest.skip("needs a GPU to instantiate")
-    trainer = pl.Trainer(**_plain(cfg.trainer), logger=False)
+    trainer = pl.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=False)
     assert trainer.max_epochs == cfg.trainer.max_epochs
 
 
 @pytest.mark.parametrize("name", options("callbacks"))
 def test_callback_options_instantiate(make_cfg, name):
     cfg = make_cfg(f"callbacks={name}")
-    callbacks = _instantiate_all(cfg.callbacks)
+    callbacks = instantiate_all(cfg.callbacks)
     assert all(isinstance(c, pl.Callback) for c in callbacks)
     assert any(type(c).__name__ == "ModelCheckpoint" for c in callbacks)
 
@@ -111,7 +113,7 @@ def test_callback_options_instantiate(make_cfg, name):
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_options_instantiate(make_cfg, name):
     cfg = make_cfg(f"logger={name}")
-    loggers = _instantiate_all(cfg.logger)
+    loggers = instantiate_all(cfg.logger)
     assert loggers and all(Path(lg.save_dir) == Path(cfg.run_dir) for lg in loggers)
 
 

@@ -1,9 +1,9 @@
 """Fault injection: kills, broken data, bad configs and states.
 
-Every test injects one fault and records in `TALLY` whether it was handled with a clear message
-and how many finished checkpoints it lost; `conftest.pytest_terminal_summary` prints the tally
-at the end of the session (`faults injected`, `handled clearly`, `checkpoints lost`, which must
-be 0).
+Every test injects one fault and records with the `record_fault` fixture (conftest.py) whether
+it was handled with a clear message and how many finished checkpoints it lost; the tally is
+printed at the end of the session (`faults injected`, `handled clearly`, `checkpoints lost`,
+which must be 0).
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ from finetune.data import FinetuneDataModule, to_rgb
 from finetune.errors import DataUnavailableError, FinetuneError
 from finetune.run import train
 
-TALLY = {"faults injected": 0, "handled clearly": 0, "checkpoints lost": 0}
 TIMING_FIELDS = {"fit_seconds", "run_seconds", "train_epoch_seconds", "feature_cache_seconds"}
-
-
-def record(handled: bool, lost: int = 0) -> None:
-    TALLY["faults injected"] += 1
-    TALLY["handled clearly"] += int(handled)
-    TALLY["checkpoints lost"] += lost
 
 
 def loadable(path: Path) -> bool:
@@ -135,7 +128,9 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
         pytest.param(KILL_AT_STEP.format(step=7), "cached", id="kill-9-cached-linear-probe"),
     ],
 )
-def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, fault, kind, uninterrupted):
+def test_resume_after_kill_equals_an_uninterrupted_run(
+    tmp_path, fault, kind, uninterrupted, record_fault
+):
     run_dir, data_root = tmp_path / "run", tmp_path / "data"
     options = [*(CACHED_PROBE if kind == "cached" else []), f"data.root={data_root}"]
     killed = run_with_fault(tmp_path, fault, *options, f"hydra.run.dir={run_dir}")
@@ -150,14 +145,16 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path, fault, kind, un
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     equal = comparable(metrics) == comparable(uninterrupted[kind])
-    record(handled=equal, lost=lost)
+    record_fault(handled=equal, lost=lost)
     assert epoch_before < 3
     assert comparable(metrics) == comparable(uninterrupted[kind])
     if kind == "cached":
         assert metrics["feature_cache"] == "hit"  # the resumed run reused the features
 
 
-def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(tmp_path):
+def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
+    tmp_path, record_fault
+):
     first = run_train(*FAST_OVERRIDES, f"data.root={tmp_path}/a", f"hydra.run.dir={tmp_path}/r1")
     assert first.returncode == 0, first.stderr[-2000:]
     make_class_folders(tmp_path / "folder", {"cat": 4, "dog": 4})
@@ -171,21 +168,21 @@ def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(t
     )
     message = result.stderr + result.stdout
     handled = result.returncode == 1 and "trained for 3 classes" in message
-    record(handled and "model.weights=" in message)
+    record_fault(handled and "model.weights=" in message)
     assert handled and "model.weights=" in message and "Traceback" not in message
 
 
-def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path):
+def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path, record_fault):
     result = run_train(
         *FAST_OVERRIDES, f"data.root={tmp_path}", "ckpt_path=last", f"hydra.run.dir={tmp_path}/n"
     )
     message = result.stderr + result.stdout
     handled = result.returncode == 1 and "No checkpoint to resume from" in message
-    record(handled)
+    record_fault(handled)
     assert handled and "hydra.run.dir" in message
 
 
-def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
+def test_a_truncated_checkpoint_is_refused_clearly(tmp_path, record_fault):
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 truncated")
     result = run_train(
         *FAST_OVERRIDES,
@@ -195,7 +192,7 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
     )
     message = result.stderr + result.stdout
     handled = result.returncode == 1 and "Cannot read the checkpoint" in message
-    record(handled)
+    record_fault(handled)
     assert handled
 
 
@@ -208,25 +205,25 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
     ids=["checked_at_once", "checked_a_step_late", "late_check_but_last_batch_of_epoch"],
 )
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
-    make_cfg, monkeypatch, nan_step, deferred, stopped_in
+    make_cfg, monkeypatch, nan_step, deferred, stopped_in, record_fault
 ):
     """On the CPU the loss is checked at once; on accelerators one step late (no stall per
     step), which `deferred` forces here, except in an epoch's last batch, so that the epoch's
     checkpoint never holds diverged weights. Epoch 1 is steps 3-5 (batches 0-2)."""
     from finetune.module import ClassifierModule
 
-    original = ClassifierModule._shared_step
+    original = ClassifierModule.forward
     training_steps = []  # global step of every training forward pass
 
-    def diverging(self, batch, stage):
-        loss, logits = original(self, batch, stage)
-        if stage == "train":
+    def diverging(self, images):
+        logits = original(self, images)
+        if self.training:  # validation runs in eval mode
             training_steps.append(self.trainer.global_step)
             if self.trainer.global_step == nan_step:
-                loss = loss * float("nan")
-        return loss, logits
+                logits = logits * float("nan")  # and so the loss
+        return logits
 
-    monkeypatch.setattr(ClassifierModule, "_shared_step", diverging)
+    monkeypatch.setattr(ClassifierModule, "forward", diverging)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", deferred)
     cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
     expected = rf"became nan at step {nan_step} \(epoch 1, batch {nan_step - 3}\)"
@@ -235,21 +232,21 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
     assert training_steps[-1] == stopped_in
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     kept = loadable(last) and torch.load(last, weights_only=True)["epoch"] == 0
-    record("lower optim.optimizer.lr" in str(raised.value), lost=int(not kept))
+    record_fault("lower optim.optimizer.lr" in str(raised.value), lost=int(not kept))
     assert kept
 
 
-def test_unwritable_run_dir_is_a_clear_error(make_cfg, tmp_path):
+def test_unwritable_run_dir_is_a_clear_error(make_cfg, tmp_path, record_fault):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     cfg = make_cfg()
     cfg.run_dir = str(blocker / "run")
     with pytest.raises(FinetuneError, match="Cannot write the run dir") as raised:
         train(cfg)
-    record("hydra.run.dir" in str(raised.value))
+    record_fault("hydra.run.dir" in str(raised.value))
 
 
-def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypatch):
+def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypatch, record_fault):
     from finetune import resume
 
     original, calls = torch.save, [0]
@@ -269,37 +266,47 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypa
     written = list(checkpoints.glob("*.ckpt"))
     lost = sum(not loadable(p) for p in written) + int(len(written) < 2)
     assert not list(checkpoints.glob("*.partial"))
-    record("intact" in str(raised.value), lost=lost)
+    record_fault("intact" in str(raised.value), lost=lost)
     assert lost == 0
 
 
 @pytest.mark.parametrize("accelerator,devices", [("gpu", 1), ("cpu", 512)])
-def test_more_devices_than_the_machine_has_is_a_clear_error(make_cfg, accelerator, devices):
+def test_more_devices_than_the_machine_has_is_a_clear_error(
+    make_cfg, accelerator, devices, record_fault
+):
     if accelerator == "gpu" and torch.cuda.device_count() >= devices:
         pytest.skip("this machine has the GPUs")
     cfg = make_cfg(f"trainer.accelerator={accelerator}", f"trainer.devices={devices}")
     with pytest.raises(FinetuneError, match=f"trainer.devices={devices}") as raised:
         train(cfg)
-    record("Fix:" in str(raised.value))
+    written = list(Path(cfg.run_dir).glob("*")) if Path(cfg.run_dir).exists() else []
+    record_fault("Fix:" in str(raised.value) and not written)
+    assert not written  # refused before anything is written
 
 
-def test_unknown_names_list_the_valid_ones(tmp_path):
+def test_unknown_names_list_the_valid_ones(tmp_path, record_fault):
     fast = [o for o in FAST_OVERRIDES if not o.startswith("model")]
-    result = run_train(*fast, f"data.root={tmp_path}", "model=resnet18", "model.name=resnet_51")
+    result = run_train(
+        *fast,
+        f"data.root={tmp_path}",
+        "model=resnet18",
+        "model.name=resnet_51",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     message = result.stderr + result.stdout
     handled = result.returncode == 1 and "resnet50" in message and "Traceback" not in message
-    record(handled)
+    record_fault(handled)
     assert handled
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path, record_fault):
     result = run_train(
         "-m", *FAST_OVERRIDES, "augment=none", "data.train_fraction=7,1.0",
         f"data.root={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/sweep",
     )  # fmt: skip
     rows = (tmp_path / "sweep" / "summary.csv").read_text()
     handled = result.returncode == 0 and (tmp_path / "sweep" / "1" / "metrics.json").is_file()
-    record(handled and "train_fraction must be in (0, 1]" in rows)
+    record_fault(handled and "train_fraction must be in (0, 1]" in rows)
     assert handled
 
 
@@ -326,27 +333,27 @@ def broken_folder(tmp_path) -> Path:
     return tmp_path
 
 
-def test_corrupt_images_are_all_named_before_training(broken_folder):
+def test_corrupt_images_are_all_named_before_training(broken_folder, record_fault):
     with pytest.raises(DataUnavailableError) as raised:
         folder_module(broken_folder).prepare_data()
     message = str(raised.value)
     handled = "cat_1.jpg" in message and "dog_0.jpg" in message and "skip_corrupt" in message
-    record(handled)
+    record_fault(handled)
     assert handled and message.startswith("2 image file(s)")
 
 
-def test_skip_corrupt_trains_without_them_and_lists_them(broken_folder, make_cfg):
+def test_skip_corrupt_trains_without_them_and_lists_them(broken_folder, make_cfg, record_fault):
     fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
     options = ["data=imagefolder", f"data.root={broken_folder}", "data.skip_corrupt=true"]
     cfg = make_cfg(*fast, *options, fast=False)
     metrics = train(cfg)
     skipped = json.loads((Path(cfg.run_dir) / "skipped_images.json").read_text())
     handled = metrics["skipped_images"] == 2 and metrics["split_sizes"] == {"train": 9, "val": 3}
-    record(handled and any(p.endswith("cat_1.jpg") for p in skipped))
+    record_fault(handled and any(p.endswith("cat_1.jpg") for p in skipped))
     assert handled
 
 
-def test_odd_image_modes_become_the_right_rgb(tmp_path):
+def test_odd_image_modes_become_the_right_rgb(tmp_path, record_fault):
     grey = Image.new("L", (4, 4), 100)
     palette = Image.new("P", (4, 4), 1)
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
@@ -370,7 +377,7 @@ def test_odd_image_modes_become_the_right_rgb(tmp_path):
             rgb = to_rgb(reopened)
         converted[image.mode] = rgb.getpixel((0, 0))
         assert rgb.mode == "RGB"
-    record(converted == expected)
+    record_fault(converted == expected)
     assert converted == expected
 
 
@@ -384,7 +391,7 @@ def test_odd_image_modes_become_the_right_rgb(tmp_path):
         ("missing_root", "does not exist"),
     ],
 )
-def test_broken_folder_layouts_name_the_folder(tmp_path, layout, match):
+def test_broken_folder_layouts_name_the_folder(tmp_path, layout, match, record_fault):
     root = tmp_path / "data"
     if layout != "missing_root":
         make_class_folders(root / "train", {"cat": 3, "dog": 3})
@@ -408,11 +415,11 @@ def test_broken_folder_layouts_name_the_folder(tmp_path, layout, match):
                 folder.rmdir()
     with pytest.raises(DataUnavailableError, match=match) as raised:
         folder_module(root).prepare_data()
-    record(str(root) in str(raised.value))
+    record_fault(str(root) in str(raised.value))
     assert str(root) in str(raised.value)
 
 
-def test_non_image_and_hidden_files_are_ignored(tmp_path):
+def test_non_image_and_hidden_files_are_ignored(tmp_path, record_fault):
     make_class_folders(tmp_path / "train", {"cat": 3, "dog": 3})
     make_class_folders(tmp_path / "val", {"cat": 1, "dog": 1})
     (tmp_path / "train" / "cat" / "README.md").write_text("notes")
@@ -428,11 +435,11 @@ def test_non_image_and_hidden_files_are_ignored(tmp_path):
     handled = module.class_names == ["cat", "dog"] and sorted(names) == sorted(
         [f"cat_{i}.jpg" for i in range(3)] + [f"dog_{i}.jpg" for i in range(3)]
     )
-    record(handled)
+    record_fault(handled)
     assert handled
 
 
-def test_resume_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+def test_resume_from_a_checkpoint_of_another_architecture_is_refused(tmp_path, record_fault):
     from finetune.resume import check_compatible
 
     checkpoint = tmp_path / "other.ckpt"
@@ -441,5 +448,5 @@ def test_resume_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     check_compatible(str(checkpoint), ["a", "b"], "resnet18")  # the same experiment: fine
     with pytest.raises(FinetuneError, match="it holds a resnet18, this run builds a resnet50") as e:
         check_compatible(str(checkpoint), ["a", "b"], "resnet50")
-    record(f"model.weights={checkpoint}" in str(e.value))
+    record_fault(f"model.weights={checkpoint}" in str(e.value))
     assert f"model.weights={checkpoint}" in str(e.value)

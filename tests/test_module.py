@@ -252,7 +252,7 @@ def test_the_progress_bar_reads_the_loss_every_n_batches_only(make_cfg, monkeypa
     epoch's last, and still shows the loss."""
     import pytorch_lightning as pl
 
-    from finetune.run import ProgressBar
+    from finetune.callbacks import ProgressBar
 
     in_batch_end, reads = [None], []
     original_metrics = pl.Trainer.progress_bar_metrics
@@ -275,7 +275,7 @@ def test_the_progress_bar_reads_the_loss_every_n_batches_only(make_cfg, monkeypa
     monkeypatch.setattr(pl.Trainer, "progress_bar_metrics", property(progress_bar_metrics))
     monkeypatch.setattr(ProgressBar, "on_train_batch_end", on_train_batch_end)
     folder = six_class_folder(tmp_path / "folder")  # 6 batches per epoch
-    bar = "callbacks.progress_bar={_target_:finetune.run.ProgressBar,metrics_every:4}"
+    bar = "callbacks.progress_bar={_target_:finetune.callbacks.ProgressBar,metrics_every:4}"
     train(make_cfg(*folder, bar, "trainer.max_epochs=2", fast=False))
     assert reads == [(0, 0), (0, 3), (0, 5), (1, 3), (1, 5)]  # the first batch: nothing shown yet
-    assert "train/loss_step" in bars[-1]._shown
+    assert "train/loss_step" in bars[-1].shown

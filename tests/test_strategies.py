@@ -201,7 +201,7 @@ def test_gradual_unfreezes_one_block_per_epoch_with_its_own_param_groups(make_cf
 
 
 def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monkeypatch, tmp_path):
-    from finetune import run
+    from finetune import callbacks
 
     whole = make_cfg(*GRADUAL)
     train(whole)
@@ -209,10 +209,10 @@ def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monk
 
     killed = make_cfg(*GRADUAL)
     killed.run_dir = str(tmp_path / "killed")
-    original = run._instantiate_all
+    original = callbacks.instantiate_all
     monkeypatch.setattr(
-        run,
-        "_instantiate_all",
+        callbacks,
+        "instantiate_all",
         lambda group: (
             [*original(group), KillAfterEpoch(2)]
             if group and "model_checkpoint" in group
@@ -221,7 +221,7 @@ def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monk
     )
     with pytest.raises(RuntimeError, match="killed"):
         train(killed)
-    monkeypatch.setattr(run, "_instantiate_all", original)
+    monkeypatch.setattr(callbacks, "instantiate_all", original)
     at_kill = gradual_state(tmp_path / "killed" / "checkpoints" / "last.ckpt")
     assert at_kill["unfrozen"] == 1 and at_kill["epoch"] == 1
 

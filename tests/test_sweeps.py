@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_train_cli import hparams_plugin_data
 
-from conftest import FAST_OVERRIDES, REPO, run_train
+from conftest import FAST_OVERRIDES, REPO, hparams_plugin_data, run_train
 from finetune import summary
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST_OVERRIDES, run_train, subprocess_env
+from conftest import FAST_OVERRIDES, hparams_plugin_data, run_train, subprocess_env
 from finetune.module import load_classifier
 
 REQUIRED_METRICS = {
@@ -21,28 +21,6 @@ REQUIRED_METRICS = {
     "strategy",
     "data",
 }
-
-
-def hparams_plugin_data(log_dir: Path) -> dict:
-    """What TensorBoard's HPARAMS tab reads: metric tags and the run's hparam values."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    found = {"metrics": [], "hparams": {}}
-    for path in sorted(log_dir.glob("events.out.tfevents.*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if not value.tag.startswith("_hparams_/"):
-                    continue
-                data = plugin_data_pb2.HParamsPluginData.FromString(
-                    value.metadata.plugin_data.content
-                )
-                if data.HasField("experiment"):
-                    found["metrics"] += [info.name.tag for info in data.experiment.metric_infos]
-                if data.HasField("session_start_info"):
-                    for name, hparam in data.session_start_info.hparams.items():
-                        found["hparams"][name] = hparam.string_value or hparam.number_value
-    return found
 
 
 def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):

@@ -1,6 +1,6 @@
 """Resuming: checkpoints that a kill cannot corrupt, random state that survives, clear refusals.
 
-- `AtomicCheckpointIO` writes every checkpoint beside its target and renames it into place, so a
+- `AtomicCheckpointIO` writes every checkpoint with `finetune.atomic.atomic_write`, so a
   kill (or a full disk) during a write never replaces the last good checkpoint.
 - `RandomState` saves the global random number generators (torch, CUDA, numpy, python) in each
   checkpoint and restores them on resume. The data loaders draw nothing from them (their order
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -25,29 +24,23 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from finetune.atomic import atomic_write
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to `<name>.partial`, then rename over the target (atomic on POSIX)."""
+    """Every checkpoint written with `finetune.atomic.atomic_write`: beside the target, then
+    renamed over it. A full disk or unwritable folder is a `FinetuneError` naming the fix."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
     ) -> None:
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # No fsync: the rename alone protects against a killed process (the written data
-            # is in the OS's cache); flushing every epoch's checkpoint to the platter would
-            # cost more than a cached linear probe's whole training.
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-            os.replace(partial, path)
+            atomic_write(path, lambda handle: torch.save(checkpoint, handle))
         except OSError as error:
-            partial.unlink(missing_ok=True)
             reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
             raise FinetuneError(
                 f"Could not write the checkpoint {path} ({reason}: {error}). The checkpoints "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import statistics
@@ -27,11 +28,13 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from finetune.atomic import atomic_write
+from finetune.rundir import FAILURE_FILE, METRICS_FILE
+
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "trainable_params", "fit_seconds", "train_images")
 AGGREGATED = ("val_acc", "test_acc")
-FAILURE_FILE = "failure.json"  # written by train.py into the run dir of a failed run
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -55,7 +58,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
             yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         )
         row: dict[str, Any] = {"job": job.name, "overrides": overrides}
-        metrics_file = job / "metrics.json"
+        metrics_file = job / METRICS_FILE
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             row |= {
@@ -131,19 +134,25 @@ def _fmt(value: Any) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = swept_keys(rows)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["job", "status", *keys, *METRIC_COLUMNS, "error"])
-        for row in rows:
-            writer.writerow(
-                [
-                    row["job"],
-                    row["status"],
-                    *(row["overrides"].get(key, "") for key in keys),
-                    *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
-                    row.get("error", ""),
-                ]
-            )
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["job", "status", *keys, *METRIC_COLUMNS, "error"])
+    for row in rows:
+        writer.writerow(
+            [
+                row["job"],
+                row["status"],
+                *(row["overrides"].get(key, "") for key in keys),
+                *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                row.get("error", ""),
+            ]
+        )
+    _write_text(path, text.getvalue())
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: the notebook may read the summary while a sweep rewrites it."""
+    atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -201,7 +210,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
                 ],
             ),
         ]
-    path.write_text("\n".join(parts) + "\n")
+    _write_text(path, "\n".join(parts) + "\n")
 
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:

@@ -1,0 +1,135 @@
+"""Every file a run writes into its run dir, and the final hparams sent to its loggers.
+
+| file | written | read by |
+|---|---|---|
+| `config.yaml` | before the data is prepared | predict/export, people |
+| `classes.json`, `skipped_images.json` | once the classes are known | predict/export, people |
+| `weights_report.json` | once the network is built (pretrained weights only) | people |
+| `metrics.json` | when the run finished; its presence means success | sweep summary, benchmarks |
+| `failure.json` | when the run raised (by train.py) | sweep summary |
+
+Every writer uses `finetune.atomic`, so a reader never sees half a file. With several devices
+each rank runs the flow; only rank 0 writes (`rank_zero_only`), the other ranks skip the call.
+Lightning itself is imported only where a logger is used, so that `finetune.summary` (which reads
+the file names here) starts fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets .rank on
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.atomic import atomic_write, write_json
+
+CONFIG_FILE = "config.yaml"
+CLASSES_FILE = "classes.json"
+SKIPPED_FILE = "skipped_images.json"
+WEIGHTS_REPORT_FILE = "weights_report.json"
+METRICS_FILE = "metrics.json"
+FAILURE_FILE = "failure.json"
+
+# The config that defines an experiment's result (not where its files go or how it is shown).
+HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "seed")
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """config.yaml (the resolved config), and the config tree on the console unless
+    `print_config=false`."""
+    if cfg.get("print_config", True):
+        print_config_tree(cfg)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(run_dir / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """Print the resolved config as a tree, one branch per config group."""
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("config")
+    for key, value in cfg.items():
+        branch = tree.add(str(key))
+        text = OmegaConf.to_yaml(value) if isinstance(value, DictConfig) else str(value)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
+
+@rank_zero_only
+def save_classes(run_dir: Path, class_names: list[str], skipped: list[str]) -> None:
+    """classes.json (class names in label order) and, when images were skipped as unreadable,
+    skipped_images.json (their paths)."""
+    write_json(run_dir / CLASSES_FILE, class_names)
+    if skipped:
+        write_json(run_dir / SKIPPED_FILE, skipped)
+
+
+@rank_zero_only
+def save_weights_report(run_dir: Path, report: Any, loggers: list[Any]) -> None:
+    """weights_report.json and the report as text in TensorBoard (`weights/load_report`);
+    nothing without a report (no pretrained weights were loaded). `report` is a
+    `finetune.weights.LoadReport`."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if report is None:
+        return
+    write_json(run_dir / WEIGHTS_REPORT_FILE, report.to_dict())
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            table = str(report).replace("\n", "  \n")  # markdown line breaks
+            logger.experiment.add_text("weights/load_report", table)
+
+
+@rank_zero_only
+def save_results(run_dir: Path, metrics: dict[str, Any], cfg: DictConfig, loggers: list) -> None:
+    """metrics.json, then the final hparams in every logger (see `log_final_hparams`)."""
+    write_json(run_dir / METRICS_FILE, metrics)
+    log_final_hparams(loggers, cfg, metrics)
+
+
+def save_failure(run_dir: Path, error: BaseException) -> None:
+    """failure.json (`{"error": "<type>: <message>"}`): what the sweep summary shows for a run
+    that did not finish. An unwritable run dir is ignored: the log still has the error."""
+    with contextlib.suppress(OSError):
+        write_json(run_dir / FAILURE_FILE, {"error": f"{type(error).__name__}: {error}"})
+
+
+def log_final_hparams(loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any]) -> None:
+    """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
+    runs of a sweep by their results (not by a placeholder hp_metric). The final numbers are
+    the float metrics with a stage (`val/acc` -> `final/val_acc`)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    experiment = {key: cfg[key] for key in HPARAM_GROUPS if key in cfg}
+    params = {
+        key: str(value) if isinstance(value, list | tuple) or value is None else value
+        for key, value in flatten(OmegaConf.to_container(OmegaConf.create(experiment))).items()
+    }
+    final = {
+        f"final/{name.replace('/', '_')}": value
+        for name, value in metrics.items()
+        if isinstance(value, float) and "/" in name
+    }
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=final)
+        else:
+            logger.log_hyperparams(params)
+        logger.save()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
