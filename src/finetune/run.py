@@ -232,13 +232,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     backbone = backbones.build(
         cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
     )
+    speed = _speed_switches(cfg, backbone)
+    # A frozen backbone without augmentation sees the same images every epoch: compute its
+    # features once (or reuse them) and train the head on those.
+    caches_features = strategies.caches_features(
+        strategy,
+        cfg.strategy.get("cache_features", "auto"),
+        augmenting=is_augmenting(cfg.data.get("augment") or {}),
+    )
     module = ClassifierModule(
-        backbone,
         class_names=datamodule.class_names,
         model=_plain(cfg.model),
         optim=_plain(cfg.optim),
         scheduler=_plain(cfg.scheduler),
         backbone_lr_scale=strategy.backbone_lr_scale,
+        network=backbone,
+        inputs_are_features=caches_features,
+        channels_last=speed["channels_last"],
     )
 
     epoch_timer = EpochTimer()
@@ -268,17 +278,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 table = str(backbone.load_report).replace("\n", "  \n")  # markdown line breaks
                 logger.experiment.add_text("weights/load_report", table)
 
-    speed = _speed_switches(cfg, backbone)
-    if speed["channels_last"]:
-        module.to(memory_format=torch.channels_last)
-        module.channels_last = True
-
     started = time.perf_counter()
-    # A frozen backbone without augmentation sees the same images every epoch: compute its
-    # features once (or reuse them) and train the head on those.
     train_data: pl.LightningDataModule = datamodule
     feature_report: dict[str, Any] = {"feature_cache": "off"}
-    if strategy.caches_features(augmenting=is_augmenting(cfg.data.get("augment") or {})):
+    if caches_features:
         train_data, feature_report = features.cached_features(
             datamodule,
             backbone,
@@ -286,9 +289,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             precision=str(cfg.trainer.get("precision", "32")),
             channels_last=speed["channels_last"],
         )
-        module.inputs_are_features = True
     elif speed["compile"]:
-        module.backbone.net.compile()
+        module.network.net.compile()
 
     trainer.fit(module, datamodule=train_data, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - started
@@ -306,7 +308,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.test(module, datamodule=train_data, ckpt_path=evaluate_from, verbose=False)
         )
 
-    counts = count_parameters(module.backbone)
+    counts = count_parameters(module.network)
     report = backbone.load_report
     metrics |= {
         "best_checkpoint": best,
