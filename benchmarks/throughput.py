@@ -31,7 +31,7 @@ from pytorch_lightning.utilities import move_data_to_device
 from common import DATA_ROOT, REPO, emit, ratio, train_py
 from finetune import backbones
 from finetune.features import autocast_for
-from finetune.module import build_optimizer
+from finetune.optim import build_optimizer
 from finetune.run import build_datamodule
 
 

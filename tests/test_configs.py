@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import CONF_DIR, make_class_folders
 from finetune import backbones, strategies
 from finetune.callbacks import instantiate_all
-from finetune.module import build_optimizer
+from finetune.optim import build_optimizer
 from finetune.run import build_datamodule
 
 

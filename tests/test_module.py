@@ -6,7 +6,8 @@ import torch
 
 from conftest import folder_overrides, make_class_folders
 from finetune import backbones
-from finetune.module import ClassifierModule, WarmupSchedule, build_optimizer
+from finetune.module import ClassifierModule, load_classifier
+from finetune.optim import WarmupSchedule, build_optimizer
 from finetune.run import train
 
 SGD = {
@@ -46,16 +47,22 @@ def test_unknown_schedule_lists_choices():
         WarmupSchedule("linear", total_steps=10, steps_per_epoch=1)
 
 
+RESNET18 = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+
+
 def make_module(backbone_lr_scale: float) -> ClassifierModule:
-    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
-    backbone = backbones.build(model, 3, pretrained=False)
-    return ClassifierModule(backbone, ["a", "b", "c"], model, SGD, COSINE, backbone_lr_scale)
+    network = backbones.build(RESNET18, 3, pretrained=False)
+    return ClassifierModule(
+        ["a", "b", "c"], RESNET18, SGD, COSINE, backbone_lr_scale, network=network
+    )
 
 
 def test_backbone_learns_at_a_fraction_of_the_head_rate_under_the_schedule():
     module = make_module(backbone_lr_scale=0.1)
-    optimizer, scheduler = build_optimizer(module, SGD, COSINE, 40, 10, lr_scale=module.lr_scale)
-    head = {id(p) for p in module.backbone.get_classifier().parameters()}
+    optimizer, scheduler = build_optimizer(
+        module.network.net, SGD, COSINE, 40, 10, lr_scale=module.lr_scale
+    )
+    head = {id(p) for p in module.network.get_classifier().parameters()}
     for _ in range(40):
         rates = {
             ("head" if id(group["params"][0]) in head else "backbone"): group["lr"]
@@ -77,11 +84,11 @@ def test_no_weight_decay_on_biases_and_norm_weights():
 
 def test_frozen_parameters_never_reach_the_optimizer():
     module = make_module(backbone_lr_scale=1.0)
-    for parameter in module.backbone.net.layer1.parameters():
+    for parameter in module.network.net.layer1.parameters():
         parameter.requires_grad_(False)
     optimizer, _ = build_optimizer(module, SGD, COSINE, 10, 10)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not in_optimizer & {id(p) for p in module.backbone.net.layer1.parameters()}
+    assert not in_optimizer & {id(p) for p in module.network.net.layer1.parameters()}
     assert len(in_optimizer) == sum(1 for p in module.parameters() if p.requires_grad)
 
 
@@ -100,17 +107,14 @@ def test_top5_accuracy_only_with_more_than_five_classes():
 
 def test_layer_decay_keeps_its_ratios_at_every_step_of_a_cosine_schedule():
     optim = {**SGD, "layer_decay": 0.5}
-    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
-    backbone = backbones.build(model, 3, pretrained=False)
-    module = ClassifierModule(
-        backbone, ["a", "b", "c"], model, optim, COSINE, backbone_lr_scale=1.0
-    )
-    optimizer, scheduler = build_optimizer(module, optim, COSINE, 30, 10, lr_scale=module.lr_scale)
+    module = ClassifierModule(["a", "b", "c"], RESNET18, optim, COSINE, backbone_lr_scale=1.0)
+    net = module.network.net
+    optimizer, scheduler = build_optimizer(net, optim, COSINE, 30, 10, lr_scale=module.lr_scale)
     depth_of = {}
-    blocks = backbone.blocks()  # stem, layer1..layer4: depths 5..1 below the head (depth 0)
+    blocks = module.network.blocks()  # stem, layer1..4: depths 5..1 below the head (depth 0)
     for index, block in enumerate(blocks):
         for name in block:
-            depth_of[id(dict(module.named_parameters())[f"backbone.{name}"])] = len(blocks) - index
+            depth_of[id(net.get_parameter(name))] = len(blocks) - index
     for _ in range(30):
         head_lr = max(group["lr"] for group in optimizer.param_groups)
         for group in optimizer.param_groups:
@@ -279,3 +283,54 @@ def test_the_progress_bar_reads_the_loss_every_n_batches_only(make_cfg, monkeypa
     train(make_cfg(*folder, bar, "trainer.max_epochs=2", fast=False))
     assert reads == [(0, 0), (0, 3), (0, 5), (1, 3), (1, 5)]  # the first batch: nothing shown yet
     assert "train/loss_step" in bars[-1].shown
+
+
+def save_checkpoint(module: ClassifierModule, path: Path, prefix: str = "network.") -> None:
+    """What Lightning writes for the model part of a checkpoint."""
+    import pytorch_lightning as pl
+
+    state = {
+        key.replace("network.", prefix, 1): value for key, value in module.state_dict().items()
+    }
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": pl.__version__,
+        },
+        path,
+    )
+
+
+@pytest.mark.parametrize("prefix", ["network.", "backbone."])  # today's and older checkpoints
+def test_load_from_checkpoint_rebuilds_an_image_classifier_offline(
+    tmp_path, offline_torch_home, prefix
+):
+    """The checkpoint alone rebuilds the network: pretrained weights that are not on this
+    machine (an empty TORCH_HOME) are never asked for, and the state dict fills it."""
+    model = {**RESNET18, "weights": "DEFAULT"}
+    torch.manual_seed(0)
+    network = backbones.build(model, 3, pretrained=False)
+    trained = ClassifierModule(
+        ["a", "b", "c"], model, SGD, COSINE, 0.1, network=network, inputs_are_features=True
+    )
+    save_checkpoint(trained, tmp_path / "model.ckpt", prefix)
+
+    loaded = ClassifierModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded.inputs_are_features is False and loaded.class_names == ["a", "b", "c"]
+    assert loaded.hparams.backbone_lr_scale == 0.1
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(images), network.eval()(images))
+    assert load_classifier(tmp_path / "model.ckpt").training is False
+
+
+def test_channels_last_is_set_at_construction():
+    network = backbones.build(RESNET18, 3, pretrained=False)
+    module = ClassifierModule(
+        ["a", "b", "c"], RESNET18, SGD, COSINE, network=network, channels_last=True
+    )
+    assert network.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert "channels_last" not in module.hparams
+    with torch.no_grad():
+        assert module.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)

@@ -12,21 +12,22 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
 
-def changed_tensors(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
-    after = module.state_dict()
+def changed_tensors(before: dict[str, torch.Tensor], network) -> set[str]:
+    after = network.net.state_dict()
     return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
 
 
 def run_and_capture(cfg, monkeypatch):
-    """Train with `cfg`, returning the backbone's state before training and the trained backbone."""
+    """Train with `cfg`, returning the network's state before training and the trained network.
+    Tensor names are the torch network's own (`network.net`), as `Network.blocks()` gives them."""
     captured = {}
     original_build = backbones.build
 
     def build_and_remember(*args, **kwargs):
-        backbone = original_build(*args, **kwargs)
-        captured["before"] = snapshot(backbone)
-        captured["backbone"] = backbone
-        return backbone
+        network = original_build(*args, **kwargs)
+        captured["before"] = snapshot(network.net)
+        captured["backbone"] = network
+        return network
 
     monkeypatch.setattr(backbones, "build", build_and_remember)
     metrics = train(cfg)
@@ -42,8 +43,8 @@ def test_last_layer_changes_only_the_head_and_leaves_batchnorm_statistics_alone(
 ):
     cfg = make_cfg("strategy=last_layer", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
-    head = {name for name in before if name.startswith(f"net.{backbone.head_name}.")}
-    assert head == {"net.classifier.weight", "net.classifier.bias"}
+    head = {name for name in before if name.startswith(f"{backbone.head_name}.")}
+    assert head == {"classifier.weight", "classifier.bias"}
     assert changed_tensors(before, backbone) == head
     running_stats = [n for n in before if "running_" in n or "num_batches_tracked" in n]
     assert len(running_stats) > 100  # the check above covered the BatchNorm buffers
@@ -54,7 +55,7 @@ def test_full_trains_every_layer_and_keeps_pretrained_batchnorm_statistics(make_
     cfg = make_cfg("strategy=full", *STEPS)  # default bn policy: train_affine
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
-    assert {"net.conv_stem.weight", "net.blocks.3.0.conv_dw.weight", "net.bn1.weight"} <= changed
+    assert {"conv_stem.weight", "blocks.3.0.conv_dw.weight", "bn1.weight"} <= changed
     assert not {name for name in changed if "running_" in name}
     assert metrics["trainable_params"] == metrics["total_params"]
 
@@ -63,14 +64,14 @@ def test_bn_policy_train_updates_running_statistics(make_cfg, monkeypatch):
     cfg = make_cfg("strategy=full", "strategy.bn=train", *STEPS)
     before, backbone, _ = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
-    assert {"net.bn1.running_mean", "net.blocks.3.0.bn2.running_var", "net.bn1.weight"} <= changed
+    assert {"bn1.running_mean", "blocks.3.0.bn2.running_var", "bn1.weight"} <= changed
 
 
 def test_bn_policy_frozen_keeps_batchnorm_affine_and_statistics(make_cfg, monkeypatch):
     cfg = make_cfg("strategy=full", "strategy.bn=frozen", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
-    assert "net.conv_stem.weight" in changed
+    assert "conv_stem.weight" in changed
     assert not {name for name in changed if ".bn" in name}
     assert metrics["trainable_params"] < metrics["total_params"]
 
@@ -79,12 +80,12 @@ def test_top_k_trains_the_head_and_exactly_the_top_k_blocks(make_cfg, monkeypatc
     cfg = make_cfg("strategy=top_k", "strategy.k=2", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
-    learned = {name for name, p in backbone.named_parameters()}
+    learned = {name for name, p in backbone.net.named_parameters()}
     top_two = set(backbone.blocks()[-1]) | set(backbone.blocks()[-2])
-    assert "net.conv_head.weight" in top_two and "net.blocks.5.0.conv_pw.weight" in top_two
+    assert "conv_head.weight" in top_two and "blocks.5.0.conv_pw.weight" in top_two
     assert changed & learned == top_two | backbone.head_parameter_names()
     assert not {name for name in changed if "running_" in name}  # bn: train_affine
-    expected = sum(p.numel() for n, p in backbone.named_parameters() if n in top_two) + 3843
+    expected = sum(p.numel() for n, p in backbone.net.named_parameters() if n in top_two) + 3843
     assert metrics["trainable_params"] == expected
 
 
@@ -96,23 +97,23 @@ def test_regex_trains_what_the_patterns_choose(make_cfg, monkeypatch, caplog):
         before, backbone, _ = run_and_capture(cfg, monkeypatch)
     changed = changed_tensors(before, backbone)
     assert changed == {
-        "net.blocks.6.0.conv_pw.weight",
-        "net.blocks.6.0.conv_dw.weight",
-        "net.blocks.6.0.conv_pwl.weight",
-        "net.classifier.weight",
-        "net.classifier.bias",
+        "blocks.6.0.conv_pw.weight",
+        "blocks.6.0.conv_dw.weight",
+        "blocks.6.0.conv_pwl.weight",
+        "classifier.weight",
+        "classifier.bias",
     }
-    assert "net.blocks.6.0.conv_dw.weight" in caplog.text  # the trainable names are printed
+    assert "blocks.6.0.conv_dw.weight" in caplog.text  # the trainable names are printed
 
 
 def test_scratch_starts_from_random_weights_and_trains_everything(make_cfg, monkeypatch):
     cfg = make_cfg("strategy=scratch", *STEPS)
     before, backbone, metrics = run_and_capture(cfg, monkeypatch)
     pretrained = backbones.pretrained_network(cfg.model).state_dict()
-    assert not torch.equal(before["net.conv_stem.weight"], pretrained["conv_stem.weight"])
+    assert not torch.equal(before["conv_stem.weight"], pretrained["conv_stem.weight"])
     assert metrics["weights"] is None
     assert metrics["trainable_params"] == metrics["total_params"]
-    assert "net.conv_stem.weight" in changed_tensors(before, backbone)
+    assert "conv_stem.weight" in changed_tensors(before, backbone)
 
 
 def test_optimizer_receives_only_trainable_parameters(make_cfg, monkeypatch):
@@ -184,7 +185,7 @@ def test_gradual_unfreezes_one_block_per_epoch_with_its_own_param_groups(make_cf
     state = gradual_state(f"{cfg.run_dir}/checkpoints/last.ckpt")
     assert state["unfrozen"] == 3  # unfrozen at the start of epochs 1, 2 and 3
     blocks = backbone.blocks()
-    trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in backbone.net.named_parameters() if p.requires_grad}
     assert trainable == backbone.head_parameter_names() | set(blocks[-1]) | set(blocks[-2]) | set(
         blocks[-3]
     )
@@ -192,8 +193,8 @@ def test_gradual_unfreezes_one_block_per_epoch_with_its_own_param_groups(make_cf
     head_lr = state["groups"][0][1]
     assert all(lr == pytest.approx(0.1 * head_lr) for _, lr, _ in state["groups"][2:])
     changed = changed_tensors(before, backbone)
-    assert "net.blocks.6.0.conv_pw.weight" in changed  # unfrozen at epoch 1
-    assert "net.blocks.3.0.conv_pw.weight" not in changed  # never unfrozen
+    assert "blocks.6.0.conv_pw.weight" in changed  # unfrozen at epoch 1
+    assert "blocks.3.0.conv_pw.weight" not in changed  # never unfrozen
     assert changed <= trainable  # every other tensor, BatchNorm buffers included, is untouched
     assert metrics["trainable_params"] == sum(
         p.numel() for p in backbone.parameters() if p.requires_grad
@@ -234,15 +235,18 @@ def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monk
 def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(monkeypatch):
     from types import SimpleNamespace
 
-    from finetune.strategies import FreezeStrategy
+    from finetune.strategies import Gradual
 
-    strategy = FreezeStrategy(name="gradual", on_plateau=True, patience=2)
+    strategy = Gradual(on_plateau=True, patience=2)
     unfrozen_at = []
     monkeypatch.setattr(
-        strategy, "unfreeze_next_block", lambda module, epoch: unfrozen_at.append(epoch)
+        strategy,
+        "unfreeze_next_block",
+        lambda trainer, module: unfrozen_at.append(trainer.current_epoch),
     )
     for epoch, val_acc in enumerate([0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7]):
-        strategy.on_train_epoch_start(SimpleNamespace(current_epoch=epoch), None)
+        trainer = SimpleNamespace(current_epoch=epoch)
+        strategy.on_train_epoch_start(trainer, None)
         metrics = {"val/acc": torch.tensor(val_acc)}
         strategy.on_validation_end(
             SimpleNamespace(sanity_checking=False, callback_metrics=metrics), None
@@ -251,3 +255,63 @@ def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(
     # then no gain at 5 and 6 -> the next unfreeze would come at epoch 7
     assert unfrozen_at == [4]
     assert strategy.state_dict()["epochs_without_improvement"] == 2
+
+
+def test_each_strategy_takes_exactly_its_own_keys():
+    from finetune import strategies
+
+    expected = {
+        "last_layer": ["name", "cache_features"],
+        "top_k": ["name", "k", "backbone_lr_scale", "bn"],
+        "regex": ["name", "train", "freeze", "backbone_lr_scale", "bn"],
+        "gradual": ["name", "every_n_epochs", "on_plateau", "patience", "backbone_lr_scale", "bn"],
+        "full": ["name", "backbone_lr_scale", "bn"],
+        "scratch": ["name", "bn"],
+    }
+    assert {n: strategies.config_keys(c) for n, c in strategies.STRATEGIES.items()} == expected
+    assert [n for n, c in strategies.STRATEGIES.items() if not c.pretrained] == ["scratch"]
+    built = strategies.build({"name": "last_layer", "cache_features": True})
+    assert not hasattr(built, "cache_features")  # the run reads it, the strategy does not
+    assert strategies.build({"name": "scratch"}).backbone_lr_scale == 1.0
+
+
+def test_an_unknown_strategy_key_names_the_valid_keys_and_the_closest():
+    from finetune import strategies
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(
+        FinetuneError, match=r"no key 'kk'.*name, k, backbone_lr_scale, bn.*strategy\.k\?"
+    ):
+        strategies.build({"name": "top_k", "kk": 3})
+    with pytest.raises(FinetuneError, match="is a key of strategy=last_layer"):
+        strategies.build({"name": "full", "cache_features": True})
+
+
+@pytest.mark.parametrize(
+    ("name", "cache_features", "augmenting", "expected"),
+    [
+        ("last_layer", "auto", False, True),
+        ("last_layer", "auto", True, False),
+        ("last_layer", True, True, True),
+        ("last_layer", False, False, False),
+        ("full", "auto", False, False),
+        ("top_k", "auto", False, False),
+    ],
+)
+def test_the_run_caches_features_only_for_a_frozen_backbone(
+    name, cache_features, augmenting, expected
+):
+    from finetune import strategies
+
+    strategy = strategies.build({"name": name})
+    assert strategies.caches_features(strategy, cache_features, augmenting) is expected
+
+
+def test_cache_features_values_are_checked():
+    from finetune import strategies
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match="auto, false, true"):
+        strategies.caches_features(strategies.build({"name": "last_layer"}), "sometimes", False)
+    with pytest.raises(FinetuneError, match="strategy=last_layer"):
+        strategies.caches_features(strategies.build({"name": "full"}), True, False)

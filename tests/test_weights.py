@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.weights import RENAMES, load_bottom_up, load_file, rename_keys
+from finetune.weights import RENAMES, guess_rename, load_bottom_up, load_file, rename_keys
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -218,3 +218,12 @@ def test_lukemelas_rename_table_matches_timm_tensor_for_tensor(variant):
     assert learned <= set(renamed)
     for key in learned:
         assert torch.equal(renamed[key], by_position[key]), key
+
+
+def test_our_checkpoint_prefixes_old_and_new_and_wrapper_prefixes_are_removed(tmp_path):
+    state = {"network.net.conv1.weight": torch.zeros(1), "backbone.net.fc.bias": torch.zeros(1)}
+    assert set(rename_keys(state, "lightning")) == {"conv1.weight", "fc.bias"}
+    assert guess_rename({"network.net.conv1.weight": torch.zeros(1)}) == "lightning"
+    # torch.compile (`_orig_mod.`) around DDP (`module.`): timm's cleaning unwraps both.
+    torch.save({"_orig_mod.module.conv1.weight": torch.ones(1)}, tmp_path / "compiled.pth")
+    assert list(load_file(tmp_path / "compiled.pth")) == ["conv1.weight"]

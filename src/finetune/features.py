@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.backbones import Backbone
+from finetune.backbones import Network
 from finetune.data import (
     FinetuneDataModule,
     ImageListDataset,
@@ -43,13 +43,13 @@ CACHE_FORMAT = 1  # bump when the file layout or the extraction changes
 _IN_MEMORY: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def weights_fingerprint(backbone: Backbone) -> str:
+def weights_fingerprint(backbone: Network) -> str:
     """A hash of every tensor below the head (parameters and buffers such as BatchNorm
     statistics), so any change of weights file, loading or architecture changes it."""
-    head_prefix = f"net.{backbone.head_name}."
+    head = backbone.head_parameter_names()
     digest = hashlib.sha256()
-    for name, tensor in backbone.state_dict().items():
-        if name.startswith(head_prefix):
+    for name, tensor in backbone.net.state_dict().items():
+        if name in head:
             continue
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
@@ -58,7 +58,7 @@ def weights_fingerprint(backbone: Backbone) -> str:
 
 
 def cache_key_fields(
-    backbone: Backbone,
+    backbone: Network,
     transform: Any,
     precision: str,
     splits: dict[str, list[Sample]],
@@ -93,7 +93,7 @@ def autocast_for(precision: str, device: torch.device):
 
 @torch.no_grad()
 def extract(
-    backbone: Backbone,
+    backbone: Network,
     dataset: Dataset,
     batch_size: int,
     num_workers: int,
@@ -194,7 +194,7 @@ class FeatureDataModule(pl.LightningDataModule):
 
 def cached_features(
     images: FinetuneDataModule,
-    backbone: Backbone,
+    backbone: Network,
     device: torch.device,
     precision: str,
     channels_last: bool = False,

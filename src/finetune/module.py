@@ -1,28 +1,29 @@
-"""The LightningModule: a backbone with its head, the loss, metrics, optimizer and schedule.
+"""The LightningModule: a network (backbone + new head), the loss, metrics, optimizer and schedule.
 
 It holds no strategy logic: which parameters train is decided by the strategy callback before
 the optimizer is built, and the optimizer only ever receives parameters that require grad.
-Its hparams are plain config dicts (never an nn.Module), enough to rebuild the network from a
-checkpoint with `load_classifier`.
+Everything it needs arrives at construction. Its hparams are plain config values (never an
+nn.Module): enough to rebuild the network offline, so `ClassifierModule.load_from_checkpoint(path)`
+(or `load_classifier(path)`) works from a checkpoint alone.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune import backbones
-from finetune.backbones import Backbone
-from finetune.errors import FinetuneError, unknown_name
+from finetune.backbones import Network
+from finetune.errors import FinetuneError
+from finetune.optim import LayerwiseRates, build_optimizer
+from finetune.weights import rename_keys
 
 
 def accuracy_metrics(num_classes: int) -> MetricCollection:
@@ -32,93 +33,56 @@ def accuracy_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection(metrics)
 
 
-class WarmupSchedule:
-    """Learning-rate multiplier per optimizer step: linear warmup, then cosine, step or constant.
-
-    A callable object (not a lambda) so that LambdaLR can save and restore it in checkpoints. The
-    multiplier applies to every param group alike, so ratios between groups are preserved.
-    """
-
-    KINDS = ("cosine", "step", "constant")
-
-    def __init__(
-        self,
-        kind: str,
-        total_steps: int,
-        steps_per_epoch: int,
-        warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.0,
-        step_epochs: int = 7,
-        gamma: float = 0.1,
-    ) -> None:
-        if kind not in self.KINDS:
-            raise unknown_name("scheduler", kind, self.KINDS)
-        self.kind = kind
-        self.total_steps = max(int(total_steps), 1)
-        self.steps_per_epoch = max(int(steps_per_epoch), 1)
-        self.warmup_steps = round(warmup_epochs * self.steps_per_epoch)
-        self.min_lr_ratio = min_lr_ratio
-        self.step_epochs = step_epochs
-        self.gamma = gamma
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        if self.kind == "constant":
-            return 1.0
-        if self.kind == "step":
-            return self.gamma ** (step // (self.step_epochs * self.steps_per_epoch))
-        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine
-
-
-def parameter_groups(
-    named_parameters: Iterable[tuple[str, nn.Parameter]],
-    base_lr: float,
-    weight_decay: float,
-    lr_scale: Callable[[str], float] = lambda name: 1.0,
-) -> list[dict[str, Any]]:
-    """Trainable parameters only, grouped by learning rate and weight decay.
-
-    `lr_scale(name)` gives each parameter's learning rate as a multiple of `base_lr`; biases and
-    norm weights (1-D) get no weight decay. Each group carries its real `lr`, so every torch or
-    Lightning scheduler scales it and the ratios between groups hold.
-    """
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, parameter in named_parameters:
-        if parameter.requires_grad:
-            key = (lr_scale(name), parameter.ndim > 1)
-            groups.setdefault(key, []).append(parameter)
-    return [
-        {"params": params, "lr": base_lr * scale, "weight_decay": weight_decay if decays else 0.0}
-        for (scale, decays), params in sorted(groups.items(), key=lambda item: item[0])
-    ]
-
-
 class ClassifierModule(pl.LightningModule):
+    """An image classifier in training: `forward` maps (batch, 3, H, W) images, or (batch,
+    features) cached features when `inputs_are_features`, to (batch, classes) logits.
+
+    Arguments:
+        class_names: the classes, in label order.
+        model: the model config (`finetune.backbones.build`'s `model_cfg`).
+        optim, scheduler: the `optim` and `scheduler` configs (`finetune.optim.build_optimizer`).
+        backbone_lr_scale: learning rate of the pretrained layers as a fraction of the head's
+            (the strategy's policy; `optim.layer_decay` adds a decay per block below the head).
+        network: the built network; None rebuilds it from `model` without pretrained weights
+            (what `load_from_checkpoint` does: the checkpoint's state dict then fills it).
+        inputs_are_features: batches hold `Network.forward_features` outputs (the cached linear
+            probe); not saved, so a checkpoint always rebuilds an image classifier.
+        channels_last: keep the network and its input images in NHWC layout; not saved.
+    """
+
     # Whether the finite-loss check of a training step may be read one step late (see
     # training_step); None: on accelerators only, where reading it at once stalls the device.
     defer_loss_check: bool | None = None
 
     def __init__(
         self,
-        backbone: Backbone,
         class_names: list[str],
         model: Mapping[str, Any],
         optim: Mapping[str, Any],
         scheduler: Mapping[str, Any],
         backbone_lr_scale: float = 1.0,
+        network: Network | None = None,
+        inputs_are_features: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        # Plain dicts only: the checkpoint must rebuild without pickled modules.
-        self.save_hyperparameters(ignore=["backbone"], logger=False)
-        self.backbone = backbone
+        # Plain values only: the checkpoint must rebuild without pickled modules. How this run
+        # feeds the network (cached features, memory layout) is not part of the model.
+        self.save_hyperparameters(
+            ignore=["network", "inputs_are_features", "channels_last"], logger=False
+        )
+        if network is None:
+            network = backbones.build(model, len(class_names), pretrained=False)
+        self.network = network
         self.class_names = list(class_names)
-        # Set by the run, not saved in hparams: a checkpoint always rebuilds an image classifier.
-        self.inputs_are_features = False  # batches hold cached `forward_features` outputs
-        self.channels_last = False  # feed images in NHWC layout (set with the network's layout)
-        self._depths: dict[str, int] | None = None  # parameter name -> blocks from the top
+        self.inputs_are_features = inputs_are_features
+        self.channels_last = channels_last
+        if channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        # Parameter name (as `network.net` names it) -> its rate as a multiple of the base rate.
+        self.lr_scale = LayerwiseRates(
+            network.blocks(), backbone_lr_scale, optim.get("layer_decay")
+        )
         # The finite-loss check of the step before, when it is read one step late.
         self._pending_loss_check: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
@@ -133,10 +97,10 @@ class ClassifierModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.inputs_are_features:
-            return self.backbone.forward_head(images)
+            return self.network.forward_head(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+        return self.network(images)
 
     def _shared_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
@@ -200,51 +164,10 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")[1].argmax(dim=1)
 
-    def lr_scale(self, parameter_name: str) -> float:
-        """Learning rate of a parameter as a multiple of the base rate.
-
-        The new head learns at the base rate. Below it, pretrained layers learn at
-        `backbone_lr_scale` of it, times `optim.layer_decay ** depth` when layer decay is on,
-        where depth counts blocks from the top (the top block is 1).
-        """
-        if self._depths is None:
-            blocks = self.backbone.blocks()
-            self._depths = {
-                f"backbone.{name}": len(blocks) - index
-                for index, block in enumerate(blocks)
-                for name in block
-            }
-        depth = self._depths.get(parameter_name, 0)  # the head is not in any block
-        if depth == 0:
-            return 1.0
-        decay = self.hparams.optim.get("layer_decay")
-        return float(self.hparams.backbone_lr_scale) * (float(decay) ** depth if decay else 1.0)
-
-    def add_param_groups(self, parameter_names: list[str]) -> None:
-        """Give newly unfrozen parameters their own groups in the running optimizer, at their
-        own learning rate, and extend the per-step schedule to the new groups."""
-        optimizer = self.trainer.optimizers[0]
-        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        wanted = set(parameter_names)
-        optimizer_cfg = self.hparams.optim["optimizer"]
-        groups = parameter_groups(
-            ((n, p) for n, p in self.named_parameters() if n in wanted),
-            float(optimizer_cfg["lr"]),
-            float(optimizer_cfg.get("weight_decay", 0.0)),
-            self.lr_scale,
-        )
-        schedule = scheduler.lr_lambdas[0]
-        for group in groups:
-            group["initial_lr"] = group["lr"]
-            group["lr"] = group["initial_lr"] * schedule(scheduler.last_epoch)
-            optimizer.add_param_group(group)
-            scheduler.base_lrs.append(group["initial_lr"])
-            scheduler.lr_lambdas.append(schedule)
-
     def configure_optimizers(self) -> dict[str, Any]:
         total_steps = int(self.trainer.estimated_stepping_batches)
         optimizer, scheduler = build_optimizer(
-            self,
+            self.network.net,
             self.hparams.optim,
             self.hparams.scheduler,
             total_steps=total_steps,
@@ -256,37 +179,18 @@ class ClassifierModule(pl.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
-
-def build_optimizer(
-    module: nn.Module,
-    optim: Mapping[str, Any],
-    scheduler: Mapping[str, Any],
-    total_steps: int,
-    steps_per_epoch: int,
-    lr_scale: Callable[[str], float] = lambda name: 1.0,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The configured optimizer over `module`'s trainable parameters, and its per-step schedule."""
-    optimizer_cfg = dict(optim["optimizer"])
-    weight_decay = float(optimizer_cfg.pop("weight_decay", 0.0))
-    groups = parameter_groups(
-        module.named_parameters(), float(optimizer_cfg["lr"]), weight_decay, lr_scale
-    )
-    optimizer = instantiate(optimizer_cfg)(groups)
-    schedule_cfg = dict(scheduler)
-    schedule = WarmupSchedule(
-        kind=schedule_cfg.pop("name"),
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        **schedule_cfg,
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Checkpoints from before the holder was renamed keep the network under `backbone.`;
+        # Lightning calls this hook before it loads the state dict (resume, evaluation, and
+        # `load_from_checkpoint` alike).
+        checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], "lightning_legacy")
 
 
 def load_classifier(checkpoint_path: str | Path) -> ClassifierModule:
-    """Rebuild a trained classifier from one of this project's checkpoints (no download)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    backbone = backbones.build(hparams["model"], len(hparams["class_names"]), pretrained=False)
-    module = ClassifierModule(backbone, **hparams)
-    module.load_state_dict(checkpoint["state_dict"])
+    """A trained image classifier from one of this project's checkpoints, on the CPU, in eval
+    mode, offline: `ClassifierModule.load_from_checkpoint` without pickled code. Its
+    `class_names` name the logits; `network.input_spec` is the preprocessing it expects."""
+    module = ClassifierModule.load_from_checkpoint(
+        checkpoint_path, map_location="cpu", weights_only=True
+    )
     return module.eval()

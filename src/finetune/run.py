@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from finetune import backbones, callbacks, features, resume, rundir, runtime, strategies
+from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
 from finetune.module import ClassifierModule
 from finetune.reports import EvaluationReport
@@ -40,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
     model = build_model(cfg, datamodule)
     fitting = build_trainer(cfg, model, datamodule)
-    rundir.save_weights_report(run_dir, model.backbone.load_report, fitting.loggers)
+    rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
     train_data, feature_report = training_data(cfg, model, datamodule, fitting.trainer)
     fit_seconds = fit(fitting.trainer, model.module, train_data, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, train_data, datamodule)
@@ -54,9 +54,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 class Model(NamedTuple):
-    strategy: pl.Callback  # the freeze strategy (finetune.strategies)
-    backbone: Any  # the network: backbone + new head (finetune.backbones)
+    strategy: strategies.FreezeStrategy
+    network: Network  # backbone + new head
     module: ClassifierModule
+    speed: dict[str, bool]  # runtime.speed_switches: channels_last, compile
 
 
 class Fitting(NamedTuple):
@@ -95,20 +96,30 @@ def find_resume_checkpoint(
 
 
 def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
-    """The freeze strategy, the network with a head for the data's classes, the module."""
+    """The freeze strategy, the network with a head for the data's classes, the module. Whether
+    the head trains on cached features is decided here, from the strategy and the augmentation:
+    a frozen backbone without augmentation sees the same images every epoch."""
     strategy = strategies.build(_plain(cfg.strategy))
-    backbone = backbones.build(
+    network = backbones.build(
         cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
     )
+    speed = runtime.speed_switches(cfg, network)
+    caches_features = strategies.caches_features(
+        strategy,
+        cfg.strategy.get("cache_features", "auto"),
+        augmenting=is_augmenting(cfg.data.get("augment") or {}),
+    )
     module = ClassifierModule(
-        backbone,
         class_names=datamodule.class_names,
         model=_plain(cfg.model),
         optim=_plain(cfg.optim),
         scheduler=_plain(cfg.scheduler),
         backbone_lr_scale=strategy.backbone_lr_scale,
+        network=network,
+        inputs_are_features=caches_features,
+        channels_last=speed["channels_last"],
     )
-    return Model(strategy, backbone, module)
+    return Model(strategy, network, module, speed)
 
 
 def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule) -> Fitting:
@@ -139,28 +150,20 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
 def training_data(
     cfg: DictConfig, model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer
 ) -> tuple[pl.LightningDataModule, dict[str, Any]]:
-    """What the module trains on, with the speed switches applied, and the feature-cache part
-    of metrics.json. A frozen backbone without augmentation sees the same images every epoch:
-    its features are computed once (or reused) and the head trains on those."""
-    backbone, module = model.backbone, model.module
-    speed = runtime.speed_switches(cfg, backbone)
-    if speed["channels_last"]:
-        module.to(memory_format=torch.channels_last)
-        module.channels_last = True
-
+    """What the module trains on, and the feature-cache part of metrics.json: when the head
+    trains on cached features, the frozen backbone runs once (or its features are reused)."""
     train_data: pl.LightningDataModule = datamodule
     feature_report: dict[str, Any] = {"feature_cache": "off"}
-    if model.strategy.caches_features(augmenting=is_augmenting(cfg.data.get("augment") or {})):
+    if model.module.inputs_are_features:
         train_data, feature_report = features.cached_features(
             datamodule,
-            backbone,
+            model.network,
             device=trainer.strategy.root_device,
             precision=str(cfg.trainer.get("precision", "32")),
-            channels_last=speed["channels_last"],
+            channels_last=model.speed["channels_last"],
         )
-        module.inputs_are_features = True
-    elif speed["compile"]:
-        module.backbone.net.compile()
+    elif model.speed["compile"]:
+        model.network.net.compile()
     return train_data, feature_report
 
 
@@ -211,8 +214,8 @@ def describe_run(
     fit_seconds: float,
 ) -> dict[str, Any]:
     """The part of metrics.json that says what ran: sizes, names, timings, weights loaded."""
-    counts = count_parameters(model.module.backbone)
-    report = model.backbone.load_report
+    counts = count_parameters(model.network)
+    report = model.network.load_report
     return {
         "epochs": fitting.trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
@@ -220,7 +223,7 @@ def describe_run(
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "model": cfg.model.name,
-        "weights": model.backbone.weights,
+        "weights": model.network.weights,
         "strategy": cfg.strategy.name,
         "data": cfg.data.dataset,
         "num_classes": datamodule.num_classes,

@@ -1,40 +1,53 @@
-"""Which parameters train: freeze strategies as a Lightning callback.
+"""Which parameters train: one Lightning callback per freeze strategy.
 
-The callback decides the trainable set in `setup`, before Lightning builds the optimizer, so the
-optimizer only ever sees trainable parameters. Frozen parts of the network are put in eval mode,
-not only `requires_grad=False`: a frozen BatchNorm in train mode would still normalise with batch
-statistics and overwrite its running statistics.
+In the spirit of Lightning's `BaseFinetuning` (subclasses override hooks), but that class turns
+off `track_running_stats` of frozen BatchNorm layers and leaves the schedule alone; here frozen
+parts go to eval mode and added param groups join the running schedule.
 
-Strategies (the new head always trains):
+`FreezeStrategy`, the base, owns what every strategy shares: it decides the trainable set in
+`setup`, before Lightning builds the optimizer (so the optimizer only ever sees trainable
+parameters); it puts frozen parts in eval mode, not only `requires_grad=False` (a frozen
+BatchNorm in train mode would still normalise with batch statistics and overwrite its running
+statistics), keeps them there for the whole fit, applies the BatchNorm policy `bn`, logs the
+counts, and saves its subclass's state in checkpoints. A subclass says which backbone parameters
+train (`trainable_names`); the new head always trains.
+
+Strategies:
 - last_layer: only the head; the whole backbone is frozen and in eval mode.
-- top_k:      the head and the top k blocks (`Backbone.blocks()`).
+- top_k:      the head and the top k blocks (`Network.blocks()`).
 - regex:      the head and the parameters whose names match `train` and not `freeze`.
 - gradual:    the head, then one more block every n epochs (or on a val/acc plateau).
 - full:       every layer, starting from the pretrained weights.
 - scratch:    every layer, starting from random initialisation (the baseline).
+
+Whether the head trains on cached features is the run's decision (`caches_features`), from the
+strategy, `strategy.cache_features` and the augmentation.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 from torch import nn
 
-from finetune.backbones import Backbone
+from finetune import optim
+from finetune.backbones import Network
 from finetune.errors import FinetuneError, unknown_name
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("last_layer", "top_k", "regex", "gradual", "full", "scratch")
 # What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
 #   train:        batch statistics in training, running statistics and affine parameters update;
 #   train_affine: eval mode (running statistics fixed), affine parameters train;
 #   frozen:       eval mode and affine parameters frozen too.
 BN_POLICIES = ("train", "train_affine", "frozen")
+CACHE_FEATURES = ("auto", True, False)
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
@@ -59,113 +72,62 @@ def frozen_subtrees(module: nn.Module) -> list[nn.Module]:
     return [frozen for child in module.children() for frozen in frozen_subtrees(child)]
 
 
-class FreezeStrategy(pl.Callback):
-    """Sets `requires_grad` per strategy before the optimizer exists, and keeps frozen parts in
-    eval mode for the whole fit."""
+def top_blocks(network: Network, count: int) -> set[str]:
+    """Parameter names of the top `count` blocks below the head."""
+    blocks = network.blocks()
+    return {
+        name for block in (blocks[len(blocks) - count :] if count > 0 else []) for name in block
+    }
 
-    def __init__(
-        self,
-        name: str,
-        pretrained: bool = True,
-        backbone_lr_scale: float = 1.0,
-        bn: str = "train",
-        k: int = 1,
-        train: list[str] | None = None,
-        freeze: list[str] | None = None,
-        every_n_epochs: int = 1,
-        on_plateau: bool = False,
-        patience: int = 1,
-        cache_features: bool | str = False,
-        **_: Any,
-    ) -> None:
-        if name not in STRATEGIES:
-            raise unknown_name("strategy", name, STRATEGIES)
+
+class FreezeStrategy(pl.Callback):
+    """Base of the strategies: sets `requires_grad` before the optimizer exists and keeps frozen
+    parts in eval mode for the whole fit. Subclasses set `name`, `pretrained` (whether the
+    network starts from pretrained weights) and override `trainable_names`; `STATE` names the
+    attributes saved in checkpoints."""
+
+    name: ClassVar[str]
+    pretrained: ClassVar[bool] = True
+    trains_backbone: ClassVar[bool] = True  # False: the backbone stays frozen for the whole fit
+    STATE: ClassVar[tuple[str, ...]] = ()
+    # Keys of this strategy's config that the run reads, not the strategy.
+    RUN_KEYS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, bn: str = "train", backbone_lr_scale: float = 1.0) -> None:
         if bn not in BN_POLICIES:
             raise unknown_name("strategy.bn policy", bn, BN_POLICIES)
-        self.name = name
         self.bn = bn
-        self.k = int(k)  # top_k: how many of the top blocks train besides the head
-        # regex: patterns (re.search) over parameter names as the network names them
-        self.train_patterns = list(train or [])
-        self.freeze_patterns = list(freeze or [])
-        self.pretrained = pretrained
-        if cache_features not in (True, False, "auto"):
-            raise unknown_name(
-                "strategy.cache_features", str(cache_features), ["auto", "true", "false"]
-            )
-        if cache_features is True and name != "last_layer":
-            raise FinetuneError(
-                f"strategy.cache_features=true needs a frozen backbone, but strategy={name} "
-                "trains part of it. Fix: use strategy=last_layer, or drop cache_features."
-            )
-        self.cache_features = cache_features
         # Pretrained layers learn at this fraction of the head's rate, so the randomly
         # initialised head's first, noisy gradients do not wreck the features beneath it.
-        self.backbone_lr_scale = backbone_lr_scale
-        # gradual: one more block every `every_n_epochs`, or after `patience` epochs without a
-        # better val/acc when `on_plateau`. `unfrozen` and the plateau tracking are the state a
-        # checkpoint keeps, so a resumed run continues the same schedule.
-        self.every_n_epochs = max(int(every_n_epochs), 1)
-        self.on_plateau = on_plateau
-        self.patience = max(int(patience), 1)
-        self.unfrozen = 0
-        self.best_val_acc = float("-inf")
-        self.epochs_without_improvement = 0
+        self.backbone_lr_scale = float(backbone_lr_scale)
         self._eval_modules: list[nn.Module] = []
 
-    def caches_features(self, augmenting: bool) -> bool:
-        """Whether the head trains on features computed once (`finetune.features`): only when the
-        backbone is frozen, and only without augmentation (which cached features cannot have)."""
-        if self.cache_features is True:
-            if augmenting:
-                log.warning(
-                    "strategy.cache_features=true: training images get the eval preprocessing "
-                    "(augmentation is off), so the backbone's features are computed once."
-                )
-            return True
-        return self.cache_features == "auto" and self.name == "last_layer" and not augmenting
+    @property
+    def state_key(self) -> str:
+        # One strategy per run; checkpoints of every strategy (and of older versions of this
+        # project) keep its state under this key, so a resumed run finds it.
+        return "FreezeStrategy"
 
-    def trainable_names(self, backbone: Backbone) -> set[str]:
-        """Parameter names (as `backbone.named_parameters()` gives them) that train. The new,
-        randomly initialised head always trains."""
-        head = backbone.head_parameter_names()
-        if self.name == "last_layer":
-            return head
-        if self.name in ("top_k", "gradual"):
-            count = self.k if self.name == "top_k" else self.unfrozen
-            blocks = backbone.blocks()
-            top_blocks = blocks[len(blocks) - count :] if count > 0 else []
-            return head | {name for block in top_blocks for name in block}
-        if self.name == "regex":
+    def trainable_names(self, network: Network) -> set[str]:
+        """Backbone parameter names (as `network.net` names them) that train besides the head."""
+        raise NotImplementedError
 
-            def matches(patterns: list[str], name: str) -> bool:
-                return any(re.search(pattern, name) for pattern in patterns)
-
-            chosen = {
-                name
-                for name, _ in backbone.named_parameters()
-                if matches(self.train_patterns, name.removeprefix("net."))
-                and not matches(self.freeze_patterns, name.removeprefix("net."))
-            }
-            return head | chosen
-        return {name for name, _ in backbone.named_parameters()}
-
-    def apply(self, backbone: Backbone) -> dict[str, int]:
-        """Freeze `backbone` per this strategy; returns the parameter counts."""
-        trainable = self.trainable_names(backbone)
-        for name, parameter in backbone.named_parameters():
+    def apply(self, network: Network) -> dict[str, int]:
+        """Freeze `network` per this strategy; returns the parameter counts."""
+        trainable = self.trainable_names(network) | network.head_parameter_names()
+        for name, parameter in network.net.named_parameters():
             parameter.requires_grad_(name in trainable)
         batch_norms = [
-            m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         if self.bn == "frozen":
             for layer in batch_norms:
                 layer.requires_grad_(False)
-        self._eval_modules = frozen_subtrees(backbone)
+        self._eval_modules = frozen_subtrees(network)
         if self.bn != "train":
             self._eval_modules += batch_norms
         self._set_eval_modes()
-        return count_parameters(backbone)
+        return count_parameters(network)
 
     def _set_eval_modes(self) -> None:
         for module in self._eval_modules:
@@ -174,7 +136,7 @@ class FreezeStrategy(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        counts = self.apply(pl_module.backbone)
+        counts = self.apply(pl_module.network)
         log.info(
             "Strategy %s: %s trainable / %s frozen parameters (of %s)",
             self.name,
@@ -182,24 +144,144 @@ class FreezeStrategy(pl.Callback):
             f"{counts['frozen_params']:,}",
             f"{counts['total_params']:,}",
         )
-        if self.name == "regex":
-            trainable = [n for n, p in pl_module.backbone.named_parameters() if p.requires_grad]
-            log.info("Trainable parameters:\n  %s", "\n  ".join(trainable))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.name == "gradual":
-            if self.on_plateau:
-                due = self.epochs_without_improvement >= self.patience
-            else:
-                due = trainer.current_epoch > 0 and trainer.current_epoch % self.every_n_epochs == 0
-            if due:
-                self.unfreeze_next_block(pl_module, epoch=trainer.current_epoch)
-                self.epochs_without_improvement = 0
         # Lightning or user code may have called .train() on the whole module since setup.
         self._set_eval_modes()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.STATE}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in self.STATE:
+            if key in state_dict:
+                setattr(self, key, type(getattr(self, key))(state_dict[key]))
+
+
+class LastLayer(FreezeStrategy):
+    """Only the new head trains; the whole backbone, BatchNorm statistics included, is frozen."""
+
+    name = "last_layer"
+    trains_backbone = False
+    RUN_KEYS = ("cache_features",)
+
+    def __init__(self) -> None:
+        super().__init__(bn="frozen")
+
+    def trainable_names(self, network: Network) -> set[str]:
+        return set()
+
+
+class TopK(FreezeStrategy):
+    """The head and the top `k` blocks of the backbone train."""
+
+    name = "top_k"
+
+    def __init__(self, k: int = 2, backbone_lr_scale: float = 0.1, bn: str = "train_affine"):
+        super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
+        self.k = int(k)
+
+    def trainable_names(self, network: Network) -> set[str]:
+        return top_blocks(network, self.k)
+
+
+# The stems of the families this project names (timm, torchvision resnet/mobilenet/vit/densenet).
+STEM_PATTERNS = [
+    r"^conv_stem\.",
+    r"^bn1\.",
+    r"^conv1\.",
+    r"^features\.0\.",
+    r"^conv_proj\.",
+    r"^features\.conv0\.",
+    r"^features\.norm0\.",
+]
+
+
+class Regex(FreezeStrategy):
+    """The head and the parameters whose names (as the network names them) match a `train`
+    pattern and no `freeze` pattern (`re.search`)."""
+
+    name = "regex"
+
+    def __init__(
+        self,
+        train: list[str] | None = None,
+        freeze: list[str] | None = None,
+        backbone_lr_scale: float = 0.1,
+        bn: str = "train_affine",
+    ) -> None:
+        super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
+        self.train_patterns = list([".*"] if train is None else train)
+        self.freeze_patterns = list(STEM_PATTERNS if freeze is None else freeze)
+
+    def trainable_names(self, network: Network) -> set[str]:
+        def matches(patterns: list[str], name: str) -> bool:
+            return any(re.search(pattern, name) for pattern in patterns)
+
+        return {
+            name
+            for name, _ in network.net.named_parameters()
+            if matches(self.train_patterns, name) and not matches(self.freeze_patterns, name)
+        }
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            net = pl_module.network.net
+            trainable = [n for n, p in net.named_parameters() if p.requires_grad]
+            log.info("Trainable parameters:\n  %s", "\n  ".join(trainable))
+
+
+class Gradual(FreezeStrategy):
+    """The head first, then one more block from the top every `every_n_epochs`, or after
+    `patience` epochs without a better val/acc when `on_plateau`. Each block joins the running
+    optimizer as its own param groups (`finetune.optim.add_param_groups`). `unfrozen` and the
+    plateau tracking are saved in checkpoints, so a resumed run continues the same schedule."""
+
+    name = "gradual"
+    STATE = ("unfrozen", "best_val_acc", "epochs_without_improvement")
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        on_plateau: bool = False,
+        patience: int = 1,
+        backbone_lr_scale: float = 0.1,
+        bn: str = "train_affine",
+    ) -> None:
+        super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
+        self.every_n_epochs = max(int(every_n_epochs), 1)
+        self.on_plateau = bool(on_plateau)
+        self.patience = max(int(patience), 1)
+        self.unfrozen = 0
+        self.best_val_acc = float("-inf")
+        self.epochs_without_improvement = 0
+
+    def trainable_names(self, network: Network) -> set[str]:
+        return top_blocks(network, self.unfrozen)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Resuming: the optimizer was just built for the head alone; unfreeze the blocks the
+        # checkpoint had unfrozen, in the same order, so that its param groups (and then the
+        # optimizer and scheduler states Lightning restores next) line up exactly.
+        if self.unfrozen > 0:
+            restored, self.unfrozen = self.unfrozen, 0
+            self.apply(pl_module.network)
+            for _ in range(restored):
+                self.unfreeze_next_block(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_plateau:
+            due = self.epochs_without_improvement >= self.patience
+        else:
+            due = trainer.current_epoch > 0 and trainer.current_epoch % self.every_n_epochs == 0
+        if due:
+            self.unfreeze_next_block(trainer, pl_module)
+            self.epochs_without_improvement = 0
+        super().on_train_epoch_start(trainer, pl_module)
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.name != "gradual" or trainer.sanity_checking or not self.on_plateau:
+        if trainer.sanity_checking or not self.on_plateau:
             return
         val_acc = trainer.callback_metrics.get("val/acc")
         if val_acc is None:
@@ -210,43 +292,116 @@ class FreezeStrategy(pl.Callback):
         else:
             self.epochs_without_improvement += 1
 
-    def unfreeze_next_block(self, pl_module: pl.LightningModule, epoch: int) -> None:
+    def unfreeze_next_block(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unfreeze the next block down and give it its own param groups in the running
-        optimizer (and schedule)."""
-        backbone = pl_module.backbone
-        blocks = backbone.blocks()
+        optimizer and schedule."""
+        network = pl_module.network
+        blocks = network.blocks()
         if self.unfrozen >= len(blocks):
             return
         self.unfrozen += 1
         block = blocks[len(blocks) - self.unfrozen]
-        backbone.train()  # the block's modules leave eval mode; frozen parts return to it below
-        self.apply(backbone)
-        new_names = [f"backbone.{name}" for name in block]
-        pl_module.add_param_groups(new_names)
-        log.info("Epoch %d: unfroze block %d from the top (%s ...)", epoch, self.unfrozen, block[0])
+        joining = set(block)
+        network.train()  # the block's modules leave eval mode; frozen parts return to it below
+        self.apply(network)
+        optim.add_param_groups(
+            trainer.optimizers[0],
+            trainer.lr_scheduler_configs[0].scheduler,
+            [(n, p) for n, p in network.net.named_parameters() if n in joining],
+            pl_module.hparams.optim,
+            pl_module.lr_scale,
+        )
+        log.info(
+            "Epoch %d: unfroze block %d from the top (%s ...)",
+            trainer.current_epoch,
+            self.unfrozen,
+            block[0],
+        )
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Resuming: the optimizer was just built for the head alone; unfreeze the blocks the
-        # checkpoint had unfrozen, in the same order, so that its param groups (and then the
-        # optimizer and scheduler states Lightning restores next) line up exactly.
-        if self.name == "gradual" and self.unfrozen > 0:
-            restored, self.unfrozen = self.unfrozen, 0
-            self.apply(pl_module.backbone)
-            for _ in range(restored):
-                self.unfreeze_next_block(pl_module, epoch=trainer.current_epoch)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "unfrozen": self.unfrozen,
-            "best_val_acc": self.best_val_acc,
-            "epochs_without_improvement": self.epochs_without_improvement,
-        }
+class Full(FreezeStrategy):
+    """Every layer trains, starting from the pretrained weights."""
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.unfrozen = int(state_dict.get("unfrozen", 0))
-        self.best_val_acc = float(state_dict.get("best_val_acc", float("-inf")))
-        self.epochs_without_improvement = int(state_dict.get("epochs_without_improvement", 0))
+    name = "full"
+
+    def __init__(self, backbone_lr_scale: float = 0.1, bn: str = "train_affine") -> None:
+        super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
+
+    def trainable_names(self, network: Network) -> set[str]:
+        return {name for name, _ in network.net.named_parameters()}
+
+
+class Scratch(Full):
+    """Every layer trains from random initialisation, all at the full rate: the baseline that
+    shows what the pretrained weights are worth."""
+
+    name = "scratch"
+    pretrained = False
+
+    def __init__(self, bn: str = "train") -> None:
+        super().__init__(backbone_lr_scale=1.0, bn=bn)
+
+
+STRATEGIES: dict[str, type[FreezeStrategy]] = {
+    cls.name: cls for cls in (LastLayer, TopK, Regex, Gradual, Full, Scratch)
+}
+
+
+def config_keys(cls: type[FreezeStrategy]) -> list[str]:
+    """The keys a strategy's config may hold: `name`, its constructor's, the run's."""
+    own = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    return ["name", *own, *cls.RUN_KEYS]
 
 
 def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
-    return FreezeStrategy(**strategy_cfg)
+    """The strategy callback a `strategy` config names. Raises `UnknownNameError` for an unknown
+    name or BatchNorm policy and `FinetuneError` for a key that strategy does not have."""
+    cfg = dict(strategy_cfg)
+    name = cfg.pop("name", None)
+    if name not in STRATEGIES:
+        raise unknown_name("strategy", str(name), list(STRATEGIES))
+    cls = STRATEGIES[name]
+    valid = config_keys(cls)
+    for key in cfg:
+        if key not in valid:
+            raise FinetuneError(_unknown_key_message(name, key, valid))
+    return cls(**{key: value for key, value in cfg.items() if key not in cls.RUN_KEYS})
+
+
+def _unknown_key_message(name: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    owners = [other for other, cls in STRATEGIES.items() if key in config_keys(cls)]
+    hint = f" Did you mean strategy.{close[0]}?" if close else ""
+    if owners:
+        hint += f" '{key}' is a key of {', '.join(f'strategy={o}' for o in owners)}."
+    return (
+        f"strategy={name} has no key '{key}' (its keys: {', '.join(valid)}).{hint} "
+        f"Fix: drop strategy.{key} or choose a strategy that has it."
+    )
+
+
+def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmenting: bool) -> bool:
+    """Whether the head trains on features computed once (`finetune.features`): only when the
+    backbone stays frozen, and without augmentation (which cached features cannot have) unless
+    `cache_features` is true. `cache_features`: auto | true | false; raises `FinetuneError` for
+    another value, or for true with a strategy that trains the backbone."""
+    if cache_features not in CACHE_FEATURES:
+        raise unknown_name(
+            "strategy.cache_features", str(cache_features), ["auto", "true", "false"]
+        )
+    if strategy.trains_backbone:
+        if cache_features is True:
+            raise FinetuneError(
+                f"strategy.cache_features=true needs a frozen backbone, but strategy="
+                f"{strategy.name} trains part of it. Fix: use strategy=last_layer, or drop "
+                "cache_features."
+            )
+        return False
+    if cache_features is True:
+        if augmenting:
+            log.warning(
+                "strategy.cache_features=true: training images get the eval preprocessing "
+                "(augmentation is off), so the backbone's features are computed once."
+            )
+        return True
+    return cache_features == "auto" and not augmenting

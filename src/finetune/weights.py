@@ -15,14 +15,21 @@ from finetune.errors import FinetuneError
 
 
 def load_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from `.safetensors` or a torch file without executing pickled code."""
+    """Load a state dict from `.safetensors` or a torch file without executing pickled code.
+
+    A Lightning checkpoint is unwrapped to its `state_dict`; timm's `clean_state_dict` then drops
+    the prefixes DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add.
+    Raises `FinetuneError` for a missing file, pickled code, or something that is no state dict.
+    """
+    from timm.models import clean_state_dict
+
     path = Path(path).expanduser()
     if not path.is_file():
         raise FinetuneError(f"Weights file {path} does not exist; check the path.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path), device="cpu")
+        return clean_state_dict(load_safetensors(str(path), device="cpu"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -39,19 +46,27 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, Mapping):
         raise FinetuneError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    return dict(state)
+    return clean_state_dict(dict(state))
 
 
 # ------------------------------------------------------------------------------------------
 # Bottom-up loading
 # ------------------------------------------------------------------------------------------
 
+# Where this project's Lightning checkpoints keep the torch network's tensors:
+# ClassifierModule.network (a backbones.Network) -> .net; before issue 12 the attribute was
+# `backbone`. The one place these prefixes are written down.
+CHECKPOINT_PREFIX = "network.net."
+LEGACY_CHECKPOINT_PREFIX = "backbone.net."
+
 # Ready-made key rewrites (regex, replacement), applied in order to every source key.
 RENAMES: dict[str, list[tuple[str, str]]] = {
     # nn.DataParallel / DistributedDataParallel wrap the model as `module`.
     "dataparallel": [(r"^module\.", "")],
-    # A Lightning checkpoint's `state_dict` of this project: ClassifierModule -> Backbone -> net.
-    "lightning": [(r"^(?:model\.|module\.)?backbone\.net\.", "")],
+    # A Lightning checkpoint's `state_dict` of this project, old or new: onto the network's names.
+    "lightning": [(r"^(?:model\.|module\.)?(?:network|backbone)\.net\.", "")],
+    # A checkpoint written before the rename, onto today's ClassifierModule names.
+    "lightning_legacy": [(rf"^{re.escape(LEGACY_CHECKPOINT_PREFIX)}", CHECKPOINT_PREFIX)],
     # torchvision DenseNet checkpoints from before 0.3 name `norm.1` what is now `norm1`.
     "densenet_legacy": [
         (
@@ -121,7 +136,8 @@ def rename_keys(
 def guess_rename(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """The rename table a state dict evidently needs (our Lightning checkpoints, DataParallel)."""
     keys = list(state_dict)
-    if any(key.startswith(("backbone.net.", "model.backbone.net.")) for key in keys):
+    prefixes = (CHECKPOINT_PREFIX, LEGACY_CHECKPOINT_PREFIX)
+    if any(key.removeprefix("model.").startswith(prefixes) for key in keys):
         return "lightning"
     if keys and all(key.startswith("module.") for key in keys):
         return "dataparallel"

