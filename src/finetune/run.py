@@ -276,21 +276,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     # A frozen backbone without augmentation sees the same images every epoch: compute its
     # features once (or reuse them) and train the head on those.
-    train_data: pl.LightningDataModule = datamodule
     feature_report: dict[str, Any] = {"feature_cache": "off"}
     if strategy.caches_features(augmenting=is_augmenting(cfg.data.get("augment") or {})):
-        train_data, feature_report = features.cached_features(
-            datamodule,
-            backbone,
-            device=trainer.strategy.root_device,
-            precision=str(cfg.trainer.get("precision", "32")),
-            channels_last=speed["channels_last"],
+        extracted, feature_report = features.cached_features(
+            datamodule, backbone, trainer, channels_last=speed["channels_last"]
         )
+        datamodule.use_features(extracted)
         module.inputs_are_features = True
     elif speed["compile"]:
         module.backbone.net.compile()
 
-    trainer.fit(module, datamodule=train_data, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - started
 
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
@@ -299,11 +295,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = (ranked or [c.best_model_path for c in checkpoints if c.best_model_path] or [""])[0]
     evaluate_from = best or None  # without checkpoints, evaluate the weights in memory
     metrics: dict[str, Any] = _stage_metrics(
-        trainer.validate(module, datamodule=train_data, ckpt_path=evaluate_from, verbose=False)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
     )
     if datamodule.has_test_split:
         metrics |= _stage_metrics(
-            trainer.test(module, datamodule=train_data, ckpt_path=evaluate_from, verbose=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
         )
 
     counts = count_parameters(module.backbone)
