@@ -152,6 +152,33 @@ def make_loader(
     )
 
 
+def image_datasets(
+    splits: DatasetSplits,
+    training: Callable,
+    evaluation: Callable,
+    decoded: DecodedImages | None,
+    seed: int,
+) -> dict[str, Dataset]:
+    """Per split, its images with the `training` transform (seeded per epoch and image by
+    `seed`) for train and the `evaluation` transform for the others."""
+    datasets: dict[str, Dataset] = {
+        split: ImageListDataset(samples, evaluation, decoded)
+        for split, samples in splits.named().items()
+    }
+    datasets["train"] = ImageListDataset(splits.train, training, decoded, seed)
+    return datasets
+
+
+def feature_datasets(
+    splits: DatasetSplits, features: dict[str, torch.Tensor]
+) -> dict[str, Dataset]:
+    """Per split, its cached features `(N, D)` with the labels of its samples."""
+    return {
+        split: FeatureDataset(features[split], torch.tensor([label for _, label in samples]))
+        for split, samples in splits.named().items()
+    }
+
+
 def _shuffled_by_class(samples: list[Sample], seed: int) -> list[list[Sample]]:
     """Each class's samples (classes by label) in a seeded random order, the same for a seed
     whatever the caller takes from it."""

@@ -25,8 +25,8 @@ from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, layout
 from finetune.data.loading import (
     DatasetSplits,
-    FeatureDataset,
-    ImageListDataset,
+    feature_datasets,
+    image_datasets,
     make_loader,
     training_subset,
 )
@@ -37,6 +37,18 @@ from finetune.transforms import DEVICE_TRANSFORMS_OPTIONS, Preprocessing
 log = logging.getLogger(__name__)
 
 
+def _check_options(device_transforms: Any, train_fraction: float) -> None:
+    if device_transforms not in DEVICE_TRANSFORMS_OPTIONS:
+        raise unknown_name(
+            "data.device_transforms", str(device_transforms), ["auto", "true", "normalise", "false"]
+        )
+    if not 0.0 < float(train_fraction) <= 1.0:
+        raise FinetuneError(
+            f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
+            "the training split to train on."
+        )
+
+
 class FinetuneDataModule(pl.LightningDataModule):
     """Loaders for one dataset layout, preprocessed for one backbone's `InputSpec`.
 
@@ -45,6 +57,7 @@ class FinetuneDataModule(pl.LightningDataModule):
     `decode_cache_mb` keeps decoded, resized images in memory (MiB, 0 turns it off);
     `device_transforms` is explained in `finetune.transforms.Preprocessing`.
     Raises `FinetuneError` for an unknown dataset, device_transforms or train_fraction.
+    Its length (~175 lines) is mostly the constructor naming the data group's 19 keys.
     """
 
     def __init__(
@@ -72,45 +85,28 @@ class FinetuneDataModule(pl.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
     ) -> None:
         super().__init__()
-        self.dataset = dataset
-        self.layout = layout(dataset)
+        _check_options(device_transforms, train_fraction)
+        self.dataset, self.layout = dataset, layout(dataset)
         self.root = Path(root).expanduser()
         self.layout_options = LayoutOptions(
             self.root, bool(download), float(val_fraction), int(split_seed), dict(synthetic or {})
         )
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / ".cache"
-        self.input_spec = input_spec
-        self.augment = dict(augment or {})
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.input_spec, self.augment = input_spec, dict(augment or {})
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
         self.decode_cache_mb = float(decode_cache_mb or 0)
-        if device_transforms not in DEVICE_TRANSFORMS_OPTIONS:
-            raise unknown_name(
-                "data.device_transforms",
-                str(device_transforms),
-                ["auto", "true", "normalise", "false"],
-            )
         self.device_transforms_option = device_transforms
-        if not 0.0 < float(train_fraction) <= 1.0:
-            raise FinetuneError(
-                f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
-                "the training split to train on."
-            )
-        self.train_fraction = float(train_fraction)
-        self.subset_seed = int(subset_seed)
-        self.shuffle_seed = int(shuffle_seed)
-        self.skip_corrupt = bool(skip_corrupt)
+        self.train_fraction, self.subset_seed = float(train_fraction), int(subset_seed)
+        self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
         self.decoded: DecodedImages | None = None
         self.preprocessing: Preprocessing | None = None  # decided in setup (needs the device)
         self.features: dict[str, torch.Tensor] | None = None  # set by use_features
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, Dataset] = {}
-
-    # --- preparing: explicit steps, never a side effect of reading ---------------------------
 
     def prepare_data(self) -> None:
         """Download or generate the dataset when absent, then list and verify its splits.
@@ -155,33 +151,22 @@ class FinetuneDataModule(pl.LightningDataModule):
     def has_test_split(self) -> bool:
         return self.splits.test is not None
 
-    # --- datasets ---------------------------------------------------------------------------
-
     def use_features(self, features: Mapping[str, torch.Tensor]) -> None:
         """Serve `features[split]` (`(N, D)` float tensors in the order of `splits`) instead of
         images from now on; raises `FinetuneError` when a split's count does not match."""
         sizes = self.splits.sizes()
-        counts = {split: len(tensor) for split, tensor in features.items()}
-        if counts != sizes:
+        if {split: len(tensor) for split, tensor in features.items()} != sizes:
             raise FinetuneError(
-                f"Cached features of {counts} samples do not match the splits {sizes}. Fix: "
-                f"delete the feature cache under {self.cache_dir / 'features'}."
+                f"Cached features do not match the splits {sizes}. Fix: delete the feature "
+                f"cache under {self.cache_dir / 'features'}."
             )
-        self.features = dict(features)
-        self.datasets = {}
+        self.features, self.datasets = dict(features), {}
 
     def setup(self, stage: str | None = None) -> None:
         self._list_splits()  # a rank that did not prepare lists the files now
         if self.features is not None:
-            self.datasets = {
-                split: FeatureDataset(
-                    self.features[split], torch.tensor([label for _, label in samples])
-                )
-                for split, samples in self.splits.named().items()
-            }
+            self.datasets = feature_datasets(self.splits, self.features)
             return
-        trainer = getattr(self, "trainer", None)
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         if self.decode_cache_mb > 0 and self.decoded is None:
             named = self.splits.named()
             self.decoded = decode_once(
@@ -191,6 +176,8 @@ class FinetuneDataModule(pl.LightningDataModule):
                 evaluation=[[path for path, _ in samples] for samples in named.values()],
                 threads=os.cpu_count() or 1,
             )
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         self.preprocessing = Preprocessing(
             self.input_spec,
             self.augment,
@@ -198,21 +185,15 @@ class FinetuneDataModule(pl.LightningDataModule):
             on_gpu,
             tensor_input=self.decoded is not None,
         )
-        training, evaluation = self.preprocessing.train, self.preprocessing.eval
-        self.datasets = {
-            split: ImageListDataset(samples, evaluation, self.decoded)
-            for split, samples in self.splits.named().items()
-        }
-        self.datasets["train"] = ImageListDataset(
-            self.splits.train, training, self.decoded, self.shuffle_seed
+        transforms = self.preprocessing
+        self.datasets = image_datasets(
+            self.splits, transforms.train, transforms.eval, self.decoded, self.shuffle_seed
         )
 
     @property
     def device_transforms(self) -> bool:
-        """Whether batches are finished on the training device (decided in `setup`)."""
-        return self.features is None and self.preprocessing is not None and (
-            self.preprocessing.on_device
-        )
+        """Whether image batches are finished on the training device (decided in `setup`)."""
+        return self.features is None and bool(self.preprocessing and self.preprocessing.on_device)
 
     @property
     def crops_on_device(self) -> bool:
@@ -222,29 +203,21 @@ class FinetuneDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not self.device_transforms:
             return batch
-        training = self.trainer is not None and self.trainer.training
-        return self.preprocessing.finish(batch, training)
-
-    # --- loaders ----------------------------------------------------------------------------
+        return self.preprocessing.finish(batch, self.trainer is not None and self.trainer.training)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             raise FinetuneError(f"Dataset {self.dataset} has no {split} split; evaluate on val.")
-        if self.features is not None:
-            # Features are already in memory: worker processes would only add start-up time.
-            workers, pin, persistent, collate = 0, False, False, None
-        else:
-            workers, pin, persistent = self.num_workers, self.pin_memory, self.persistent_workers
-            collate = self.preprocessing.collate_train if train else None
+        images = self.features is None  # features are in memory: workers only add start-up
         return make_loader(
             self.datasets[split],
             self.batch_size if train else self.eval_batch_size,
             train,
-            num_workers=workers,
-            pin_memory=pin,
-            persistent_workers=persistent,
+            num_workers=self.num_workers if images else 0,
+            pin_memory=self.pin_memory and images,
+            persistent_workers=self.persistent_workers and images,
             seed=self.shuffle_seed,
-            collate_fn=collate,
+            collate_fn=self.preprocessing.collate_train if images and train else None,
         )
 
     def train_dataloader(self) -> DataLoader:
