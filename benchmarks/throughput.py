@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +31,6 @@ from pytorch_lightning.utilities import move_data_to_device
 
 from common import DATA_ROOT, REPO, emit, ratio, train_py
 from finetune import backbones
-from finetune.features import autocast_for
 from finetune.optim import build_optimizer
 from finetune.run import build_datamodule
 
@@ -52,8 +52,13 @@ def model_only(cfg: DictConfig, device: torch.device, batch_size: int, steps: in
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 2, (batch_size,), device=device)
 
+    # Lightning's own mixed-precision context for this precision, as the trainer would use it.
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False)
+    forward_context = trainer.precision_plugin.forward_context
+
     def step() -> None:
-        with autocast_for(precision, device):
+        with forward_context():
             loss = torch.nn.functional.cross_entropy(net(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

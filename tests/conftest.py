@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,16 @@ def compose_config(overrides: list[str], run_dir: Path, data_root: Path) -> Dict
         if cfg.data.get("root") in ("data", None) or str(cfg.data.root) == "???":
             cfg.data.root = str(data_root)
     return cfg
+
+
+def data_module(dataset: str, root: Path, input_spec, **options):
+    """A `FinetuneDataModule` for `dataset` at `root` with the config's data defaults (composed
+    as train.py does, seed 0) and `options` over them: the config is the one default."""
+    from finetune.data import FinetuneDataModule
+
+    cfg = compose_config([f"data={dataset}", "seed=0"], Path(root), Path(root))
+    defaults = OmegaConf.to_container(cfg.data, resolve=True)
+    return FinetuneDataModule(input_spec=input_spec, **{**defaults, "root": str(root), **options})
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_DATA, make_class_folders
+from conftest import SHARED_DATA, data_module, make_class_folders
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule, stratified_split
-from finetune.errors import DataUnavailableError
+from finetune.errors import DataUnavailableError, FinetuneError
 from finetune.transforms import eval_transform, train_transform
 
 SPEC = InputSpec(
@@ -20,9 +20,12 @@ SPEC = InputSpec(
 )
 
 
-def datamodule(dataset: str, root: Path, **options) -> FinetuneDataModule:
-    options = {"batch_size": 4, "num_workers": 0, **options}
-    return FinetuneDataModule(dataset=dataset, root=str(root), input_spec=SPEC, **options)
+def datamodule(dataset: str, root: Path, prepare: bool = True, **options) -> FinetuneDataModule:
+    small = {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0, "decode_cache_mb": 0}
+    module = data_module(dataset, root, SPEC, **{**small, **options})
+    if prepare:
+        module.prepare_data()
+    return module
 
 
 def first_batch(dm: FinetuneDataModule, loader: str = "train_dataloader"):
@@ -106,7 +109,9 @@ def test_synthetic_set_is_generated_once_and_regenerated_when_its_recipe_changes
 
 
 def test_missing_dataset_without_network_names_the_folder_and_the_fix(tmp_path):
-    dm = datamodule("hymenoptera", tmp_path / "nowhere")  # download=True: the download fails here
+    dm = datamodule(
+        "hymenoptera", tmp_path / "nowhere", prepare=False
+    )  # download=True: the download fails here
     with pytest.raises(DataUnavailableError) as caught:
         dm.prepare_data()
     message = str(caught.value)
@@ -117,12 +122,12 @@ def test_missing_dataset_without_network_names_the_folder_and_the_fix(tmp_path):
 
 def test_missing_imagefolder_root_is_a_clear_error(tmp_path):
     with pytest.raises(DataUnavailableError, match="does not exist"):
-        datamodule("imagefolder", tmp_path / "photos").prepare_data()
+        datamodule("imagefolder", tmp_path / "photos", prepare=False).prepare_data()
 
 
 def test_flowers102_absent_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataUnavailableError, match="flowers-102"):
-        datamodule("flowers102", tmp_path, download=False).prepare_data()
+        datamodule("flowers102", tmp_path, prepare=False, download=False).prepare_data()
 
 
 def test_eval_preset_resizes_crops_and_normalises_with_the_spec():
@@ -162,3 +167,35 @@ def test_epoch_sampler_reshuffles_every_epoch_and_follows_set_epoch():
     assert {epoch for epoch, _ in fifth} == {5} and fifth != fourth
     sampler.set_epoch(4)
     assert list(sampler) == fourth  # the same epoch, the same order: what a resume needs
+
+
+def test_nothing_is_generated_or_listed_before_prepare_data(tmp_path):
+    recipe = {"train_per_class": 2, "val_per_class": 1, "test_per_class": 1, "seed": 0}
+    dm = datamodule("synthetic", tmp_path, prepare=False, synthetic={"image_size": 16, **recipe})
+    with pytest.raises(FinetuneError, match=r"prepare_data\(\)"):
+        dm.class_names  # noqa: B018 - reading must not download or generate
+    assert not (tmp_path / "synthetic").exists()
+    dm.prepare_data()
+    assert dm.splits.sizes() == {"train": 6, "val": 3, "test": 3}
+    assert (tmp_path / ".cache" / "verified").is_dir()  # every image was decoded once
+
+
+def test_constructor_defaults_do_not_disagree_with_the_config(make_cfg):
+    import inspect
+
+    parameters = inspect.signature(FinetuneDataModule).parameters
+    for key, value in make_cfg("data=hymenoptera", fast=False).data.items():
+        default = parameters[key].default
+        assert default is inspect.Parameter.empty or default == value, key
+
+
+def test_misclassified_grid_decodes_like_training(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.reports import misclassified_image
+
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((40, 40), 51400, dtype=np.uint16)).save(path)  # PIL alone: 255
+    grid = misclassified_image([(str(path), 0, 1)], ["a", "b"], "title")
+    assert tuple(grid[28 + 80, 8 + 80]) == (200, 200, 200)

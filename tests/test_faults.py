@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_OVERRIDES, make_class_folders, run_train, subprocess_env
+from conftest import FAST_OVERRIDES, data_module, make_class_folders, run_train, subprocess_env
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule, to_rgb
 from finetune.errors import DataUnavailableError, FinetuneError
@@ -316,7 +316,7 @@ SPEC = InputSpec(32, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
 
 def folder_module(root: Path, **options) -> FinetuneDataModule:
-    return FinetuneDataModule("imagefolder", str(root), SPEC, num_workers=0, **options)
+    return data_module("imagefolder", root, SPEC, num_workers=0, **options)
 
 
 def truncate(path: Path) -> None:

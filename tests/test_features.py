@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from conftest import FAST_OVERRIDES, SHARED_DATA, make_class_folders
+from conftest import FAST_OVERRIDES, SHARED_DATA, data_module, make_class_folders
 from finetune import backbones, features
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule
@@ -19,6 +19,7 @@ from finetune.transforms import (
     device_crop,
     device_normalise,
     eval_transform,
+    train_decode_size,
 )
 
 PROBE = ["strategy=last_layer", "augment=none", "trainer.max_epochs=2"]
@@ -31,9 +32,9 @@ def final_head(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def empty_memory_cache():
-    features._IN_MEMORY.clear()
+    features.clear_memory_cache()
     yield
-    features._IN_MEMORY.clear()
+    features.clear_memory_cache()
 
 
 def test_cached_run_trains_the_same_head_as_the_uncached_run(make_cfg, tmp_path):
@@ -71,7 +72,7 @@ def test_checkpoint_of_a_cached_run_restores_an_image_classifier(make_cfg, tmp_p
 
 def test_second_identical_run_reuses_the_cache_from_disk(make_cfg, tmp_path):
     first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
-    features._IN_MEMORY.clear()  # a new process: only the file remains
+    features.clear_memory_cache()  # a new process: only the file remains
     cfg = make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c")
     cfg.run_dir = str(tmp_path / "second")
     second = train(cfg)
@@ -192,7 +193,7 @@ def test_a_changed_image_is_re_extracted_in_the_next_run(make_cfg, tmp_path):
 def test_unreadable_cache_file_is_recomputed(make_cfg, tmp_path):
     first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
     Path(first["feature_cache_file"]).write_bytes(b"truncated")
-    features._IN_MEMORY.clear()
+    features.clear_memory_cache()
     again = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
     assert again["feature_cache"] == "miss" and again["val/acc"] == first["val/acc"]
 
@@ -207,7 +208,7 @@ def hymenoptera_module(**options) -> FinetuneDataModule:
         pytest.skip("../shared/data/hymenoptera_data is not present")
     spec = backbones.input_spec({"name": "resnet18", "source": "torchvision", "weights": "DEFAULT"})
     options = {"batch_size": 8, "num_workers": 0, **options}
-    module = FinetuneDataModule("hymenoptera", str(SHARED_DATA), spec, **options)
+    module = data_module("hymenoptera", SHARED_DATA, spec, **options)
     module.setup("fit")
     return module
 
@@ -324,7 +325,9 @@ def test_device_crops_are_seeded_per_image_and_epoch(decode_cache_mb, num_worker
 
     def first_batch():
         (canvas, boxes, flips), labels = next(iter(module.train_dataloader()))
-        assert canvas.dtype == torch.uint8 and canvas.shape[-2] >= module._train_decode_size
+        assert canvas.dtype == torch.uint8 and canvas.shape[-2] >= train_decode_size(
+            module.input_spec
+        )
         images, _ = module.on_after_batch_transfer(((canvas, boxes, flips), labels), 0)
         assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32
         return boxes, images

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from finetune.data import Sample
+from finetune.data import Sample, load_rgb
 
 MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
@@ -101,8 +101,7 @@ def misclassified_image(
     for position, (path, true, pred) in enumerate(mistakes):
         x = 8 + (position % columns) * (thumb + 8)
         y = 28 + (position // columns) * (thumb + caption + 8)
-        with Image.open(path) as image:
-            picture = image.convert("RGB")
+        picture = load_rgb(path)
         picture.thumbnail((thumb, thumb))
         canvas.paste(picture, (x + (thumb - picture.width) // 2, y + (thumb - picture.height) // 2))
         draw.text(

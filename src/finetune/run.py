@@ -41,9 +41,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build_model(cfg, datamodule)
     fitting = build_trainer(cfg, model, datamodule)
     rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
-    train_data, feature_report = training_data(cfg, model, datamodule, fitting.trainer)
-    fit_seconds = fit(fitting.trainer, model.module, train_data, resume_from)
-    metrics = evaluate_best_checkpoint(fitting.trainer, model.module, train_data, datamodule)
+    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
+    metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
     metrics |= fitting.evaluation_report.results
     # Everything of train() but writing the results: what the benchmarks call work seconds.
@@ -148,41 +147,36 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
 
 
 def training_data(
-    cfg: DictConfig, model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer
-) -> tuple[pl.LightningDataModule, dict[str, Any]]:
-    """What the module trains on, and the feature-cache part of metrics.json: when the head
-    trains on cached features, the frozen backbone runs once (or its features are reused)."""
-    train_data: pl.LightningDataModule = datamodule
-    feature_report: dict[str, Any] = {"feature_cache": "off"}
-    if model.module.inputs_are_features:
-        train_data, feature_report = features.cached_features(
-            datamodule,
-            model.network,
-            device=trainer.strategy.root_device,
-            precision=str(cfg.trainer.get("precision", "32")),
-            channels_last=model.speed["channels_last"],
-        )
-    elif model.speed["compile"]:
-        model.network.net.compile()
-    return train_data, feature_report
+    model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer
+) -> dict[str, Any]:
+    """Switch the data module to cached features when the head trains on them (the frozen
+    backbone then runs once, or its features are reused); returns the feature-cache part of
+    metrics.json."""
+    if not model.module.inputs_are_features:
+        if model.speed["compile"]:
+            model.network.net.compile()
+        return {"feature_cache": "off"}
+    extracted, feature_report = features.cached_features(
+        datamodule, model.network, trainer, channels_last=model.speed["channels_last"]
+    )
+    datamodule.use_features(extracted)
+    return feature_report
 
 
 def fit(
-    trainer: pl.Trainer,
-    module: ClassifierModule,
-    train_data: pl.LightningDataModule,
-    resume_from: str | None,
-) -> float:
-    """Train (from the checkpoint `resume_from`, when given); returns the seconds it took."""
+    trainer: pl.Trainer, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
+) -> tuple[float, dict[str, Any]]:
+    """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
+    feature extraction included, and the feature-cache part of metrics.json."""
     started = time.perf_counter()
-    trainer.fit(module, datamodule=train_data, ckpt_path=resume_from)
-    return time.perf_counter() - started
+    feature_report = training_data(model, datamodule, trainer)
+    trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
+    return time.perf_counter() - started, feature_report
 
 
 def evaluate_best_checkpoint(
     trainer: pl.Trainer,
     module: ClassifierModule,
-    train_data: pl.LightningDataModule,
     datamodule: FinetuneDataModule,
 ) -> dict[str, Any]:
     """Validation (and test, when the data has a test split) metrics of the best checkpoint by
@@ -193,11 +187,11 @@ def evaluate_best_checkpoint(
     best = (ranked or [c.best_model_path for c in checkpoints if c.best_model_path] or [""])[0]
     evaluate_from = best or None
     metrics = _stage_metrics(
-        trainer.validate(module, datamodule=train_data, ckpt_path=evaluate_from, verbose=False)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
     )
     if datamodule.has_test_split:
         metrics |= _stage_metrics(
-            trainer.test(module, datamodule=train_data, ckpt_path=evaluate_from, verbose=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
         )
     return metrics | {"best_checkpoint": best}
 

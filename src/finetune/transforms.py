@@ -21,6 +21,7 @@ from finetune.backbones import InputSpec
 from finetune.errors import unknown_name
 
 AUTO_AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
+DEVICE_TRANSFORMS_OPTIONS = (True, False, "auto", "normalise")
 
 
 def _normalise(spec: InputSpec) -> list[v2.Transform]:
@@ -39,6 +40,12 @@ def is_augmenting(augment: Mapping[str, Any]) -> bool:
         or str(augment.get("auto_augment", "none") or "none").lower() != "none"
         or float(augment.get("random_erasing", 0.0) or 0.0) > 0
     )
+
+
+def train_decode_size(spec: InputSpec) -> int:
+    """Shorter side (pixels) of decoded training images: random crops keep ImageNet's 256/224
+    margin of resolution above the crop size."""
+    return max(spec.resize_size, round(spec.crop_size * 256 / 224))
 
 
 def eval_transform(spec: InputSpec, normalise: bool = True) -> v2.Compose:
@@ -208,3 +215,47 @@ def device_crop(
         return finish(images.round_().clamp_(0, 255).to(torch.uint8))
 
     return crop
+
+
+class Preprocessing:
+    """The loaders' transforms for one backbone and one training device, and the device's half.
+
+    `device_transforms` (`auto`: when `on_gpu`; `true`; `normalise`; `false`) moves the float
+    conversion, normalisation and random erasing onto the training device. With the default
+    augmentation (random resized crop and flip) the crops, resizes and flips run there too:
+    loader workers only draw each image's crop box and ship the whole uint8 image with it
+    (`normalise` keeps the crops in the workers). `tensor_input`: training images come as
+    uint8 tensors from the decode cache.
+    """
+
+    def __init__(
+        self,
+        spec: InputSpec,
+        augment: Mapping[str, Any],
+        device_transforms: bool | str,
+        on_gpu: bool,
+        tensor_input: bool,
+    ) -> None:
+        option = device_transforms
+        self.on_device = on_gpu if option == "auto" else option in (True, "normalise")
+        self.crops_on_device = self.on_device and option != "normalise" and crops_on_device(augment)
+        self.eval = eval_transform(spec, normalise=not self.on_device)
+        if self.crops_on_device:
+            self.train: Callable = CropBox(spec, augment, train_decode_size(spec))
+        else:
+            self.train = train_transform(
+                spec, augment, normalise=not self.on_device, tensor_input=tensor_input
+            )
+        self.collate_train = collate_crop_samples if self.crops_on_device else None
+        self._normalise = {True: device_normalise(spec, augment), False: device_normalise(spec, {})}
+        self._crop = device_crop(spec, augment)
+
+    def finish(self, batch: tuple[Any, torch.Tensor], training: bool) -> tuple[Any, torch.Tensor]:
+        """A batch on the training device, finished: `(images (B, 3, H, W) float32, labels)`
+        when the device does the work; unchanged otherwise."""
+        if not self.on_device:
+            return batch
+        images, labels = batch
+        if isinstance(images, (tuple, list)):  # whole images with crop boxes (CropBox)
+            return self._crop(images), labels
+        return self._normalise[training](images), labels

@@ -1,0 +1,265 @@
+"""The four dataset layouts, each a pair of functions: `fetch` puts the files in place
+(downloads or generates them when absent; nothing to do for a user's folder) and `build` lists
+them as a `DatasetSplits` without touching the network or writing anything.
+
+Layouts, all under `data.root` (the parent folder holding each dataset under its canonical name):
+- hymenoptera: `<root>/hymenoptera_data/{train,val}/<class>/*.jpg`, downloaded when absent.
+- flowers102:  `<root>/flowers-102/{jpg/, imagelabels.mat, setid.mat}` (torchvision's layout),
+  official splits train 1020 / val 1020 / test 6149, downloaded when absent.
+- imagefolder: `<root>` itself is the user's folder: either `train/ val/ [test/]` with class
+  folders inside, or class folders directly, split by a seeded stratified `val_fraction`.
+- synthetic:   `<root>/synthetic/{train,val,test}/<class>/*.png`, generated on first use.
+
+A new layout is a `fetch` and a `build` function added to `LAYOUTS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune.data.loading import DatasetSplits, Sample, stratified_split
+from finetune.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from finetune.errors import DataUnavailableError, unknown_name
+
+log = logging.getLogger(__name__)
+
+HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    """What the layouts read from the data config: `root` (the data root, or the user's folder
+    for imagefolder), whether to `download` missing datasets, imagefolder's `val_fraction` and
+    `split_seed`, and the `synthetic` recipe."""
+
+    root: Path
+    download: bool
+    val_fraction: float
+    split_seed: int
+    synthetic: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# Folder helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _is_image_file(path: Path) -> bool:
+    """An image by extension, and not hidden: macOS `._name.jpg` resource forks, `.DS_Store`
+    and files in hidden folders such as `.ipynb_checkpoints` are not images of the class."""
+    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
+    """Image files under `folder/<class>/` (recursively), labelled by position in
+    `class_names`. A class folder without images is an error naming that folder."""
+    samples: list[Sample] = []
+    for label, class_name in enumerate(class_names):
+        class_dir = folder / class_name
+        found = []
+        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            found += [Path(directory) / f for f in sorted(files) if _is_image_file(Path(f))]
+        if not found:
+            present = class_dir.is_dir()
+            raise DataUnavailableError(
+                f"Class '{class_name}' has no images in {folder}: "
+                + (f"{class_dir} holds no image files" if present else f"{class_dir} is missing")
+                + f" (looked for {', '.join(IMG_EXTENSIONS)}). Fix: add images of '{class_name}'"
+                " there, or remove the class from every split."
+            )
+        samples += [(str(path), label) for path in found]
+    return samples
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """Sub-folders of `folder` in sorted order; hidden ones (`.cache`, `.ipynb_checkpoints`) are
+    not classes."""
+    if not folder.is_dir():
+        raise DataUnavailableError(
+            f"Folder {folder} does not exist. Fix: check data.root (it should hold one "
+            "sub-folder of images per class, or train/ and val/ folders with those)."
+        )
+    class_names = sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    if not class_names:
+        raise DataUnavailableError(
+            f"No class folders in {folder}: expected one sub-folder of images per class."
+        )
+    return class_names
+
+
+def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
+    """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
+    class_names = _class_folders(root / "train")
+    train = _folder_samples(root / "train", class_names)
+    splits = {"val": None, "test": None}
+    for split in splits:
+        if not (root / split).is_dir():
+            continue
+        unknown = sorted(set(_class_folders(root / split)) - set(class_names))
+        if unknown:
+            raise DataUnavailableError(
+                f"{root / split} has class folders that train/ lacks: {', '.join(unknown)}. "
+                f"Fix: add training images for them under {root / 'train'}, or remove them."
+            )
+        splits[split] = _folder_samples(root / split, class_names)
+    if splits["val"] is None:
+        train, splits["val"] = stratified_split(train, val_fraction, seed)
+    return require_images(DatasetSplits(class_names, train, splits["val"], splits["test"]), root)
+
+
+def require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
+    """`splits` as they are; raises `DataUnavailableError` naming `where` when a split is
+    empty."""
+    for split_name, count in splits.sizes().items():
+        if count == 0:
+            raise DataUnavailableError(
+                f"The {split_name} split under {where} holds no images "
+                f"(looked for {', '.join(IMG_EXTENSIONS)} in its class folders)."
+            )
+    return splits
+
+
+def _download_archive(url: str, root: Path, name: str, expected: Path) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    log.info("Downloading %s from %s into %s", name, url, root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / url.rsplit("/", 1)[-1]
+    try:
+        download_and_extract_archive(url, download_root=str(root))
+    except Exception as error:  # network errors come as URLError, HTTPError, OSError...
+        archive.unlink(missing_ok=True)  # never leave a partial zip that looks complete
+        raise DataUnavailableError(
+            f"Dataset {name} is not in {expected} and downloading {url} failed ({error}). "
+            f"Fix: download and unzip it into {root} by hand, or set data.root to the folder "
+            f"that contains {expected.name}/."
+        ) from error
+
+
+# ------------------------------------------------------------------------------------------
+# The layouts: fetch (files in place) and build (LayoutOptions -> DatasetSplits)
+# ------------------------------------------------------------------------------------------
+
+
+def fetch_hymenoptera(options: LayoutOptions) -> None:
+    folder = options.root / "hymenoptera_data"
+    if not (folder / "train").is_dir() and options.download:
+        _download_archive(HYMENOPTERA_URL, options.root, "hymenoptera", folder)
+
+
+def build_hymenoptera(options: LayoutOptions) -> DatasetSplits:
+    folder = options.root / "hymenoptera_data"
+    if not (folder / "train").is_dir():
+        raise DataUnavailableError(
+            f"Dataset hymenoptera not found: {folder} has no train/ folder. Fix: unzip "
+            f"hymenoptera_data.zip ({HYMENOPTERA_URL}) into {options.root}, or set data.root to "
+            "the folder that contains hymenoptera_data/."
+        )
+    return _split_folders(folder, val_fraction=0.2, seed=0)
+
+
+def _flowers102(options: LayoutOptions, split: str, download: bool):
+    """torchvision's Flowers102 of one split; a clear error when its files are not there."""
+    from torchvision.datasets import Flowers102
+
+    folder = options.root / "flowers-102"
+    try:
+        return Flowers102(str(options.root), split=split, download=download)
+    except (RuntimeError, OSError) as error:  # torchvision: missing files or failed download
+        raise DataUnavailableError(
+            f"Dataset flowers102 not found or incomplete in {folder} (expected jpg/, "
+            f"imagelabels.mat and setid.mat) and could not be downloaded ({error}). Fix: "
+            f"place those files in {folder}, or set data.root to the folder that contains "
+            "flowers-102/."
+        ) from error
+
+
+def fetch_flowers102(options: LayoutOptions) -> None:
+    if options.download:  # torchvision downloads only what its integrity check finds missing
+        _flowers102(options, "train", download=True)
+
+
+def build_flowers102(options: LayoutOptions) -> DatasetSplits:
+    splits = {}
+    for split in ("train", "val", "test"):
+        dataset = _flowers102(options, split, download=False)
+        # torchvision keeps the official split's files and labels in these attributes.
+        splits[split] = [
+            (str(p), int(y)) for p, y in zip(dataset._image_files, dataset._labels, strict=False)
+        ]
+    missing = [p for p, _ in splits["train"][:1] if not Path(p).is_file()]
+    if missing:
+        raise DataUnavailableError(
+            f"Flowers102 images are missing in {options.root / 'flowers-102' / 'jpg'} (first "
+            f"missing: {missing[0]}). Fix: extract 102flowers.tgz there."
+        )
+    classes = list(type(dataset).classes)
+    return DatasetSplits(classes, splits["train"], splits["val"], splits["test"])
+
+
+def fetch_nothing(options: LayoutOptions) -> None:
+    """A user's own folder is never downloaded or generated."""
+
+
+def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
+    root = options.root
+    if not root.is_dir():
+        raise DataUnavailableError(
+            f"Image folder {root} does not exist. Fix: set data.root to a folder holding "
+            "train/ and val/ (each with one sub-folder per class), or class folders directly."
+        )
+    if (root / "train").is_dir():
+        return _split_folders(root, options.val_fraction, options.split_seed)
+    class_names = _class_folders(root)
+    samples = _folder_samples(root, class_names)
+    train, val = stratified_split(samples, options.val_fraction, options.split_seed)
+    return require_images(DatasetSplits(class_names, train, val), root)
+
+
+def _synthetic_recipe(options: LayoutOptions) -> dict[str, Any]:
+    return {"classes": list(SYNTHETIC_CLASSES), **dict(options.synthetic)}
+
+
+def fetch_synthetic(options: LayoutOptions) -> None:
+    """Generate (once) a small, visually separable image set so everything runs offline; a
+    changed recipe regenerates it."""
+    folder = options.root / "synthetic"
+    recipe = _synthetic_recipe(options)
+    marker = folder / "recipe.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == recipe):
+        generate_synthetic(folder, recipe)
+
+
+def build_synthetic(options: LayoutOptions) -> DatasetSplits:
+    return _split_folders(options.root / "synthetic", val_fraction=0.2, seed=0)
+
+
+class Layout(NamedTuple):
+    fetch: Callable[[LayoutOptions], None]
+    build: Callable[[LayoutOptions], DatasetSplits]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "hymenoptera": Layout(fetch_hymenoptera, build_hymenoptera),
+    "flowers102": Layout(fetch_flowers102, build_flowers102),
+    "imagefolder": Layout(fetch_nothing, build_imagefolder),
+    "synthetic": Layout(fetch_synthetic, build_synthetic),
+}
+
+
+def layout(dataset: str) -> Layout:
+    """The layout named `dataset`; raises `FinetuneError` listing the known ones."""
+    if dataset not in LAYOUTS:
+        raise unknown_name("dataset", dataset, list(LAYOUTS))
+    return LAYOUTS[dataset]

@@ -1,0 +1,230 @@
+"""The one LightningDataModule: images of any layout, or the cached features of those images.
+
+Lifecycle: `prepare_data()` puts the files in place (downloads or generates them when absent),
+lists the splits and checks that every image decodes; the run calls it before anything else, so
+a missing or corrupt dataset stops the run before any training. `setup()` builds the datasets
+(and the decode cache) once the training device is known. `use_features()` switches the same
+module to serve cached backbone features with the same batch sizes, order and last-batch rule.
+`splits`, `class_names`, `num_classes` and `has_test_split` only read state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.backbones import InputSpec
+from finetune.data.images import DecodedImages, decode_once
+from finetune.data.layouts import LayoutOptions, layout
+from finetune.data.loading import (
+    DatasetSplits,
+    feature_datasets,
+    image_datasets,
+    make_loader,
+    training_subset,
+)
+from finetune.data.verify import without_unreadable
+from finetune.errors import FinetuneError, unknown_name
+from finetune.transforms import DEVICE_TRANSFORMS_OPTIONS, Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def _check_options(device_transforms: Any, train_fraction: float) -> None:
+    if device_transforms not in DEVICE_TRANSFORMS_OPTIONS:
+        raise unknown_name(
+            "data.device_transforms", str(device_transforms), ["auto", "true", "normalise", "false"]
+        )
+    if not 0.0 < float(train_fraction) <= 1.0:
+        raise FinetuneError(
+            f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
+            "the training split to train on."
+        )
+
+
+class FinetuneDataModule(pl.LightningDataModule):
+    """Loaders for one dataset layout, preprocessed for one backbone's `InputSpec`.
+
+    The arguments are the keys of the `data` config group, which holds their defaults
+    (conf/data/_common.yaml); `augment` is `data.augment`, `synthetic` the synthetic recipe.
+    `decode_cache_mb` keeps decoded, resized images in memory (MiB, 0 turns it off);
+    `device_transforms` is explained in `finetune.transforms.Preprocessing`.
+    Raises `FinetuneError` for an unknown dataset, device_transforms or train_fraction.
+    Its length (~175 lines) is mostly the constructor naming the data group's 19 keys.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        root: str,
+        input_spec: InputSpec,
+        augment: Mapping[str, Any],
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+        download: bool,
+        val_fraction: float,
+        split_seed: int,
+        cache_dir: str | None,
+        decode_cache_mb: float,
+        device_transforms: bool | str,
+        train_fraction: float,
+        subset_seed: int,
+        shuffle_seed: int,
+        skip_corrupt: bool,
+        synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
+    ) -> None:
+        super().__init__()
+        _check_options(device_transforms, train_fraction)
+        self.dataset, self.layout = dataset, layout(dataset)
+        self.root = Path(root).expanduser()
+        self.layout_options = LayoutOptions(
+            self.root, bool(download), float(val_fraction), int(split_seed), dict(synthetic or {})
+        )
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / ".cache"
+        self.input_spec, self.augment = input_spec, dict(augment or {})
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.decode_cache_mb = float(decode_cache_mb or 0)
+        self.device_transforms_option = device_transforms
+        self.train_fraction, self.subset_seed = float(train_fraction), int(subset_seed)
+        self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
+        self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
+        self.decoded: DecodedImages | None = None
+        self.preprocessing: Preprocessing | None = None  # decided in setup (needs the device)
+        self.features: dict[str, torch.Tensor] | None = None  # set by use_features
+        self._splits: DatasetSplits | None = None
+        self.datasets: dict[str, Dataset] = {}
+
+    def prepare_data(self) -> None:
+        """Download or generate the dataset when absent, then list and verify its splits.
+
+        Raises `DataUnavailableError` (missing dataset, empty class, unreadable images) naming
+        the folder or files and the fix. Repeated calls do nothing more."""
+        if self._splits is not None:  # the run prepared before fit; Lightning calls it again
+            return
+        self.layout.fetch(self.layout_options)
+        self._list_splits()
+
+    def _list_splits(self) -> None:
+        """The splits from the files in place (no download): subset, verified. Once."""
+        if self._splits is not None:
+            return
+        splits = self.layout.build(self.layout_options)
+        splits.train = training_subset(splits.train, self.train_fraction, self.subset_seed)
+        self._splits, self.skipped = without_unreadable(
+            splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
+        )
+        log.info("Dataset %s in %s: %s", self.dataset, self.root, self._splits.sizes())
+
+    @property
+    def splits(self) -> DatasetSplits:
+        """The sample lists; raises `FinetuneError` before `prepare_data()` or `setup()`."""
+        if self._splits is None:
+            raise FinetuneError(
+                f"The splits of dataset {self.dataset} are read before the data was prepared. "
+                "Fix: call datamodule.prepare_data() (or setup()) first."
+            )
+        return self._splits
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.splits.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def has_test_split(self) -> bool:
+        return self.splits.test is not None
+
+    def use_features(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Serve `features[split]` (`(N, D)` float tensors in the order of `splits`) instead of
+        images from now on; raises `FinetuneError` when a split's count does not match."""
+        sizes = self.splits.sizes()
+        if {split: len(tensor) for split, tensor in features.items()} != sizes:
+            raise FinetuneError(
+                f"Cached features do not match the splits {sizes}. Fix: delete the feature "
+                f"cache under {self.cache_dir / 'features'}."
+            )
+        self.features, self.datasets = dict(features), {}
+
+    def setup(self, stage: str | None = None) -> None:
+        self._list_splits()  # a rank that did not prepare lists the files now
+        if self.features is not None:
+            self.datasets = feature_datasets(self.splits, self.features)
+            return
+        if self.decode_cache_mb > 0 and self.decoded is None:
+            named = self.splits.named()
+            self.decoded = decode_once(
+                self.input_spec,
+                self.decode_cache_mb,
+                train=[path for path, _ in named.pop("train")],
+                evaluation=[[path for path, _ in samples] for samples in named.values()],
+                threads=os.cpu_count() or 1,
+            )
+        trainer = getattr(self, "trainer", None)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        self.preprocessing = Preprocessing(
+            self.input_spec,
+            self.augment,
+            self.device_transforms_option,
+            on_gpu,
+            tensor_input=self.decoded is not None,
+        )
+        transforms = self.preprocessing
+        self.datasets = image_datasets(
+            self.splits, transforms.train, transforms.eval, self.decoded, self.shuffle_seed
+        )
+
+    @property
+    def device_transforms(self) -> bool:
+        """Whether image batches are finished on the training device (decided in `setup`)."""
+        return self.features is None and bool(self.preprocessing and self.preprocessing.on_device)
+
+    @property
+    def crops_on_device(self) -> bool:
+        """Whether training crops are cut on the training device (decided in `setup`)."""
+        return self.device_transforms and self.preprocessing.crops_on_device
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.device_transforms:
+            return batch
+        return self.preprocessing.finish(batch, self.trainer is not None and self.trainer.training)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise FinetuneError(f"Dataset {self.dataset} has no {split} split; evaluate on val.")
+        images = self.features is None  # features are in memory: workers only add start-up
+        return make_loader(
+            self.datasets[split],
+            self.batch_size if train else self.eval_batch_size,
+            train,
+            num_workers=self.num_workers if images else 0,
+            pin_memory=self.pin_memory and images,
+            persistent_workers=self.persistent_workers and images,
+            seed=self.shuffle_seed,
+            collate_fn=self.preprocessing.collate_train if images and train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)

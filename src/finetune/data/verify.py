@@ -1,0 +1,92 @@
+"""Finding unreadable image files before training, once per exact file list.
+
+Every image is decoded with `load_rgb` (what training does) before the first epoch, so a
+corrupt file stops the run at once with all bad files named, not hours in. The result is
+remembered in `<cache_dir>/verified/<fingerprint>.json`, keyed by the exact files (path, size,
+modification time): an unchanged dataset is not decoded twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from finetune.atomic import write_json
+from finetune.data.images import load_rgb
+from finetune.data.layouts import require_images
+from finetune.data.loading import DatasetSplits, Sample
+from finetune.errors import DataUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def files_fingerprint(samples: list[Sample]) -> str:
+    """The exact file list, in order, with each file's size and modification time (sha256
+    hex digest)."""
+    digest = hashlib.sha256()
+    for path, _label in samples:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def find_unreadable(paths: list[str], threads: int) -> dict[str, str]:
+    """Files that do not decode completely (truncated, corrupt, not an image), with the reason."""
+
+    def problem(path: str) -> str | None:
+        try:
+            load_rgb(path)  # the whole file: truncation only shows when decoding
+            return None
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
+            return f"{type(error).__name__}: {error}"
+
+    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+        problems = dict(zip(paths, pool.map(problem, paths), strict=True))
+    return {path: reason for path, reason in problems.items() if reason}
+
+
+def unreadable_files(splits: DatasetSplits, cache_dir: Path) -> dict[str, str]:
+    """Unreadable files of every split (path -> reason), read from the verified record of this
+    exact file list or found by decoding every image and then recorded (atomically)."""
+    every = [s for samples in splits.named().values() for s in samples]
+    record = cache_dir / "verified" / f"{files_fingerprint(every)}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    unreadable = find_unreadable([path for path, _ in every], os.cpu_count() or 1)
+    try:
+        write_json(record, unreadable)
+    except OSError:  # a read-only data root: check again next time
+        pass
+    return unreadable
+
+
+def without_unreadable(
+    splits: DatasetSplits, cache_dir: Path, skip_corrupt: bool, dataset: str, root: Path
+) -> tuple[DatasetSplits, dict[str, str]]:
+    """`splits` and the unreadable files left out of them (path -> reason).
+
+    Raises `DataUnavailableError` naming every unreadable file unless `skip_corrupt`, and when
+    skipping them leaves a split of `dataset` under `root` empty."""
+    unreadable = unreadable_files(splits, cache_dir)
+    if not unreadable:
+        return splits, {}
+    listing = "\n".join(f"  {path} ({reason})" for path, reason in sorted(unreadable.items()))
+    if not skip_corrupt:
+        raise DataUnavailableError(
+            f"{len(unreadable)} image file(s) of dataset {dataset} cannot be read:\n"
+            f"{listing}\nFix: remove or replace them, or set data.skip_corrupt=true to train "
+            "without them (the run lists them in skipped_images.json)."
+        )
+    log.warning("Skipping %d unreadable image file(s):\n%s", len(unreadable), listing)
+
+    def keep(samples: list[Sample] | None) -> list[Sample] | None:
+        return None if samples is None else [s for s in samples if s[0] not in unreadable]
+
+    kept = DatasetSplits(
+        splits.class_names, keep(splits.train), keep(splits.val), keep(splits.test)
+    )
+    return require_images(kept, root), dict(unreadable)
