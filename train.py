@@ -1,6 +1,8 @@
 """Fine-tune an ImageNet-pretrained backbone: `python train.py model=... strategy=... data=...`.
 
-A thin Hydra entry point; the flow itself lives in `finetune.run.train`.
+A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before Hydra starts
+(and creates the run dir), the command line is composed once and checked against the schema
+(`finetune.config`): a wrong key, option or type ends here with one message and exit status 1.
 """
 
 import json
@@ -13,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune import config
 from finetune.errors import FinetuneError
 from finetune.run import train
 
@@ -23,6 +26,7 @@ log = logging.getLogger("finetune")
 def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        config.validate(cfg)  # values a sweeper chose are not on the command line
         metrics = train(cfg)
     except Exception as error:
         record_failure(Path(cfg.run_dir), error)
@@ -51,4 +55,9 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        config.check_command_line(sys.argv[1:])
+    except config.ConfigError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -88,7 +88,7 @@ class FreezeStrategy(pl.Callback):
         # regex: patterns (re.search) over parameter names as the network names them
         self.train_patterns = list(train or [])
         self.freeze_patterns = list(freeze or [])
-        self.pretrained = pretrained
+        self.pretrained = pretrained and name != "scratch"  # no config key: scratch is random init
         if cache_features not in (True, False, "auto"):
             raise unknown_name(
                 "strategy.cache_features", str(cache_features), ["auto", "true", "false"]
