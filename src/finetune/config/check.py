@@ -24,7 +24,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    ValidationError,
+)
 
 from finetune.config.schema import SCHEMAS
 from finetune.errors import FinetuneError
@@ -88,8 +93,8 @@ def check_overrides(
 
 
 def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
-    """`ConfigError` for a key the schema does not have (added with `+`), a schema key deleted
-    with `~`, or a value outside a mixed-type key's choices. `choices`: Hydra's chosen option
+    """`ConfigError` for a key the schema does not have (added with `+`) or a value outside a
+    mixed-type key's choices. `choices`: Hydra's chosen option
     per group, for the message."""
     for path, node in _schema_nodes(cfg):
         fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
@@ -98,11 +103,6 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
                 error = _unknown_key(_join(path, str(key)), list(fields), choices or {})
                 raise ConfigError(f"{error} Keys of the schema cannot be added with `+`.")
         for name, spec in fields.items():
-            if name not in node:
-                raise ConfigError(
-                    f"Config key `{_join(path, name)}` was deleted; every key of the schema "
-                    f"keeps a value. Fix: set it instead ({_join(path, name)}=...)."
-                )
             allowed = spec.metadata.get("choices")
             if allowed and not OmegaConf.is_interpolation(node, name):
                 value = node[name]
@@ -153,11 +153,16 @@ def _explain(
     file's bad key), from the OmegaConf error under it."""
     cause = error.__cause__
     full_key = getattr(cause, "full_key", None)
+    guilty = _override_for(full_key, overrides) if full_key else None
+    if isinstance(cause, ConfigTypeError) and guilty and guilty.startswith("~"):
+        return ConfigError(
+            f"Config key `{full_key}` cannot be deleted: every key of the schema keeps a value. "
+            f"Fix: set it instead ({full_key}=...)."
+        )
     if not full_key or not isinstance(
         cause, ConfigAttributeError | ConfigKeyError | ValidationError
     ):
         return None
-    guilty = _override_for(full_key, overrides)
     rest = [line for line in overrides if line != guilty]
     try:  # the config without the bad override: its keys are the valid siblings
         base = compose(config_name, overrides=rest, return_hydra_config=True)

@@ -155,6 +155,12 @@ class DataConfig:
 
 
 @dataclass
+class ImageFolderDataConfig(DataConfig):
+    dataset: str = "imagefolder"
+    root: str = MISSING  # the user's own folder (a YAML `???` cannot unset a schema default)
+
+
+@dataclass
 class SyntheticDataConfig(DataConfig):
     dataset: str = "synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -312,7 +318,11 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "base_full": FullConfig,
         "base_scratch": ScratchConfig,
     },
-    "data": {"base_data": DataConfig, "base_synthetic": SyntheticDataConfig},
+    "data": {
+        "base_data": DataConfig,
+        "base_imagefolder": ImageFolderDataConfig,
+        "base_synthetic": SyntheticDataConfig,
+    },
     "optim": {"base_sgd": SGDOptimConfig, "base_adamw": AdamWOptimConfig},
     "scheduler": {
         "base_constant": ConstantSchedulerConfig,
