@@ -26,7 +26,8 @@ log = logging.getLogger("finetune")
 def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        config.validate(cfg)  # values a sweeper chose are not on the command line
+        # values a sweeper chose were not on the command line train.py checked
+        config.validate(cfg, HydraConfig.get().runtime.choices)
         metrics = train(cfg)
     except Exception as error:
         record_failure(Path(cfg.run_dir), error)

@@ -4,6 +4,7 @@ closest match."""
 
 import dataclasses
 import inspect
+import json
 import re
 import shlex
 
@@ -11,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, run_train
+from conftest import CONF_DIR, FAST_OVERRIDES, run_train
 from finetune.config import SCHEMAS, ConfigError, check_command_line, check_overrides
 from finetune.config.schema import TrainerConfig
 
@@ -145,3 +146,32 @@ def test_no_config_names_a_path_of_this_projects_machines():
 
 def test_a_schema_key_cannot_be_deleted():
     assert "cannot be deleted" in refusal("~strategy.cache_features")
+
+
+def test_a_key_of_another_strategy_names_that_strategy():
+    message = refusal("strategy=full +strategy.cache_features=true")
+    assert "`strategy.cache_features`" in message and "strategy=last_layer" in message
+
+
+def test_a_key_a_sweeper_adds_is_refused_in_the_job(tmp_path):
+    # the sweeper's values are not on the command line: the job itself checks its config
+    extra = tmp_path / "conf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "typo.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      +strategy.kk: 3\n"
+    )
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "experiment=typo",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # one failed job does not end a sweep
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert "`strategy.kk`" in failure["error"] and "cache_features" in failure["error"]
+    assert not (sweep / "0" / "metrics.json").exists()

@@ -94,8 +94,8 @@ def check_overrides(
 
 def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
     """`ConfigError` for a key the schema does not have (added with `+`) or a value outside a
-    mixed-type key's choices. `choices`: Hydra's chosen option
-    per group, for the message."""
+    mixed-type key's choices. `choices`: the option chosen per group (Hydra's
+    `hydra.runtime.choices`), for the message."""
     for path, node in _schema_nodes(cfg):
         fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
         for key in node:
