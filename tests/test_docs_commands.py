@@ -1,5 +1,6 @@
-"""Every `python train.py ...` command in the docs composes with the real config: each
-`key=value` the docs name exists and has the right type (sweeps: each value)."""
+"""Every `python train.py ...` command in the docs (and in the config files' comments) composes
+with the real config: each `key=value` they name exists and has the right type (sweeps: each
+value)."""
 
 import re
 import shlex
@@ -9,7 +10,15 @@ import pytest
 from conftest import REPO
 from finetune.config import ConfigError, check_command_line
 
-DOCS = sorted({REPO / "README.md", *REPO.glob("docs/**/*.md"), *REPO.glob("*/README.md")})
+# The README, docs/, each folder's README and the examples in the config files' comments.
+DOCS = sorted(
+    {
+        REPO / "README.md",
+        *REPO.glob("docs/**/*.md"),
+        *REPO.glob("*/README.md"),
+        *REPO.glob("conf/**/*.yaml"),
+    }
+)
 SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
 
 
