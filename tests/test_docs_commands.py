@@ -25,15 +25,17 @@ SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
 def train_commands(text: str) -> list[tuple[int, list[str]]]:
     """(line number, arguments) of each `python train.py` command in markdown `text`.
 
-    Placeholders are made concrete: `...` (the rest of a command) is dropped, `<run>` becomes
-    `run`, optional `[key=value]` loses its brackets; a `# comment` and anything after a shell
-    operator or a closing backtick is not part of the command.
+    Placeholders: `...` (the rest of a command) is dropped; a whole value `key=<n>` becomes
+    `key=???` (the key must exist, any type); inside a value `<run>` becomes `run`; an optional
+    `[key=value]` loses its brackets. A `# comment` and anything after a shell operator or a
+    closing backtick is not part of the command.
     """
     text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     commands = []
     for number, line in enumerate(text.splitlines(), start=1):
         for match in re.finditer(r"python3? train\.py\b([^`\n]*)", line):
-            rest = re.sub(r"<([^<>]*)>", lambda m: re.sub(r"\W+", "_", m[1]), match[1])
+            rest = re.sub(r"=<[^<>]*>(?=\s|$)", "=???", match[1])
+            rest = re.sub(r"<([^<>]*)>", lambda m: re.sub(r"\W+", "_", m[1]), rest)
             try:
                 words = shlex.split(rest, comments=True)
             except ValueError:  # an unbalanced quote: prose, not a command
@@ -75,7 +77,7 @@ def test_the_extraction_finds_keys_behind_placeholders_and_catches_a_typo():
     text = (
         "```bash\n"
         "python train.py -m hparams_search=optuna [hydra.sweeper.n_trials=30]  # a search\n"
-        "python train.py ... hydra.run.dir=outputs/runs/<run> ckpt_path=last\n"
+        "python train.py ... hydra.run.dir=outputs/runs/<run> ckpt_path=last trainer.devices=<n>\n"
         "python train.py model=resnet18 \\\n    strategy=top_k strategy.kk=1\n"
         "```\n"
         "Run `python train.py trainer.max_epoch=3` for a short run.\n"
@@ -83,7 +85,7 @@ def test_the_extraction_finds_keys_behind_placeholders_and_catches_a_typo():
     commands = [args for _, args in train_commands(text)]
     assert commands == [
         ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=30"],
-        ["hydra.run.dir=outputs/runs/run", "ckpt_path=last"],
+        ["hydra.run.dir=outputs/runs/run", "ckpt_path=last", "trainer.devices=???"],
         ["model=resnet18", "strategy=top_k", "strategy.kk=1"],
         ["trainer.max_epoch=3"],
     ]
