@@ -173,7 +173,7 @@ def _explain(
     node = OmegaConf.select(base, parent) if parent else base
     siblings = [str(key) for key in node if key != "hydra"] if isinstance(node, DictConfig) else []
     if isinstance(cause, ValidationError):
-        return _wrong_type(full_key, cause, guilty, siblings)
+        return _wrong_type(full_key, cause, guilty)
     if full_key.split(".", 1)[0] == "hydra":
         return None  # Hydra's own settings: its message stands
     return _unknown_key(full_key, siblings, choices)
@@ -181,8 +181,9 @@ def _explain(
 
 def _override_for(full_key: str, overrides: list[str]) -> str | None:
     """The override that sets `full_key` or a key below it."""
+    parser = OverridesParser.create()
     for line in overrides:
-        key = line.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+        key = parser.parse_override(line).key_or_group
         if key == full_key or key.startswith(full_key + "."):
             return line
     return None
@@ -219,10 +220,11 @@ def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
     return None
 
 
-def _wrong_type(
-    full_key: str, cause: ValidationError, guilty: str | None, siblings: list[str]
-) -> ConfigError:
-    value = guilty.split("=", 1)[1] if guilty and "=" in guilty else cause.value
+def _wrong_type(full_key: str, cause: ValidationError, guilty: str | None) -> ConfigError:
+    if guilty:
+        value = OverridesParser.create().parse_override(guilty).get_value_element_as_str()
+    else:
+        value = cause.value
     schema = cause.object_type
     hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     expected = hints.get(full_key.rpartition(".")[2])
