@@ -1,6 +1,8 @@
 """Fine-tune an ImageNet-pretrained backbone: `python train.py model=... strategy=... data=...`.
 
-A thin Hydra entry point; the flow itself lives in `finetune.run.train`.
+A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before Hydra starts
+(and creates the run dir), the command line is composed once and checked against the schema
+(`finetune.config`): a wrong key, option or type ends here with one message and exit status 1.
 """
 
 import logging
@@ -12,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune import config
 from finetune.errors import FinetuneError
 from finetune.run import train
 from finetune.rundir import save_failure
@@ -23,6 +26,8 @@ log = logging.getLogger("finetune")
 def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        # values a sweeper chose were not on the command line train.py checked
+        config.validate(cfg, HydraConfig.get().runtime.choices)
         metrics = train(cfg)
     except Exception as error:
         save_failure(Path(cfg.run_dir), error)
@@ -41,4 +46,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        config.check_command_line(sys.argv[1:])
+    except config.ConfigError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -53,7 +53,7 @@ def main() -> None:
         "strategy=full",
         "strategy.bn=train",
         "data=hymenoptera",
-        f"data.root={args.data_root}",
+        f"paths.data_root={args.data_root}",
         f"data.batch_size={args.batch_size}",
         f"trainer.max_epochs={args.epochs}",
     ]

@@ -53,7 +53,7 @@ def main() -> None:
             "strategy=last_layer",
             "augment=none",
             "data=hymenoptera",
-            f"data.root={args.data_root}",
+            f"paths.data_root={args.data_root}",
             f"data.cache_dir={scratch}/cache",  # starts empty: the first run is cold
         ]
         for cache, repeats in (("cold", 1), ("warm", args.repeats)):

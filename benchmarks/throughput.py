@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import move_data_to_device
 
+import finetune.config  # noqa: F401  registers the schema that conf/ extends
 from common import DATA_ROOT, REPO, emit, ratio, train_py
 from finetune import backbones
 from finetune.optim import build_optimizer

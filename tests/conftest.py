@@ -18,6 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
+import finetune.config  # noqa: F401  registers the schema that conf/ extends
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -55,7 +57,8 @@ def compose_config(overrides: list[str], run_dir: Path, data_root: Path) -> Dict
         cfg = compose(config_name="config", overrides=overrides)
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
-        if cfg.data.get("root") in ("data", None) or str(cfg.data.root) == "???":
+        cfg.paths.data_root = str(data_root)
+        if OmegaConf.is_missing(cfg.data, "root"):  # data=imagefolder names no default
             cfg.data.root = str(data_root)
     return cfg
 

@@ -22,7 +22,7 @@ def hymenoptera_run(tmp_path, strategy: str) -> dict:
     run_dir = tmp_path / strategy
     result = run_train(
         "data=hymenoptera",
-        f"data.root={SHARED_DATA}",
+        f"paths.data_root={SHARED_DATA}",
         "model=efficientnet_lite0",
         f"strategy={strategy}",
         "callbacks.progress_bar=null",

@@ -1,0 +1,300 @@
+"""Refuse a wrong key, type or option before anything runs, with one message that names the key,
+its valid siblings and the closest match.
+
+Hydra composes the config before the task function runs and creates the run dir as it starts
+it; its own errors ("Could not override 'strategy.kk'") name neither the valid keys nor a fix,
+and a key added with `+` to a schema node is accepted silently. `check_command_line(argv)`
+composes what `python train.py ARGV` would compose (once per value of each sweep) and raises
+`ConfigError` instead; `validate(cfg)` checks a composed config against the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    ValidationError,
+)
+
+from finetune.config.schema import SCHEMAS
+from finetune.errors import FinetuneError
+
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+SCHEMA_PREFIX = "base_"  # ConfigStore entries that option files extend, not options to choose
+
+
+class ConfigError(FinetuneError):
+    """An unknown key, option or a wrong type in the composed config."""
+
+
+def check_command_line(
+    argv: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+) -> None:
+    """Compose what `python train.py ARGV` composes, with each value of each sweep, and raise
+    `ConfigError` for the first unknown key, unknown option or wrong type.
+
+    Leaves to Hydra what it explains well itself (help, a malformed override, another config
+    dir): those return without a check.
+    """
+    args = get_args_parser().parse_args(list(argv))
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    if args.config_path or args.config_dir or args.experimental_rerun:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException:
+        return
+    for variant in _variants(overrides):
+        try:
+            check_overrides(variant, config_dir, args.config_name or config_name)
+        except HydraException:  # not one of the mistakes above: Hydra's own message stands
+            return
+
+
+def check_overrides(
+    overrides: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+) -> DictConfig:
+    """The config `overrides` compose to (without the hydra node); `ConfigError` when a key,
+    option or type is wrong."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        except MissingConfigException as error:
+            explained = _missing_option(error)
+            if explained is None:
+                raise
+            raise explained from None
+        except ConfigCompositionException as error:
+            explained = _explain(error, list(overrides), config_name)
+            if explained is None:
+                raise
+            raise explained from None
+    with open_dict(cfg):
+        choices = dict(cfg.pop("hydra").runtime.choices)
+    validate(cfg, choices)
+    return cfg
+
+
+def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
+    """`ConfigError` for a key the schema does not have (added with `+`) or a value outside a
+    mixed-type key's choices. `choices`: the option chosen per group (Hydra's
+    `hydra.runtime.choices`), for the message."""
+    for path, node in _schema_nodes(cfg):
+        fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
+        for key in node:
+            if key not in fields:
+                error = _unknown_key(_join(path, str(key)), list(fields), choices or {})
+                raise ConfigError(f"{error} Keys of the schema cannot be added with `+`.")
+        for name, spec in fields.items():
+            allowed = spec.metadata.get("choices")
+            if allowed and not OmegaConf.is_interpolation(node, name):
+                value = node[name]
+                if not any(type(value) is type(a) and value == a for a in allowed):
+                    shown = ", ".join(_show(a) for a in allowed)
+                    raise ConfigError(
+                        f"`{_join(path, name)}={_show(value)}` is not one of: {shown}. "
+                        f"Fix: e.g. {_join(path, name)}={_show(allowed[0])}."
+                    )
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps
+
+
+def _variants(overrides: list[Override]) -> Iterator[list[str]]:
+    """The overrides with the first value of every sweep, then each other value of one sweep
+    at a time: every value is checked once, without the product of all sweeps."""
+    values = [_values(override) for override in overrides]
+    first = [options[0] for options in values]
+    yield [line for line in first if line]
+    for index, options in enumerate(values):
+        for value in options[1:]:
+            yield [line for line in (*first[:index], value, *first[index + 1 :]) if line]
+
+
+def _values(override: Override) -> list[str]:
+    """`key=value` lines for each value of `override`; '' for one that names group options
+    by glob (they exist by construction)."""
+    if not override.is_sweep_override():
+        return [override.input_line or ""]
+    key = override.get_key_element()
+    if override.is_interval_sweep():  # a sampler's range (Optuna): its lower end has the type
+        return [f"{key}={override.value().start}"]
+    if override.is_choice_sweep() or override.is_range_sweep():
+        return [f"{key}={value}" for value in override.sweep_string_iterator()]
+    return [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# messages
+
+
+def _explain(
+    error: ConfigCompositionException, overrides: list[str], config_name: str
+) -> ConfigError | None:
+    """One message for Hydra's "Could not override" / "Error merging override" (or an option
+    file's bad key), from the OmegaConf error under it."""
+    cause = error.__cause__
+    full_key = getattr(cause, "full_key", None)
+    guilty = _override_for(full_key, overrides) if full_key else None
+    if isinstance(cause, ConfigTypeError) and guilty and guilty.startswith("~"):
+        return ConfigError(
+            f"Config key `{full_key}` cannot be deleted: every key of the schema keeps a value. "
+            f"Fix: set it instead ({full_key}=...)."
+        )
+    if not full_key or not isinstance(
+        cause, ConfigAttributeError | ConfigKeyError | ValidationError
+    ):
+        return None
+    rest = [line for line in overrides if line != guilty]
+    try:  # the config without the bad override: its keys are the valid siblings
+        base = compose(config_name, overrides=rest, return_hydra_config=True)
+    except HydraException:
+        return None
+    choices = dict(base.hydra.runtime.choices)
+    parent = full_key.rpartition(".")[0]
+    node = OmegaConf.select(base, parent) if parent else base
+    siblings = [str(key) for key in node if key != "hydra"] if isinstance(node, DictConfig) else []
+    if isinstance(cause, ValidationError):
+        return _wrong_type(full_key, cause, guilty)
+    if full_key.split(".", 1)[0] == "hydra":
+        return None  # Hydra's own settings: its message stands
+    return _unknown_key(full_key, siblings, choices)
+
+
+def _override_for(full_key: str, overrides: list[str]) -> str | None:
+    """The override that sets `full_key` or a key below it."""
+    parser = OverridesParser.create()
+    for line in overrides:
+        key = parser.parse_override(line).key_or_group
+        if key == full_key or key.startswith(full_key + "."):
+            return line
+    return None
+
+
+def _unknown_key(full_key: str, siblings: list[str], choices: dict[str, Any]) -> ConfigError:
+    parent, _, name = full_key.rpartition(".")
+    where = (
+        f"{parent} ({parent}={choices[parent]})" if parent in choices else parent or "the top level"
+    )
+    message = f"Unknown config key `{full_key}`. Valid keys of {where}: {', '.join(siblings)}."
+    closest = difflib.get_close_matches(name, siblings, n=1)
+    elsewhere = _in_other_options(parent, name, choices.get(parent))
+    if closest:
+        message += f" Did you mean `{closest[0]}`?"
+    elif elsewhere:
+        message += f" {elsewhere}"
+    if parent in ("callbacks", "logger"):
+        message += f" A new {parent} entry is added with `+{full_key}=...` as a _target_ map."
+    return ConfigError(message)
+
+
+def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
+    """`k` of strategy=top_k, when `name` is close to a key of another option of `group`."""
+    for schema_name, schema in SCHEMAS.get(group, {}).items():
+        option = schema_name.removeprefix(SCHEMA_PREFIX)
+        keys = [f.name for f in dataclasses.fields(schema)]
+        match = difflib.get_close_matches(name, keys, n=1)
+        if match and option != chosen:
+            return (
+                f"Did you mean `{match[0]}`? It is a key of {group}={option}: "
+                f"`{group}={option} {group}.{match[0]}=...`."
+            )
+    return None
+
+
+def _wrong_type(full_key: str, cause: ValidationError, guilty: str | None) -> ConfigError:
+    if guilty:
+        value = OverridesParser.create().parse_override(guilty).get_value_element_as_str()
+    else:
+        value = cause.value
+    schema = cause.object_type
+    hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+    expected = hints.get(full_key.rpartition(".")[2])
+    if dataclasses.is_dataclass(expected):
+        return _not_a_value(full_key, str(value), expected)
+    shown = getattr(expected, "__name__", None) or str(expected or "another type")
+    return ConfigError(
+        f"Wrong type for config key `{full_key}`: it takes {shown}, not `{value}`. "
+        f"Fix: e.g. {full_key}={_example(expected)}."
+    )
+
+
+def _not_a_value(full_key: str, value: str, schema: type) -> ConfigError:
+    """`data.augment=none`: a node set like a value; an option of the group of that name
+    (augment=none) is what the user meant."""
+    keys = [f.name for f in dataclasses.fields(schema)]
+    message = (
+        f"`{full_key}` is a group of keys ({', '.join(keys)}), not a value, so "
+        f"`{full_key}={value}` cannot be set."
+    )
+    group = full_key.rpartition(".")[2]
+    options = _group_options(group)
+    if value in options:
+        return ConfigError(f"{message} Fix: choose the option with `{group}={value}`.")
+    if options:
+        message += f" Choose an option with `{group}=NAME` ({', '.join(options)}), or"
+    return ConfigError(f"{message} set one key, e.g. `{full_key}.{keys[0]}=...`.")
+
+
+def _missing_option(error: MissingConfigException) -> ConfigError | None:
+    """`strategy=topk`: the group's options and the closest one."""
+    if not error.missing_cfg_file or not error.options:
+        return None
+    group, _, option = error.missing_cfg_file.rpartition("/")
+    options = [name for name in error.options if not name.startswith(SCHEMA_PREFIX)]
+    message = f"No option `{option}` in config group `{group}`. Options: {', '.join(options)}."
+    closest = difflib.get_close_matches(option, options, n=1)
+    if closest:
+        message += f" Did you mean `{group}={closest[0]}`?"
+    return ConfigError(message)
+
+
+def _group_options(group: str) -> list[str]:
+    try:
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+    except HydraException:
+        options = []
+    return [name for name in options if not name.startswith(SCHEMA_PREFIX)]
+
+
+def _schema_nodes(node: DictConfig, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    """Every node typed by a schema dataclass, with its dotted path."""
+    if dataclasses.is_dataclass(OmegaConf.get_type(node)):
+        yield path, node
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from _schema_nodes(child, _join(path, str(key)))
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _example(expected: Any) -> str:
+    """A value of the expected type, for the fix."""
+    kinds = typing.get_args(expected) or (expected,)
+    examples = {int: "10", float: "0.5", bool: "true", str: "text"}
+    return next((examples[kind] for kind in kinds if kind in examples), "null")

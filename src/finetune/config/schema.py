@@ -1,0 +1,343 @@
+"""The config schema: every key's type and default, in one place.
+
+Each config group has a dataclass schema registered in Hydra's ConfigStore as `base_<option>`.
+The YAML options in conf/ extend their schema (Hydra's "extending configs" pattern:
+`defaults: [base_..., _self_]`) and hold only what differs. `callbacks` and `logger` stay
+free-form maps of `_target_` entries.
+
+A new key goes into the dataclass of its group, with its type, default and a comment; the YAML
+option files change only when an option needs another value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+# A key of mixed type (OmegaConf 2.3 has no Union) is `Any` with its allowed values in the
+# field's metadata; `finetune.config.validate` checks them.
+AUTO_TRUE_FALSE = {"choices": ("auto", True, False)}
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # the architecture: torchvision or timm name, efficientnet_liteN
+    source: str = "torchvision"  # torchvision | timm | efficientnet_lite
+    # DEFAULT, a weights enum name (IMAGENET1K_V1), none (random init), or a .ckpt/.pth file
+    weights: str = "DEFAULT"
+    # fail the build when fewer than this fraction of the network's tensors got weights
+    min_loaded_fraction: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# strategy: one schema per option, with exactly that strategy's keys
+
+
+@dataclass
+class StrategyConfig:
+    name: str = MISSING
+
+
+@dataclass
+class LastLayerConfig(StrategyConfig):
+    name: str = "last_layer"
+    # train the head on features cached once: auto = when the images are not augmented
+    cache_features: Any = field(default="auto", metadata=AUTO_TRUE_FALSE)
+
+
+@dataclass
+class BackboneTrainsConfig(StrategyConfig):
+    # the pretrained layers learn at this fraction of the head's learning rate
+    backbone_lr_scale: float = 0.1
+    # BatchNorm in the trainable part: train | train_affine | frozen
+    bn: str = "train_affine"
+
+
+@dataclass
+class TopKConfig(BackboneTrainsConfig):
+    name: str = "top_k"
+    k: int = 2  # how many of the top blocks train besides the head
+
+
+# Stems of the supported families: resnet, efficientnet/timm, mobilenet, vit, densenet.
+STEM_PATTERNS = [
+    "^conv_stem\\.",
+    "^bn1\\.",
+    "^conv1\\.",
+    "^features\\.0\\.",
+    "^conv_proj\\.",
+    "^features\\.conv0\\.",
+    "^features\\.norm0\\.",
+]
+
+
+@dataclass
+class RegexConfig(BackboneTrainsConfig):
+    name: str = "regex"
+    # re.search over parameter names: a name trains if it matches `train` and not `freeze`
+    train: list[str] = field(default_factory=lambda: [".*"])
+    freeze: list[str] = field(default_factory=lambda: list(STEM_PATTERNS))
+
+
+@dataclass
+class GradualConfig(BackboneTrainsConfig):
+    name: str = "gradual"
+    every_n_epochs: int = 1  # one more block joins every n epochs
+    on_plateau: bool = False  # instead: after `patience` epochs without a better val/acc
+    patience: int = 1
+
+
+@dataclass
+class FullConfig(BackboneTrainsConfig):
+    name: str = "full"
+
+
+@dataclass
+class ScratchConfig(StrategyConfig):
+    name: str = "scratch"
+    bn: str = "train"  # randomly initialised BatchNorm must learn its statistics
+
+
+# ---------------------------------------------------------------------------------------------
+# data (augmentation options are packaged at data.augment)
+
+
+@dataclass
+class AugmentConfig:
+    random_resized_crop: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    hflip: bool = True
+    color_jitter: float = 0.0  # strength for brightness/contrast/saturation, 0 = off
+    auto_augment: str = "none"  # none | trivialaugment | randaugment
+    random_erasing: float = 0.0  # probability, 0 = off
+
+
+@dataclass
+class SyntheticConfig:
+    train_per_class: int = 16
+    val_per_class: int = 8
+    test_per_class: int = 8
+    image_size: int = 96
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = MISSING  # hymenoptera | flowers102 | imagefolder | synthetic
+    root: str = II("paths.data_root")  # parent folder of each dataset's canonical folder
+    download: bool = True  # fetch hymenoptera / flowers102 when absent
+    batch_size: int = 32
+    eval_batch_size: int | None = 64
+    num_workers: int = 2
+    pin_memory: bool = True  # only takes effect with CUDA
+    persistent_workers: bool = True
+    val_fraction: float = 0.2  # imagefolder without val/: stratified share of each class
+    split_seed: int = 0
+    cache_dir: str | None = None  # decoded images and features; null = <root>/.cache
+    decode_cache_mb: float = 1024  # decoded, resized images kept in memory; 0 = off
+    # crop, flip, normalise (and erase) batches on the device: auto = on a GPU;
+    # normalise = only normalise (and erase) there, crops in the loader workers
+    device_transforms: Any = field(
+        default="auto", metadata={"choices": ("auto", "normalise", True, False)}
+    )
+    train_fraction: float = 1.0  # a stratified, seeded subset of the training split
+    subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
+    shuffle_seed: int = II("seed")  # order and augmentation of training batches
+    skip_corrupt: bool = False  # unreadable images: false = name them all and stop
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ImageFolderDataConfig(DataConfig):
+    dataset: str = "imagefolder"
+    root: str = MISSING  # the user's own folder (a YAML `???` cannot unset a schema default)
+
+
+@dataclass
+class SyntheticDataConfig(DataConfig):
+    dataset: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# optim and scheduler
+
+
+@dataclass
+class SGDConfig:
+    _target_: str = "torch.optim.SGD"
+    _partial_: bool = True  # the module supplies the parameter groups
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1.0e-4
+
+
+@dataclass
+class AdamWConfig:
+    _target_: str = "torch.optim.AdamW"
+    _partial_: bool = True
+    lr: float = 1.0e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Any = MISSING
+    label_smoothing: float = 0.0
+    # a block d blocks below the head learns at lr x decay^d (e.g. 0.7); null = off
+    layer_decay: float | None = None
+
+
+@dataclass
+class SGDOptimConfig(OptimConfig):
+    optimizer: SGDConfig = field(default_factory=SGDConfig)
+
+
+@dataclass
+class AdamWOptimConfig(OptimConfig):
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING
+    warmup_epochs: float = 0.0  # linear warmup, in epochs
+
+
+@dataclass
+class ConstantSchedulerConfig(SchedulerConfig):
+    name: str = "constant"
+
+
+@dataclass
+class CosineSchedulerConfig(SchedulerConfig):
+    name: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # decays to this fraction of lr
+
+
+@dataclass
+class StepSchedulerConfig(SchedulerConfig):
+    name: str = "step"
+    step_epochs: int = 7  # lr x gamma every step_epochs epochs
+    gamma: float = 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer: pytorch_lightning.Trainer keyword arguments, with Lightning's defaults (conf/trainer
+# holds the project's choices). Keys of mixed type are `Any`.
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: Any = "auto"  # int, list of ids, or "auto"
+    num_nodes: int = 1
+    precision: Any = None  # 32 | 16-mixed | bf16-mixed | ...
+    max_epochs: int | None = None
+    min_epochs: int | None = None
+    max_steps: int = -1
+    max_time: str | None = None  # DD:HH:MM:SS
+    limit_train_batches: Any = None  # int = batches, float = fraction
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    overfit_batches: Any = 0.0
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    num_sanity_val_steps: int | None = None
+    log_every_n_steps: int | None = None
+    enable_checkpointing: bool | None = None
+    enable_progress_bar: bool | None = None
+    enable_model_summary: bool | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    deterministic: Any = None  # true | false | warn
+    benchmark: bool | None = None
+    fast_dev_run: Any = False
+    sync_batchnorm: bool = False
+    profiler: str | None = None
+    detect_anomaly: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# the top level
+
+
+@dataclass
+class PathsConfig:
+    # the parent folder of the datasets (data.root of the named datasets)
+    data_root: str = "${oc.env:FINETUNE_DATA_ROOT,data}"
+
+
+@dataclass
+class SpeedConfig:
+    # NHWC layout for images and convolutions; auto = on for conv nets
+    channels_last: Any = field(default="auto", metadata=AUTO_TRUE_FALSE)
+    compile: bool = False  # torch.compile the network: slower first steps, faster after
+
+
+@dataclass
+class Config:
+    # the groups: each option brings its own schema
+    model: Any = MISSING
+    strategy: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    scheduler: Any = MISSING
+    trainer: Any = MISSING
+    callbacks: Any = field(default_factory=dict)  # free-form: name -> _target_ entry or null
+    logger: Any = field(default_factory=dict)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 42
+    # everything a run writes goes here (Hydra's run dir; `hydra.run.dir=DIR` moves it)
+    run_dir: str = II("hydra:runtime.output_dir")
+    # resume: `last` (the last checkpoint of hydra.run.dir), a run dir, or a .ckpt file
+    ckpt_path: str | None = None
+    print_config: bool = True
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"base_model": ModelConfig},
+    "strategy": {
+        "base_last_layer": LastLayerConfig,
+        "base_top_k": TopKConfig,
+        "base_regex": RegexConfig,
+        "base_gradual": GradualConfig,
+        "base_full": FullConfig,
+        "base_scratch": ScratchConfig,
+    },
+    "data": {
+        "base_data": DataConfig,
+        "base_imagefolder": ImageFolderDataConfig,
+        "base_synthetic": SyntheticDataConfig,
+    },
+    "optim": {"base_sgd": SGDOptimConfig, "base_adamw": AdamWOptimConfig},
+    "scheduler": {
+        "base_constant": ConstantSchedulerConfig,
+        "base_cosine": CosineSchedulerConfig,
+        "base_step": StepSchedulerConfig,
+    },
+    "trainer": {"base_trainer": TrainerConfig},
+}
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent): `base_config` for config.yaml and
+    `<group>/base_<option>` for the option files."""
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=group, name=name, node=schema)

@@ -1,0 +1,177 @@
+"""The config schema (finetune.config): one type and one default per key, and a wrong key, option
+or type refused before anything runs, with one message naming the key, its siblings and the
+closest match."""
+
+import dataclasses
+import inspect
+import json
+import re
+import shlex
+
+import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, FAST_OVERRIDES, run_train
+from finetune.config import SCHEMAS, ConfigError, check_command_line, check_overrides
+from finetune.config.schema import TrainerConfig
+
+# (command line, what its one message must say)
+REFUSED = [
+    ("strategy.kk=3", ["`strategy.kk`", "cache_features", "Did you mean `k`?", "strategy=top_k"]),
+    ("strategy=top_k strategy.kk=3", ["`strategy.kk`", "backbone_lr_scale", "Did you mean `k`?"]),
+    ("+strategy.kk=3", ["`strategy.kk`", "cache_features", "cannot be added with `+`"]),
+    ("trainer.max_epoch=2", ["`trainer.max_epoch`", "devices", "did you mean `max_epochs`?"]),
+    ("data.augment=none", ["`data.augment`", "random_resized_crop", "`augment=none`"]),
+    ("trainer.max_epochs=ten", ["`trainer.max_epochs`", "int", "`ten`"]),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), REFUSED, ids=[line for line, _ in REFUSED])
+def test_train_py_refuses_a_wrong_key_or_type_before_the_run_dir_exists(tmp_path, line, expected):
+    run_dir = tmp_path / "run"
+    result = run_train(*shlex.split(line), f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, output[-3000:]  # one message, one line
+    for text in expected:
+        assert text.lower() in errors[0].lower(), errors[0]
+    assert not run_dir.exists()
+    assert not (tmp_path / "outputs").exists()
+
+
+def refusal(line: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        check_command_line(shlex.split(line))
+    return str(caught.value)
+
+
+def test_each_value_of_a_sweep_is_checked():
+    message = refusal("-m seed=1,2 trainer.max_epochs=3,four")
+    assert "`trainer.max_epochs`" in message and "`four`" in message
+    # a key of one strategy only: refused for the other option of the sweep
+    assert "strategy=full" in refusal("-m strategy=top_k,full strategy.k=3")
+    check_command_line(shlex.split("-m strategy=top_k,gradual trainer.max_epochs=range(1,3)"))
+
+
+def test_an_unknown_option_names_the_closest_one():
+    message = refusal("strategy=topk")
+    assert "Did you mean `strategy=top_k`?" in message
+    assert "base_" not in message  # the schemas are not options a user chooses
+
+
+def test_mixed_type_keys_accept_only_their_values():
+    assert "auto, true, false" in refusal("strategy.cache_features=maybe")
+    assert "normalise" in refusal("data.device_transforms=gpu")
+    check_command_line(["strategy.cache_features=true", "speed.channels_last=false"])
+
+
+def test_a_key_of_another_option_is_refused_with_that_option():
+    message = refusal("data.synthetic.image_size=32")
+    assert "`data.synthetic`" in message and "data=synthetic" in message
+    assert "`optim.optimizer.momentum`" in refusal("optim=adamw optim.optimizer.momentum=0.9")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "--cfg job",
+        "model.min_loaded_fraction=0.9",
+        "-m hparams_search=optuna strategy=full hydra.sweeper.n_trials=40",
+        "-m experiment=sample_efficiency",
+        "debug=overfit trainer=cpu",
+        "data=imagefolder data.root=photos data.val_fraction=0.25",
+        "+callbacks.timer._target_=pytorch_lightning.callbacks.Timer",  # free-form group
+        "trainer.precision=bf16-mixed trainer.devices=2 trainer.limit_train_batches=0.5",
+    ],
+)
+def test_valid_command_lines_pass(line):
+    check_command_line(shlex.split(line))
+
+
+def test_every_option_is_typed_by_its_schema():
+    for group, schemas in SCHEMAS.items():
+        types = set(schemas.values())
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            cfg = check_overrides([f"{group}={path.stem}"])
+            assert OmegaConf.get_type(cfg[group]) in types, path
+
+
+def test_strategy_keys_are_each_strategys_own():
+    keys = {
+        name.removeprefix("base_"): {f.name for f in dataclasses.fields(schema)}
+        for name, schema in SCHEMAS["strategy"].items()
+    }
+    lr_and_bn = {"name", "backbone_lr_scale", "bn"}
+    assert keys == {
+        "last_layer": {"name", "cache_features"},
+        "top_k": lr_and_bn | {"k"},
+        "regex": lr_and_bn | {"train", "freeze"},
+        "gradual": lr_and_bn | {"every_n_epochs", "on_plateau", "patience"},
+        "full": lr_and_bn,
+        "scratch": {"name", "bn"},
+    }
+
+
+def test_trainer_keys_are_lightning_arguments_with_lightnings_defaults():
+    parameters = inspect.signature(pl.Trainer.__init__).parameters
+    for spec in dataclasses.fields(TrainerConfig):
+        assert spec.name in parameters, spec.name
+        assert spec.default == parameters[spec.name].default, spec.name
+
+
+def test_one_default_for_decode_cache_and_min_loaded_fraction():
+    cfg = check_overrides([])
+    assert cfg.data.decode_cache_mb == 1024
+    assert cfg.model.min_loaded_fraction is None
+    assert check_overrides(["model.min_loaded_fraction=0.9"]).model.min_loaded_fraction == 0.9
+
+
+def test_data_root_comes_from_paths_and_the_environment(monkeypatch):
+    monkeypatch.delenv("FINETUNE_DATA_ROOT", raising=False)
+    assert check_overrides([]).data.root == "data"
+    assert check_overrides(["paths.data_root=/datasets"]).data.root == "/datasets"
+    monkeypatch.setenv("FINETUNE_DATA_ROOT", "/mnt/data")
+    for dataset in ("hymenoptera", "flowers102", "synthetic"):
+        assert check_overrides([f"data={dataset}"]).data.root == "/mnt/data"
+    assert OmegaConf.is_missing(check_overrides(["data=imagefolder"]).data, "root")
+
+
+def test_no_config_names_a_path_of_this_projects_machines():
+    named = [p for p in CONF_DIR.rglob("*.yaml") if re.search(r"\.\./shared", p.read_text())]
+    assert not named
+
+
+def test_a_schema_key_cannot_be_deleted():
+    assert "cannot be deleted" in refusal("~strategy.cache_features")
+
+
+def test_a_key_of_another_strategy_names_that_strategy():
+    message = refusal("strategy=full +strategy.cache_features=true")
+    assert "`strategy.cache_features`" in message and "strategy=last_layer" in message
+
+
+def test_a_key_a_sweeper_adds_is_refused_in_the_job(tmp_path):
+    # the sweeper's values are not on the command line: the job itself checks its config
+    extra = tmp_path / "conf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "typo.yaml").write_text(
+        "# @package _global_\nhydra:\n  sweeper:\n    params:\n      +strategy.kk: 3\n"
+    )
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "experiment=typo",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # one failed job does not end a sweep
+    failure = json.loads((sweep / "0" / "failure.json").read_text())
+    assert "`strategy.kk`" in failure["error"] and "cache_features" in failure["error"]
+    assert not (sweep / "0" / "metrics.json").exists()
