@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from finetune.errors import FinetuneError
@@ -20,7 +21,7 @@ log = logging.getLogger("finetune")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    output_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run(cfg, output_dir)
     except FinetuneError as error:
