@@ -102,8 +102,10 @@ def _onnx(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
+    # torch.jit is deprecated in favour of torch.export (format=exported_program); TorchScript
+    # stays for runtimes that still load it (LibTorch, older mobile runtimes).
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, (example,), check_trace=False)
         torch.jit.save(traced, handle)
 
@@ -126,7 +128,9 @@ def load_exported(path: str | Path, fmt: str):
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     if fmt == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # see _torchscript
+            return torch.jit.load(str(path), map_location="cpu").eval()
     if fmt == "exported_program":
         return torch.export.load(str(path)).module()
     raise unknown_name("export format", fmt, list(FORMATS))
