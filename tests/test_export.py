@@ -37,14 +37,16 @@ def trained_run(request) -> Path:
 
 def odd_photos(folder: Path) -> list[Path]:
     """Real photos plus the cases the decode and crop must get right: an RGBA PNG with
-    transparency, a greyscale JPEG and a portrait whose crop margin is odd."""
+    transparency, a greyscale JPEG and a portrait whose crop margin ends in half a pixel."""
     files = real_photos(folder, per_class=2, class_folders=False)
     with Image.open(files[0]) as photo:
         rgba = photo.convert("RGBA")
         rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
         rgba.save(folder / "transparent.png")
         photo.convert("L").save(folder / "grey.jpg")
-        photo.crop((0, 0, 301, 451)).save(folder / "portrait.jpg")
+        # Resized to 224 x 337 (lite0) or 256 x 385 (resnet18): a crop margin of 56.5 or 80.5
+        # pixels, where Python's round (to even) and rounding half up differ.
+        photo.resize((300, 452)).save(folder / "portrait.jpg")
     return [*files, folder / "transparent.png", folder / "grey.jpg", folder / "portrait.jpg"]
 
 
