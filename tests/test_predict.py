@@ -23,7 +23,7 @@ from conftest import (
 )
 from finetune.data import ImageListDataset
 from finetune.errors import FinetuneError
-from finetune.predict import collect_inputs, find_checkpoint, load_predictor
+from finetune.predict import collect_inputs, find_checkpoint, load_predictor, pick_device
 from finetune.transforms import eval_transform
 
 HYMENOPTERA_VAL = SHARED_DATA / "hymenoptera_data" / "val"
@@ -133,6 +133,15 @@ def test_tta_flip_averages_the_image_and_its_mirror(lite0_run, tmp_path):
     assert not torch.allclose(flipped, plain, atol=1e-4)  # the mirror changes the answer
     with pytest.raises(FinetuneError, match="flip"):
         predictor.predict(files, tta="rotate")
+
+
+def test_a_device_that_is_not_there_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(FinetuneError, match="device=cuda: no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(FinetuneError, match="device=gpu: not a torch device"):
+        pick_device("gpu")
 
 
 def test_a_run_dir_means_its_best_checkpoint(lite0_run):

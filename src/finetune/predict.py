@@ -219,6 +219,11 @@ class Predictions:
     unreadable: dict[Path, str]
 
 
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_CHOICES:
+        raise FinetuneError(f"Unknown tta '{tta}'. Valid choices: {', '.join(TTA_CHOICES)}.")
+
+
 @dataclass
 class Predictor:
     """A trained classifier with its eval preprocessing and class names."""
@@ -236,8 +241,7 @@ class Predictor:
     def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
         """Softmax of a preprocessed batch `(N, 3, crop, crop)`; `tta="flip"` averages it with
         that of the mirrored images. Returns `(N, classes)` float32 on the CPU."""
-        if tta not in TTA_CHOICES:
-            raise FinetuneError(f"Unknown tta '{tta}'. Valid choices: {', '.join(TTA_CHOICES)}.")
+        _check_tta(tta)
         images = images.to(self.device, non_blocking=True)
         probs = self.model(images).float().softmax(dim=1)
         if tta == "flip":
@@ -253,6 +257,7 @@ class Predictor:
     ) -> Predictions:
         """Decode, preprocess and classify `files` in batches; unreadable ones are skipped
         and listed, never fatal."""
+        _check_tta(tta)
         files = [Path(f) for f in files]
         loader = DataLoader(
             _ImageFiles(files, self.transform),
@@ -273,10 +278,21 @@ class Predictor:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """`auto`: the GPU when there is one, else the CPU."""
+    """`auto`: the GPU when there is one, else the CPU. Raises `FinetuneError` for a device
+    name torch does not know or a GPU this machine lacks."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or (chosen.type == "cuda" and not torch.cuda.is_available()):
+        raise FinetuneError(
+            f"Cannot predict on device={device}: "
+            + ("no CUDA GPU is visible here" if chosen is not None else "not a torch device")
+            + ". Fix: device=auto (the GPU when there is one), device=cpu or device=cuda:0."
+        )
+    return chosen
 
 
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
