@@ -1,0 +1,32 @@
+"""Export a trained run: `python export.py ckpt=<run dir or .ckpt> format=onnx|torchscript|exported_program`.
+
+A thin Hydra entry point; the work is in `finetune.export.run`. Writes `model.<onnx|pt|pt2>` and
+`model.json` (class names and preprocessing) into its own run dir (`outputs/export/<time>_<format>/`,
+or `output=<file>`).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from finetune.errors import FinetuneError
+from finetune.export import run
+
+log = logging.getLogger("finetune")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except FinetuneError as error:
+        log.error("%s", error)
+        sys.exit(1)  # the message says what and how to fix it: no traceback
+
+
+if __name__ == "__main__":
+    main()

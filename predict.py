@@ -1,0 +1,33 @@
+"""Predict the classes of new images with a trained run:
+`python predict.py ckpt=<run dir or .ckpt> inputs=<files, folders or a quoted glob>`.
+
+A thin Hydra entry point; the work is in `finetune.predict.run`. Writes predictions.csv into its
+own run dir (`outputs/predict/<time>/`, or `output=<file.csv>`).
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from finetune.errors import FinetuneError
+from finetune.predict import run
+
+log = logging.getLogger("finetune")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, output_dir)
+    except FinetuneError as error:
+        log.error("%s", error)
+        sys.exit(1)  # the message says what and how to fix it: no traceback
+
+
+if __name__ == "__main__":
+    main()

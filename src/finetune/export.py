@@ -1,0 +1,213 @@
+"""Exporting a trained classifier (`python export.py`): ONNX, TorchScript or a torch.export
+ExportedProgram, each with a dynamic batch axis, and beside it a JSON with the class names and
+the preprocessing, so that the file runs without this project.
+
+The model's input is a float32 batch `(N, 3, crop_size, crop_size)` preprocessed as
+evaluation does (`finetune.predict`); its output the logits `(N, classes)`; softmax gives the
+probabilities. `examples/onnx_predict.py` reproduces the preprocessing with Pillow and numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.atomic import atomic_write, write_json
+from finetune.backbones import InputSpec
+from finetune.errors import FinetuneError, unknown_name
+from finetune.predict import load_model
+
+log = logging.getLogger(__name__)
+
+# format -> file suffix
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+def preprocessing(spec: InputSpec) -> dict[str, Any]:
+    """Everything needed to turn an image file into the model's input, as plain JSON values.
+
+    It is `finetune.data.load_rgb` followed by `finetune.transforms.eval_transform(spec)`:
+    torchvision's Resize of a PIL image (PIL's `resize` with the interpolation named here), then
+    its CenterCrop, then `/ 255` and `(x - mean) / std` per channel.
+    """
+    return {
+        "decode": (
+            "8-bit RGB: transparency composited onto white, 16- and 32-bit greyscale scaled to "
+            "0..255, CMYK, palette and greyscale converted by Pillow"
+        ),
+        "resize_size": spec.resize_size,
+        "resize": (
+            "the shorter side to resize_size, the longer to int(resize_size * longer / shorter), "
+            "with Pillow's resize and the interpolation below (antialiased)"
+        ),
+        "interpolation": spec.interpolation,
+        "crop_size": spec.crop_size,
+        "crop": (
+            "center: top = round((height - crop_size) / 2), left = round((width - crop_size) / 2) "
+            "(Python's round)"
+        ),
+        "scale": "pixel / 255.0, float32",
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "normalise": "(scaled - mean) / std per channel, RGB order",
+        "layout": "NCHW",
+    }
+
+
+def metadata(
+    spec: InputSpec, class_names: list[str], fmt: str, file: Path, model_cfg: Any
+) -> dict[str, Any]:
+    """The JSON written beside an exported model."""
+    crop = spec.crop_size
+    return {
+        "format": fmt,
+        "file": file.name,
+        "class_names": list(class_names),
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, crop, crop], "dtype": "float32"},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(class_names)],
+            "dtype": "float32",
+            "probabilities": "softmax over the last axis",
+        },
+        "preprocessing": preprocessing(spec),
+        "model": {k: str(v) for k, v in dict(model_cfg or {}).items()},
+        "torch_version": torch.__version__,
+    }
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
+    import onnx  # noqa: F401 - the exporter needs it; fail here with its own message if absent
+
+    # The TorchScript-based exporter: the torch.export-based one (dynamo=True) needs onnxscript,
+    # which this project does not install. Its deprecation warning is expected.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            handle,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
+    # torch.jit is deprecated in favour of torch.export (format=exported_program); TorchScript
+    # stays for runtimes that still load it (LibTorch, older mobile runtimes).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        torch.jit.save(traced, handle)
+
+
+def _exported_program(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, handle)
+
+
+WRITERS = {"onnx": _onnx, "torchscript": _torchscript, "exported_program": _exported_program}
+
+
+def load_exported(path: str | Path, fmt: str):
+    """A callable `images (N, 3, H, W) float32 -> logits (N, classes)` on the CPU, from a file
+    written by `export_model` (numpy in and out for onnx, tensors otherwise)."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # see _torchscript
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    if fmt == "exported_program":
+        return torch.export.load(str(path)).module()
+    raise unknown_name("export format", fmt, list(FORMATS))
+
+
+def network_of(model: nn.Module) -> nn.Module:
+    """The plain network inside a trained classifier (images -> logits): the tracers cannot
+    walk a LightningModule (its `trainer` property raises outside a Trainer)."""
+    return getattr(model, "backbone", model)
+
+
+@dataclass
+class Exported:
+    model_file: Path
+    metadata_file: Path
+    max_abs_diff: float | None  # between the written file and PyTorch, on a check batch
+
+
+def export_model(
+    model: nn.Module,
+    spec: InputSpec,
+    class_names: list[str],
+    fmt: str,
+    path: str | Path,
+    opset: int = 17,
+    check: bool = True,
+) -> Exported:
+    """Write `model` (images -> logits, in eval mode) as `fmt` to `path` and its metadata to
+    `path` with suffix `.json`, both atomically. With `check`, run the written file on a batch
+    of another size than the traced one (the batch axis is dynamic) and compare its logits with
+    PyTorch's. Raises `FinetuneError` for an unknown format or an export that differs."""
+    if fmt not in FORMATS:
+        raise unknown_name("export format", fmt, list(FORMATS))
+    path = Path(path)
+    model = model.cpu().eval()
+    network = network_of(model)
+    example = torch.randn(2, 3, spec.crop_size, spec.crop_size)
+    atomic_write(path, lambda handle: WRITERS[fmt](network, example, handle, opset))
+    hparams = getattr(model, "hparams", {})
+    info = metadata(spec, class_names, fmt, path, hparams.get("model"))
+    metadata_file = write_json(path.with_suffix(".json"), info)
+    diff = check_export(model, path, fmt, spec) if check else None
+    return Exported(path, metadata_file, diff)
+
+
+def check_export(model: nn.Module, path: Path, fmt: str, spec: InputSpec) -> float:
+    """Max |logits difference| between the file at `path` and `model` on a batch of 3."""
+    images = torch.randn(3, 3, spec.crop_size, spec.crop_size, generator=torch.manual_seed(0))
+    with torch.inference_mode():
+        expected = model(images).float()
+    run = load_exported(path, fmt)
+    if fmt == "onnx":
+        got = torch.from_numpy(run(images.numpy()))
+    else:
+        with torch.inference_mode():
+            got = run(images).float()
+    diff = float((got - expected).abs().max())
+    log.info("Exported %s runs a batch of 3; max |logit difference| to PyTorch %.2e", fmt, diff)
+    if diff > 1e-3:
+        raise FinetuneError(
+            f"The exported {fmt} model {path} differs from PyTorch by up to {diff:.3g} in the "
+            "logits. Fix: try another format, or another opset for onnx (opset=...)."
+        )
+    return diff
+
+
+def run(cfg: Any, output_dir: Path) -> Exported:
+    """`python export.py`: load the checkpoint, export, print where the files are."""
+    fmt = str(cfg.format)
+    if fmt not in FORMATS:
+        raise unknown_name("export format", fmt, list(FORMATS))
+    model, spec, class_names = load_model(cfg.ckpt)
+    wanted = cfg.get("output")
+    path = Path(str(wanted)).expanduser() if wanted else output_dir / f"model{FORMATS[fmt]}"
+    exported = export_model(
+        model, spec, class_names, fmt, path, int(cfg.get("opset", 17)), bool(cfg.check)
+    )
+    print(f"Wrote {exported.model_file}\nWrote {exported.metadata_file}")
+    return exported

@@ -1,0 +1,408 @@
+"""Predicting the classes of new images with a trained run (`python predict.py`).
+
+The images go through exactly what evaluation does during training: the one decode function
+(`finetune.data.load_rgb`: any mode to 8-bit RGB, transparency onto white) and the eval preset of
+the weights (`finetune.transforms.eval_transform`: resize, center crop, normalise). The model is
+rebuilt from the checkpoint alone (`finetune.module.load_classifier`), offline.
+
+In your own code:
+
+    predictor = load_predictor("outputs/runs/<run>")   # a run dir or a .ckpt file
+    result = predictor.predict(["a.jpg", "b.png"])      # probabilities (N, classes)
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from finetune import backbones
+from finetune.atomic import atomic_write, write_json
+from finetune.backbones import InputSpec
+
+# The three pieces shared with training, each imported here only (they move in the package split).
+from finetune.data import load_rgb
+from finetune.errors import FinetuneError
+from finetune.module import load_classifier
+from finetune.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+TTA_CHOICES = ("none", "flip")
+
+
+# ------------------------------------------------------------------------------------------
+# The model: a run dir or a checkpoint file
+# ------------------------------------------------------------------------------------------
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to predict with: a `.ckpt` file as given, or for a run dir its best
+    checkpoint (`checkpoints/epoch*.ckpt`, the one `metrics.json` names when it names one),
+    else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
+    candidate = Path(str(path)).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        folder = candidate / "checkpoints" if (candidate / "checkpoints").is_dir() else candidate
+        best = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        named = _best_named_by_metrics(candidate)
+        if named is not None and folder / named in best:
+            return folder / named
+        if best:
+            return best[-1]
+        if (folder / "last.ckpt").is_file():
+            return folder / "last.ckpt"
+        raise FinetuneError(
+            f"No checkpoint in {folder} (looked for *.ckpt). Fix: pass ckpt=<run dir> of a run "
+            "that finished an epoch, or ckpt=<file.ckpt>."
+        )
+    raise FinetuneError(
+        f"Checkpoint {candidate} does not exist. Fix: pass ckpt=<run dir> (e.g. "
+        "outputs/runs/<run>) or ckpt=<path to a .ckpt file>."
+    )
+
+
+def _best_named_by_metrics(run_dir: Path) -> str | None:
+    try:
+        best = json.loads((run_dir / "metrics.json").read_text()).get("best_checkpoint")
+    except (OSError, ValueError):
+        return None
+    return Path(best).name if best else None
+
+
+def input_spec_of(model: nn.Module) -> InputSpec:
+    """The preprocessing a trained classifier was evaluated with (its weights' eval preset)."""
+    return backbones.input_spec(model.hparams["model"])
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
+    """`(classifier in eval mode on the CPU, its InputSpec, class names)` from a run dir or a
+    `.ckpt`. Raises `FinetuneError` for a missing or unreadable checkpoint."""
+    checkpoint = find_checkpoint(path)
+    try:
+        model = load_classifier(checkpoint)
+    except FinetuneError:
+        raise
+    except Exception as error:  # truncated file, not a checkpoint of this project, ...
+        raise FinetuneError(
+            f"Cannot read the checkpoint {checkpoint} ({type(error).__name__}: {error}). Fix: "
+            "pass a checkpoint written by train.py (a run dir's checkpoints/*.ckpt)."
+        ) from error
+    return model.eval(), input_spec_of(model), list(model.class_names)
+
+
+# ------------------------------------------------------------------------------------------
+# Inputs: files, folders (recursively) and globs; class folders give labels
+# ------------------------------------------------------------------------------------------
+
+
+def _is_image(path: Path) -> bool:
+    # The same rule as training's folder scan: image extensions, hidden files left out.
+    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [Path(directory) / f for f in sorted(files) if _is_image(Path(f))]
+    return found
+
+
+@dataclass
+class Inputs:
+    """The image files to predict, in order, and the true class index of those found in class
+    folders (a folder whose sub-folders are all class names of the model)."""
+
+    files: list[Path]
+    labels: dict[Path, int] = field(default_factory=dict)
+
+
+def collect_inputs(inputs: str | Sequence[str], class_names: Sequence[str]) -> Inputs:
+    """Expand files, folders (recursively: image extensions, hidden files left out) and glob
+    patterns (`*`, `?`, `[..]`, `**`) into image files, without duplicates. Raises
+    `FinetuneError` when nothing is found."""
+    patterns = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs or [])
+    found = Inputs(files=[])
+    missing = []
+    for pattern in (os.path.expanduser(str(p)) for p in patterns):
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else []
+        paths = [Path(m) for m in matches] or ([Path(pattern)] if Path(pattern).exists() else [])
+        if not paths:
+            missing.append(pattern)
+        for path in paths:
+            if path.is_dir():
+                found.files += _images_under(path)
+                found.labels |= _class_folder_labels(path, class_names)
+            else:  # a file named on purpose is tried whatever its extension
+                found.files.append(path)
+    found.files = list(dict.fromkeys(found.files))
+    if not found.files:
+        where = ", ".join(str(p) for p in patterns) or "(none given)"
+        hint = f" ({', '.join(missing)} matched nothing)" if missing else ""
+        raise FinetuneError(
+            f"No images found in inputs={where}{hint}. Fix: pass image files, folders or a "
+            "quoted glob, e.g. inputs=photos/ or 'inputs=photos/*.jpg' or 'inputs=[a.jpg,b.png]'."
+        )
+    if missing:
+        log.warning("Nothing found for: %s", ", ".join(missing))
+    return found
+
+
+def _class_folder_labels(folder: Path, class_names: Sequence[str]) -> dict[Path, int]:
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+    if not subfolders:
+        return {}
+    unknown = [name for name in subfolders if name not in class_names]
+    if unknown:
+        log.info(
+            "%s is not read as class folders: %s not among the model's classes",
+            folder,
+            ", ".join(unknown[:5]),
+        )
+        return {}
+    index = {name: i for i, name in enumerate(class_names)}
+    return {path: index[name] for name in subfolders for path in _images_under(folder / name)}
+
+
+# ------------------------------------------------------------------------------------------
+# Prediction
+# ------------------------------------------------------------------------------------------
+
+
+class _ImageFiles(Dataset):
+    """Decoded and eval-preprocessed images; an unreadable file yields its error, not a crash."""
+
+    def __init__(self, files: Sequence[Path], transform) -> None:
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            image = load_rgb(str(self.files[index]))
+        except Exception as error:  # PIL raises many types for broken files
+            return index, None, f"{type(error).__name__}: {error}"
+        return index, self.transform(image).as_subclass(torch.Tensor), None
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
+    good = [(i, image) for i, image, _ in samples if image is not None]
+    errors = {i: reason for i, image, reason in samples if image is None}
+    images = torch.stack([image for _, image in good]) if good else None
+    return [i for i, _ in good], images, errors
+
+
+@dataclass
+class Predictions:
+    """`probabilities[i]` (softmax over the classes, float32) belongs to `files[i]`; the files
+    that could not be read are in `unreadable` (path -> reason), not in `files`."""
+
+    files: list[Path]
+    probabilities: torch.Tensor  # (N, classes)
+    unreadable: dict[Path, str]
+
+
+def _check_tta(tta: str) -> None:
+    if tta not in TTA_CHOICES:
+        raise FinetuneError(f"Unknown tta '{tta}'. Valid choices: {', '.join(TTA_CHOICES)}.")
+
+
+@dataclass
+class Predictor:
+    """A trained classifier with its eval preprocessing and class names."""
+
+    model: nn.Module
+    input_spec: InputSpec
+    class_names: list[str]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.transform = eval_transform(self.input_spec)
+        self.model = self.model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+        """Softmax of a preprocessed batch `(N, 3, crop, crop)`; `tta="flip"` averages it with
+        that of the mirrored images. Returns `(N, classes)` float32 on the CPU."""
+        _check_tta(tta)
+        images = images.to(self.device, non_blocking=True)
+        probs = self.model(images).float().softmax(dim=1)
+        if tta == "flip":
+            probs = (probs + self.model(images.flip(-1)).float().softmax(dim=1)) / 2
+        return probs.cpu()
+
+    def predict(
+        self,
+        files: Iterable[str | Path],
+        batch_size: int = 64,
+        tta: str = "none",
+        num_workers: int = 0,
+    ) -> Predictions:
+        """Decode, preprocess and classify `files` in batches; unreadable ones are skipped
+        and listed, never fatal."""
+        _check_tta(tta)
+        files = [Path(f) for f in files]
+        loader = DataLoader(
+            _ImageFiles(files, self.transform),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        kept, chunks, unreadable = [], [], {}
+        for indices, images, errors in loader:
+            unreadable |= {files[i]: reason for i, reason in errors.items()}
+            if images is not None:
+                kept += [files[i] for i in indices]
+                chunks.append(self.probabilities(images, tta))
+        classes = len(self.class_names)
+        probabilities = torch.cat(chunks) if chunks else torch.empty(0, classes)
+        return Predictions(kept, probabilities, unreadable)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: the GPU when there is one, else the CPU. Raises `FinetuneError` for a device
+    name torch does not know or a GPU this machine lacks."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    if chosen is None or (chosen.type == "cuda" and not torch.cuda.is_available()):
+        raise FinetuneError(
+            f"Cannot predict on device={device}: "
+            + ("no CUDA GPU is visible here" if chosen is not None else "not a torch device")
+            + ". Fix: device=auto (the GPU when there is one), device=cpu or device=cuda:0."
+        )
+    return chosen
+
+
+def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
+    """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict."""
+    model, spec, class_names = load_model(path)
+    return Predictor(model, spec, class_names, pick_device(device))
+
+
+# ------------------------------------------------------------------------------------------
+# Reports: the table, predictions.csv, accuracy and confusion matrix on class folders
+# ------------------------------------------------------------------------------------------
+
+
+def top_k(predictions: Predictions, class_names: Sequence[str], k: int) -> list[list[Any]]:
+    """Rows `[path, label_1, score_1, ..., label_k, score_k]`, best class first."""
+    k = min(k, len(class_names))
+    scores, indices = predictions.probabilities.topk(k, dim=1)
+    rows = []
+    for path, row_scores, row_indices in zip(predictions.files, scores, indices, strict=True):
+        row: list[Any] = [str(path)]
+        for score, index in zip(row_scores.tolist(), row_indices.tolist(), strict=True):
+            row += [class_names[index], round(score, 6)]
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str | Path, rows: list[list[Any]], k: int, truth: list[str] | None) -> Path:
+    """predictions.csv: `path, label_1, score_1, ..., label_k, score_k[, true_label]`."""
+    header = ["path"] + [
+        f"{kind}_{rank}" for rank in range(1, k + 1) for kind in ("label", "score")
+    ]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header + (["true_label"] if truth is not None else []))
+    for index, row in enumerate(rows):
+        writer.writerow(row + ([truth[index]] if truth is not None else []))
+    return atomic_write(path, lambda handle: handle.write(buffer.getvalue().encode()))
+
+
+def format_table(rows: list[list[Any]]) -> str:
+    """The top-k rows as aligned text: one line per image, `label score` pairs."""
+    paths = [row[0] for row in rows]
+    width = min(max((len(p) for p in paths), default=4), 80)
+    lines = [f"{'image':<{width}}  top classes (probability)"]
+    for row in rows:
+        pairs = "  ".join(
+            f"{label} {score:.4f}" for label, score in zip(row[1::2], row[2::2], strict=True)
+        )
+        lines.append(f"{row[0]:<{width}}  {pairs}")
+    return "\n".join(lines)
+
+
+def confusion(
+    predictions: Predictions, labels: dict[Path, int], classes: int
+) -> tuple[float, torch.Tensor, int]:
+    """Accuracy, the confusion matrix `(classes, classes)` (rows: true class, columns:
+    predicted) and the number of images counted, over the labelled predictions."""
+    pairs = [
+        (labels[path], int(row.argmax()))
+        for path, row in zip(predictions.files, predictions.probabilities, strict=True)
+        if path in labels
+    ]
+    matrix = torch.zeros(classes, classes, dtype=torch.long)
+    for true, predicted in pairs:
+        matrix[true, predicted] += 1
+    correct = int(matrix.diagonal().sum())
+    return (correct / len(pairs) if pairs else 0.0), matrix, len(pairs)
+
+
+def format_confusion(matrix: torch.Tensor, class_names: Sequence[str]) -> str:
+    """The confusion matrix as aligned text: a row per true class, a column per prediction."""
+    corner = "true \\ predicted"
+    first = max(len(corner), *(len(n) for n in class_names))
+    width = max(len(str(int(matrix.max()))), *(len(n) for n in class_names))
+    lines = [f"{corner:<{first}}  " + "  ".join(f"{n:>{width}}" for n in class_names)]
+    for name, row in zip(class_names, matrix.tolist(), strict=True):
+        lines.append(f"{name:<{first}}  " + "  ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
+    """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
+    class folders), write predictions.csv (and skipped_images.json). Returns a summary."""
+    predictor = load_predictor(cfg.ckpt, str(cfg.get("device", "auto")))
+    inputs = collect_inputs(cfg.inputs, predictor.class_names)
+    log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
+    result = predictor.predict(
+        inputs.files, int(cfg.batch_size), str(cfg.tta), int(cfg.get("num_workers", 0))
+    )
+    k = min(int(cfg.top_k), len(predictor.class_names))
+    rows = top_k(result, predictor.class_names, k)
+    print(format_table(rows))
+    labelled = bool(inputs.labels) and all(f in inputs.labels for f in result.files)
+    truth = [predictor.class_names[inputs.labels[f]] for f in result.files] if labelled else None
+    wanted = cfg.get("output")
+    csv_path = Path(str(wanted)).expanduser() if wanted else output_dir / "predictions.csv"
+    write_csv(csv_path, rows, k, truth)
+    summary: dict[str, Any] = {"predicted": len(result.files), "csv": str(csv_path)}
+    if result.unreadable:
+        listing = "\n".join(f"  {p} ({reason})" for p, reason in result.unreadable.items())
+        print(f"Skipped {len(result.unreadable)} unreadable file(s):\n{listing}")
+        write_json(
+            csv_path.with_name("skipped_images.json"),
+            {str(p): r for p, r in result.unreadable.items()},
+        )
+    summary["unreadable"] = [str(p) for p in result.unreadable]
+    if inputs.labels:
+        accuracy, matrix, counted = confusion(result, inputs.labels, len(predictor.class_names))
+        print(f"Accuracy on {counted} image(s) in class folders: {accuracy:.4f}")
+        print(format_confusion(matrix, predictor.class_names))
+        summary |= {"accuracy": accuracy, "confusion_matrix": matrix.tolist()}
+    print(f"Wrote {csv_path}")
+    return summary

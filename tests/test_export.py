@@ -1,0 +1,162 @@
+"""export.py: the exported files equal PyTorch on real photos, and the ONNX file plus its JSON
+alone (no project import, no torch) reproduce predict.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from PIL import Image
+from test_predict import lite0_run, read_csv, real_photos, run_entry, train_tiny  # noqa: F401
+
+from conftest import REPO, subprocess_env
+from finetune.errors import UnknownNameError
+from finetune.export import export_model, load_exported
+from finetune.predict import load_predictor
+
+STANDALONE = REPO / "examples" / "onnx_predict.py"
+
+
+@pytest.fixture(scope="session")
+def resnet18_run(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory, "resnet18", "model=resnet18", "model.weights=none")
+
+
+@pytest.fixture(params=["lite0", "resnet18"])
+def trained_run(request) -> Path:
+    """Two backbone families with different preprocessing: EfficientNet-Lite (224, bicubic,
+    mean = std = 0.5, no resize margin) and torchvision's resnet (256 -> 224, bilinear)."""
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def odd_photos(folder: Path) -> list[Path]:
+    """Real photos plus the cases the decode and crop must get right: an RGBA PNG with
+    transparency, a greyscale JPEG and a portrait whose crop margin ends in half a pixel."""
+    files = real_photos(folder, per_class=2, class_folders=False)
+    with Image.open(files[0]) as photo:
+        rgba = photo.convert("RGBA")
+        rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
+        rgba.save(folder / "transparent.png")
+        photo.convert("L").save(folder / "grey.jpg")
+        # Resized to 224 x 337 (lite0) or 256 x 385 (resnet18): a crop margin of 56.5 or 80.5
+        # pixels, where Python's round (to even) and rounding half up differ.
+        photo.resize((300, 452)).save(folder / "portrait.jpg")
+    return [*files, folder / "transparent.png", folder / "grey.jpg", folder / "portrait.jpg"]
+
+
+def preprocessed(predictor, files: list[Path]) -> torch.Tensor:
+    return torch.stack([predictor.transform(Image.open(f).convert("RGB")) for f in files])
+
+
+def test_onnx_equals_pytorch_on_real_photos(trained_run, tmp_path):
+    predictor = load_predictor(trained_run, device="cpu")
+    exported = export_model(
+        predictor.model,
+        predictor.input_spec,
+        predictor.class_names,
+        "onnx",
+        tmp_path / "model.onnx",
+    )
+    images = preprocessed(predictor, real_photos(tmp_path / "photos"))  # a batch of 6: dynamic
+    with torch.inference_mode():
+        expected = predictor.model(images).numpy()
+    session = onnxruntime.InferenceSession(str(exported.model_file))
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    assert got.shape == (6, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    info = json.loads(exported.metadata_file.read_text())
+    spec = predictor.input_spec
+    assert info["class_names"] == ["ants", "bees"]
+    assert {k: info["preprocessing"][k] for k in ("crop_size", "resize_size", "interpolation")} == {
+        "crop_size": spec.crop_size,
+        "resize_size": spec.resize_size,
+        "interpolation": spec.interpolation,
+    }
+    assert info["preprocessing"]["mean"] == list(spec.mean)
+    assert info["preprocessing"]["std"] == list(spec.std)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
+def test_torchscript_and_exported_program_round_trip(lite0_run, tmp_path, fmt):  # noqa: F811
+    predictor = load_predictor(lite0_run, device="cpu")
+    exported = export_model(
+        predictor.model, predictor.input_spec, predictor.class_names, fmt, tmp_path / "m.bin"
+    )
+    assert json.loads(exported.metadata_file.read_text())["format"] == fmt
+    loaded = load_exported(exported.model_file, fmt)
+    for files in (real_photos(tmp_path / "a", per_class=1), real_photos(tmp_path / "b")):
+        images = preprocessed(predictor, files)  # batches of 2 and 6
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded(images), predictor.model(images), atol=1e-5, rtol=0)
+
+
+def test_unknown_format_lists_the_choices(lite0_run, tmp_path):  # noqa: F811
+    predictor = load_predictor(lite0_run, device="cpu")
+    with pytest.raises(UnknownNameError, match="exported_program, onnx, torchscript"):
+        export_model(predictor.model, predictor.input_spec, [], "tflite", tmp_path / "m")
+
+
+# The standalone script runs with `finetune` unimportable; afterwards neither it nor torch
+# may have been imported.
+GUARD = """
+import runpy, sys
+sys.modules["finetune"] = None
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    assert not stop.code, stop.code
+assert not {"finetune", "torch", "torchvision"} & {m for m, v in sys.modules.items() if v}
+"""
+
+
+def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path):  # noqa: F811
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    files = odd_photos(photos)
+    exported = run_entry(
+        "export.py", f"ckpt={lite0_run}", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}"
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    model = tmp_path / "export" / "model.onnx"
+    assert model.is_file() and model.with_suffix(".json").is_file()
+    predicted = run_entry(
+        "predict.py", f"ckpt={lite0_run}", f"inputs={photos}", f"output={tmp_path / 'p.csv'}"
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+
+    # Only the .onnx and the .json, moved away from the run; a fresh Python, outside the repo.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for file in (model, model.with_suffix(".json")):
+        file.rename(alone / file.name)
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    standalone = subprocess.run(
+        [sys.executable, "-c", GUARD, str(STANDALONE), str(alone / "model.onnx"), *map(str, files)],
+        cwd=alone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert standalone.returncode == 0, standalone.stderr[-3000:]
+    theirs = {row["path"]: row for row in read_csv_text(standalone.stdout)}
+    ours = {row["path"]: row for row in read_csv(tmp_path / "p.csv")}
+    assert set(theirs) == set(ours) == {str(f) for f in files}
+    for path, row in ours.items():
+        assert theirs[path]["label_1"] == row["label_1"], path
+        for key in ("score_1", "score_2"):
+            assert float(theirs[path][key]) == pytest.approx(float(row[key]), abs=1e-4), path
+
+
+def read_csv_text(text: str) -> list[dict[str, str]]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))

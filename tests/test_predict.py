@@ -1,0 +1,172 @@
+"""predict.py as a user runs it, on checkpoints of 1-epoch runs and on real photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import (
+    REPO,
+    SHARED_DATA,
+    folder_overrides,
+    make_class_folders,
+    run_train,
+    subprocess_env,
+)
+from finetune.data import ImageListDataset
+from finetune.errors import FinetuneError
+from finetune.predict import collect_inputs, find_checkpoint, load_predictor, pick_device
+from finetune.transforms import eval_transform
+
+HYMENOPTERA_VAL = SHARED_DATA / "hymenoptera_data" / "val"
+
+
+def train_tiny(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """A 1-epoch run on a generated ants/bees folder: a real checkpoint of the two classes of
+    the hymenoptera photos, in a few seconds."""
+    root = tmp_path_factory.mktemp(f"{name}_photos")
+    make_class_folders(root, {"ants": 4, "bees": 4})
+    run_dir = tmp_path_factory.mktemp(f"{name}_run")
+    result = run_train(*folder_overrides(root), *overrides, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lite0_run(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory, "lite0", "model=efficientnet_lite0")
+
+
+def real_photos(folder: Path, per_class: int = 3, class_folders: bool = True) -> list[Path]:
+    """A few hymenoptera val photos copied under `folder` (in class folders, or flat)."""
+    if not HYMENOPTERA_VAL.is_dir():
+        pytest.skip(f"{HYMENOPTERA_VAL} is not present")
+    copied = []
+    for class_name in ("ants", "bees"):
+        for source in sorted((HYMENOPTERA_VAL / class_name).glob("*.jpg"))[:per_class]:
+            target = folder / class_name / source.name if class_folders else folder / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copy(source, target)))
+    return copied
+
+
+def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python predict.py ARGS` (or export.py) as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_class_folders_get_accuracy_and_confusion_matrix_and_a_broken_file_is_skipped(
+    lite0_run, tmp_path
+):
+    photos = tmp_path / "photos"
+    real_photos(photos)
+    (photos / "bees" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    result = run_entry(
+        "predict.py", f"ckpt={lite0_run}", f"inputs={photos}", f"hydra.run.dir={out}", "top_k=5"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_csv(out / "predictions.csv")
+    assert len(rows) == 6 and not any("broken" in row["path"] for row in rows)
+    assert set(rows[0]) == {"path", "label_1", "score_1", "label_2", "score_2", "true_label"}
+    for row in rows:  # top_k=5 is cut to the 2 classes; probabilities sum to one
+        assert {row["label_1"], row["label_2"]} == {"ants", "bees"}
+        assert float(row["score_1"]) >= float(row["score_2"])
+        assert float(row["score_1"]) + float(row["score_2"]) == pytest.approx(1, abs=1e-5)
+        assert row["true_label"] == Path(row["path"]).parent.name
+        assert Path(row["path"]).name in result.stdout  # the table
+    correct = sum(row["label_1"] == row["true_label"] for row in rows)
+    assert f"Accuracy on 6 image(s) in class folders: {correct / 6:.4f}" in result.stdout
+    for true in ("ants", "bees"):
+        counts = [
+            sum(r["true_label"] == true and r["label_1"] == p for r in rows)
+            for p in ("ants", "bees")
+        ]
+        assert any(line.split() == [true, *map(str, counts)] for line in result.stdout.splitlines())
+    assert "broken.jpg" in result.stdout
+    skipped = json.loads((out / "skipped_images.json").read_text())
+    assert list(skipped) == [str(photos / "bees" / "broken.jpg")]
+
+
+def test_predictions_equal_the_evaluation_path_of_training(lite0_run, tmp_path):
+    files = real_photos(tmp_path, class_folders=False)
+    predictor = load_predictor(lite0_run, device="cpu")
+    result = predictor.predict(files, batch_size=4)
+    # Training evaluates through ImageListDataset with the eval preset of the weights.
+    dataset = ImageListDataset([(str(f), 0) for f in files], eval_transform(predictor.input_spec))
+    images = torch.stack([dataset[i][0] for i in range(len(files))])
+    with torch.inference_mode():
+        expected = predictor.model(images).softmax(dim=1)
+    assert result.files == files
+    torch.testing.assert_close(result.probabilities, expected, atol=1e-6, rtol=0)
+
+
+def test_tta_flip_averages_the_image_and_its_mirror(lite0_run, tmp_path):
+    files = real_photos(tmp_path, per_class=2, class_folders=False)
+    predictor = load_predictor(lite0_run, device="cpu")
+    plain = predictor.predict(files).probabilities
+    flipped = predictor.predict(files, tta="flip").probabilities
+    images = torch.stack([predictor.transform(Image.open(f).convert("RGB")) for f in files])
+    with torch.inference_mode():
+        mirror = predictor.model(images.flip(-1)).softmax(dim=1)
+    torch.testing.assert_close(flipped, (plain + mirror) / 2, atol=1e-6, rtol=0)
+    assert not torch.allclose(flipped, plain, atol=1e-4)  # the mirror changes the answer
+    with pytest.raises(FinetuneError, match="flip"):
+        predictor.predict(files, tta="rotate")
+
+
+def test_a_device_that_is_not_there_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(FinetuneError, match="device=cuda: no CUDA GPU"):
+        pick_device("cuda")
+    with pytest.raises(FinetuneError, match="device=gpu: not a torch device"):
+        pick_device("gpu")
+
+
+def test_a_run_dir_means_its_best_checkpoint(lite0_run):
+    best = find_checkpoint(lite0_run)
+    metrics = json.loads((lite0_run / "metrics.json").read_text())
+    assert best.name == Path(metrics["best_checkpoint"]).name != "last.ckpt"
+
+
+def test_inputs_expand_folders_globs_and_lists_and_none_found_is_one_clear_error(tmp_path):
+    make_class_folders(tmp_path / "shots", {"ants": 2, "wasps": 1})
+    (tmp_path / "shots" / ".hidden.jpg").write_bytes(b"")
+    (tmp_path / "shots" / "notes.txt").write_text("not an image")
+    found = collect_inputs(str(tmp_path / "shots"), ["ants", "bees"])
+    assert len(found.files) == 3 and found.labels == {}  # wasps: not the model's class folders
+    labelled = collect_inputs(str(tmp_path / "shots" / "ants" / ".."), ["ants", "bees", "wasps"])
+    assert sorted(labelled.labels.values()) == [0, 0, 2]
+    globbed = collect_inputs([str(tmp_path / "shots" / "**" / "ants_*.jpg")], ["ants"])
+    assert [f.name for f in globbed.files] == ["ants_0.jpg", "ants_1.jpg"]
+    with pytest.raises(FinetuneError, match=r"No images found in inputs=.*\*\.png matched nothing"):
+        collect_inputs(str(tmp_path / "*.png"), ["ants"])
+
+
+def test_a_missing_checkpoint_is_one_line_and_exit_status_1(tmp_path):
+    result = run_entry("predict.py", f"ckpt={tmp_path / 'nowhere'}", f"inputs={tmp_path}")
+    assert result.returncode == 1
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "nowhere does not exist" in errors[0] and "Fix:" in errors[0]
+    assert "Traceback" not in result.stderr
