@@ -4,9 +4,11 @@ real on-disk formats."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -233,3 +235,53 @@ def hparams_plugin_data(log_dir: Path) -> dict:
                     for name, hparam in data.session_start_info.hparams.items():
                         found["hparams"][name] = hparam.string_value or hparam.number_value
     return found
+
+
+# Trained checkpoints and real photos for the predict and export tests.
+HYMENOPTERA_VAL = SHARED_DATA / "hymenoptera_data" / "val"
+
+
+def train_tiny(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """A 1-epoch run on a generated ants/bees folder: a real checkpoint of the two classes of
+    the hymenoptera photos, in a few seconds."""
+    root = tmp_path_factory.mktemp(f"{name}_photos")
+    make_class_folders(root, {"ants": 4, "bees": 4})
+    run_dir = tmp_path_factory.mktemp(f"{name}_run")
+    result = run_train(*folder_overrides(root), *overrides, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lite0_run(tmp_path_factory) -> Path:
+    return train_tiny(tmp_path_factory, "lite0", "model=efficientnet_lite0")
+
+
+def real_photos(folder: Path, per_class: int = 3, class_folders: bool = True) -> list[Path]:
+    """A few hymenoptera val photos copied under `folder` (in class folders, or flat)."""
+    if not HYMENOPTERA_VAL.is_dir():
+        pytest.skip(f"{HYMENOPTERA_VAL} is not present")
+    copied = []
+    for class_name in ("ants", "bees"):
+        for source in sorted((HYMENOPTERA_VAL / class_name).glob("*.jpg"))[:per_class]:
+            target = folder / class_name / source.name if class_folders else folder / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copied.append(Path(shutil.copy(source, target)))
+    return copied
+
+
+def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python predict.py ARGS` (or export.py) as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -13,9 +13,8 @@ import onnxruntime
 import pytest
 import torch
 from PIL import Image
-from test_predict import lite0_run, read_csv, real_photos, run_entry, train_tiny  # noqa: F401
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, read_csv, real_photos, run_entry, subprocess_env, train_tiny
 from finetune.errors import UnknownNameError
 from finetune.export import export_model, load_exported
 from finetune.predict import load_predictor
@@ -83,7 +82,7 @@ def test_onnx_equals_pytorch_on_real_photos(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
-def test_torchscript_and_exported_program_round_trip(lite0_run, tmp_path, fmt):  # noqa: F811
+def test_torchscript_and_exported_program_round_trip(lite0_run, tmp_path, fmt):
     predictor = load_predictor(lite0_run, device="cpu")
     exported = export_model(
         predictor.model, predictor.input_spec, predictor.class_names, fmt, tmp_path / "m.bin"
@@ -96,7 +95,7 @@ def test_torchscript_and_exported_program_round_trip(lite0_run, tmp_path, fmt): 
             torch.testing.assert_close(loaded(images), predictor.model(images), atol=1e-5, rtol=0)
 
 
-def test_unknown_format_lists_the_choices(lite0_run, tmp_path):  # noqa: F811
+def test_unknown_format_lists_the_choices(lite0_run, tmp_path):
     predictor = load_predictor(lite0_run, device="cpu")
     with pytest.raises(UnknownNameError, match="exported_program, onnx, torchscript"):
         export_model(predictor.model, predictor.input_spec, [], "tflite", tmp_path / "m")
@@ -116,7 +115,7 @@ assert not {"finetune", "torch", "torchvision"} & {m for m, v in sys.modules.ite
 """
 
 
-def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path):  # noqa: F811
+def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()
     files = odd_photos(photos)

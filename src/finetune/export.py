@@ -140,7 +140,7 @@ def load_exported(path: str | Path, fmt: str):
 def network_of(model: nn.Module) -> nn.Module:
     """The plain network inside a trained classifier (images -> logits): the tracers cannot
     walk a LightningModule (its `trainer` property raises outside a Trainer)."""
-    return getattr(model, "backbone", model)
+    return getattr(model, "network", model)
 
 
 @dataclass
