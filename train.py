@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from finetune.distributed import job_processes
 from finetune.errors import FinetuneError
 from finetune.run import train
 
@@ -23,7 +24,8 @@ log = logging.getLogger("finetune")
 def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        metrics = train(cfg)
+        with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
+            metrics = train(cfg)
     except Exception as error:
         record_failure(Path(cfg.run_dir), error)
         if in_sweep:

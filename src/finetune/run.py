@@ -27,6 +27,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from finetune import backbones, features, resume, strategies
 from finetune.data import FinetuneDataModule
+from finetune.distributed import build_once
 from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule
 from finetune.reports import EvaluationReport
@@ -219,7 +220,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    with build_once(datamodule.cache_dir, "prepare"):  # one builder per data root at a time
+        datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     if is_rank_zero:
         write_json(run_dir / "classes.json", datamodule.class_names)
         if datamodule.skipped:
@@ -279,13 +281,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_data: pl.LightningDataModule = datamodule
     feature_report: dict[str, Any] = {"feature_cache": "off"}
     if strategy.caches_features(augmenting=is_augmenting(cfg.data.get("augment") or {})):
-        train_data, feature_report = features.cached_features(
-            datamodule,
-            backbone,
-            device=trainer.strategy.root_device,
-            precision=str(cfg.trainer.get("precision", "32")),
-            channels_last=speed["channels_last"],
-        )
+        with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
+            train_data, feature_report = features.cached_features(
+                datamodule,
+                backbone,
+                device=trainer.strategy.root_device,
+                precision=str(cfg.trainer.get("precision", "32")),
+                channels_last=speed["channels_last"],
+            )
         module.inputs_are_features = True
     elif speed["compile"]:
         module.backbone.net.compile()

@@ -1,0 +1,106 @@
+"""Runs that span several processes, nodes or cluster jobs: the two gaps Lightning and Hydra leave.
+
+1. Lightning's DDP launcher starts the extra ranks of a machine by re-running the script with
+   the ORIGINAL command line plus `hydra.run.dir=...` (lightning_fabric's
+   `_hydra_subprocess_cmd`). Inside a Hydra multirun that command still holds `-m` and every
+   swept value, so each extra rank re-ran the whole sweep into a second timestamped folder
+   (Lightning issue #15689). `job_processes` makes that command a single run of exactly the
+   current job, into the current job's folder.
+2. Processes that start together (torchrun or srun ranks, the jobs of a sweep) share one data
+   root. `build_once` is an inter-process file lock around "build it if it is missing", so the
+   generated data set, the image verification record and the feature cache are built by the
+   first process and read by the others, never written by several at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+from omegaconf import DictConfig, read_write
+
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+
+def _requested_devices(trainer_cfg: DictConfig) -> int:
+    """How many processes Lightning will start on this machine for `trainer.devices`."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int):
+        return devices if devices > 0 else 2  # -1: all devices, several in general
+    if isinstance(devices, str):
+        return 2 if devices.strip() in ("auto", "-1") else len(devices.strip(",").split(","))
+    return len(devices) if devices is not None else 1
+
+
+@contextmanager
+def job_processes(cfg: DictConfig) -> Iterator[None]:
+    """Inside a Hydra multirun job, make Lightning's extra DDP ranks re-run only this job.
+
+    Rewrites `sys.argv` to this job's overrides (without `-m`), points the Hydra config's
+    `hydra.run.dir` (which Lightning appends to the child command) at this job's output folder,
+    and restores `sys.argv` afterwards, so the next job of a sweep starts from a clean state.
+    Outside a multirun (a single run, torchrun, srun) nothing changes.
+
+    Raises FinetuneError for `trainer.devices` > 1 inside a job of the submitit *local*
+    launcher: its jobs are not scripts Lightning could re-run.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
+        return
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and _requested_devices(cfg.trainer) > 1:
+        raise FinetuneError(
+            f"trainer.devices={cfg.trainer.devices} inside a job of hydra/launcher=local: each "
+            "local job is one process, which Lightning cannot re-run for more ranks. Fix: "
+            "trainer.devices=1, or drop hydra/launcher=local (a plain -m sweep runs several "
+            "devices per job), or use hydra/launcher=slurm trainer=slurm on a cluster."
+        )
+    hydra_cfg = HydraConfig.get()
+    job_dir = hydra_cfg.runtime.output_dir
+    # hydra.mode=MULTIRUN is among the recorded overrides: the children must be single runs.
+    hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
+    original_argv = list(sys.argv)
+    sys.argv[1:] = [*hydra_overrides, *hydra_cfg.overrides.task, f"hydra.run.dir={job_dir}"]
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = job_dir
+    try:
+        yield
+    finally:
+        sys.argv[:] = original_argv
+
+
+@contextmanager
+def build_once(folder: Path, name: str) -> Iterator[None]:
+    """Hold the inter-process lock `<folder>/<name>.lock` while building files in `folder`.
+
+    Every process that builds-if-missing a shared file (data generation, the verification
+    record, the feature cache) takes the lock first: the first one builds, the others wait and
+    then find the file whole. `filelock` locks with fcntl/flock, which also holds across the
+    machines of a cluster on a shared file system that supports locks (NFSv4, Lustre, GPFS).
+    A folder that cannot hold a lock file (a read-only data root: nothing is written there
+    either) is used without one.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f"{name}.lock"))
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        log.info("Waiting for another process that is building %s in %s", name, folder)
+        lock.acquire()
+    except OSError as error:
+        log.debug("No lock for %s in %s (%s); going on without one", name, folder, error)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
