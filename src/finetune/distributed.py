@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, read_write
 
@@ -45,7 +46,8 @@ def job_processes(cfg: DictConfig) -> Iterator[None]:
 
     Rewrites `sys.argv` to this job's overrides (without `-m`), points the Hydra config's
     `hydra.run.dir` (which Lightning appends to the child command) at this job's output folder,
-    and restores `sys.argv` afterwards, so the next job of a sweep starts from a clean state.
+    and restores `sys.argv` and the rank variables and ends the process group afterwards, so
+    the next job of a sweep starts from a clean state.
     Outside a multirun (a single run, torchrun, srun) nothing changes.
 
     Raises FinetuneError for `trainer.devices` > 1 inside a job of the submitit *local*
@@ -68,7 +70,7 @@ def job_processes(cfg: DictConfig) -> Iterator[None]:
     job_dir = hydra_cfg.runtime.output_dir
     # hydra.mode=MULTIRUN is among the recorded overrides: the children must be single runs.
     hydra_overrides = [o for o in hydra_cfg.overrides.hydra if not o.startswith("hydra.mode=")]
-    original_argv = list(sys.argv)
+    original_argv, original_env = list(sys.argv), dict(os.environ)
     sys.argv[1:] = [*hydra_overrides, *hydra_cfg.overrides.task, f"hydra.run.dir={job_dir}"]
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = job_dir
@@ -76,6 +78,28 @@ def job_processes(cfg: DictConfig) -> Iterator[None]:
         yield
     finally:
         sys.argv[:] = original_argv
+        _forget_ranks(original_env)
+
+
+def _forget_ranks(original_env: dict[str, str]) -> None:
+    """Leave no DDP state to the next job of a sweep in this process.
+
+    Lightning's launcher exports LOCAL_RANK, MASTER_PORT, ... into this process's environment
+    (the next job's Trainer would take them for ranks started by someone else and spawn none),
+    and its process group outlives the Trainer (the next job would talk to the exited ranks).
+    """
+    for name in _RANK_VARIABLES:
+        if name in original_env:
+            os.environ[name] = original_env[name]
+        else:
+            os.environ.pop(name, None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# What Lightning's subprocess launcher sets in the launching process (lightning_fabric
+# strategies/launchers/subprocess_script.py, _call_children_scripts).
+_RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @contextmanager
