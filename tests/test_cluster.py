@@ -177,9 +177,13 @@ def _run_files(run_dir: Path) -> set[str]:
     return {name for name in names if not name.endswith(".log") and "events.out" not in name}
 
 
-def test_two_nodes_through_torchrun_equal_two_processes_on_one_node(tmp_path):
-    data_root = tmp_path / "data"
-    single = tmp_path / "single_node"
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """The same run as two DDP processes on one node and as two torchrun "nodes" of one
+    process each on localhost (gloo): (single-node run dir, two-node run dir)."""
+    root = tmp_path_factory.mktemp("ranks")
+    data_root = root / "data"
+    single = root / "single_node"
     result = run_train(
         *FAST_OVERRIDES,
         "augment=none",
@@ -187,28 +191,49 @@ def test_two_nodes_through_torchrun_equal_two_processes_on_one_node(tmp_path):
         "trainer.strategy=ddp",
         f"data.root={data_root}",
         f"hydra.run.dir={single}",
-        cwd=tmp_path,
+        cwd=root,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
-    two_nodes = tmp_path / "two_nodes"
+    two_nodes = root / "two_nodes"
     port = _free_port()
     nodes = [_torchrun_node(rank, port, two_nodes, data_root) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-3000:]
+    return single, two_nodes
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "single_node", "two_nodes"]
-    assert not (tmp_path / "outputs").exists()
-    # Rank 0 alone wrote the run: the same files as the one-node run, one events file, one
-    # metrics.json holding the world size of two.
+
+def test_two_nodes_through_torchrun_write_one_run_dir_from_rank_zero(two_process_runs):
+    single, two_nodes = two_process_runs
+    root = two_nodes.parent
+    assert sorted(p.name for p in root.iterdir()) == ["data", "single_node", "two_nodes"]
+    # Rank 0 alone wrote the run: the same files as the one-node run (where rank 1 is
+    # Lightning's child), as many TensorBoard event files.
     assert _run_files(two_nodes) == _run_files(single)
     assert len(list(two_nodes.rglob("events.out.tfevents.*"))) == len(
         list(single.rglob("events.out.tfevents.*"))
     )
-    one, two = _metrics(single), _metrics(two_nodes)
+
+
+def test_two_nodes_through_torchrun_equal_two_processes_on_one_node(two_process_runs):
+    one, two = (_metrics(run_dir) for run_dir in two_process_runs)
     for key in EVALUATION_KEYS:
-        assert two[key] == pytest.approx(one[key]), key
+        expected = pytest.approx(one[key]) if isinstance(one[key], float) else one[key]
+        assert two[key] == expected, key
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 13 kind 3: under several processes the DistributedSampler gives each rank a "
+    "shard (padded with duplicates) and the reports use rank 0's shard only",
+)
+def test_two_processes_evaluate_every_image_exactly_once(two_process_runs):
+    for run_dir in two_process_runs:
+        metrics = _metrics(run_dir)
+        for split in ("val", "test"):
+            counted = sum(map(sum, metrics[f"{split}/confusion_matrix"]))
+            assert counted == metrics["split_sizes"][split], (run_dir.name, split)
 
 
 def test_two_jobs_at_once_on_one_data_root_build_the_caches_once(tmp_path):
