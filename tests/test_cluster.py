@@ -117,6 +117,25 @@ def test_local_launcher_runs_a_two_job_sweep_as_subprocesses_and_summarises_it(t
     assert [(row["seed"], row["status"]) for row in rows] == [("1", "ok"), ("2", "ok")]
 
 
+def test_local_launcher_refuses_several_devices_per_job(tmp_path):
+    """A submitit local job is not a script Lightning could re-run for rank 1."""
+    sweep = tmp_path / "sweep"
+    result = run_train(
+        "-m",
+        *FAST_OVERRIDES,
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "hydra/launcher=local",
+        f"hydra.sweep.dir={sweep}",
+        f"data.root={tmp_path / 'data'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]  # a failed job does not end the sweep
+    error = json.loads((sweep / "0" / "failure.json").read_text())["error"]
+    assert "trainer.devices=2 inside a job of hydra/launcher=local" in error
+    assert "Fix: trainer.devices=1" in error
+
+
 def test_a_sweep_with_two_devices_per_job_writes_one_sweep_folder(tmp_path):
     """Lightning re-runs the command line for rank 1: that must be this job, not the sweep."""
     result = run_train(
