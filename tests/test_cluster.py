@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
@@ -49,7 +49,8 @@ def _free_port() -> int:
 
 def test_slurm_launcher_gives_each_job_the_ddp_of_its_allocation(tmp_path, monkeypatch):
     """hydra/launcher=slurm trainer=slurm: the sbatch script asks for the nodes, GPUs, tasks,
-    partition and time limit given once, and the Trainer's devices/num_nodes are those."""
+    partition and time limit given once, and in the job SLURM's variables for that allocation
+    become the Trainer's devices and num_nodes."""
     import submitit
 
     GlobalHydra.instance().clear()
@@ -63,12 +64,6 @@ def test_slurm_launcher_gives_each_job_the_ddp_of_its_allocation(tmp_path, monke
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # what a job has: ${hydra:launcher...} resolves
-    try:
-        trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    finally:
-        HydraConfig.instance().cfg = None  # no Hydra state leaks into the next tests
-    assert (trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == (4, 2, "ddp")
 
     # The executor as the launcher plugin builds it from hydra.launcher (launch() without the
     # sbatch call); submitit checks every key. No srun here: claim one CPU of affinity.
@@ -85,14 +80,21 @@ def test_slurm_launcher_gives_each_job_the_ddp_of_its_allocation(tmp_path, monke
         **{key if key in common else f"slurm_{key}": value for key, value in params.items()}
     )
     script = executor._executor._make_submission_file_text("python -m submitit.core._submit", "0")
-    for line in (
-        "--nodes=2",
-        "--gpus-per-node=4",
-        "--ntasks-per-node=4",
-        "--partition=gpu",
-        "--time=90",
-    ):
+    for line in ("--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--partition=gpu"):
         assert f"#SBATCH {line}" in script
+    assert "#SBATCH --time=90" in script
+
+    # Inside the job SLURM exports the allocation; trainer=slurm reads it.
+    sbatch = dict(re.findall(r"#SBATCH --([a-z-]+)=(\S+)", script))
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", sbatch["ntasks-per-node"])
+    monkeypatch.setenv("SLURM_NNODES", sbatch["nodes"])
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert (trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == (4, 2, "ddp")
+    # Outside SLURM (a laptop trying the option): one device, one node.
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    monkeypatch.delenv("SLURM_NNODES")
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert (trainer["devices"], trainer["num_nodes"]) == (1, 1)
 
 
 def test_local_launcher_runs_a_two_job_sweep_as_subprocesses_and_summarises_it(tmp_path):
