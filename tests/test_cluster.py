@@ -297,3 +297,14 @@ def test_two_jobs_at_once_on_one_data_root_build_the_caches_once(tmp_path):
     assert not list(data_root.rglob("*.partial"))
     assert "Generating the synthetic dataset" in outputs[0] + outputs[1]
     assert sum("Generating the synthetic dataset" in output for output in outputs) == 1
+
+
+def test_the_build_lock_never_creates_a_missing_image_folder(tmp_path):
+    """A mistyped data.root of the user's own images stays missing (and is reported so)."""
+    from finetune.distributed import build_once
+
+    with build_once(tmp_path / "photoz" / ".cache", "prepare", create=False):
+        pass
+    assert not (tmp_path / "photoz").exists()
+    with build_once(tmp_path / "synthetic_root" / ".cache", "prepare"):
+        assert (tmp_path / "synthetic_root" / ".cache" / "prepare.lock").exists()

@@ -103,7 +103,7 @@ _RANK_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WOR
 
 
 @contextmanager
-def build_once(folder: Path, name: str) -> Iterator[None]:
+def build_once(folder: Path, name: str, create: bool = True) -> Iterator[None]:
     """Hold the inter-process lock `<folder>/<name>.lock` while building files in `folder`.
 
     Every process that builds-if-missing a shared file (data generation, the verification
@@ -111,10 +111,13 @@ def build_once(folder: Path, name: str) -> Iterator[None]:
     then find the file whole. `filelock` locks with fcntl/flock, which also holds across the
     machines of a cluster on a shared file system that supports locks (NFSv4, Lustre, GPFS).
     A folder that cannot hold a lock file (a read-only data root: nothing is written there
-    either) is used without one.
+    either) is used without one. `create=False`: make `folder` only inside an existing parent,
+    so that a mistyped folder of the user's own images is reported as missing, not created.
     """
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not create and not folder.parent.is_dir():
+            raise FileNotFoundError(f"{folder.parent} does not exist")
+        folder.mkdir(parents=create, exist_ok=True)
         lock = FileLock(str(folder / f"{name}.lock"))
         lock.acquire(timeout=0.5)
     except Timeout:

@@ -220,7 +220,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
 
     datamodule = build_datamodule(cfg)
-    with build_once(datamodule.cache_dir, "prepare"):  # one builder per data root at a time
+    # One builder per data root at a time; a user's image folder is never created by the lock.
+    with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     if is_rank_zero:
         write_json(run_dir / "classes.json", datamodule.class_names)
