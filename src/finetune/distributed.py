@@ -30,14 +30,17 @@ from finetune.errors import FinetuneError
 log = logging.getLogger(__name__)
 
 
-def _requested_devices(trainer_cfg: DictConfig) -> int:
-    """How many processes Lightning will start on this machine for `trainer.devices`."""
+def _processes_per_machine(trainer_cfg: DictConfig) -> int:
+    """How many processes Lightning starts on this machine for `trainer.devices` (a count, a
+    string count, a list or comma string of ids, or auto/-1: every visible GPU, one CPU)."""
     devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, int):
-        return devices if devices > 0 else 2  # -1: all devices, several in general
+    if devices in ("auto", -1, "-1"):
+        on_cpu = trainer_cfg.get("accelerator") == "cpu"
+        return 1 if on_cpu else max(torch.cuda.device_count(), 1)
     if isinstance(devices, str):
-        return 2 if devices.strip() in ("auto", "-1") else len(devices.strip(",").split(","))
-    return len(devices) if devices is not None else 1
+        ids = [d for d in devices.split(",") if d.strip()]
+        return int(devices) if "," not in devices else len(ids)
+    return devices if isinstance(devices, int) else len(devices)
 
 
 @contextmanager
@@ -59,7 +62,7 @@ def job_processes(cfg: DictConfig) -> Iterator[None]:
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         yield
         return
-    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and _requested_devices(cfg.trainer) > 1:
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and _processes_per_machine(cfg.trainer) > 1:
         raise FinetuneError(
             f"trainer.devices={cfg.trainer.devices} inside a job of hydra/launcher=local: each "
             "local job is one process, which Lightning cannot re-run for more ranks. Fix: "
