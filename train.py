@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import config
+from finetune.distributed import job_processes
 from finetune.errors import FinetuneError
 from finetune.run import train
 from finetune.rundir import save_failure
@@ -28,7 +29,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         # values a sweeper chose were not on the command line train.py checked
         config.validate(cfg, HydraConfig.get().runtime.choices)
-        metrics = train(cfg)
+        with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
+            metrics = train(cfg)
     except Exception as error:
         save_failure(Path(cfg.run_dir), error)
         if in_sweep:

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from finetune import backbones, callbacks, features, resume, rundir, runtime, strategies
 from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
+from finetune.distributed import build_once
 from finetune.module import ClassifierModule
 from finetune.reports import EvaluationReport
 from finetune.strategies import count_parameters
@@ -79,7 +80,9 @@ def build_datamodule(cfg: DictConfig) -> FinetuneDataModule:
 def build_data(cfg: DictConfig, run_dir: Path) -> FinetuneDataModule:
     """The prepared data module; classes.json (and skipped_images.json) in the run dir."""
     datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    # One builder per data root at a time; a user's image folder is never created by the lock.
+    with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
+        datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
     return datamodule
 
@@ -156,9 +159,10 @@ def training_data(
         if model.speed["compile"]:
             model.network.net.compile()
         return {"feature_cache": "off"}
-    extracted, feature_report = features.cached_features(
-        datamodule, model.network, trainer, channels_last=model.speed["channels_last"]
-    )
+    with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
+        extracted, feature_report = features.cached_features(
+            datamodule, model.network, trainer, channels_last=model.speed["channels_last"]
+        )
     datamodule.use_features(extracted)
     return feature_report
 
