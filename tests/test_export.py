@@ -126,7 +126,11 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
     model = tmp_path / "export" / "model.onnx"
     assert model.is_file() and model.with_suffix(".json").is_file()
     predicted = run_entry(
-        "predict.py", f"ckpt={lite0_run}", f"inputs={photos}", f"output={tmp_path / 'p.csv'}"
+        "predict.py",
+        f"ckpt={lite0_run}",
+        f"inputs={photos}",
+        f"output={tmp_path / 'p.csv'}",
+        f"hydra.run.dir={tmp_path / 'predict'}",
     )
     assert predicted.returncode == 0, predicted.stderr[-3000:]
 

@@ -106,7 +106,12 @@ def test_inputs_expand_folders_globs_and_lists_and_none_found_is_one_clear_error
 
 
 def test_a_missing_checkpoint_is_one_line_and_exit_status_1(tmp_path):
-    result = run_entry("predict.py", f"ckpt={tmp_path / 'nowhere'}", f"inputs={tmp_path}")
+    result = run_entry(
+        "predict.py",
+        f"ckpt={tmp_path / 'nowhere'}",
+        f"inputs={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
     assert result.returncode == 1
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "nowhere does not exist" in errors[0] and "Fix:" in errors[0]
