@@ -6,6 +6,7 @@ of misclassified images, so every consumer sees the same RGB pixels of a file.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,10 +17,9 @@ from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
 from finetune.backbones import InputSpec
-from finetune.transforms import train_decode_size
+from finetune.transforms import eval_resize, train_decode_size
 
 log = logging.getLogger(__name__)
-
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB: transparency composited onto white, 16-bit and 32-bit
@@ -51,25 +51,24 @@ def load_rgb(path: str) -> Image.Image:
 
 
 class DecodedImages:
-    """Decode-once cache: images as uint8 tensors `(3, H, W)`, resized (with the eval preset's
-    resize) so that the shorter side is just above the training resolution, up to a memory
-    budget in MiB.
+    """Decode-once cache: images as uint8 tensors `(3, H, W)`, resized, up to a memory budget
+    in MiB.
 
     Images beyond the budget are not cached and keep streaming from disk. Eval images are stored
-    at exactly the eval preset's resize size, so a cached image gives the same eval pixels as the
-    file; training images keep a margin above the crop size for random crops.
+    as the eval preset's own resize leaves them (`eval_resize`, whatever the crop mode), so a
+    cached image gives the same eval pixels as the file; training images keep their shorter
+    side a margin above the crop size for random crops (`train_decode_size`).
     """
 
-    def __init__(self, interpolation: str, budget_mb: float) -> None:
-        self.interpolation = InterpolationMode(interpolation)
+    def __init__(self, budget_mb: float) -> None:
         self.budget_bytes = int(budget_mb * 2**20)
         self.used_bytes = 0
         self.images: dict[str, torch.Tensor] = {}
         self.streamed = 0  # images that did not fit in the budget
 
-    def fill(self, paths: list[str], size: int, threads: int) -> None:
-        """Decode `paths` in parallel threads (PIL releases the GIL) until the budget is used."""
-        resize = v2.Resize(size, interpolation=self.interpolation, antialias=True)
+    def fill(self, paths: list[str], resize: Callable, threads: int) -> None:
+        """Decode `paths` in parallel threads (PIL releases the GIL), resized by `resize` (PIL
+        image -> PIL image), until the budget is used."""
 
         def decode(path: str) -> torch.Tensor:
             return F.pil_to_tensor(resize(load_rgb(path)))
@@ -101,11 +100,12 @@ def decode_once(
     threads: int,
 ) -> DecodedImages:
     """A decode cache of the `train` paths (at `train_decode_size`) and then of each list of
-    `evaluation` paths (at the eval resize), within `budget_mb` MiB."""
-    decoded = DecodedImages(spec.interpolation, budget_mb)
-    decoded.fill(train, train_decode_size(spec), threads)
+    `evaluation` paths (at `eval_resize`), within `budget_mb` MiB."""
+    decoded = DecodedImages(budget_mb)
+    interpolation = InterpolationMode(spec.interpolation)
+    decoded.fill(train, v2.Resize(train_decode_size(spec), interpolation, antialias=True), threads)
     for paths in evaluation:
-        decoded.fill(paths, spec.resize_size, threads)
+        decoded.fill(paths, eval_resize(spec), threads)
     log.info(
         "Decode cache: %d images in %.0f MB (%d streamed beyond data.decode_cache_mb)",
         len(decoded.images),
