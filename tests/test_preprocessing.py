@@ -10,21 +10,200 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 from finetune.backbones import InputSpec
-from finetune.data import load_rgb
+from finetune.data import ImageListDataset, load_rgb
+from finetune.data.images import DecodedImages
 from finetune.sources import CROP_MODES
-from finetune.transforms import eval_transform
+from finetune.transforms import eval_resize, eval_transform
 
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
 SPEC = InputSpec(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 WHITE = (255, 255, 255)
+
+
+# --- kind 4: one decode function, the pixels a viewer shows ------------------------------------
+
+
+def centre_pixel_of_every_consumer(path: Path) -> dict[str, tuple[int, ...]]:
+    """The centre pixel of a uniform image as each consumer of images sees it."""
+    from finetune.reports import misclassified_image
+
+    seen = {"load_rgb": load_rgb(str(path)).getpixel((20, 20))}
+    loader = ImageListDataset([(str(path), 0)], eval_transform(SPEC, normalise=False))
+    seen["loaders and feature cache"] = tuple(loader[0][0][:, 16, 16].tolist())
+    decoded = DecodedImages(budget_mb=1)
+    decoded.fill([str(path)], eval_resize(SPEC), threads=1)
+    seen["decode cache"] = tuple(decoded.get(str(path))[:, 18, 18].tolist())
+    grid = misclassified_image([(str(path), 0, 1)], ["a", "b"], "title")
+    seen["reports grid"] = tuple(grid[28 + 80, 8 + 80].tolist())
+    return seen
+
+
+def adobe_rgb_to_srgb(rgb: tuple[int, int, int]) -> np.ndarray:
+    """Adobe RGB (1998) -> sRGB by the published matrices (D65), independent of LittleCMS."""
+    to_xyz = np.array(
+        [
+            [0.5767309, 0.1855540, 0.1881852],
+            [0.2973769, 0.6273491, 0.0752741],
+            [0.0270343, 0.0706872, 0.9911085],
+        ]
+    )
+    to_srgb = np.array(
+        [
+            [3.2404542, -1.5371385, -0.4985314],
+            [-0.9692660, 1.8760108, 0.0415560],
+            [0.0556434, -0.2040259, 1.0572252],
+        ]
+    )
+    linear = np.clip(to_srgb @ to_xyz @ (np.array(rgb) / 255.0) ** (563 / 256), 0, 1)
+    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    return encoded * 255
+
+
+def adobe_rgb_profile() -> bytes:
+    """The Adobe RGB (1998) profile embedded in photos of the shared hymenoptera set."""
+    if not HYMENOPTERA.is_dir():
+        pytest.skip("../shared/data/hymenoptera_data is not present")
+    for path in sorted(HYMENOPTERA.glob("*/*/*.jpg")):
+        with Image.open(path) as image:
+            profile = image.info.get("icc_profile", b"")
+        if b"Adobe RGB (1998)" in profile:
+            return profile
+    pytest.skip("no Adobe RGB photo in the shared hymenoptera set")
+
+
+def write_case(case: str, path: Path) -> tuple[int, ...]:
+    """A 40x40 image file of one kind that viewers and naive decoders show differently; returns
+    the colour a viewer shows."""
+    if case == "sixteen_bit_grey":  # PIL's convert("RGB") clips level 51400 to 255
+        Image.fromarray(np.full((40, 40), 51400, dtype=np.uint16)).save(path)
+        return (200, 200, 200)
+    if case == "transparent_rgba":  # hidden colour red under alpha 0
+        Image.new("RGBA", (40, 40), (200, 0, 0, 0)).save(path)
+        return WHITE
+    if case == "transparent_colour_key":  # PNG tRNS on an RGB image: red is transparent
+        Image.new("RGB", (40, 40), (200, 0, 0)).save(path, transparency=(200, 0, 0))
+        return WHITE
+    if case == "transparent_grey_key":  # PNG tRNS on a greyscale image
+        Image.new("L", (40, 40), 60).save(path, transparency=60)
+        return WHITE
+    if case == "transparent_palette":
+        image = Image.new("P", (40, 40), 1)
+        image.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+        image.save(path, transparency=1)
+        return WHITE
+    if case == "half_transparent_grey_alpha":  # LA: grey 0 at alpha 128 over white
+        Image.new("LA", (40, 40), (0, 128)).save(path)
+        return (127, 127, 127)
+    if case == "adobe_rgb_profile":  # the same numbers mean other colours in Adobe RGB
+        Image.new("RGB", (40, 40), (200, 50, 50)).save(path, icc_profile=adobe_rgb_profile())
+        return tuple(int(v) for v in np.round(adobe_rgb_to_srgb((200, 50, 50))))
+    if case == "animated_first_frame":  # a viewer shows (and a thumbnail takes) frame one
+        frames = [Image.new("RGB", (40, 40), colour) for colour in ((0, 0, 255), (255, 0, 0))]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        return (0, 0, 255)
+    raise AssertionError(case)
+
+
+CASES = [
+    "sixteen_bit_grey",
+    "transparent_rgba",
+    "transparent_colour_key",
+    "transparent_grey_key",
+    "transparent_palette",
+    "half_transparent_grey_alpha",
+    "adobe_rgb_profile",
+    "animated_first_frame",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_consumer_sees_the_pixels_a_viewer_shows(tmp_path, case, record_fault):
+    path = tmp_path / (f"{case}.gif" if case.startswith("animated") else f"{case}.png")
+    expected = write_case(case, path)
+    seen = centre_pixel_of_every_consumer(path)
+    wrong = {
+        consumer: pixel
+        for consumer, pixel in seen.items()
+        if max(abs(a - b) for a, b in zip(pixel, expected, strict=True)) > 1
+    }
+    record_fault(not wrong)
+    assert not wrong, f"a viewer shows {expected}"
+
+
+def test_adobe_rgb_photo_differs_from_its_raw_numbers(tmp_path):
+    """The profile case above can fail: ignoring the profile is off by far more than 1."""
+    expected = adobe_rgb_to_srgb((200, 50, 50))
+    assert np.abs(expected - np.array((200, 50, 50))).max() > 20
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_turns_the_photo_upright_as_a_viewer_does(tmp_path, orientation):
+    """A camera stores the sensor's pixels and an EXIF orientation; viewers rotate. Stored: red
+    left half, blue right half (64x32). Orientation 6 (rotate 90 clockwise) shows red on top,
+    8 shows blue on top, 3 (180) shows blue left."""
+    stored = Image.new("RGB", (64, 32), (255, 0, 0))
+    stored.paste((0, 0, 255), (32, 0, 64, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.jpg"
+    stored.save(path, exif=exif, quality=95)
+    shown = load_rgb(str(path))
+    red, blue = (255, 0, 0), (0, 0, 255)
+    first, second = {3: (blue, red), 6: (red, blue), 8: (blue, red)}[orientation]
+    if orientation == 3:
+        assert shown.size == (64, 32)
+        corners = shown.getpixel((8, 16)), shown.getpixel((56, 16))
+    else:
+        assert shown.size == (32, 64)
+        corners = shown.getpixel((16, 8)), shown.getpixel((16, 56))
+    for pixel, colour in zip(corners, (first, second), strict=True):
+        assert max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) < 12
+    # the loaders see the same upright photo: its top rows are the first colour
+    spec = InputSpec(32, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    tensor = ImageListDataset([(str(path), 0)], eval_transform(spec, normalise=False))[0][0]
+    assert tensor.shape == (3, 32, 32)
+    top = tuple(tensor[:, 2, 16].tolist()) if orientation != 3 else tuple(tensor[:, 16, 2].tolist())
+    assert max(abs(a - b) for a, b in zip(top, first, strict=True)) < 12
+
+
+def test_a_file_left_at_a_later_frame_still_gives_its_first_frame(tmp_path):
+    from finetune.data import to_rgb
+
+    path = tmp_path / "two_pages.tif"
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((10, 20, 30), (200, 0, 0))]
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as image:
+        image.seek(1)
+        assert to_rgb(image).getpixel((4, 4)) == (10, 20, 30)
+
+
+def test_only_the_decode_module_opens_or_converts_images():
+    """Every consumer decodes through `finetune.data.images`: no other module of src/ opens an
+    image file or converts a decoded image's mode on its own."""
+    offenders = []
+    for path in sorted((REPO / "src" / "finetune").rglob("*.py")):
+        if path.name == "images.py" and path.parent.name == "data":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            owner = ast.unparse(node.func.value)
+            if (node.func.attr == "open" and owner in ("Image", "PIL.Image")) or (
+                node.func.attr in ("convert", "decode_image", "read_image")
+                and owner not in ("self",)
+            ):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {ast.unparse(node)}")
+    assert not offenders, offenders
 
 
 # --- kind 5: evaluation preprocessing equals the weights' library's own -------------------------
