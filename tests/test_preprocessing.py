@@ -328,3 +328,139 @@ def test_unknown_crop_mode_and_non_square_inputs_are_refused_clearly():
         InputSpec(48, 48, (0.5,) * 3, (0.5,) * 3, "bicubic", "stretch")
     with pytest.raises(FinetuneError, match=r"1024x768.*square"):
         backbones.input_spec({"name": "vit_base_patch16_sapiens2.fb", "source": "timm"})
+
+
+# --- kind 7: memory grows with the data, not with its worst shape -------------------------------
+
+
+def elongated_folder(root: Path, train_size: tuple[int, int] | None) -> Path:
+    """train/: 8 photos, alternately 32x512 and 512x32 (1:16; `train_size=None`) or all of
+    `train_size`; val/: small squares (evaluation crops are fixed-size anyway)."""
+    generator = np.random.default_rng(0)
+    for index in range(8):
+        size = train_size or ((32, 512) if index % 2 else (512, 32))
+        pixels = generator.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = root / "train" / "ab"[index % 2] / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+    for index in range(4):
+        path = root / "val" / "ab"[index % 2] / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+@pytest.mark.parametrize("decode_cache_mb", [0, 64], ids=["streamed", "cached"])
+def test_device_crop_canvas_is_bounded_by_the_crop_not_the_image_shape(
+    tmp_path, decode_cache_mb, record_fault
+):
+    """Before: two 1:16 images made a 4097x4097 canvas (96 MiB for two images). Now each image
+    travels as its crop box plus a 1-pixel margin: a crop of a 224-px model spans at most
+    4/3 * 256 + 2 pixels a side."""
+    from conftest import data_module
+    from finetune import backbones
+    from finetune.transforms import train_decode_size
+
+    spec = backbones.input_spec({"name": "resnet18", "source": "torchvision", "weights": "DEFAULT"})
+    root = elongated_folder(tmp_path / "photos", None)
+    options = {"batch_size": 8, "num_workers": 0, "decode_cache_mb": decode_cache_mb}
+    module = data_module("imagefolder", root, spec, device_transforms=True, **options)
+    module.prepare_data()
+    module.setup("fit")
+    assert module.crops_on_device
+    side = round(train_decode_size(spec) * 4 / 3) + 4
+    largest = 0
+    for epoch in range(3):
+        loader = module.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        (canvas, boxes, flips), labels = next(iter(loader))
+        largest = max(largest, canvas.nbytes)
+        images, _ = module.on_after_batch_transfer(((canvas, boxes, flips), labels), 0)
+        assert images.shape == (8, 3, 224, 224)
+    record_fault(largest <= 8 * 3 * side * side)
+    assert largest <= 8 * 3 * side * side  # 2.8 MB, where it was 8 * 48 MiB
+
+
+def test_device_crops_of_the_pieces_equal_crops_of_the_whole_images():
+    """Shipping the crop's piece changes no crop: the same boxes cut from the whole images give
+    the same pixels; sample positions computed in the smaller piece round differently in
+    float32 at most by one uint8 step on a few pixels in ten thousand."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from finetune.transforms import CropBox, collate_crop_samples, device_crop
+
+    spec = InputSpec(64, 72, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear")
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(80, 200), (200, 80), (80, 1280), (96, 96), (1280, 80), (90, 130)]
+    images = [
+        torch.randint(0, 256, (3, *shape), generator=generator).to(torch.uint8) for shape in shapes
+    ]
+    crop = device_crop(spec, {})
+    differing = total = 0
+    for scale in [(0.08, 1.0), (0.005, 0.05), (0.9, 1.0)]:
+        cropper = CropBox(spec, {"crop_scale": scale}, short_side=80)
+        pieces, wholes = [], []
+        for index, image in enumerate(images):
+            torch.manual_seed(index)
+            piece, box, flip = cropper(image)
+            pieces.append(((piece, box, flip), 0))
+            torch.manual_seed(index)
+            top, left, height, width = RandomResizedCrop.get_params(image, scale, [3 / 4, 4 / 3])
+            whole = torch.tensor([left, top, left + width, top + height], dtype=torch.float32)
+            assert bool(torch.rand(1) < 0.5) == flip
+            assert piece.shape[1] <= height + 2 and piece.shape[2] <= width + 2
+            wholes.append(((image, whole, flip), 0))
+        steps = crop(collate_crop_samples(pieces)[0]) - crop(collate_crop_samples(wholes)[0])
+        steps = (steps * 255).abs().round()
+        assert steps.max() <= 1
+        differing, total = differing + int((steps > 0).sum()), total + steps.numel()
+    assert differing <= total * 1e-3
+
+
+PEAK_MEMORY_RUN = """
+import resource, runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as stop:
+    if stop.code:
+        raise
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(root: Path, run_dir: Path) -> float:
+    """Peak resident memory (MB) of a 1-epoch full fine-tuning run on `root`, device crops on."""
+    import subprocess
+    import sys
+
+    from conftest import folder_overrides, subprocess_env
+
+    overrides = [
+        *folder_overrides(root),
+        "strategy=full",
+        "data.device_transforms=true",
+        "data.batch_size=8",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_RUN, *overrides],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split("PEAK_RSS_KB")[-1]) / 1024
+
+
+def test_peak_memory_of_a_run_does_not_grow_with_elongated_images(tmp_path, record_fault):
+    """The issue's measurement, on the CPU: 1:16 photos raised a run's peak by ~1 GB (their
+    batch canvas, and its float copy for roi_align). Now the run with 8 of them peaks within
+    150 MB of the run with 8 square photos of the same pixel count (128x128)."""
+    square = peak_rss_mb(elongated_folder(tmp_path / "square", (128, 128)), tmp_path / "r1")
+    elongated = peak_rss_mb(elongated_folder(tmp_path / "long", None), tmp_path / "r2")
+    print(f"peak RSS: square photos {square:.0f} MB, 1:16 photos {elongated:.0f} MB")
+    record_fault(elongated - square < 150)
+    assert elongated - square < 150, (square, elongated)

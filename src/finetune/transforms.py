@@ -167,8 +167,8 @@ def device_normalise(
 
 
 # ------------------------------------------------------------------------------------------
-# Cropping on the device: the loader ships whole uint8 images with a crop box and a flip flag
-# per image, the training device cuts, resizes and flips the batch at once.
+# Cropping on the device: the loader ships the part of each uint8 image its crop box needs, with
+# the box and a flip flag; the training device cuts, resizes and flips the batch at once.
 # ------------------------------------------------------------------------------------------
 
 CropSample = tuple[torch.Tensor, torch.Tensor, bool]  # uint8 image, box (x0, y0, x1, y1), flip
@@ -188,8 +188,15 @@ def crops_on_device(augment: Mapping[str, Any]) -> bool:
 class CropBox:
     """The loader's half of a device crop: draws an image's random-resized-crop box and its
     flip from the global generator (the dataset seeds it per image and epoch) and returns the
-    uncropped image with them. Images that are not in the decode cache are first resized so
-    that their shorter side is `short_side`, as the cache would have stored them."""
+    part of the image the crop needs with them. Images that are not in the decode cache are
+    first resized so that their shorter side is `short_side`, as the cache would have stored
+    them.
+
+    Only the box and a 1-pixel margin around it travel (the box is moved into that piece): every
+    bilinear sample of `device_crop` lies within half a pixel of the box, so it reads nothing
+    further, and the batch canvas grows with the crops, at most `4/3 * short_side + 4` pixels a
+    side (crop boxes keep an aspect ratio within 3:4..4:3), never with the most elongated
+    image (two 1:16 images would pad a whole batch to 4097x4097)."""
 
     def __init__(self, spec: InputSpec, augment: Mapping[str, Any], short_side: int) -> None:
         self.scale = tuple(augment.get("crop_scale", (0.08, 1.0)))
@@ -204,8 +211,11 @@ class CropBox:
         image = image.as_subclass(torch.Tensor)
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, [3 / 4, 4 / 3])
         flip = self.hflip and bool(torch.rand(1) < 0.5)
-        box = torch.tensor([left, top, left + width, top + height], dtype=torch.float32)
-        return image, box, flip
+        y0, x0 = max(top - 1, 0), max(left - 1, 0)
+        y1 = min(top + height + 1, image.shape[1])
+        x1 = min(left + width + 1, image.shape[2])
+        box = [left - x0, top - y0, left - x0 + width, top - y0 + height]
+        return image[:, y0:y1, x0:x1], torch.tensor(box, dtype=torch.float32), flip
 
     def __repr__(self) -> str:
         return f"CropBox(scale={self.scale}, hflip={self.hflip}, short_side={self.short_side})"
@@ -260,7 +270,7 @@ class Preprocessing:
     `device_transforms` (`auto`: when `on_gpu`; `true`; `normalise`; `false`) moves the float
     conversion, normalisation and random erasing onto the training device. With the default
     augmentation (random resized crop and flip) the crops, resizes and flips run there too:
-    loader workers only draw each image's crop box and ship the whole uint8 image with it
+    loader workers only draw each image's crop box and ship the part of the uint8 image it needs
     (`normalise` keeps the crops in the workers). `tensor_input`: training images come as
     uint8 tensors from the decode cache.
     """
