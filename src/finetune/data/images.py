@@ -1,6 +1,7 @@
 """Image decoding: THE one function that turns an image file into pixels (`load_rgb`), used by
 training, evaluation, the decode cache, the feature cache, verification and the reports' grid
-of misclassified images, so every consumer sees the same RGB pixels of a file.
+of misclassified images, so every consumer sees the same RGB pixels of a file: the pixels an
+image viewer shows (upright, colour-managed, transparency over white; see `to_rgb`).
 """
 
 from __future__ import annotations
