@@ -307,6 +307,21 @@ def test_decode_cache_and_device_transforms_keep_the_crop_mode(tmp_path, spec):
     assert not torch.allclose(eval_transform(centre)(photo), eval_transform(spec)(photo))
 
 
+def test_feature_cache_key_changes_with_the_decoder_version(monkeypatch):
+    """Features extracted from an older decoding's pixels (before EXIF orientation and colour
+    profiles) are not reused."""
+    from finetune import backbones, features
+    from finetune.data import images
+
+    network = backbones.build(
+        {"name": "resnet18", "source": "torchvision", "weights": "none"}, 2, pretrained=False
+    )
+    fields = features.cache_key_fields(network, eval_transform(SPEC), "32", {})
+    monkeypatch.setattr(images, "DECODER_VERSION", images.DECODER_VERSION + 1)
+    changed = features.cache_key_fields(network, eval_transform(SPEC), "32", {})
+    assert features.cache_key(changed) != features.cache_key(fields)
+
+
 def test_feature_cache_key_changes_with_the_crop_mode():
     from finetune import backbones, features
 

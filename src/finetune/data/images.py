@@ -33,6 +33,10 @@ except ImportError:  # pragma: no cover - depends on the Pillow build
     ImageCms, SRGB = None, None
 
 
+# Part of the feature cache key: bump whenever `load_rgb` gives other pixels for the same file, so
+# that features extracted from the old pixels are not reused. 2: EXIF orientation, ICC profiles.
+DECODER_VERSION = 2
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
