@@ -325,9 +325,8 @@ def test_device_crops_are_seeded_per_image_and_epoch(decode_cache_mb, num_worker
 
     def first_batch():
         (canvas, boxes, flips), labels = next(iter(module.train_dataloader()))
-        assert canvas.dtype == torch.uint8 and canvas.shape[-2] >= train_decode_size(
-            module.input_spec
-        )
+        side = train_decode_size(module.input_spec)  # pieces of crops: about 4/3 of it
+        assert canvas.dtype == torch.uint8 and max(canvas.shape[-2:]) <= round(side * 4 / 3) + 4
         images, _ = module.on_after_batch_transfer(((canvas, boxes, flips), labels), 0)
         assert images.shape == (8, 3, 224, 224) and images.dtype == torch.float32
         return boxes, images

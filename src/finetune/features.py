@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.atomic import atomic_write
-from finetune.data import FinetuneDataModule, ImageListDataset, Sample, files_fingerprint
+from finetune.data import FinetuneDataModule, ImageListDataset, Sample, files_fingerprint, images
 from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ def cache_key_fields(
         "backbone": network.name,
         "weights": weights_fingerprint(network),
         "transform": repr(transform),
+        "decoder": images.DECODER_VERSION,  # the pixels the transform starts from
         "precision": str(precision),
         "channels_last": channels_last,
         "splits": {name: files_fingerprint(samples) for name, samples in splits.items()},

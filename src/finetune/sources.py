@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from finetune.errors import WeightsUnavailableError, unknown_name
+from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
 from finetune.weights import (
     guess_rename,
     load_file,
@@ -29,17 +29,33 @@ from finetune.weights import (
 )
 
 NO_WEIGHTS = ("none", "None", None)
+CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg)."""
+    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg).
+
+    Evaluation resizes to `resize_size` (timm: `floor(crop_size / crop_pct)`) as `crop_mode`
+    says, then takes the centre `crop_size` square (see `finetune.transforms.eval_transform`):
+    `center` resizes the shorter side, `squash` both sides (the aspect ratio changes, nothing
+    is cut off when resize equals crop), `border` the longer side and pads with the mean colour.
+    Raises `FinetuneError` for another crop mode.
+    """
 
     crop_size: int
     resize_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # torchvision InterpolationMode value: "bilinear" | "bicubic" | ...
+    crop_mode: str = "center"  # timm's pretrained-config crop_mode: center | squash | border
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in CROP_MODES:
+            raise FinetuneError(
+                f"Unknown crop mode '{self.crop_mode}' in an input spec; valid: "
+                f"{', '.join(CROP_MODES)}. Fix: use one of them (timm's crop modes)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,17 +161,25 @@ class TorchvisionSource(WeightSource):
 
 
 def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
-    """timm's own data-config resolver (its defaults fill what a config leaves out)."""
+    """timm's own data-config resolver (its defaults fill what a config leaves out), with its
+    crop mode. Raises `FinetuneError` for a non-square input size (a few timm configs)."""
     from timm.data import resolve_data_config
 
     config = resolve_data_config(pretrained_cfg=dict(pretrained_cfg))
-    crop_size = int(config["input_size"][-1])
+    _, height, width = config["input_size"]
+    if height != width:
+        raise FinetuneError(
+            f"timm config '{pretrained_cfg.get('architecture')}' expects {height}x{width} "
+            "inputs; this project trains and evaluates square crops only. Fix: choose a model "
+            "with a square input size."
+        )
     return InputSpec(
-        crop_size=crop_size,
-        resize_size=math.floor(crop_size / config["crop_pct"]),  # timm's eval resize rule
+        crop_size=int(width),
+        resize_size=math.floor(width / config["crop_pct"]),  # timm's eval resize rule
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         interpolation=_interpolation_name(config["interpolation"]),
+        crop_mode=config.get("crop_mode") or "center",
     )
 
 

@@ -1,8 +1,9 @@
 """Train and eval presets, built from a backbone's `InputSpec` and the augmentation options.
 
-Kept separate and explicit as in torchvision's references: evaluation is always
-resize -> center crop -> normalise with the weights' own numbers; training adds the augmentation
-chosen in `conf/augment/`.
+Kept separate and explicit as in torchvision's references: evaluation is resize -> centre crop
+-> normalise with the weights' own numbers, resized as the weights' crop mode says (timm's
+`center`, `squash` or `border`, see `InputSpec`) so that it equals the library's own eval
+transform; training adds the augmentation chosen in `conf/augment/`.
 """
 
 from __future__ import annotations
@@ -48,17 +49,56 @@ def train_decode_size(spec: InputSpec) -> int:
     return max(spec.resize_size, round(spec.crop_size * 256 / 224))
 
 
-def eval_transform(spec: InputSpec, normalise: bool = True) -> v2.Compose:
-    """Resize, center crop and normalise with the weights' own numbers. `normalise=False` stops
-    at uint8 (the device finishes the job, see `device_normalise`)."""
+def eval_resize(spec: InputSpec) -> Callable:
+    """The first step of evaluation: a PIL image or uint8 tensor resized to `spec.resize_size`
+    as `spec.crop_mode` says (timm's rules: `center` the shorter side, `squash` both sides,
+    `border` the longer side). Applied twice it resizes once: the decode cache stores its
+    output and the eval transform finds nothing left to resize."""
     interpolation = InterpolationMode(spec.interpolation)
+    size = spec.resize_size
+    if spec.crop_mode == "squash":
+        return v2.Resize((size, size), interpolation=interpolation, antialias=True)
+    if spec.crop_mode == "border":
+        from timm.data.transforms import ResizeKeepRatio
+
+        return ResizeKeepRatio((size, size), interpolation=spec.interpolation, longest=1.0)
+    return v2.Resize(size, interpolation=interpolation, antialias=True)
+
+
+class CenterCropOrPad:
+    """timm's `CenterCropOrPad` (its `border` crop mode) for PIL images and uint8 tensors alike
+    (timm's own refuses a colour fill on tensors): a side shorter than `size` is padded with
+    `fill` (one value per channel) as timm splits it, then the centre `size` square is taken."""
+
+    def __init__(self, size: int, fill: list[int]) -> None:
+        self.size, self.fill = size, fill
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        height, width = F.get_size(image)
+        pad_w, pad_h = max(self.size - width, 0), max(self.size - height, 0)
+        if pad_w or pad_h:
+            padding = [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2]
+            image = F.pad(image, padding, fill=self.fill)
+        return F.center_crop(image, [self.size, self.size])
+
+    def __repr__(self) -> str:
+        return f"CenterCropOrPad(size={self.size}, fill={self.fill})"
+
+
+def eval_crop(spec: InputSpec) -> Callable:
+    """The centre `crop_size` square; `border` mode pads a smaller image with the mean colour."""
+    if spec.crop_mode == "border":
+        return CenterCropOrPad(spec.crop_size, fill=[round(255 * v) for v in spec.mean])
+    return v2.CenterCrop(spec.crop_size)
+
+
+def eval_transform(spec: InputSpec, normalise: bool = True) -> v2.Compose:
+    """Resize (`eval_resize`), centre crop (`eval_crop`) and normalise with the weights' own
+    numbers: a PIL image or uint8 tensor -> float32 `(3, crop, crop)`, the same tensor as the
+    weights' library gives (torchvision's `weights.transforms()`, timm's `create_transform`).
+    `normalise=False` stops at uint8 (the device finishes the job, see `device_normalise`)."""
     return v2.Compose(
-        [
-            v2.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(spec.crop_size),
-            v2.ToImage(),
-            *(_normalise(spec) if normalise else []),
-        ]
+        [eval_resize(spec), eval_crop(spec), v2.ToImage(), *(_normalise(spec) if normalise else [])]
     )
 
 
@@ -84,10 +124,7 @@ def train_transform(
             )
         )
     else:
-        steps += [
-            v2.Resize(spec.resize_size, interpolation=interpolation, antialias=True),
-            v2.CenterCrop(spec.crop_size),
-        ]
+        steps += [eval_resize(spec), eval_crop(spec)]
     if augment.get("hflip", True):
         steps.append(v2.RandomHorizontalFlip())
     jitter = float(augment.get("color_jitter", 0.0) or 0.0)
@@ -130,8 +167,8 @@ def device_normalise(
 
 
 # ------------------------------------------------------------------------------------------
-# Cropping on the device: the loader ships whole uint8 images with a crop box and a flip flag
-# per image, the training device cuts, resizes and flips the batch at once.
+# Cropping on the device: the loader ships the part of each uint8 image its crop box needs, with
+# the box and a flip flag; the training device cuts, resizes and flips the batch at once.
 # ------------------------------------------------------------------------------------------
 
 CropSample = tuple[torch.Tensor, torch.Tensor, bool]  # uint8 image, box (x0, y0, x1, y1), flip
@@ -151,8 +188,15 @@ def crops_on_device(augment: Mapping[str, Any]) -> bool:
 class CropBox:
     """The loader's half of a device crop: draws an image's random-resized-crop box and its
     flip from the global generator (the dataset seeds it per image and epoch) and returns the
-    uncropped image with them. Images that are not in the decode cache are first resized so
-    that their shorter side is `short_side`, as the cache would have stored them."""
+    part of the image the crop needs with them. Images that are not in the decode cache are
+    first resized so that their shorter side is `short_side`, as the cache would have stored
+    them.
+
+    Only the box and a 1-pixel margin around it travel (the box is moved into that piece): every
+    bilinear sample of `device_crop` lies within half a pixel of the box, so it reads nothing
+    further, and the batch canvas grows with the crops, at most `4/3 * short_side + 4` pixels a
+    side (crop boxes keep an aspect ratio within 3:4..4:3), never with the most elongated
+    image (two 1:16 images would pad a whole batch to 4097x4097)."""
 
     def __init__(self, spec: InputSpec, augment: Mapping[str, Any], short_side: int) -> None:
         self.scale = tuple(augment.get("crop_scale", (0.08, 1.0)))
@@ -167,8 +211,11 @@ class CropBox:
         image = image.as_subclass(torch.Tensor)
         top, left, height, width = RandomResizedCrop.get_params(image, self.scale, [3 / 4, 4 / 3])
         flip = self.hflip and bool(torch.rand(1) < 0.5)
-        box = torch.tensor([left, top, left + width, top + height], dtype=torch.float32)
-        return image, box, flip
+        y0, x0 = max(top - 1, 0), max(left - 1, 0)
+        y1 = min(top + height + 1, image.shape[1])
+        x1 = min(left + width + 1, image.shape[2])
+        box = [left - x0, top - y0, left - x0 + width, top - y0 + height]
+        return image[:, y0:y1, x0:x1], torch.tensor(box, dtype=torch.float32), flip
 
     def __repr__(self) -> str:
         return f"CropBox(scale={self.scale}, hflip={self.hflip}, short_side={self.short_side})"
@@ -223,7 +270,7 @@ class Preprocessing:
     `device_transforms` (`auto`: when `on_gpu`; `true`; `normalise`; `false`) moves the float
     conversion, normalisation and random erasing onto the training device. With the default
     augmentation (random resized crop and flip) the crops, resizes and flips run there too:
-    loader workers only draw each image's crop box and ship the whole uint8 image with it
+    loader workers only draw each image's crop box and ship the part of the uint8 image it needs
     (`normalise` keeps the crops in the workers). `tensor_input`: training images come as
     uint8 tensors from the decode cache.
     """
