@@ -203,3 +203,14 @@ def test_evaluation_shares_cover_each_image_once(size, processes):
     ]
     assert sorted(i for share in shares for i in share) == list(range(size))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_final_training_batch_of_one_is_dropped_per_process_share():
+    """10 images in batches of 4: one process ends on a batch of 2, but two processes train on
+    5 each and would each end on a batch of one (BatchNorm's statistics of a single image)."""
+    from finetune.data import make_loader
+
+    images = list(range(10))
+    assert not make_loader(images, 4, train=True, num_workers=0).drop_last
+    assert make_loader(images, 4, train=True, num_workers=0, processes=2).drop_last
+    assert not make_loader(images, 4, train=False, num_workers=0, processes=2).drop_last

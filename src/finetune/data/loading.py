@@ -137,18 +137,24 @@ def make_loader(
     seed: int = 0,
     collate_fn: Callable | None = None,
     sampler: Sampler | None = None,
+    processes: int = 1,
 ) -> DataLoader:
     """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
     epoch), worker seeds from the loader's own generator, and a final batch of one sample
     (which breaks BatchNorm in training mode) dropped, only in that case. Evaluation: the
-    dataset's order, or `sampler`'s (`evaluation_sampler`, with several processes)."""
+    dataset's order, or `sampler`'s (`evaluation_sampler`, with several processes).
+
+    `processes`: how many processes train, each on its own share of `ceil(len / processes)`
+    samples (Lightning's distributed sampler pads the split to equal shares): the final batch
+    of one is that of a share, not of the whole split."""
     if train:
         sampler = EpochSampler(len(dataset), seed)
+    share = -(-len(dataset) // max(processes, 1))
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=train and len(dataset) % batch_size == 1,
+        drop_last=train and share % batch_size == 1,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
@@ -164,8 +170,8 @@ def evaluation_sampler(
     positions `rank, rank + num_replicas, ...` of `dataset`, so that together the processes see
     every image exactly once (Lightning's own `DistributedSampler` pads the split with repeated
     images to give every process the same count, which counts those images twice). The shares
-    differ by at most one image; the metrics (torchmetrics, `self.log(sync_dist=True)`) add up
-    uneven shares correctly.
+    differ by at most one image; the module's metrics and the evaluation report are torchmetrics
+    states, which add up uneven shares exactly.
 
     Raises `FinetuneError` when the split has fewer images than processes: a process without a
     batch would leave the others waiting for it.

@@ -200,10 +200,14 @@ class FinetuneDataModule(pl.LightningDataModule):
             self.splits, transforms.train, transforms.eval, self.decoded, self.shuffle_seed
         )
 
+    def _processes(self) -> dict[str, int]:
+        """Lightning's `num_replicas` and `rank` of this process; empty without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+
     def _evaluation_samplers(self) -> dict[str, Sampler]:
         """Per evaluation split, this process's share when several processes run (none else)."""
-        trainer = getattr(self, "trainer", None)
-        processes = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        processes = self._processes()
         if processes.get("num_replicas", 1) <= 1:
             return {}
         return {
@@ -241,6 +245,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             seed=self.shuffle_seed,
             collate_fn=self.preprocessing.collate_train if images and train else None,
             sampler=None if train else self.evaluation_samplers.get(split),
+            processes=self._processes().get("num_replicas", 1),
         )
 
     def train_dataloader(self) -> DataLoader:
