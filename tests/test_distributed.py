@@ -46,8 +46,13 @@ def overrides(root: Path) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+# The head trains on images, or on features the frozen backbone extracted once (no
+# augmentation): the first process extracts them before the second starts, which reads its file.
+FEEDS = {"images": [], "cached_features": ["augment=none"]}
+
+
+@pytest.fixture(scope="module", params=list(FEEDS))
+def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(data folder, run dir, metrics.json) of one run with trainer.devices=2."""
     tmp = tmp_path_factory.mktemp("distributed")
     root = tmp / "photos"
@@ -56,14 +61,21 @@ def two_process_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     run_dir = tmp / "run"
     result = run_train(
         *overrides(root),
+        *FEEDS[request.param],
         "trainer.devices=2",
         "trainer.strategy=ddp",
         f"hydra.run.dir={run_dir}",
         cwd=tmp,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "train_ddp_process_1.log").is_file()  # two processes ran
-    return root, run_dir, json.loads((run_dir / "metrics.json").read_text())
+    second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if FEEDS[request.param]:
+        assert metrics["feature_cache"] == "miss"  # the first process extracted them
+        assert "Reusing cached features" in second_log  # the second read its file
+    else:
+        assert metrics["feature_cache"] == "off"
+    return root, run_dir, metrics
 
 
 def one_process_truth(module, datamodule, split: str) -> dict:
