@@ -226,3 +226,26 @@ def test_a_final_training_batch_of_one_is_dropped_per_process_share():
     assert not make_loader(images, 4, train=True, num_workers=0).drop_last
     assert make_loader(images, 4, train=True, num_workers=0, processes=2).drop_last
     assert not make_loader(images, 4, train=False, num_workers=0, processes=2).drop_last
+
+
+def test_the_evaluation_loss_is_the_mean_per_image_and_keeps_a_nan():
+    """The mean each process's shares are added with: per image (a batch of 4 weighs four
+    times a batch of one), and a NaN loss is reported, not dropped."""
+    from finetune import backbones
+    from finetune.module import ClassifierModule
+
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    optim = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}}
+    module = ClassifierModule(
+        ["a", "b", "c"],
+        model,
+        optim,
+        {"name": "constant"},
+        network=backbones.build(model, 3, pretrained=False),
+    )
+    loss = module.eval_losses["val"]
+    loss.update(torch.tensor(2.0), 4)
+    loss.update(torch.tensor(1.0), 1)
+    assert float(loss.compute()) == pytest.approx(1.8)
+    loss.update(torch.tensor(float("nan")), 1)
+    assert torch.isnan(loss.compute())

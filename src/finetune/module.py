@@ -94,8 +94,12 @@ class ClassifierModule(pl.LightningModule):
                 for stage in ("train", "val", "test")
             }
         )
-        # Mean evaluation loss per image, weighted by batch size (see _shared_step).
-        self.eval_losses = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # Mean evaluation loss per image, weighted by batch size (see _shared_step). A NaN loss
+        # is kept as NaN: torchmetrics' default drops it with a warning, and its "disable"
+        # ignores the weights (torchmetrics 1.9).
+        self.eval_losses = nn.ModuleDict(
+            {stage: MeanMetric(nan_strategy=float("nan")) for stage in ("val", "test")}
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.inputs_are_features:
