@@ -152,7 +152,7 @@ class EvaluationReport(pl.Callback):
 
     def __init__(self, class_names: list[str], samples: dict[str, list[Sample] | None]) -> None:
         self.class_names = list(class_names)
-        self.samples = samples  # per stage, in loader order (evaluation loaders never shuffle)
+        self.samples = samples  # per stage, in split order: the rows' positions index them
         self.results: dict[str, Any] = {}
         self._predictions = Predictions()
         self._order: list[int] = []  # split positions of this process's batches, in order
@@ -165,6 +165,8 @@ class EvaluationReport(pl.Callback):
         stage = self._stage(trainer)
         if stage is None:
             return
+        # After fit, Lightning may still hand out fit's val loader: the data module built it
+        # by the same rule, so its order is the same.
         loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
         self._order, self._seen = evaluation_order(loaders), 0
         # On the module's device: NCCL gathers device tensors only.

@@ -119,8 +119,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        # Lightning calls set_epoch before each epoch; when a distributed sampler wraps this
-        # one it sets the epoch on the wrapper only, so each pass also counts as an epoch.
+        # Lightning calls set_epoch before each epoch (its distributed wrapper passes it on);
+        # each pass also counts as an epoch, for a wrapper that does not.
         self.epoch += 1
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0))
         order = torch.randperm(self.length, generator=generator).tolist()
