@@ -16,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from finetune import backbones
@@ -94,6 +94,12 @@ class ClassifierModule(pl.LightningModule):
                 for stage in ("train", "val", "test")
             }
         )
+        # Mean evaluation loss per image, weighted by batch size (see _shared_step). A NaN loss
+        # is kept as NaN: torchmetrics' default drops it with a warning, and its "disable"
+        # ignores the weights (torchmetrics 1.9).
+        self.eval_losses = nn.ModuleDict(
+            {stage: MeanMetric(nan_strategy=float("nan")) for stage in ("val", "test")}
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.inputs_are_features:
@@ -110,11 +116,27 @@ class ClassifierModule(pl.LightningModule):
         loss = self.criterion(logits, labels)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, labels)
-        on_step = stage == "train"
-        # sync_dist: with several devices the epoch loss is averaged over all of them.
-        self.log(
-            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True
-        )
+        if stage == "train":
+            # Every process trains on a share of the same size (Lightning's distributed sampler
+            # pads the split), so sync_dist's mean of the processes' means is exact here.
+            self.log(
+                "train/loss",
+                loss,
+                on_step=True,
+                on_epoch=True,
+                prog_bar=True,
+                sync_dist=True,
+                batch_size=len(labels),
+            )
+        else:
+            # Evaluation shares may differ by one image (finetune.data.loading.
+            # evaluation_sampler). Lightning's sync_dist divides the processes' summed image
+            # counts as integers, which rounds them down for uneven shares; torchmetrics' mean
+            # adds float sums and weights, so the loss is that of the whole split.
+            mean_loss = self.eval_losses[stage]
+            mean_loss.update(loss.detach(), len(labels))
+            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+        # The torchmetrics metrics add up their counts over the processes likewise.
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss, logits
 

@@ -4,7 +4,8 @@
 training (Lightning's validate and test stages, not the validation inside fit). For each stage it
 logs to TensorBoard a confusion-matrix image, a grid of misclassified images titled with their
 true and predicted class names, and one accuracy scalar per class; the same numbers go into
-`metrics.json` (`<stage>/confusion_matrix`, `<stage>/acc_per_class`).
+`metrics.json` (`<stage>/confusion_matrix`, `<stage>/acc_per_class`). With several processes
+(`trainer.devices=2`) every number and the grid cover each image of the split exactly once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
+from torchmetrics import Metric
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+from torchmetrics.utilities import dim_zero_cat
 
 from finetune.data import Sample, load_rgb
 
@@ -25,13 +29,9 @@ MAX_MISCLASSIFIED = 16
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
 
-def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Rows are true classes, columns predicted ones."""
-    flat = labels.long() * num_classes + preds.long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
 def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
+    """The share of each true class (a row of the `(classes, classes)` confusion `matrix`)
+    predicted right; None for a class without images."""
     totals = matrix.sum(dim=1)
     return [float(matrix[i, i] / totals[i]) if totals[i] > 0 else None for i in range(len(matrix))]
 
@@ -113,21 +113,65 @@ def misclassified_image(
     return np.asarray(canvas)
 
 
+class Predictions(Metric):
+    """Each evaluated image's position in its split with its true and predicted class.
+
+    `update(positions, labels, preds)` takes three `(batch,)` integer tensors; `compute()`
+    returns an `(images, 3)` long tensor of rows `(position, true, predicted)` ordered by
+    position, from every process: with several processes torchmetrics gathers each one's rows
+    (its `cat` reduction accepts shares of different lengths), so every image counts once.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(self, positions: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+        self.rows.append(torch.stack([positions, labels, preds], dim=1).long())
+
+    def compute(self) -> torch.Tensor:
+        # A list on one process; one tensor once torchmetrics has gathered every process's.
+        rows = dim_zero_cat(self.rows) if len(self.rows) else torch.empty(0, 3, dtype=torch.long)
+        return rows[rows[:, 0].argsort()]
+
+
+def evaluation_order(loader: Any) -> list[int]:
+    """The split positions this process's evaluation `loader` yields, in order: all of them with
+    one process, its share of them with several (`finetune.data.loading.evaluation_sampler`)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
+    return list(sampler)
+
+
 class EvaluationReport(pl.Callback):
-    """Collects predictions of the post-training validate/test runs and reports them."""
+    """Collects predictions of the post-training validate/test runs and reports them. With
+    several processes each evaluates a share of the images; the report gathers every share, and
+    the first process writes it."""
 
     def __init__(self, class_names: list[str], samples: dict[str, list[Sample] | None]) -> None:
         self.class_names = list(class_names)
-        self.samples = samples  # per stage, in loader order (evaluation loaders never shuffle)
+        self.samples = samples  # per stage, in split order: the rows' positions index them
         self.results: dict[str, Any] = {}
-        self._preds: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
+        self._predictions = Predictions()
+        self._order: list[int] = []  # split positions of this process's batches, in order
+        self._seen = 0
 
     def _stage(self, trainer: pl.Trainer) -> str | None:
         return EVALUATION_STAGES.get(trainer.state.fn)
 
     def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._preds, self._labels = [], []
+        stage = self._stage(trainer)
+        if stage is None:
+            return
+        # After fit, Lightning may still hand out fit's val loader: the data module built it
+        # by the same rule, so its order is the same.
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        self._order, self._seen = evaluation_order(loaders), 0
+        # On the module's device: NCCL gathers device tensors only.
+        self._predictions = self._predictions.to(pl_module.device)
+        self._predictions.reset()
 
     on_validation_epoch_start = _start
     on_test_epoch_start = _start
@@ -135,23 +179,30 @@ class EvaluationReport(pl.Callback):
     def _collect(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._stage(trainer) is None or outputs is None:
             return
-        self._preds.append(outputs.detach().cpu())
-        self._labels.append(batch[1].detach().cpu())
+        count = len(outputs)
+        positions = self._order[self._seen : self._seen + count]
+        self._seen += count
+        self._predictions.update(
+            torch.tensor(positions, device=outputs.device), batch[1].detach(), outputs.detach()
+        )
 
     on_validation_batch_end = _collect
     on_test_batch_end = _collect
 
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stage = self._stage(trainer)
-        if stage is None or not self._preds:
+        if stage is None:
             return
-        preds, labels = torch.cat(self._preds), torch.cat(self._labels)
-        matrix = confusion_matrix(labels, preds, len(self.class_names))
+        rows = self._predictions.compute().cpu()  # every process takes part in the gather
+        if not len(rows):
+            return
+        positions, labels, preds = rows.unbind(dim=1)
+        matrix = multiclass_confusion_matrix(preds, labels, len(self.class_names))
         accuracy = per_class_accuracy(matrix)
         self.results[f"{stage}/confusion_matrix"] = matrix.tolist()
         self.results[f"{stage}/acc_per_class"] = dict(zip(self.class_names, accuracy, strict=True))
-        if not trainer.is_global_zero or trainer.world_size > 1:
-            return  # each rank saw a shard; the run's own numbers come from the metrics
+        if not trainer.is_global_zero:
+            return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
@@ -167,9 +218,9 @@ class EvaluationReport(pl.Callback):
                 writer.add_scalar(f"{stage}/acc_per_class/{name}", value, step)
         samples = self.samples.get(stage) or []
         wrong = torch.nonzero(preds != labels).flatten().tolist()
-        mistakes = [
-            (samples[i][0], int(labels[i]), int(preds[i])) for i in wrong if i < len(samples)
-        ][:MAX_MISCLASSIFIED]
+        mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
+            :MAX_MISCLASSIFIED
+        ]
         if mistakes:
             title = f"{stage}: {len(wrong)} misclassified of {len(labels)} (first {len(mistakes)})"
             writer.add_image(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.images import DecodedImages, load_rgb
@@ -118,8 +119,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        # Lightning calls set_epoch before each epoch; when a distributed sampler wraps this
-        # one it sets the epoch on the wrapper only, so each pass also counts as an epoch.
+        # Lightning calls set_epoch before each epoch (its distributed wrapper passes it on);
+        # each pass also counts as an epoch, for a wrapper that does not.
         self.epoch += 1
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, 0))
         order = torch.randperm(self.length, generator=generator).tolist()
@@ -135,20 +136,54 @@ def make_loader(
     persistent_workers: bool = False,
     seed: int = 0,
     collate_fn: Callable | None = None,
+    sampler: Sampler | None = None,
+    processes: int = 1,
 ) -> DataLoader:
     """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
     epoch), worker seeds from the loader's own generator, and a final batch of one sample
-    (which breaks BatchNorm in training mode) dropped, only in that case."""
+    (which breaks BatchNorm in training mode) dropped, only in that case. Evaluation: the
+    dataset's order, or `sampler`'s (`evaluation_sampler`, with several processes).
+
+    `processes`: how many processes train, each on its own share of `ceil(len / processes)`
+    samples (Lightning's distributed sampler pads the split to equal shares): the final batch
+    of one is that of a share, not of the whole split."""
+    if train:
+        sampler = EpochSampler(len(dataset), seed)
+    share = -(-len(dataset) // max(processes, 1))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed) if train else None,
-        drop_last=train and len(dataset) % batch_size == 1,
+        sampler=sampler,
+        drop_last=train and share % batch_size == 1,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
         collate_fn=collate_fn,
+    )
+
+
+def evaluation_sampler(
+    dataset: Dataset, split: str, num_replicas: int, rank: int
+) -> UnrepeatedDistributedSampler:
+    """This process's share of an evaluation split when `num_replicas` processes evaluate it:
+    positions `rank, rank + num_replicas, ...` of `dataset`, so that together the processes see
+    every image exactly once (Lightning's own `DistributedSampler` pads the split with repeated
+    images to give every process the same count, which counts those images twice). The shares
+    differ by at most one image; the module's metrics and the evaluation report are torchmetrics
+    states, which add up uneven shares exactly.
+
+    Raises `FinetuneError` when the split has fewer images than processes: a process without a
+    batch would leave the others waiting for it.
+    """
+    if len(dataset) < num_replicas:
+        raise FinetuneError(
+            f"The {split} split has {len(dataset)} image(s) but {num_replicas} processes "
+            "evaluate it (trainer.devices x trainer.num_nodes), and each needs at least one. "
+            f"Fix: trainer.devices={max(len(dataset), 1)} or fewer, or more {split} images."
+        )
+    return UnrepeatedDistributedSampler(
+        dataset, num_replicas=num_replicas, rank=rank, shuffle=False
     )
 
 

@@ -3,8 +3,10 @@
 Lifecycle: `prepare_data()` puts the files in place (downloads or generates them when absent),
 lists the splits and checks that every image decodes; the run calls it before anything else, so
 a missing or corrupt dataset stops the run before any training. `setup()` builds the datasets
-(and the decode cache) once the training device is known. `use_features()` switches the same
-module to serve cached backbone features with the same batch sizes, order and last-batch rule.
+(and the decode cache) once the training device is known and, with several processes, the
+share of each evaluation split this process evaluates (every image exactly once in all).
+`use_features()` switches the same module to serve cached backbone features with the same batch
+sizes, order and last-batch rule.
 `splits`, `class_names`, `num_classes` and `has_test_split` only read state.
 """
 
@@ -18,13 +20,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.backbones import InputSpec
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, layout
 from finetune.data.loading import (
     DatasetSplits,
+    evaluation_sampler,
     feature_datasets,
     image_datasets,
     make_loader,
@@ -107,6 +110,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.features: dict[str, torch.Tensor] | None = None  # set by use_features
         self._splits: DatasetSplits | None = None
         self.datasets: dict[str, Dataset] = {}
+        self.evaluation_samplers: dict[str, Sampler] = {}  # set in setup, with several processes
 
     def prepare_data(self) -> None:
         """Download or generate the dataset when absent, then list and verify its splits.
@@ -166,7 +170,13 @@ class FinetuneDataModule(pl.LightningDataModule):
         self._list_splits()  # a rank that did not prepare lists the files now
         if self.features is not None:
             self.datasets = feature_datasets(self.splits, self.features)
-            return
+        else:
+            self.datasets = self._image_datasets()
+        # Built here, before any training, so that too small a split for the processes stops
+        # the run at once; Lightning would otherwise pad each split (see evaluation_sampler).
+        self.evaluation_samplers = self._evaluation_samplers()
+
+    def _image_datasets(self) -> dict[str, Dataset]:
         if self.decode_cache_mb > 0 and self.decoded is None:
             named = self.splits.named()
             self.decoded = decode_once(
@@ -186,9 +196,25 @@ class FinetuneDataModule(pl.LightningDataModule):
             tensor_input=self.decoded is not None,
         )
         transforms = self.preprocessing
-        self.datasets = image_datasets(
+        return image_datasets(
             self.splits, transforms.train, transforms.eval, self.decoded, self.shuffle_seed
         )
+
+    def _processes(self) -> dict[str, int]:
+        """Lightning's `num_replicas` and `rank` of this process; empty without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+
+    def _evaluation_samplers(self) -> dict[str, Sampler]:
+        """Per evaluation split, this process's share when several processes run (none else)."""
+        processes = self._processes()
+        if processes.get("num_replicas", 1) <= 1:
+            return {}
+        return {
+            split: evaluation_sampler(dataset, split, **processes)
+            for split, dataset in self.datasets.items()
+            if split != "train"
+        }
 
     @property
     def device_transforms(self) -> bool:
@@ -218,6 +244,8 @@ class FinetuneDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and images,
             seed=self.shuffle_seed,
             collate_fn=self.preprocessing.collate_train if images and train else None,
+            sampler=None if train else self.evaluation_samplers.get(split),
+            processes=self._processes().get("num_replicas", 1),
         )
 
     def train_dataloader(self) -> DataLoader:

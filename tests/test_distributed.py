@@ -1,0 +1,251 @@
+"""Several processes give the numbers one process gives (issue 13, kind 3).
+
+One `trainer.devices=2` run (two CPU processes, DDP over gloo) on 9 validation and 7 test images
+of 3 classes, evaluated in batches of 4 so that the two processes get shares of different sizes
+(5 and 4 images: 2 batches and 1). Its numbers are compared with the same checkpoint evaluated
+in one process, by plain PyTorch and by Lightning with the project's report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from conftest import compose_config, folder_overrides, make_class_folders, run_train
+from finetune.errors import FinetuneError
+from finetune.module import load_classifier
+from finetune.reports import (
+    MAX_MISCLASSIFIED,
+    EvaluationReport,
+    confusion_image,
+    misclassified_image,
+    per_class_accuracy,
+)
+from finetune.run import build_datamodule
+
+SPLIT_COUNTS = {
+    "train": {"ants": 4, "bees": 4, "wasps": 4},
+    "val": {"ants": 4, "bees": 3, "wasps": 2},  # 9 images
+    "test": {"ants": 3, "bees": 2, "wasps": 2},  # 7 images
+}
+
+
+def overrides(root: Path) -> list[str]:
+    return [
+        *folder_overrides(root),
+        "data.eval_batch_size=4",
+        "optim.optimizer.lr=0.001",  # a barely trained head: some images are misclassified
+    ]
+
+
+# The head trains on images, or on features the frozen backbone extracted once (no
+# augmentation): the first process extracts them before the second starts, which reads its file.
+FEEDS = {"images": [], "cached_features": ["augment=none"]}
+
+
+@pytest.fixture(scope="module", params=list(FEEDS))
+def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
+    """(data folder, run dir, metrics.json) of one run with trainer.devices=2."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    root = tmp / "photos"
+    for split, counts in SPLIT_COUNTS.items():
+        make_class_folders(root / split, counts, seed=len(split))
+    run_dir = tmp / "run"
+    result = run_train(
+        *overrides(root),
+        *FEEDS[request.param],
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if FEEDS[request.param]:
+        assert metrics["feature_cache"] == "miss"  # the first process extracted them
+        assert "Reusing cached features" in second_log  # the second read its file
+    else:
+        assert metrics["feature_cache"] == "off"
+    return root, run_dir, metrics
+
+
+def one_process_truth(module, datamodule, split: str) -> dict:
+    """Each image of `split` once, in one process, without Lightning: accuracy, loss, confusion
+    matrix and the misclassified `(path, true, predicted)` in split order."""
+    samples = datamodule.splits.named()[split]
+    dataset = datamodule.datasets[split]
+    batch = (torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.tensor(0))
+    images = datamodule.on_after_batch_transfer(batch, 0)[0]
+    labels = torch.tensor([label for _, label in samples])
+    with torch.no_grad():
+        logits = module(images)
+    preds = logits.argmax(dim=1)
+    classes = datamodule.num_classes
+    matrix = torch.bincount(labels * classes + preds, minlength=classes**2).view(classes, -1)
+    return {
+        "acc": float((preds == labels).float().mean()),
+        "loss": float(module.criterion(logits, labels)),
+        "matrix": matrix,
+        "wrong": [
+            (path, int(t), int(p)) for (path, t), p in zip(samples, preds, strict=True) if t != p
+        ],
+    }
+
+
+def tensorboard_images(run_dir: Path) -> dict[str, np.ndarray]:
+    """The last image of each tag in the run's TensorBoard events, as RGB arrays."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    return {
+        tag: np.asarray(
+            Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)).convert("RGB")
+        )
+        for tag in events.Tags()["images"]
+    }
+
+
+def test_two_processes_evaluate_each_image_once(two_process_run, tmp_path, record_fault):
+    root, run_dir, metrics = two_process_run
+    cfg = compose_config(overrides(root), tmp_path / "one", tmp_path)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup()
+    module = load_classifier(metrics["best_checkpoint"])
+    names = datamodule.class_names
+    images = tensorboard_images(run_dir)
+    checks = {}
+    for split, count in (("val", 9), ("test", 7)):
+        truth = one_process_truth(module, datamodule, split)
+        matrix = metrics[f"{split}/confusion_matrix"]
+        checks[split] = {
+            "images": sum(map(sum, matrix)) == count,
+            "matrix": matrix == truth["matrix"].tolist(),
+            "acc": metrics[f"{split}/acc"] == pytest.approx(truth["acc"], abs=1e-6),
+            "loss": metrics[f"{split}/loss"] == pytest.approx(truth["loss"], abs=1e-4),
+            "per_class": list(metrics[f"{split}/acc_per_class"].values())
+            == per_class_accuracy(truth["matrix"]),
+            "confusion_image": np.array_equal(
+                images[f"{split}/confusion_matrix"],
+                confusion_image(truth["matrix"], names, f"{split} confusion matrix"),
+            ),
+        }
+        wrong = truth["wrong"]
+        if wrong:  # the grid: the same images in the same order, titled with the whole count
+            shown = wrong[:MAX_MISCLASSIFIED]
+            title = f"{split}: {len(wrong)} misclassified of {count} (first {len(shown)})"
+            expected = misclassified_image(shown, names, title)
+            checks[split]["grid"] = np.array_equal(images[f"{split}/misclassified"], expected)
+    record_fault(all(all(c.values()) for c in checks.values()))
+    assert checks == {split: dict.fromkeys(c, True) for split, c in checks.items()}
+    assert any("grid" in c for c in checks.values())  # some image was misclassified
+
+
+def test_validation_inside_fit_scores_each_image_once(two_process_run, tmp_path):
+    """The val/acc that chose the best checkpoint (the only epoch's) is that checkpoint's real
+    accuracy on the 9 images, not one with a padded duplicate."""
+    root, run_dir, metrics = two_process_run
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    scores = [
+        float(state["best_model_score"])
+        for key, state in last["callbacks"].items()
+        if key.startswith("ModelCheckpoint") and state.get("monitor") == "val/acc"
+    ]
+    cfg = compose_config(overrides(root), tmp_path / "one", tmp_path)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup()
+    truth = one_process_truth(load_classifier(metrics["best_checkpoint"]), datamodule, "val")
+    assert scores == [pytest.approx(truth["acc"], abs=1e-6)]
+
+
+def test_one_process_lightning_evaluation_equals_the_two_process_run(two_process_run, tmp_path):
+    """The same checkpoint through Lightning in one process: the same metrics and report."""
+    root, _, metrics = two_process_run
+    cfg = compose_config(overrides(root), tmp_path / "one", tmp_path)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    report = EvaluationReport(
+        datamodule.class_names, {"val": datamodule.splits.val, "test": datamodule.splits.test}
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path / "tb", name="", version=""),
+        callbacks=[report],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = load_classifier(metrics["best_checkpoint"])
+    one = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    one |= trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    for name, value in one.items():
+        assert metrics[name] == pytest.approx(float(value), abs=1e-4), name
+    assert {k: v for k, v in metrics.items() if k in report.results} == report.results
+
+
+def test_an_evaluation_split_smaller_than_the_processes_is_refused(record_fault):
+    """Each process must evaluate at least one image; Lightning's sampler only asserts it."""
+    from finetune.data.loading import evaluation_sampler
+
+    with pytest.raises(FinetuneError) as raised:
+        evaluation_sampler(list(range(3)), "test", num_replicas=4, rank=0)
+    message = str(raised.value)
+    record_fault("trainer.devices=3" in message and "test split has 3" in message)
+    assert "trainer.devices=3 or fewer" in message and "test split has 3 image(s)" in message
+
+
+@pytest.mark.parametrize("size,processes", [(9, 2), (7, 3), (4, 4)])
+def test_evaluation_shares_cover_each_image_once(size, processes):
+    from finetune.data.loading import evaluation_sampler
+
+    shares = [
+        list(evaluation_sampler(list(range(size)), "val", num_replicas=processes, rank=rank))
+        for rank in range(processes)
+    ]
+    assert sorted(i for share in shares for i in share) == list(range(size))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_a_final_training_batch_of_one_is_dropped_per_process_share():
+    """10 images in batches of 4: one process ends on a batch of 2, but two processes train on
+    5 each and would each end on a batch of one (BatchNorm's statistics of a single image)."""
+    from finetune.data import make_loader
+
+    images = list(range(10))
+    assert not make_loader(images, 4, train=True, num_workers=0).drop_last
+    assert make_loader(images, 4, train=True, num_workers=0, processes=2).drop_last
+    assert not make_loader(images, 4, train=False, num_workers=0, processes=2).drop_last
+
+
+def test_the_evaluation_loss_is_the_mean_per_image_and_keeps_a_nan():
+    """The mean each process's shares are added with: per image (a batch of 4 weighs four
+    times a batch of one), and a NaN loss is reported, not dropped."""
+    from finetune import backbones
+    from finetune.module import ClassifierModule
+
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    optim = {"optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}}
+    module = ClassifierModule(
+        ["a", "b", "c"],
+        model,
+        optim,
+        {"name": "constant"},
+        network=backbones.build(model, 3, pretrained=False),
+    )
+    loss = module.eval_losses["val"]
+    loss.update(torch.tensor(2.0), 4)
+    loss.update(torch.tensor(1.0), 1)
+    assert float(loss.compute()) == pytest.approx(1.8)
+    loss.update(torch.tensor(float("nan")), 1)
+    assert torch.isnan(loss.compute())
