@@ -244,11 +244,6 @@ def test_two_nodes_through_torchrun_equal_two_processes_on_one_node(two_process_
         assert two[key] == expected, key
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13 kind 3: under several processes the DistributedSampler gives each rank a "
-    "shard (padded with duplicates) and the reports use rank 0's shard only",
-)
 def test_two_processes_evaluate_every_image_exactly_once(two_process_runs):
     for run_dir in two_process_runs:
         metrics = _metrics(run_dir)
