@@ -21,6 +21,11 @@ from omegaconf import II, MISSING
 # field's metadata; `finetune.config.validate` checks them.
 AUTO_TRUE_FALSE = {"choices": ("auto", True, False)}
 
+# Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
+# naming nobody maps): a run would train from random weights it did not ask for. Every loader
+# with a head that does not fit still loads all but one layer, far above it.
+MIN_LOADED_FRACTION = 0.5
+
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -32,8 +37,8 @@ class ModelConfig:
     source: str = "torchvision"  # torchvision | timm | efficientnet_lite
     # DEFAULT, a weights enum name (IMAGENET1K_V1), none (random init), or a .ckpt/.pth file
     weights: str = "DEFAULT"
-    # fail the build when fewer than this fraction of the network's tensors got weights
-    min_loaded_fraction: float | None = None
+    # stop before training when a smaller share of the layers loaded; null = no minimum
+    min_loaded_fraction: float | None = MIN_LOADED_FRACTION
 
 
 # ---------------------------------------------------------------------------------------------
