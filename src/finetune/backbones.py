@@ -16,7 +16,8 @@ file). The head is found generically (timm's pretrained config, else the network
 Parameter names: `Network.blocks()` and `Network.head_parameter_names()` give names as the torch
 network itself names them (`network.net.named_parameters()`, e.g. `layer4.0.conv1.weight`), the
 names weight files and `strategy=regex` patterns use; no other prefix is added or removed
-anywhere but in the checkpoint rename table of `finetune.weights`.
+anywhere but in the checkpoint rename table of `finetune.weights` and, for a file's state dict,
+in `finetune.weight_files` (wrapper prefixes, a prefix before the network's names).
 """
 
 from __future__ import annotations
