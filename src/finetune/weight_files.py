@@ -87,7 +87,9 @@ def read_weights(path: str | Path) -> WeightsFile:
     state, removed = strip_wrappers(state)
     notes = []
     if entry is not None:
-        others = [k for k in _entries_holding_tensors(content) if k != entry.split("/")[0]]
+        known = (*EMA_ENTRIES, *PLAIN_ENTRIES)
+        held = _entries_holding_tensors(content)
+        others = [k for k in held if k in known and k != entry.split("/")[0]]
         kind = " (EMA weights)" if entry.split("/")[-1] in EMA_ENTRIES else ""
         also = f"; the file also holds {', '.join(repr(k) for k in others)}" if others else ""
         notes.append(f"tensors from the file's entry '{entry}'{kind}{also}")
