@@ -6,6 +6,8 @@ A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before 
 """
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -47,7 +49,15 @@ def main(cfg: DictConfig) -> float | None:
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
 
 
+def expand_home(argv: list[str]) -> list[str]:
+    """`key=~/photos` as a user types it: the shell leaves that `~` alone (`key` has a dot) and
+    Hydra's parser refuses it, so a leading `~` of a value is expanded here, as for a path."""
+    home = os.path.expanduser("~")
+    return [re.sub(r"^(\+{0,2}[\w.@/-]+=)~(?=/|$)", lambda m: m.group(1) + home, a) for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = expand_home(sys.argv[1:])
     try:
         config.check_command_line(sys.argv[1:])
     except config.ConfigError as error:

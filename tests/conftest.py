@@ -75,6 +75,16 @@ def data_module(dataset: str, root: Path, input_spec, **options):
     return FinetuneDataModule(input_spec=input_spec, **{**defaults, "root": str(root), **options})
 
 
+@pytest.fixture(scope="session", autouse=True)
+def project_cache_dir(tmp_path_factory) -> Path:
+    """The project's cache folder ($FINETUNE_CACHE_DIR, also for train.py subprocesses) under the
+    session's tmp dir: no test writes into ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINETUNE_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A data root shared by the session, so the synthetic set is generated once."""

@@ -177,7 +177,8 @@ def test_nothing_is_generated_or_listed_before_prepare_data(tmp_path):
     assert not (tmp_path / "synthetic").exists()
     dm.prepare_data()
     assert dm.splits.sizes() == {"train": 6, "val": 3, "test": 3}
-    assert (tmp_path / ".cache" / "verified").is_dir()  # every image was decoded once
+    assert any((dm.cache_dir / "verified").iterdir())  # every image was decoded once
+    assert not (tmp_path / ".cache").exists()  # in the project's cache folder, not the data's
 
 
 def test_constructor_defaults_do_not_disagree_with_the_config(make_cfg):

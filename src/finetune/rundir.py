@@ -4,6 +4,7 @@
 |---|---|---|
 | `config.yaml` | before the data is prepared | predict/export, people |
 | `classes.json`, `skipped_images.json` | once the classes are known | predict/export, people |
+| `split.json` | once the splits are known: which files went where | people |
 | `weights_report.json` | once the network is built (pretrained weights only) | people |
 | `metrics.json` | when the run finished; its presence means success | sweep summary, benchmarks |
 | `failure.json` | when the run raised (by train.py) | sweep summary |
@@ -28,6 +29,7 @@ from finetune.atomic import atomic_write, write_json
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
 SKIPPED_FILE = "skipped_images.json"
+SPLIT_FILE = "split.json"
 WEIGHTS_REPORT_FILE = "weights_report.json"
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
@@ -67,6 +69,13 @@ def save_classes(run_dir: Path, class_names: list[str], skipped: list[str]) -> N
     write_json(run_dir / CLASSES_FILE, class_names)
     if skipped:
         write_json(run_dir / SKIPPED_FILE, skipped)
+
+
+@rank_zero_only
+def save_split(run_dir: Path, record: dict[str, Any]) -> None:
+    """split.json: which files each split holds and how they were chosen
+    (`FinetuneDataModule.split_record()`)."""
+    write_json(run_dir / SPLIT_FILE, record)
 
 
 @rank_zero_only

@@ -25,6 +25,7 @@ from finetune.weights import (
     guess_rename,
     load_file,
     lukemelas_efficientnet_lite_renames,
+    read_weights,
     rename_keys,
 )
 
@@ -83,6 +84,7 @@ class WeightSource(ABC):
     """
 
     name: str
+    notes: tuple[str, ...] = ()
 
     @property
     @abstractmethod
@@ -305,8 +307,10 @@ class EfficientNetLiteSource(WeightSource):
 
 
 class FileWeights(WeightSource):
-    """`model.weights=<path>`: a local .pth/.pt/.safetensors state dict or a Lightning .ckpt of
-    this project, loaded into the architecture of `source` (which also gives the input spec)."""
+    """`model.weights=<path>`: a local .pth/.pt/.safetensors file, loaded into the architecture
+    of `source` (which also gives the input spec). The state dict may sit in the usual checkpoint
+    containers (a Lightning .ckpt, `{"model": ..., "epoch": ...}`, EMA copies; see
+    `finetune.weight_files.read_weights`)."""
 
     def __init__(self, architecture: WeightSource, path: str) -> None:
         self.architecture = architecture
@@ -324,8 +328,9 @@ class FileWeights(WeightSource):
         return self.architecture.create(num_classes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        state = load_file(self.path)
-        return rename_keys(state, guess_rename(state))
+        found = read_weights(self.path)
+        self.notes = tuple(found.notes)
+        return rename_keys(found.state_dict, guess_rename(found.state_dict))
 
 
 def is_weights_path(weights: Any) -> bool:

@@ -1,52 +1,28 @@
-"""Reading weight files safely and matching their tensors to a network."""
+"""Matching a state dict's tensors to a network, bottom-up (reading files: `weight_files`)."""
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.weight_files import load_file, read_weights, strip_to_target
 
-
-def load_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state dict from `.safetensors` or a torch file without executing pickled code.
-
-    A Lightning checkpoint is unwrapped to its `state_dict`; timm's `clean_state_dict` then drops
-    the prefixes DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add.
-    Raises `FinetuneError` for a missing file, pickled code, or something that is no state dict.
-    """
-    from timm.models import clean_state_dict
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FinetuneError(f"Weights file {path} does not exist; check the path.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
-
-        return clean_state_dict(load_safetensors(str(path), device="cpu"))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise FinetuneError(
-            f"Refused to load {path}: it needs pickled Python code to unpickle, which could run "
-            f"arbitrary commands ({error}). Fix: re-save it as a plain state dict "
-            "(torch.save(model.state_dict(), ...)) or as .safetensors."
-        ) from error
-    if (
-        isinstance(state, Mapping)
-        and "state_dict" in state
-        and isinstance(state["state_dict"], Mapping)
-    ):
-        state = state["state_dict"]  # a Lightning checkpoint
-    if not isinstance(state, Mapping):
-        raise FinetuneError(f"{path} does not hold a state dict (found {type(state).__name__}).")
-    return clean_state_dict(dict(state))
+__all__ = [
+    "RENAMES",
+    "LoadReport",
+    "guess_rename",
+    "load_bottom_up",
+    "load_file",
+    "lukemelas_efficientnet_lite_renames",
+    "read_weights",
+    "rename_keys",
+    "strip_to_target",
+    "trace_layers",
+]
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,6 +201,7 @@ class LoadReport:
     not_loaded: list[str] = field(default_factory=list)  # layers above a blocker
     unused_source_keys: list[str] = field(default_factory=list)
     total_layers: int = 0
+    notes: list[str] = field(default_factory=list)  # where the tensors came from (entry, prefix)
 
     @property
     def blocker(self) -> dict[str, str] | None:
@@ -247,6 +224,7 @@ class LoadReport:
 
     def __str__(self) -> str:
         lines = [f"Loaded {len(self.loaded)} of {self.total_layers} layers bottom-up."]
+        lines += [f"  source:      {note}" for note in self.notes]
         if self.loaded:
             lines.append(f"  loaded:      {self.loaded[0]} .. {self.loaded[-1]}")
         for blocker in self.blockers:

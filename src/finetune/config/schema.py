@@ -21,6 +21,14 @@ from omegaconf import II, MISSING
 # field's metadata; `finetune.config.validate` checks them.
 AUTO_TRUE_FALSE = {"choices": ("auto", True, False)}
 
+# Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
+# naming nobody maps): a run would train from random weights it did not ask for. Every loader
+# with a head that does not fit still loads all but one layer, far above it.
+MIN_LOADED_FRACTION = 0.5
+
+# The project's cache folder: $FINETUNE_CACHE_DIR, else finetune-lab in the user's cache folder.
+PROJECT_CACHE_DIR = "${oc.env:FINETUNE_CACHE_DIR,${oc.env:XDG_CACHE_HOME,'~/.cache'}/finetune-lab}"
+
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -32,8 +40,8 @@ class ModelConfig:
     source: str = "torchvision"  # torchvision | timm | efficientnet_lite
     # DEFAULT, a weights enum name (IMAGENET1K_V1), none (random init), or a .ckpt/.pth file
     weights: str = "DEFAULT"
-    # fail the build when fewer than this fraction of the network's tensors got weights
-    min_loaded_fraction: float | None = None
+    # stop before training when a smaller share of the layers loaded; null = no minimum
+    min_loaded_fraction: float | None = MIN_LOADED_FRACTION
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +148,8 @@ class DataConfig:
     persistent_workers: bool = True
     val_fraction: float = 0.2  # imagefolder without val/: stratified share of each class
     split_seed: int = 0
-    cache_dir: str | None = None  # decoded images and features; null = <root>/.cache
+    # verified-image records and cached features; null = paths.cache_dir's default
+    cache_dir: str | None = II("paths.cache_dir")
     decode_cache_mb: float = 1024  # decoded, resized images kept in memory; 0 = off
     # crop, flip, normalise (and erase) batches on the device: auto = on a GPU;
     # normalise = only normalise (and erase) there, crops in the loader workers
@@ -278,6 +287,8 @@ class TrainerConfig:
 class PathsConfig:
     # the parent folder of the datasets (data.root of the named datasets)
     data_root: str = "${oc.env:FINETUNE_DATA_ROOT,data}"
+    # the project's caches, never inside a dataset's folder ('~' is expanded where it is used)
+    cache_dir: str = PROJECT_CACHE_DIR
 
 
 @dataclass

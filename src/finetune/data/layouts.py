@@ -15,10 +15,12 @@ A new layout is a `fetch` and a `build` function added to `LAYOUTS`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -130,14 +132,29 @@ def require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
     return splits
 
 
+@contextlib.contextmanager
+def removed_on_failure(folder: Path) -> Iterator[None]:
+    """Run the block; if it raises, remove the folders it created on the way to `folder` (the
+    topmost one that did not exist before). A failed download must not leave an empty data root
+    behind: the next run would then report an empty folder instead of a missing one."""
+    missing = next((p for p in (*reversed(folder.parents), folder) if not p.exists()), None)
+    try:
+        yield
+    except BaseException:
+        if missing is not None:
+            shutil.rmtree(missing, ignore_errors=True)
+        raise
+
+
 def _download_archive(url: str, root: Path, name: str, expected: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     log.info("Downloading %s from %s into %s", name, url, root)
-    root.mkdir(parents=True, exist_ok=True)
     archive = root / url.rsplit("/", 1)[-1]
     try:
-        download_and_extract_archive(url, download_root=str(root))
+        with removed_on_failure(expected):
+            root.mkdir(parents=True, exist_ok=True)
+            download_and_extract_archive(url, download_root=str(root))
     except Exception as error:  # network errors come as URLError, HTTPError, OSError...
         archive.unlink(missing_ok=True)  # never leave a partial zip that looks complete
         raise DataUnavailableError(
@@ -158,8 +175,18 @@ def fetch_hymenoptera(options: LayoutOptions) -> None:
         _download_archive(HYMENOPTERA_URL, options.root, "hymenoptera", folder)
 
 
+def _require_root(options: LayoutOptions, dataset: str) -> None:
+    if not options.root.is_dir():
+        raise DataUnavailableError(
+            f"The data root {options.root} does not exist, so dataset {dataset} is not there. "
+            "Fix: set data.root (or paths.data_root) to the folder that holds the datasets, or "
+            "let the run download it (data.download=true) where the internet is reachable."
+        )
+
+
 def build_hymenoptera(options: LayoutOptions) -> DatasetSplits:
     folder = options.root / "hymenoptera_data"
+    _require_root(options, "hymenoptera")
     if not (folder / "train").is_dir():
         raise DataUnavailableError(
             f"Dataset hymenoptera not found: {folder} has no train/ folder. Fix: unzip "
@@ -175,7 +202,8 @@ def _flowers102(options: LayoutOptions, split: str, download: bool):
 
     folder = options.root / "flowers-102"
     try:
-        return Flowers102(str(options.root), split=split, download=download)
+        with removed_on_failure(folder):
+            return Flowers102(str(options.root), split=split, download=download)
     except (RuntimeError, OSError) as error:  # torchvision: missing files or failed download
         raise DataUnavailableError(
             f"Dataset flowers102 not found or incomplete in {folder} (expected jpg/, "
@@ -191,6 +219,7 @@ def fetch_flowers102(options: LayoutOptions) -> None:
 
 
 def build_flowers102(options: LayoutOptions) -> DatasetSplits:
+    _require_root(options, "flowers102")
     splits = {}
     for split in ("train", "val", "test"):
         dataset = _flowers102(options, split, download=False)
@@ -243,6 +272,34 @@ def fetch_synthetic(options: LayoutOptions) -> None:
 
 def build_synthetic(options: LayoutOptions) -> DatasetSplits:
     return _split_folders(options.root / "synthetic", val_fraction=0.2, seed=0)
+
+
+def split_listing(splits: DatasetSplits, root: Path) -> dict[str, dict[str, list[str]]]:
+    """Which files each split holds: split -> class name -> paths in the splits' order,
+    relative to `root` where they lie under it (what split.json in the run dir records)."""
+    listing: dict[str, dict[str, list[str]]] = {}
+    for split, samples in splits.named().items():
+        by_class: dict[str, list[str]] = {name: [] for name in splits.class_names}
+        for path, label in samples:
+            relative = Path(path)
+            with contextlib.suppress(ValueError):
+                relative = relative.relative_to(root)
+            by_class[splits.class_names[label]].append(relative.as_posix())
+        listing[split] = by_class
+    return listing
+
+
+def how_split(dataset: str, options: LayoutOptions) -> str:
+    """How the val split was made, in words (for split.json)."""
+    if dataset == "flowers102":
+        return "the official splits (setid.mat)"
+    folder = {"hymenoptera": "hymenoptera_data", "synthetic": "synthetic"}.get(dataset, "")
+    if (options.root / folder / "val").is_dir():
+        return f"the folders train/ and val/ under {options.root / folder}"
+    return (
+        f"a stratified share data.val_fraction={options.val_fraction} of each class, "
+        f"data.split_seed={options.split_seed}"
+    )
 
 
 class Layout(NamedTuple):

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.backbones import InputSpec
 from finetune.data.images import DecodedImages, decode_once
-from finetune.data.layouts import LayoutOptions, layout
+from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
 from finetune.data.loading import (
     DatasetSplits,
     evaluation_sampler,
@@ -38,6 +38,16 @@ from finetune.errors import FinetuneError, unknown_name
 from finetune.transforms import DEVICE_TRANSFORMS_OPTIONS, Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+def project_cache_dir() -> str:
+    """The default of `paths.cache_dir` (the schema's), resolved: `$FINETUNE_CACHE_DIR`, else
+    `$XDG_CACHE_HOME/finetune-lab`, else `~/.cache/finetune-lab` (with `~` unexpanded)."""
+    from omegaconf import OmegaConf
+
+    from finetune.config.schema import PROJECT_CACHE_DIR
+
+    return str(OmegaConf.create({"cache_dir": PROJECT_CACHE_DIR}).cache_dir)
 
 
 def _check_options(device_transforms: Any, train_fraction: float) -> None:
@@ -58,6 +68,8 @@ class FinetuneDataModule(pl.LightningDataModule):
     The arguments are the keys of the `data` config group, which holds their defaults
     (conf/data/_common.yaml); `augment` is `data.augment`, `synthetic` the synthetic recipe.
     `decode_cache_mb` keeps decoded, resized images in memory (MiB, 0 turns it off);
+    `cache_dir` holds the verified-image records and cached features (None: the project's
+    default, `project_cache_dir()`);
     `device_transforms` is explained in `finetune.transforms.Preprocessing`.
     Raises `FinetuneError` for an unknown dataset, device_transforms or train_fraction.
     Its length (~175 lines) is mostly the constructor naming the data group's 19 keys.
@@ -94,7 +106,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.layout_options = LayoutOptions(
             self.root, bool(download), float(val_fraction), int(split_seed), dict(synthetic or {})
         )
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.root / ".cache"
+        # The project's folder, not the dataset's: a user's photo folder is only ever read.
+        self.cache_dir = Path(cache_dir or project_cache_dir()).expanduser()
         self.input_spec, self.augment = input_spec, dict(augment or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -131,7 +144,13 @@ class FinetuneDataModule(pl.LightningDataModule):
         self._splits, self.skipped = without_unreadable(
             splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
         )
-        log.info("Dataset %s in %s: %s", self.dataset, self.root, self._splits.sizes())
+        log.info(
+            "Dataset %s in %s: %s (caches in %s)",
+            self.dataset,
+            self.root,
+            self._splits.sizes(),
+            self.cache_dir,
+        )
 
     @property
     def splits(self) -> DatasetSplits:
@@ -142,6 +161,19 @@ class FinetuneDataModule(pl.LightningDataModule):
                 "Fix: call datamodule.prepare_data() (or setup()) first."
             )
         return self._splits
+
+    def split_record(self) -> dict[str, Any]:
+        """What went where: the dataset, its root, how val was made, the training subset and
+        split -> class -> files (relative to the root); split.json in the run dir."""
+        return {
+            "dataset": self.dataset,
+            "root": str(self.root),
+            "val_split": how_split(self.dataset, self.layout_options),
+            "train_fraction": self.train_fraction,
+            "subset_seed": self.subset_seed,
+            "sizes": self.splits.sizes(),
+            "files": split_listing(self.splits, self.root),
+        }
 
     @property
     def class_names(self) -> list[str]:
