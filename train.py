@@ -3,6 +3,8 @@
 A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before Hydra starts
 (and creates the run dir), the command line is composed once and checked against the schema
 (`finetune.config`): a wrong key, option or type ends here with one message and exit status 1.
+A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
+(`finetune.resume.command_line`). Ctrl-C prints the command that continues the run; exit 130.
 """
 
 import logging
@@ -14,12 +16,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune import config
+from finetune import config, resume
 from finetune.errors import FinetuneError
 from finetune.run import train
-from finetune.rundir import save_failure
+from finetune.rundir import METRICS_FILE, save_failure
 
 log = logging.getLogger("finetune")
+
+# A resume in place: the run's log file and its size before this process appended to it, so a
+# resume that stops before training leaves the run dir as it was.
+_resumed_log: tuple[Path, int | None] | None = None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -29,8 +35,17 @@ def main(cfg: DictConfig) -> float | None:
         # values a sweeper chose were not on the command line train.py checked
         config.validate(cfg, HydraConfig.get().runtime.choices)
         metrics = train(cfg)
+    except KeyboardInterrupt:
+        log.warning("%s", resume.interrupted_message(Path(cfg.run_dir)))
+        sys.exit(130)
+    except resume.ResumeRefused as error:
+        log.error("%s", error)
+        if _resumed_log is not None:
+            resume.restore_size(*_resumed_log)
+        sys.exit(1)
     except Exception as error:
-        save_failure(Path(cfg.run_dir), error)
+        if not (Path(cfg.run_dir) / METRICS_FILE).is_file():  # a finished run stays finished
+            save_failure(Path(cfg.run_dir), error)
         if in_sweep:
             # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
             # error): log it and leave failure.json for the sweep summary. The Optuna sweeper
@@ -47,8 +62,11 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     try:
-        config.check_command_line(sys.argv[1:])
-    except config.ConfigError as error:
+        argv = resume.command_line(sys.argv[1:])
+        config.check_command_line(argv)
+    except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    sys.argv[1:] = argv
+    _resumed_log = resume.log_before_resume(argv)
     main()

@@ -53,6 +53,9 @@ class ClassifierModule(pl.LightningModule):
     # Whether the finite-loss check of a training step may be read one step late (see
     # training_step); None: on accelerators only, where reading it at once stalls the device.
     defer_loss_check: bool | None = None
+    # Put before every logged name (`best/` -> `best/val/acc`): the run re-validates the best
+    # checkpoint after fit under its own tag, so the `val/*` curves keep one point per epoch.
+    tag_prefix: str = ""
 
     def __init__(
         self,
@@ -110,12 +113,21 @@ class ClassifierModule(pl.LightningModule):
         loss = self.criterion(logits, labels)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, labels)
-        on_step = stage == "train"
+        on_step, prefix = stage == "train", self.tag_prefix
         # sync_dist: with several devices the epoch loss is averaged over all of them.
         self.log(
-            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=True
+            f"{prefix}{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
+            sync_dist=True,
+        )  # fmt: skip
+        self.log_dict(
+            {
+                f"{prefix}{name}": metric
+                for name, metric in metrics.items(keep_base=False, copy_state=False)
+            },
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage != "train",
         )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
