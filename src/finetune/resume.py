@@ -246,7 +246,7 @@ def command_line(argv: Sequence[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from finetune.config import check_overrides
+    from finetune.config import ConfigError, check_overrides
 
     args = get_args_parser().parse_args(list(argv))
     if args.multirun or args.overrides != list(argv):  # flags: Hydra's business, as typed
@@ -268,9 +268,12 @@ def command_line(argv: Sequence[str]) -> list[str]:
     if in_place and "hydra.output_subdir" not in given:
         merged.append("hydra.output_subdir=null")
     try:
-        cfg = check_overrides(merged)
+        try:
+            cfg = check_overrides(merged)
+        except (ConfigError, HydraException):  # a saved override the new ones exclude (e.g.
+            cfg = check_overrides(list(argv))  # data.synthetic.* with data=imagefolder)
     except HydraException:  # Hydra says it again, in its words, as it starts
-        return merged
+        return list(argv)
     check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source)
     return merged
 
