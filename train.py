@@ -38,13 +38,10 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         log.warning("%s", resume.interrupted_message(Path(cfg.run_dir)))
         sys.exit(130)
-    except resume.ResumeRefused as error:
-        log.error("%s", error)
-        if _resumed_log is not None:
-            resume.restore_size(*_resumed_log)
-        sys.exit(1)
     except Exception as error:
-        if not (Path(cfg.run_dir) / METRICS_FILE).is_file():  # a finished run stays finished
+        # A refused resume leaves its run dir as it was; a finished run stays finished.
+        refused = isinstance(error, resume.ResumeRefused)
+        if not refused and not (Path(cfg.run_dir) / METRICS_FILE).is_file():
             save_failure(Path(cfg.run_dir), error)
         if in_sweep:
             # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
@@ -55,6 +52,8 @@ def main(cfg: DictConfig) -> float | None:
             return None
         if isinstance(error, FinetuneError):
             log.error("%s", error)
+            if refused and _resumed_log is not None:
+                resume.restore_size(*_resumed_log)  # the log too: this attempt is on the console
             sys.exit(1)  # a single run: the message above is the whole story, no traceback
         raise
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
