@@ -3,6 +3,8 @@
 A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before Hydra starts
 (and creates the run dir), the command line is composed once and checked against the schema
 (`finetune.config`): a wrong key, option or type ends here with one message and exit status 1.
+A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
+(`finetune.resume.command_line`). Ctrl-C prints the command that continues the run; exit 130.
 """
 
 import logging
@@ -16,13 +18,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune import config
+from finetune import config, resume
 from finetune.distributed import job_processes
 from finetune.errors import FinetuneError
 from finetune.run import train
-from finetune.rundir import save_failure
+from finetune.rundir import METRICS_FILE, save_failure
 
 log = logging.getLogger("finetune")
+
+# A resume in place: the run's log file and its size before this process appended to it, so a
+# resume that stops before training leaves the run dir as it was.
+_resumed_log: tuple[Path, int | None] | None = None
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -33,8 +39,14 @@ def main(cfg: DictConfig) -> float | None:
         config.validate(cfg, HydraConfig.get().runtime.choices)
         with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
             metrics = train(cfg)
+    except KeyboardInterrupt:
+        log.warning("%s", resume.interrupted_message(Path(cfg.run_dir)))
+        sys.exit(130)
     except Exception as error:
-        save_failure(Path(cfg.run_dir), error)
+        # A refused resume leaves its run dir as it was; a finished run stays finished.
+        refused = isinstance(error, resume.ResumeRefused)
+        if not refused and not (Path(cfg.run_dir) / METRICS_FILE).is_file():
+            save_failure(Path(cfg.run_dir), error)
         if in_sweep:
             # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
             # error): log it and leave failure.json for the sweep summary. The Optuna sweeper
@@ -44,6 +56,8 @@ def main(cfg: DictConfig) -> float | None:
             return None
         if isinstance(error, FinetuneError):
             log.error("%s", error)
+            if refused and _resumed_log is not None:
+                resume.restore_size(*_resumed_log)  # the log too: this attempt is on the console
             sys.exit(1)  # a single run: the message above is the whole story, no traceback
         raise
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
@@ -59,8 +73,11 @@ def expand_home(argv: list[str]) -> list[str]:
 if __name__ == "__main__":
     sys.argv[1:] = expand_home(sys.argv[1:])
     try:
-        config.check_command_line(sys.argv[1:])
-    except config.ConfigError as error:
+        argv = resume.command_line(sys.argv[1:])
+        config.check_command_line(argv)
+    except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    sys.argv[1:] = argv
+    _resumed_log = resume.log_before_resume(argv)
     main()

@@ -152,11 +152,20 @@ def test_resume_after_kill_equals_an_uninterrupted_run(
         assert metrics["feature_cache"] == "hit"  # the resumed run reused the features
 
 
+@pytest.mark.parametrize("source", ["run_dir", "bare_checkpoint"])
 def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
-    tmp_path, record_fault
+    tmp_path, source, record_fault
 ):
+    """A run dir carries its config: the other data is named as a config change. A checkpoint
+    file alone (copied out of its run) is checked against the data's classes."""
     first = run_train(*FAST_OVERRIDES, f"data.root={tmp_path}/a", f"hydra.run.dir={tmp_path}/r1")
     assert first.returncode == 0, first.stderr[-2000:]
+    ckpt_path, expected = tmp_path / "r1", "data.dataset: 'synthetic' in the run, 'imagefolder' now"
+    if source == "bare_checkpoint":
+        ckpt_path = tmp_path / "copied.ckpt"
+        ckpt_path.write_bytes((tmp_path / "r1" / "checkpoints" / "last.ckpt").read_bytes())
+        expected = "trained for 3 classes"
+    before = {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()}
     make_class_folders(tmp_path / "folder", {"cat": 4, "dog": 4})
     fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
     result = run_train(
@@ -164,12 +173,14 @@ def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
         "data=imagefolder",
         f"data.root={tmp_path / 'folder'}",
         f"hydra.run.dir={tmp_path}/r2",
-        f"ckpt_path={tmp_path}/r1",
+        f"ckpt_path={ckpt_path}",
     )
     message = result.stderr + result.stdout
-    handled = result.returncode == 1 and "trained for 3 classes" in message
-    record_fault(handled and "model.weights=" in message)
-    assert handled and "model.weights=" in message and "Traceback" not in message
+    handled = result.returncode == 1 and expected in message and "model.weights=" in message
+    untouched = before == {p: p.read_bytes() for p in (tmp_path / "r1").rglob("*") if p.is_file()}
+    record_fault(handled and untouched)
+    assert handled and "Traceback" not in message, message[-2000:]
+    assert untouched
 
 
 def test_resume_without_a_checkpoint_says_where_it_looked(tmp_path, record_fault):

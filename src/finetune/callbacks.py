@@ -1,16 +1,18 @@
 """Lightning callbacks of a run that are not a freeze strategy, a report or resume state:
-the epoch timer and the progress bar, and the instantiation of the config's callback and
-logger groups (`conf/callbacks/*.yaml`, `conf/logger/*.yaml`)."""
+the best-checkpoint keeper, the epoch timer and the progress bar, and the instantiation of the
+config's callback and logger groups (`conf/callbacks/*.yaml`, `conf/logger/*.yaml`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 
 
 def instantiate_all(group_cfg: DictConfig | None) -> list[Any]:
@@ -19,6 +21,77 @@ def instantiate_all(group_cfg: DictConfig | None) -> list[Any]:
     if not group_cfg:
         return []
     return [instantiate(entry) for entry in group_cfg.values() if entry is not None]
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's `ModelCheckpoint`, where a tie of the monitored metric is broken by a second
+    one: with `monitor: val/acc` and `tie_breaker: val/loss` (`tie_mode: min`), of two epochs
+    at the same accuracy the one with the lower validation loss is kept and is the best. (The
+    stock callback keeps the earlier epoch on a tie: on a small validation set accuracy often
+    stops moving while the loss still falls.) The tie-breaker values of the kept checkpoints
+    are saved in its state, so a resumed run ranks them the same way.
+    """
+
+    def __init__(self, *args: Any, tie_breaker: str = "val/loss", tie_mode: str = "min", **kwargs):
+        super().__init__(*args, **kwargs)
+        if tie_mode not in ("min", "max"):
+            raise ValueError(f"tie_mode must be min or max, not {tie_mode!r}")
+        self.tie_breaker = tie_breaker
+        self.tie_mode = tie_mode
+        self.tie_values: dict[str, float] = {}  # kept checkpoint path -> its tie-breaker value
+
+    @property
+    def state_key(self) -> str:
+        # The stock callback's key: checkpoints written before this class existed restore it.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def _tie_value(self, trainer: pl.Trainer) -> float:
+        value = trainer.callback_metrics.get(self.tie_breaker)
+        return float(value) if value is not None else math.nan
+
+    def _rank(self, path: str) -> tuple[float, float]:
+        """Larger is better: (monitored metric, tie-breaker), each turned so; NaN is worst."""
+        score = float(self.best_k_models[path])
+        tie = self.tie_values.get(path, math.nan)
+        score = score if self.mode == "max" else -score
+        tie = tie if self.tie_mode == "max" else -tie
+        return (-math.inf if math.isnan(score) else score, -math.inf if math.isnan(tie) else tie)
+
+    def check_monitor_top_k(self, trainer: pl.Trainer, current: torch.Tensor | None = None) -> bool:
+        if super().check_monitor_top_k(trainer, current):
+            return True
+        if current is None or not self.kth_best_model_path:
+            return False
+        kth = self.kth_best_model_path
+        tie = float(current) == float(self.best_k_models[kth])
+        if tie:
+            new = self._tie_value(trainer)
+            old = self.tie_values.get(kth, math.nan)
+            better = new < old if self.tie_mode == "min" else new > old
+            tie = not math.isnan(new) and (math.isnan(old) or better)
+        return trainer.strategy.reduce_boolean_decision(tie)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # Called once the kept set holds the new checkpoint and before its file (with this
+        # callback's state) is written: rank the kept set with the tie-breaker here.
+        if self.monitor and filepath in self.best_k_models:
+            self.tie_values = {p: v for p, v in self.tie_values.items() if p in self.best_k_models}
+            self.tie_values[filepath] = self._tie_value(trainer)
+            ranked = sorted(self.best_k_models, key=self._rank)
+            if len(ranked) == self.save_top_k:
+                self.kth_best_model_path = ranked[0]
+                self.kth_value = self.best_k_models[ranked[0]]
+            self.best_model_path = ranked[-1]
+            self.best_model_score = self.best_k_models[ranked[-1]]
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"tie_values": dict(self.tie_values)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            self.tie_values = dict(state_dict.get("tie_values") or {})
 
 
 class EpochTimer(pl.Callback):

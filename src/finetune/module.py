@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -53,6 +54,9 @@ class ClassifierModule(pl.LightningModule):
     # Whether the finite-loss check of a training step may be read one step late (see
     # training_step); None: on accelerators only, where reading it at once stalls the device.
     defer_loss_check: bool | None = None
+    # Put before the logged names of a validation outside fit (`best/val/acc`): the run
+    # re-validates the best checkpoint after fit, and the `val/*` curves keep one point per epoch.
+    EVALUATION_TAG = "best/"
 
     def __init__(
         self,
@@ -116,11 +120,13 @@ class ClassifierModule(pl.LightningModule):
         loss = self.criterion(logits, labels)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits, labels)
+        outside_fit = stage == "val" and self.trainer.state.fn == TrainerFn.VALIDATING
+        prefix = self.EVALUATION_TAG if outside_fit else ""
         if stage == "train":
             # Every process trains on a share of the same size (Lightning's distributed sampler
             # pads the split), so sync_dist's mean of the processes' means is exact here.
             self.log(
-                "train/loss",
+                f"{prefix}train/loss",
                 loss,
                 on_step=True,
                 on_epoch=True,
@@ -135,9 +141,19 @@ class ClassifierModule(pl.LightningModule):
             # adds float sums and weights, so the loss is that of the whole split.
             mean_loss = self.eval_losses[stage]
             mean_loss.update(loss.detach(), len(labels))
-            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log(
+                f"{prefix}{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True
+            )
         # The torchmetrics metrics add up their counts over the processes likewise.
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log_dict(
+            {
+                f"{prefix}{name}": metric
+                for name, metric in metrics.items(keep_base=False, copy_state=False)
+            },
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage != "train",
+        )
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -9,8 +9,12 @@ step. The schedule is a `LambdaLR` over a callable object rather than torch's st
 cosine schedulers: `CosineAnnealingLR`'s floor (`eta_min`) is one absolute rate for every group,
 which would break the ratios, `SequentialLR` restarts the step count of the scheduler after the
 warmup (the step schedule counts from the first step), and neither accepts groups added while
-it runs. `LambdaLR` saves the callable's attributes in checkpoints, so a resumed run continues
-the exact multipliers.
+it runs.
+
+On resume the schedule is the one the config asks for, never the checkpoint's: torch's `LambdaLR`
+would restore the callable's attributes (`total_steps`, `warmup_steps`, `steps_per_epoch`) and so
+keep the interrupted run's horizon after `trainer.max_epochs` grew. `ConfiguredLambdaLR` restores
+only the step count, and maps it onto the new steps per epoch when that changed (other devices).
 """
 
 from __future__ import annotations
@@ -62,8 +66,24 @@ class WarmupSchedule:
         self.min_lr_ratio = min_lr_ratio
         self.step_epochs = step_epochs
         self.gamma = gamma
+        # Added to the step count: nonzero only after a resume with other steps per epoch, so
+        # that the schedule continues at the same epoch position.
+        self.step_shift = 0.0
+
+    def continue_from(self, step: int, saved: Mapping[str, Any]) -> None:
+        """Continue at optimizer step `step` of a run whose schedule had the attributes `saved`
+        (the checkpoint's): this schedule keeps its own horizon; only the position in epochs is
+        carried over when the steps per epoch differ."""
+        saved_per_epoch = int(saved.get("steps_per_epoch", self.steps_per_epoch))
+        saved_shift = float(saved.get("step_shift", 0.0))
+        if saved_per_epoch == self.steps_per_epoch:
+            self.step_shift = saved_shift  # exact: no float round trip on an unchanged run
+            return
+        epochs_done = (step + saved_shift) / max(saved_per_epoch, 1)
+        self.step_shift = epochs_done * self.steps_per_epoch - step
 
     def __call__(self, step: int) -> float:
+        step = step + self.step_shift if self.step_shift else step
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         if self.kind == "constant":
@@ -159,7 +179,26 @@ def build_optimizer(
         steps_per_epoch=steps_per_epoch,
         **schedule_cfg,
     )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, ConfiguredLambdaLR(optimizer, schedule)
+
+
+class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """`LambdaLR` whose schedule comes from the config, also on resume: a checkpoint restores the
+    step count (and Lightning the optimizer state), not the multipliers' horizon. Every group's
+    rate is then set from this schedule at the restored step, so the first step after a resume
+    already follows it (the optimizer state holds the rate the interrupted schedule gave)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = {k: v for k, v in state_dict.items() if k not in ("lr_lambdas", "base_lrs")}
+        self.__dict__.update(state)
+        saved = [fn or {} for fn in state_dict.get("lr_lambdas") or []]
+        for index, schedule in enumerate(self.lr_lambdas):
+            if isinstance(schedule, WarmupSchedule):
+                schedule.continue_from(self.last_epoch, saved[index] if index < len(saved) else {})
+        groups = self.optimizer.param_groups
+        for group, base_lr, schedule in zip(groups, self.base_lrs, self.lr_lambdas, strict=True):
+            group["lr"] = base_lr * schedule(self.last_epoch)
+        self._last_lr = [group["lr"] for group in groups]
 
 
 def add_param_groups(

@@ -9,20 +9,33 @@
 - `resolve_checkpoint` turns `ckpt_path=last` or a run dir into a checkpoint file, and refuses a
   checkpoint of another experiment (other classes, another model) with a message that points
   to the weights-loading path (`model.weights=...`) instead.
+- `command_line` makes `python train.py hydra.run.dir=D ckpt_path=last` continue D with D's own
+  config: the run's saved overrides come first, the new ones on top, and a new one that the
+  checkpoint cannot follow (another model, data, strategy, seed...) is refused before Hydra
+  starts. `config_changes` names what the new overrides change; `train()` logs each one.
+- A resume in place rewrites none of the run's files (config, .hydra/, classes): a refused or
+  failed resume leaves the run dir as it was (`ResumeRefused`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
 import random
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finetune.atomic import atomic_write
 from finetune.errors import FinetuneError
@@ -120,3 +133,192 @@ def check_compatible(checkpoint_path: str, class_names: list[str], model_name: s
             f"model.weights={checkpoint_path} (loaded bottom-up: every layer that fits, up to "
             "the first that does not), or resume with the original model and data."
         )
+
+
+# --- resuming with the run's own config ------------------------------------------------------------
+
+# Keys a resume may change: how and how long the run trains, not what it learns. A prefix ending
+# in "." covers its subtree. Everything else (model, data, strategy, optim, scheduler, seed,
+# the other callbacks, batch size, accumulation...) is what the checkpoint was trained with.
+RESUMABLE_CHANGES = (
+    "trainer.max_epochs",
+    "trainer.max_time",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accelerator",
+    "trainer.strategy",
+    "trainer.precision",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.num_sanity_val_steps",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.eval_batch_size",
+    "data.decode_cache_mb",
+    "data.cache_dir",
+    "callbacks.progress_bar.",
+    "logger.",
+    "speed.",
+    "print_config",
+)
+# Not part of the experiment: where it runs and what it resumes from.
+_NOT_COMPARED = ("run_dir", "ckpt_path")
+SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
+
+
+class ResumeRefused(FinetuneError):
+    """A resume that stopped before training; the run dir is as it was."""
+
+
+def source_run_dir(ckpt_path: Any, run_dir: Path) -> Path | None:
+    """The run dir whose checkpoint `ckpt_path` names (`last`: `run_dir`; a run dir; a file in
+    a run's checkpoints/), when it holds a saved config.yaml; None otherwise."""
+    if ckpt_path in (None, "", "null"):
+        return None
+    path = run_dir if ckpt_path == "last" else Path(str(ckpt_path)).expanduser()
+    if path.is_file() and path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return path if (path / "config.yaml").is_file() else None
+
+
+def is_in_place(ckpt_path: Any, run_dir: Path) -> bool:
+    """Whether `ckpt_path` continues the run of `run_dir` itself (whose files stay as they are)."""
+    source = source_run_dir(ckpt_path, run_dir)
+    return source is not None and source.resolve() == run_dir.resolve()
+
+
+def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (saved value, value now) for every value of `cfg` that differs from the
+    run's `saved` config (both resolved; `run_dir`, `ckpt_path` and `hydra` not compared)."""
+    from finetune.rundir import flatten
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+        cfg.run_dir = str(saved.run_dir)  # ${run_dir} resolves alike in both
+    now = flatten(OmegaConf.to_container(cfg, resolve=True))
+    before = flatten(OmegaConf.to_container(saved, resolve=True))
+    keys = [k for k in {**before, **now} if k.split(".")[0] not in _NOT_COMPARED]
+    return {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
+
+
+def check_changes(changes: dict[str, tuple[Any, Any]], source: Path) -> None:
+    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow."""
+
+    def allowed(key: str) -> bool:
+        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+
+    refused = {key: values for key, values in changes.items() if not allowed(key)}
+    if refused:
+        listed = "; ".join(
+            f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in refused.items()
+        )
+        raise ResumeRefused(
+            f"Cannot resume {source} with this config: {listed}. A resume continues the run "
+            "with its own config (saved in config.yaml); only how and how long it trains may "
+            "change (e.g. trainer.max_epochs, trainer.devices, data.num_workers). Fix: drop "
+            "those overrides, or start a new run from the checkpoint's weights with "
+            f"model.weights={source / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir."
+        )
+
+
+def check_config(cfg: DictConfig, run_dir: Path) -> None:
+    """When `cfg.ckpt_path` names a run with a saved config: refuse changes its checkpoint
+    cannot follow (`ResumeRefused`), log each one that is applied."""
+    source = source_run_dir(cfg.get("ckpt_path"), run_dir)
+    if source is None:
+        return
+    changes = config_changes(OmegaConf.load(source / "config.yaml"), cfg)
+    check_changes(changes, source)
+    for key, (old, new) in changes.items():
+        log.info("Resume of %s: %s changed from %r to %r", source, key, old, new)
+
+
+def command_line(argv: Sequence[str]) -> list[str]:
+    """`argv` of `python train.py` with the resumed run's saved overrides put first, so that
+    `hydra.run.dir=D ckpt_path=last` alone continues D with D's config; the new overrides win.
+    A resume in place adds `hydra.output_subdir=null` (Hydra then leaves D/.hydra/ as it is).
+    Other command lines come back unchanged. Raises `ResumeRefused` (before Hydra starts, so
+    nothing is written) for a new override the checkpoint cannot follow."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from finetune.config import ConfigError, check_overrides
+
+    args = get_args_parser().parse_args(list(argv))
+    if args.multirun or args.overrides != list(argv):  # flags: Hydra's business, as typed
+        return list(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(args.overrides)
+    except Exception:  # Hydra's own message explains a malformed override
+        return list(argv)
+    given = {o.key_or_group: o.value() for o in parsed if not o.is_sweep_override()}
+    run_dir = Path(str(given["hydra.run.dir"])) if "hydra.run.dir" in given else None
+    ckpt_path = given.get("ckpt_path")
+    source = source_run_dir(ckpt_path, run_dir or Path.cwd() / "_no_run_dir")
+    if source is None or not (source / SAVED_OVERRIDES).is_file():
+        return list(argv)
+    saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
+    keys = {*given, "ckpt_path"}
+    merged = [line for line in saved if _key(line) not in keys] + list(argv)
+    in_place = run_dir is not None and run_dir.resolve() == source.resolve()
+    if in_place and "hydra.output_subdir" not in given:
+        merged.append("hydra.output_subdir=null")
+    try:
+        try:
+            cfg = check_overrides(merged)
+        except (ConfigError, HydraException):  # a saved override the new ones exclude (e.g.
+            cfg = check_overrides(list(argv))  # data.synthetic.* with data=imagefolder)
+    except HydraException:  # Hydra says it again, in its words, as it starts
+        return list(argv)
+    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source)
+    return merged
+
+
+def _key(line: str) -> str:
+    return line.split("=", 1)[0].lstrip("+~")
+
+
+def continue_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir` (`python train.py hydra.run.dir=...
+    ckpt_path=last`), as it can be typed in a shell from the current folder."""
+    script = shlex.quote(sys.argv[0] if sys.argv[0].endswith(".py") else "train.py")
+    return f"python {script} hydra.run.dir={shlex.quote(str(run_dir))} ckpt_path=last"
+
+
+def restore_size(path: Path, size: int | None) -> None:
+    """Cut `path` back to `size` bytes (a log appended to since), or delete it when it did not
+    exist (`size` None); a file already gone or unwritable stays as it is."""
+    with contextlib.suppress(OSError):
+        if size is None:
+            path.unlink()
+        elif path.stat().st_size > size:
+            os.truncate(path, size)
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C leaves: the run dir and the command that continues it from its last
+    checkpoint, or that there is none yet."""
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return (
+            f"Interrupted. The run dir {run_dir} holds the last finished epoch "
+            f"(checkpoints/last.ckpt). Continue it with: {continue_command(run_dir)}"
+        )
+    return (
+        f"Interrupted before the first epoch finished: {run_dir} holds no checkpoint to "
+        "continue from. Start the run again with the same command."
+    )
+
+
+def log_before_resume(argv: Sequence[str]) -> tuple[Path, int | None] | None:
+    """For a resume in place, the run's log file (Hydra's `<script>.log` in the run dir) and
+    its size now (None when absent), for `restore_size`; None for any other command line."""
+    given = dict(line.split("=", 1) for line in argv if "=" in line)
+    run_dir = given.get("hydra.run.dir", "").strip("'\"")
+    if not run_dir or not is_in_place(given.get("ckpt_path"), Path(run_dir)):
+        return None
+    path = Path(run_dir) / f"{Path(sys.argv[0]).stem}.log"
+    return path, path.stat().st_size if path.is_file() else None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -20,6 +21,7 @@ from finetune import backbones, callbacks, features, resume, rundir, runtime, st
 from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
 from finetune.distributed import build_once
+from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule
 from finetune.reports import EvaluationReport
 from finetune.strategies import count_parameters
@@ -32,16 +34,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment end to end and return what it writes to `metrics.json`.
 
     Raises `FinetuneError` (one message naming the key or file and the fix) for bad input
-    found before or during the run; the run dir then holds no metrics.json.
+    found before or during the run; the run dir then holds no metrics.json. A resume in place
+    (`ckpt_path=last`) rewrites none of the run's files; one that stops before training raises
+    `resume.ResumeRefused` and leaves the run dir as it was. Ctrl-C during training raises
+    `KeyboardInterrupt` once Lightning has shut down.
     """
     run_started = time.perf_counter()
     run_dir = runtime.prepare(cfg)
-    rundir.save_config(cfg, run_dir)
-    datamodule = build_data(cfg, run_dir)
-    resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
-    model = build_model(cfg, datamodule)
+    in_place = resume.is_in_place(cfg.get("ckpt_path"), run_dir)
+    try:
+        resume.check_config(cfg, run_dir)
+        if not in_place:
+            rundir.save_config(cfg, run_dir)
+        datamodule = build_data(cfg, run_dir, write=not in_place)
+        resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
+        model = build_model(cfg, datamodule)
+    except FinetuneError as error:
+        if in_place and not isinstance(error, resume.ResumeRefused):
+            raise resume.ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
+        raise
     fitting = build_trainer(cfg, model, datamodule)
-    rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
+    if not in_place:  # the report of the weights the run started from
+        rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
     fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
@@ -49,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers)
-    log.info("Run finished: %s", run_dir)
+    log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics
 
 
@@ -77,15 +91,16 @@ def build_datamodule(cfg: DictConfig) -> FinetuneDataModule:
     return FinetuneDataModule(input_spec=backbones.input_spec(cfg.model), **_plain(cfg.data))
 
 
-def build_data(cfg: DictConfig, run_dir: Path) -> FinetuneDataModule:
+def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDataModule:
     """The prepared data module; classes.json, split.json (and skipped_images.json) in the run
-    dir."""
+    dir when `write` (a resume in place keeps the run's own: the checkpoint must match them)."""
     datamodule = build_datamodule(cfg)
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
-    rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
-    rundir.save_split(run_dir, datamodule.split_record())
+    if write:
+        rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
+        rundir.save_split(run_dir, datamodule.split_record())
     return datamodule
 
 
@@ -176,7 +191,12 @@ def fit(
     feature extraction included, and the feature-cache part of metrics.json."""
     started = time.perf_counter()
     feature_report = training_data(model, datamodule, trainer)
-    trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
+    try:
+        trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C: the caller says how to resume
+            raise KeyboardInterrupt from None
+        raise
     return time.perf_counter() - started, feature_report
 
 
@@ -187,7 +207,12 @@ def evaluate_best_checkpoint(
 ) -> dict[str, Any]:
     """Validation (and test, when the data has a test split) metrics of the best checkpoint by
     the monitored metric, else of the latest one, else of the weights in memory; and
-    `best_checkpoint`, its path ("" without checkpoints)."""
+    `best_checkpoint`, its path ("" without checkpoints), and `best_epoch`, its epoch (counted
+    from 0, as in checkpoint names; the last epoch trained without checkpoints).
+
+    The validation is logged under `best/val/*`, so the `val/*` curves keep one point per
+    epoch; the keys returned are `val/*` (and `test/*`).
+    """
     checkpoints = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     ranked = [c.best_model_path for c in checkpoints if c.monitor and c.best_model_path]
     best = (ranked or [c.best_model_path for c in checkpoints if c.best_model_path] or [""])[0]
@@ -199,11 +224,28 @@ def evaluate_best_checkpoint(
         metrics |= _stage_metrics(
             trainer.test(module, datamodule=datamodule, ckpt_path=evaluate_from, verbose=False)
         )
-    return metrics | {"best_checkpoint": best}
+    epoch = max(trainer.current_epoch - 1, 0)
+    if best:
+        epoch = int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    return metrics | {"best_checkpoint": best, "best_epoch": epoch}
 
 
 def _stage_metrics(results: list[dict[str, float]]) -> dict[str, float]:
-    return {name: float(value) for name, value in results[0].items()} if results else {}
+    if not results:
+        return {}
+    return {
+        name.removeprefix(ClassifierModule.EVALUATION_TAG): float(value)
+        for name, value in results[0].items()
+    }
+
+
+def best_checkpoint_line(metrics: dict[str, Any]) -> str:
+    """One line: the best checkpoint's epoch and its val (and test) accuracy."""
+    numbers = ", ".join(
+        f"{name} {metrics[name]:.4f}" for name in ("val/acc", "test/acc") if name in metrics
+    )
+    what = "Best checkpoint" if metrics.get("best_checkpoint") else "Final weights (no checkpoint)"
+    return f"{what}: epoch {metrics.get('best_epoch')}, {numbers}."
 
 
 def describe_run(

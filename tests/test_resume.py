@@ -1,0 +1,344 @@
+"""Resuming continues the interrupted run, or refuses before touching anything (issue 13, kind 1);
+the best checkpoint is the best one (kind 2); every run ends with one line naming it (kind 8).
+
+Each test checks values: hashes of every file of the run dir, learning rates per step, the
+epoch kept, the points of the TensorBoard curves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchmetrics import Metric, MetricCollection
+
+from conftest import FAST_OVERRIDES, REPO, make_class_folders, run_train, subprocess_env
+from finetune import module as module_lib
+from finetune.optim import ConfiguredLambdaLR, WarmupSchedule
+from finetune.run import train
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (hidden ones included) -> the SHA-256 of its bytes."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+# --- resuming with the run's own config ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory) -> Path:
+    """A finished 1-epoch `strategy=full` run; each test resumes a copy of it."""
+    root = tmp_path_factory.mktemp("one_epoch")
+    result = run_train(
+        *FAST_OVERRIDES,
+        "strategy=full",
+        f"data.root={root / 'data'}",
+        f"hydra.run.dir={root / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def copy_run(one_epoch_run: Path, tmp_path: Path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_epoch_run / "run", run_dir)
+    # the saved config names the original folder: write the copy's into it and its .hydra/
+    for name in ("config.yaml", ".hydra/config.yaml", ".hydra/hydra.yaml"):
+        path = run_dir / name
+        path.write_text(path.read_text().replace(str(one_epoch_run / "run"), str(run_dir)))
+    return run_dir
+
+
+def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
+    one_epoch_run, tmp_path, record_fault
+):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = file_hashes(run_dir)
+    kept = ["config.yaml", "classes.json", "weights_report.json"]
+    kept += [f".hydra/{name}" for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    unchanged = all(after[name] == before[name] for name in kept)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the run's own model and strategy, not the defaults (mobilenet_v2, last_layer)
+    continued = (metrics["model"], metrics["strategy"], metrics["epochs"]) == (
+        "efficientnet_lite0",
+        "full",
+        2,
+    )
+    log = (run_dir / "train.log").read_text()
+    record_fault(unchanged and continued and not (run_dir / "failure.json").exists())
+    assert unchanged and continued
+    assert not (run_dir / "failure.json").exists()
+    assert "trainer.max_epochs changed from 1 to 2" in log
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["model=resnet18"], "model.name: 'efficientnet_lite0' in the run, 'resnet18' now"),
+        (["seed=7"], "seed: 42 in the run, 7 now"),
+        (["strategy=last_layer"], "strategy.name: 'full' in the run, 'last_layer' now"),
+        (["data.batch_size=2"], "data.batch_size: 4 in the run, 2 now"),
+    ],
+)
+def test_a_resume_override_the_checkpoint_cannot_follow_is_refused_before_anything_is_written(
+    one_epoch_run, tmp_path, overrides, named, record_fault
+):
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", *overrides)
+    message = result.stdout + result.stderr
+    untouched = file_hashes(run_dir) == before
+    record_fault(result.returncode == 1 and named in message and untouched)
+    assert result.returncode == 1 and named in message, message[-2000:]
+    assert "Traceback" not in message
+    assert untouched
+
+
+def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
+    tmp_path, record_fault
+):
+    """A 3-class run whose folder now holds 2 classes: refused once the data is read (after
+    Hydra started and opened the log), and still no file of the run dir changed."""
+    folder, run_dir = tmp_path / "photos", tmp_path / "run"
+    make_class_folders(folder, {"ant": 5, "bee": 5, "wasp": 5})
+    fast = [o for o in FAST_OVERRIDES if not o.startswith("data=") and "synthetic" not in o]
+    first = run_train(*fast, "data=imagefolder", f"data.root={folder}", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(folder / "wasp")
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    message = result.stdout + result.stderr
+    refused = result.returncode == 1 and "trained for 3 classes" in message
+    untouched = file_hashes(run_dir) == before
+    record_fault(refused and untouched)
+    assert refused, message[-2000:]
+    assert json.loads((run_dir / "classes.json").read_text()) == ["ant", "bee", "wasp"]
+    assert untouched
+
+
+# --- the schedule on resume -----------------------------------------------------------------------
+
+
+def schedule_after(total_steps: int, steps_per_epoch: int, resumed: dict | None = None):
+    """A cosine schedule with a 1-epoch warmup over a 2-group SGD (rates 0.01 and 0.001),
+    optionally restored from `resumed` (a scheduler state dict)."""
+    weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.SGD(
+        [{"params": [weights[0]], "lr": 0.01}, {"params": [weights[1]], "lr": 0.001}]
+    )
+    schedule = WarmupSchedule(
+        "cosine", total_steps, steps_per_epoch, warmup_epochs=1, min_lr_ratio=0.01
+    )
+    scheduler = ConfiguredLambdaLR(optimizer, schedule)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+    return optimizer, scheduler
+
+
+def rates(optimizer, scheduler, steps: int) -> list[float]:
+    """The rate of every group at each of `steps` steps, one flat list."""
+    seen = []
+    for _ in range(steps):
+        seen += [group["lr"] for group in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+@pytest.mark.parametrize("per_epoch_after", [3, 6], ids=["same_steps_per_epoch", "twice_as_many"])
+def test_a_resumed_schedule_is_the_configs_not_the_checkpoints(per_epoch_after, record_fault):
+    """1 epoch of 3 steps trained with max_epochs=1, resumed with max_epochs=3: the rates of
+    epochs 2-3 are an uninterrupted 3-epoch run's, also when the epoch has other steps now
+    (other devices or batch count): the schedule continues at the same epoch position."""
+    optimizer, scheduler = schedule_after(total_steps=3, steps_per_epoch=3)
+    rates(optimizer, scheduler, 3)
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    total = 3 * per_epoch_after
+    resumed = rates(*schedule_after(total, per_epoch_after, saved), 2 * per_epoch_after)
+    whole = rates(*schedule_after(total, per_epoch_after), total)[2 * per_epoch_after :]
+    equal = resumed == pytest.approx(whole, rel=1e-12)
+    record_fault(equal)
+    assert resumed[0] == pytest.approx(0.01 * (0.01 + 0.99 * 0.5 * (1 + 1)))  # cosine start
+    assert equal
+
+
+def lr_trace(monkeypatch) -> list[tuple[int, list[float]]]:
+    """(global step, the rate of every param group) of every training step of the runs after."""
+    trace: list[tuple[int, list[float]]] = []
+    original = module_lib.ClassifierModule.training_step
+
+    def training_step(self, batch, batch_idx):
+        groups = self.trainer.optimizers[0].param_groups
+        trace.append((self.trainer.global_step, [group["lr"] for group in groups]))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(module_lib.ClassifierModule, "training_step", training_step)
+    return trace
+
+
+@pytest.mark.parametrize("strategy", ["full", "gradual"])
+def test_resumed_with_more_epochs_the_rates_equal_an_uninterrupted_run(
+    make_cfg, tmp_path, monkeypatch, strategy, record_fault
+):
+    """Every param group's rate at every step of epochs 2-3 (gradual: the groups of the blocks
+    that join after the resume too) equals the uninterrupted 3-epoch run's."""
+    trace = lr_trace(monkeypatch)
+    options = [f"strategy={strategy}", "optim.optimizer.lr=0.01"]
+    whole = make_cfg(*options, "trainer.max_epochs=3")
+    whole.run_dir = str(tmp_path / "whole")
+    train(whole)
+    uninterrupted, trace[:] = dict(trace), []
+
+    train(make_cfg(*options, "trainer.max_epochs=1"))
+    trace[:] = []
+    train(make_cfg(*options, "trainer.max_epochs=3", "ckpt_path=last"))
+    resumed = dict(trace)
+    assert sorted(resumed) == list(range(3, 9))
+    equal = all(resumed[s] == pytest.approx(uninterrupted[s], rel=1e-9) for s in resumed)
+    record_fault(equal)
+    if strategy == "gradual":
+        assert len(resumed[8]) > len(resumed[3])  # blocks joined after the resume
+    assert equal
+
+
+# --- the best checkpoint --------------------------------------------------------------------------
+
+
+class AlwaysOne(Metric):
+    """An accuracy of 1.0 whatever the predictions: every epoch ties."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("seen", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.seen += target.numel()
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(1.0)
+
+
+def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
+    make_cfg, monkeypatch, record_fault
+):
+    monkeypatch.setattr(
+        module_lib, "accuracy_metrics", lambda num_classes: MetricCollection({"acc": AlwaysOne()})
+    )
+    cfg = make_cfg("strategy=full", "trainer.max_epochs=4")
+    metrics = train(cfg)
+    events = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("val/loss")]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    kept = metrics["best_epoch"] == best and Path(metrics["best_checkpoint"]).name.startswith(
+        f"epoch{best:03d}"
+    )
+    record_fault(kept)
+    assert len(losses) == 4 and best != 0  # the stock callback keeps epoch 0
+    assert kept
+    assert metrics["val/loss"] == pytest.approx(losses[best], rel=1e-4)
+    # the best checkpoint's re-validation is one point under its own tag, not a 5th val/ point
+    assert len(events.Scalars("val/acc")) == 4
+    assert [e.value for e in events.Scalars("best/val/loss")] == pytest.approx(
+        [losses[best]], rel=1e-4
+    )
+
+
+# --- Ctrl-C and the closing line ------------------------------------------------------------------
+
+CTRL_C_AT_STEP = """
+import os, signal
+from finetune.module import ClassifierModule
+
+_original = ClassifierModule.training_step
+
+def training_step(self, batch, batch_idx):
+    if self.trainer.global_step == 4 and not os.environ.get("NO_CTRL_C"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return _original(self, batch, batch_idx)
+
+ClassifierModule.training_step = training_step
+"""
+
+
+def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, record_fault):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_AT_STEP))
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *FAST_OVERRIDES, "strategy=full", "trainer.max_epochs=3", f"data.root={tmp_path / 'data'}",
+        f"hydra.run.dir={run_dir}", env=env,
+    )  # fmt: skip
+    message = result.stdout + result.stderr
+    found = re.search(r"Continue it with: (.+)$", message, re.MULTILINE)
+    assert result.returncode == 130, message[-3000:]
+    assert found and str(run_dir) in found.group(1)
+    assert found.group(1) in (run_dir / "train.log").read_text()
+    config_before = (run_dir / "config.yaml").read_bytes()
+
+    command = shlex.split(found.group(1))
+    assert command[0] == "python"
+    resumed = run_train(*command[2:], env=env | {"NO_CTRL_C": "1"})
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    continued = resumed.returncode == 0 and metrics["epochs"] == 3
+    record_fault(continued)
+    assert continued, resumed.stderr[-3000:]
+    assert command[1] == str(REPO / "train.py") or Path(command[1]).resolve() == REPO / "train.py"
+    assert (run_dir / "config.yaml").read_bytes() == config_before
+
+    # every run ends with one line: the best checkpoint's epoch and its val and test accuracy
+    last_line = (run_dir / "train.log").read_text().strip().splitlines()[-1]
+    expected = (
+        f"Best checkpoint: epoch {metrics['best_epoch']}, val/acc {metrics['val/acc']:.4f}, "
+        f"test/acc {metrics['test/acc']:.4f}."
+    )
+    assert expected in last_line
+
+
+def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, caplog):
+    cfg = make_cfg(
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+        "trainer.enable_checkpointing=false",
+    )
+    with caplog.at_level("INFO", logger="finetune.run"):
+        metrics = train(cfg)
+    assert metrics["best_checkpoint"] == "" and metrics["best_epoch"] == 0
+    assert (
+        f"Final weights (no checkpoint): epoch 0, val/acc {metrics['val/acc']:.4f}" in caplog.text
+    )
+
+
+def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_path):
+    """`ckpt_path=<run dir>` into a new run dir: the source run's config, its files untouched."""
+    source = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(source)
+    new = tmp_path / "continued"
+    result = run_train(f"ckpt_path={source}", "trainer.max_epochs=2", f"hydra.run.dir={new}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert file_hashes(source) == before
+    metrics = json.loads((new / "metrics.json").read_text())
+    assert (metrics["model"], metrics["epochs"]) == ("efficientnet_lite0", 2)
+    assert "efficientnet_lite0" in (new / "config.yaml").read_text()
