@@ -256,6 +256,7 @@ def test_two_jobs_at_once_on_one_data_root_build_the_caches_once(tmp_path):
     """Two runs started together on a fresh data root: one generates, verifies and extracts,
     the other waits and reuses the whole files."""
     data_root = tmp_path / "data"
+    cache_dir = tmp_path / "cache"  # the project's cache folder, fresh for these two runs
     runs = []
     for name in ("a", "b"):
         command = [
@@ -283,13 +284,13 @@ def test_two_jobs_at_once_on_one_data_root_build_the_caches_once(tmp_path):
 
     statuses = sorted(_metrics(tmp_path / name)["feature_cache"] for name in ("a", "b"))
     assert statuses == ["hit", "miss"]  # extracted once, reused by the other run
-    cache_files = list((data_root / ".cache" / "features").glob("*.pt"))
+    cache_files = list((cache_dir / "features").glob("*.pt"))
     assert len(cache_files) == 1
     stored = torch.load(cache_files[0], weights_only=True)
     assert set(stored["features"]) == {"train", "val", "test"}
-    records = list((data_root / ".cache" / "verified").glob("*.json"))
+    records = list((cache_dir / "verified").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text()) == {}
-    assert not list(data_root.rglob("*.partial"))
+    assert not list(data_root.rglob("*.partial")) and not list(cache_dir.rglob("*.partial"))
     assert "Generating the synthetic dataset" in outputs[0] + outputs[1]
     assert sum("Generating the synthetic dataset" in output for output in outputs) == 1
 
