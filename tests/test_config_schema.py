@@ -7,6 +7,7 @@ import inspect
 import json
 import re
 import shlex
+import typing
 
 import pytest
 import pytorch_lightning as pl
@@ -24,6 +25,10 @@ REFUSED = [
     ("trainer.max_epoch=2", ["`trainer.max_epoch`", "devices", "did you mean `max_epochs`?"]),
     ("data.augment=none", ["`data.augment`", "random_resized_crop", "`augment=none`"]),
     ("trainer.max_epochs=ten", ["`trainer.max_epochs`", "int", "`ten`"]),
+    # a value outside a key's fixed set, and a required key left without a value
+    ("strategy=full strategy.bn=fro", ["`strategy.bn=fro`", "train_affine", "`frozen`?"]),
+    ("trainer.precision=bogus", ["`trainer.precision=bogus`", "bf16-mixed", "16-mixed"]),
+    ("data=imagefolder", ["`data.root` has no value", "data=imagefolder", "data.root="]),
 ]
 
 
@@ -68,6 +73,40 @@ def test_mixed_type_keys_accept_only_their_values():
     check_command_line(["strategy.cache_features=true", "speed.channels_last=false"])
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("model.source=timmm", ["torchvision, timm, efficientnet_lite", "Did you mean `timm`?"]),
+        ("data.augment.auto_augment=foo", ["trivialaugment, randaugment"]),
+        ("data.dataset=flowers", ["hymenoptera, flowers102", "`flowers102`?"]),
+        ("scheduler.name=cosin", ["cosine, step, constant", "`cosine`?"]),
+        ("trainer.limit_train_batches=abc", ["any int, any float", "limit_train_batches=null"]),
+        ("trainer.deterministic=maybe", ["null, true, false, warn"]),
+        ("trainer.gradient_clip_algorithm=nrom", ["norm, value", "`norm`?"]),
+        ("trainer.devices=true", ["any int, any list, any str"]),
+    ],
+)
+def test_keys_with_fixed_values_refuse_another(line, expected):
+    message = refusal(line)
+    for text in expected:
+        assert text in message, message
+
+
+def test_the_fixed_values_are_those_the_code_uses():
+    from lightning_fabric import connector
+
+    from finetune.config import schema
+    from finetune.data.layouts import LAYOUTS
+    from finetune.sources import SOURCES
+
+    assert set(schema.MODEL_SOURCES) == set(SOURCES)
+    assert set(schema.DATASETS) == set(LAYOUTS)
+    lightning = {None}
+    for literal in ("_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS"):
+        lightning |= set(typing.get_args(getattr(connector, literal)))
+    assert set(schema.PRECISIONS) == lightning
+
+
 def test_a_key_of_another_option_is_refused_with_that_option():
     message = refusal("data.synthetic.image_size=32")
     assert "`data.synthetic`" in message and "data=synthetic" in message
@@ -95,7 +134,8 @@ def test_every_option_is_typed_by_its_schema():
     for group, schemas in SCHEMAS.items():
         types = set(schemas.values())
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            cfg = check_overrides([f"{group}={path.stem}"])
+            required = ["data.root=photos"] if path.stem == "imagefolder" else []
+            cfg = check_overrides([f"{group}={path.stem}", *required])
             assert OmegaConf.get_type(cfg[group]) in types, path
 
 
@@ -136,7 +176,8 @@ def test_data_root_comes_from_paths_and_the_environment(monkeypatch):
     monkeypatch.setenv("FINETUNE_DATA_ROOT", "/mnt/data")
     for dataset in ("hymenoptera", "flowers102", "synthetic"):
         assert check_overrides([f"data={dataset}"]).data.root == "/mnt/data"
-    assert OmegaConf.is_missing(check_overrides(["data=imagefolder"]).data, "root")
+    with pytest.raises(ConfigError, match=r"`data\.root` has no value"):
+        check_overrides(["data=imagefolder"])  # the user's own folder has no default
 
 
 def test_no_config_names_a_path_of_this_projects_machines():

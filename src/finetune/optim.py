@@ -23,6 +23,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from finetune.config.schema import SCHEDULERS
 from finetune.errors import unknown_name
 
 LrScale = Callable[[str], float]
@@ -41,7 +42,7 @@ class WarmupSchedule:
     `kind`. A callable object (not a lambda) so that LambdaLR can save and restore it.
     """
 
-    KINDS = ("cosine", "step", "constant")
+    KINDS = SCHEDULERS
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -93,8 +93,9 @@ def check_overrides(
 
 
 def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
-    """`ConfigError` for a key the schema does not have (added with `+`) or a value outside a
-    mixed-type key's choices. `choices`: the option chosen per group (Hydra's
+    """`ConfigError` for a key the schema does not have (added with `+`), a required key left
+    without a value (`???`), or a value outside the values and types a key's schema field lists
+    (`schema.one_of`). `choices`: the option chosen per group (Hydra's
     `hydra.runtime.choices`), for the message."""
     for path, node in _schema_nodes(cfg):
         fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
@@ -102,16 +103,48 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
             if key not in fields:
                 error = _unknown_key(_join(path, str(key)), list(fields), choices or {})
                 raise ConfigError(f"{error} Keys of the schema cannot be added with `+`.")
-        for name, spec in fields.items():
-            allowed = spec.metadata.get("choices")
+        for name in fields:
+            full_key = _join(path, name)
+            if OmegaConf.is_missing(node, name):
+                chosen = (choices or {}).get(path)
+                needs = f" (`{path}={chosen}` needs it)" if chosen else ""
+                raise ConfigError(
+                    f"Config key `{full_key}` has no value{needs}. Fix: add {full_key}=..."
+                )
+            allowed = _allowed(OmegaConf.get_type(node), name)
             if allowed and not OmegaConf.is_interpolation(node, name):
-                value = node[name]
-                if not any(type(value) is type(a) and value == a for a in allowed):
-                    shown = ", ".join(_show(a) for a in allowed)
-                    raise ConfigError(
-                        f"`{_join(path, name)}={_show(value)}` is not one of: {shown}. "
-                        f"Fix: e.g. {_join(path, name)}={_show(allowed[0])}."
-                    )
+                _check_value(full_key, node[name], allowed)
+
+
+def _allowed(schema: type, name: str) -> dict[str, Any] | None:
+    """The `one_of` metadata of field `name`, also when a subclass redeclares the field only
+    to change its default (`name: str = "cosine"`)."""
+    for cls in schema.__mro__:
+        if dataclasses.is_dataclass(cls):
+            spec = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+            if spec is not None and "choices" in spec.metadata:
+                return spec.metadata
+    return None
+
+
+def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
+    """`ConfigError` unless `value` is one of `allowed["choices"]` (same type too) or an
+    instance of `allowed["types"]`."""
+    values, types = allowed["choices"], allowed.get("types", ())
+    if isinstance(value, ListConfig):
+        value = list(value)
+    if any(type(value) is type(a) and value == a for a in values):
+        return
+    if types and isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return
+    named = list(dict.fromkeys(_show(a) for a in values))  # 64 and "64" read the same
+    shown = named + [f"any {t.__name__}" for t in types]
+    message = f"`{full_key}={_show(value)}` is not one of: {', '.join(shown)}."
+    closest = difflib.get_close_matches(_show(value), named, n=1)
+    example = closest[0] if closest else (shown[0] if values else _example(types[0]))
+    if closest:
+        message += f" Did you mean `{closest[0]}`?"
+    raise ConfigError(f"{message} Fix: e.g. {full_key}={example}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,11 +323,14 @@ def _join(path: str, key: str) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _example(expected: Any) -> str:
     """A value of the expected type, for the fix."""
     kinds = typing.get_args(expected) or (expected,)
-    examples = {int: "10", float: "0.5", bool: "true", str: "text"}
+    examples = {int: "10", float: "0.5", bool: "true", str: "text", list: "[0,1]"}
     return next((examples[kind] for kind in kinds if kind in examples), "null")
