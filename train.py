@@ -15,16 +15,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import config
-from finetune.distributed import job_processes
 from finetune.errors import FinetuneError
-from finetune.run import train
-from finetune.rundir import save_failure
 
 log = logging.getLogger("finetune")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # torch and Lightning load here, after the command line was checked: a typo is refused in
+    # well under a second, not after the seconds these imports take.
+    from finetune.distributed import job_processes
+    from finetune.run import train
+    from finetune.rundir import save_failure
+
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         # values a sweeper chose were not on the command line train.py checked

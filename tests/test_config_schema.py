@@ -7,13 +7,15 @@ import inspect
 import json
 import re
 import shlex
+import subprocess
+import sys
 import typing
 
 import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, FAST_OVERRIDES, run_train
+from conftest import CONF_DIR, FAST_OVERRIDES, REPO, run_train
 from finetune.config import SCHEMAS, ConfigError, check_command_line, check_overrides
 from finetune.config.schema import TrainerConfig
 
@@ -216,3 +218,26 @@ def test_a_key_a_sweeper_adds_is_refused_in_the_job(tmp_path):
     failure = json.loads((sweep / "0" / "failure.json").read_text())
     assert "`strategy.kk`" in failure["error"] and "cache_features" in failure["error"]
     assert not (sweep / "0" / "metrics.json").exists()
+
+
+def test_a_typo_is_refused_before_torch_loads():
+    # the check runs before train.py imports the flow (torch, Lightning: seconds)
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', 'trainer.max_epoch=2']\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    print('exit', end.code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.split() == ["exit", "1", "False"], result.stderr[-2000:]
+    assert "max_epochs" in result.stderr
+
+
+def test_a_key_typed_right_in_the_wrong_strategy_names_the_strategies_that_have_it():
+    message = refusal("strategy.k=3")
+    assert "`k` is a key of strategy=top_k, not of strategy=last_layer" in message
+    assert "Did you mean" not in message

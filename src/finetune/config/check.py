@@ -240,17 +240,24 @@ def _unknown_key(full_key: str, siblings: list[str], choices: dict[str, Any]) ->
 
 
 def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
-    """`k` of strategy=top_k, when `name` is close to a key of another option of `group`."""
+    """`k` of strategy=top_k, when `name` is (or is close to) a key of other options of
+    `group`: the options that have it and how to choose one."""
+    owners: dict[str, list[str]] = {}
     for schema_name, schema in SCHEMAS.get(group, {}).items():
         option = schema_name.removeprefix(SCHEMA_PREFIX)
         keys = [f.name for f in dataclasses.fields(schema)]
         match = difflib.get_close_matches(name, keys, n=1)
         if match and option != chosen:
-            return (
-                f"Did you mean `{match[0]}`? It is a key of {group}={option}: "
-                f"`{group}={option} {group}.{match[0]}=...`."
-            )
-    return None
+            owners.setdefault(match[0], []).append(option)
+    if not owners:
+        return None
+    key = name if name in owners else next(iter(owners))
+    options = owners[key]
+    where = ", ".join(f"{group}={option}" for option in options)
+    fix = f"`{group}={options[0]} {group}.{key}=...`"
+    if key == name:  # the user typed the key right, in the wrong option
+        return f"`{key}` is a key of {where}, not of {group}={chosen}: {fix}."
+    return f"Did you mean `{key}`? It is a key of {where}: {fix}."
 
 
 def _wrong_type(full_key: str, cause: ValidationError, guilty: str | None) -> ConfigError:
