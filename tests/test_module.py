@@ -40,6 +40,17 @@ def test_step_schedule_multiplies_by_gamma_every_step_epochs():
     assert schedule(140) == pytest.approx(0.01)
 
 
+def test_the_schedule_defaults_are_the_schemas():
+    from finetune.config.schema import CosineSchedulerConfig, StepSchedulerConfig
+
+    schedule = WarmupSchedule("cosine", total_steps=10, steps_per_epoch=1)
+    assert schedule.min_lr_ratio == CosineSchedulerConfig.min_lr_ratio
+    assert (schedule.step_epochs, schedule.gamma) == (
+        StepSchedulerConfig.step_epochs,
+        StepSchedulerConfig.gamma,
+    )
+
+
 def test_unknown_schedule_lists_choices():
     from finetune.errors import UnknownNameError
 
