@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,19 @@ class ConfigError(FinetuneError):
 
 
 def check_command_line(
-    argv: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+    argv: Sequence[str],
+    config_dir: Path = CONF_DIR,
+    config_name: str = "config",
+    *,
+    strict: bool = False,
 ) -> None:
     """Compose what `python train.py ARGV` composes, with each value of each sweep, and raise
     `ConfigError` for the first unknown key, unknown option or wrong type.
 
     Leaves to Hydra what it explains well itself (help, a malformed override, another config
-    dir): those return without a check.
+    dir): those return without a check. `strict` (the docs test): Hydra's own errors raise
+    too (`HydraException`), and a value `???` on the command line stands for any value (a
+    placeholder of the docs: the key must exist).
     """
     args = get_args_parser().parse_args(list(argv))
     if args.help or args.hydra_help or args.info or args.shell_completion:
@@ -59,19 +65,26 @@ def check_command_line(
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
+        if strict:
+            raise
         return
     for variant in _variants(overrides):
         try:
-            check_overrides(variant, config_dir, args.config_name or config_name)
+            check_overrides(variant, config_dir, args.config_name or config_name, strict)
         except HydraException:  # not one of the mistakes above: Hydra's own message stands
+            if strict:
+                raise
             return
 
 
 def check_overrides(
-    overrides: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+    overrides: Sequence[str],
+    config_dir: Path = CONF_DIR,
+    config_name: str = "config",
+    placeholders: bool = False,
 ) -> DictConfig:
     """The config `overrides` compose to (without the hydra node); `ConfigError` when a key,
-    option or type is wrong."""
+    option or type is wrong. `placeholders`: a key set to `???` need not get a value."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
@@ -88,15 +101,19 @@ def check_overrides(
             raise explained from None
     with open_dict(cfg):
         choices = dict(cfg.pop("hydra").runtime.choices)
-    validate(cfg, choices)
+    parser = OverridesParser.create()
+    unset = [o.key_or_group for o in parser.parse_overrides(list(overrides)) if o.value() == "???"]
+    validate(cfg, choices, unset if placeholders else ())
     return cfg
 
 
-def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
+def validate(
+    cfg: DictConfig, choices: dict[str, Any] | None = None, unset_ok: Collection[str] = ()
+) -> None:
     """`ConfigError` for a key the schema does not have (added with `+`), a required key left
     without a value (`???`), or a value outside the values and types a key's schema field lists
     (`schema.one_of`). `choices`: the option chosen per group (Hydra's
-    `hydra.runtime.choices`), for the message."""
+    `hydra.runtime.choices`), for the message; `unset_ok`: keys that may stay `???`."""
     for path, node in _schema_nodes(cfg):
         fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
         for key in node:
@@ -106,6 +123,8 @@ def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
         for name in fields:
             full_key = _join(path, name)
             if OmegaConf.is_missing(node, name):
+                if full_key in unset_ok:
+                    continue
                 chosen = (choices or {}).get(path)
                 needs = f" (`{path}={chosen}` needs it)" if chosen else ""
                 raise ConfigError(
