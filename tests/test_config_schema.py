@@ -27,6 +27,7 @@ REFUSED = [
     ("trainer.max_epoch=2", ["`trainer.max_epoch`", "devices", "did you mean `max_epochs`?"]),
     ("data.augment=none", ["`data.augment`", "random_resized_crop", "`augment=none`"]),
     ("trainer.max_epochs=ten", ["`trainer.max_epochs`", "int", "`ten`"]),
+    ("data.augment.crop_scale=[0.5,abc]", ["`data.augment.crop_scale`", "list of float", "=[0.5"]),
     # a value outside a key's fixed set, and a required key left without a value
     ("strategy=full strategy.bn=fro", ["`strategy.bn=fro`", "train_affine", "`frozen`?"]),
     ("trainer.precision=bogus", ["`trainer.precision=bogus`", "bf16-mixed", "16-mixed"]),

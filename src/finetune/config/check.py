@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -205,6 +206,8 @@ def _explain(
     file's bad key), from the OmegaConf error under it."""
     cause = error.__cause__
     full_key = getattr(cause, "full_key", None)
+    if full_key:  # an element of a list (`crop_scale[1]`): the key is the list's
+        full_key = re.sub(r"\[\d+\]$", "", full_key)
     guilty = _override_for(full_key, overrides) if full_key else None
     if isinstance(cause, ConfigTypeError) and guilty and guilty.startswith("~"):
         return ConfigError(
@@ -225,7 +228,8 @@ def _explain(
     node = OmegaConf.select(base, parent) if parent else base
     siblings = [str(key) for key in node if key != "hydra"] if isinstance(node, DictConfig) else []
     if isinstance(cause, ValidationError):
-        return _wrong_type(full_key, cause, guilty)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        return _wrong_type(full_key, cause, guilty, schema)
     if full_key.split(".", 1)[0] == "hydra":
         return None  # Hydra's own settings: its message stands
     return _unknown_key(full_key, siblings, choices)
@@ -279,16 +283,27 @@ def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
     return f"Did you mean `{key}`? It is a key of {where}: {fix}."
 
 
-def _wrong_type(full_key: str, cause: ValidationError, guilty: str | None) -> ConfigError:
+def _wrong_type(
+    full_key: str, cause: ValidationError, guilty: str | None, schema: type | None
+) -> ConfigError:
+    """`schema`: the dataclass of the key's parent node (the error's own `object_type` is the
+    list for a wrong list element)."""
     if guilty:
         value = OverridesParser.create().parse_override(guilty).get_value_element_as_str()
     else:
         value = cause.value
-    schema = cause.object_type
+    if not dataclasses.is_dataclass(schema):
+        schema = cause.object_type
     hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     expected = hints.get(full_key.rpartition(".")[2])
     if dataclasses.is_dataclass(expected):
         return _not_a_value(full_key, str(value), expected)
+    if typing.get_origin(expected) is list:
+        item = typing.get_args(expected)[0]
+        return ConfigError(
+            f"Wrong type for config key `{full_key}`: it takes a list of {item.__name__}, not "
+            f"`{value}`. Fix: e.g. {full_key}=[{_example(item)},{_example(item)}]."
+        )
     shown = getattr(expected, "__name__", None) or str(expected or "another type")
     return ConfigError(
         f"Wrong type for config key `{full_key}`: it takes {shown}, not `{value}`. "
