@@ -183,8 +183,10 @@ def test_data_root_comes_from_paths_and_the_environment(monkeypatch):
         check_overrides(["data=imagefolder"])  # the user's own folder has no default
 
 
-def test_no_config_names_a_path_of_this_projects_machines():
-    named = [p for p in CONF_DIR.rglob("*.yaml") if re.search(r"\.\./shared", p.read_text())]
+def test_no_config_doc_or_benchmark_names_a_path_of_this_projects_machines():
+    files = [*CONF_DIR.rglob("*.yaml"), *REPO.glob("benchmarks/**/*.*"), *REPO.glob("docs/*.md")]
+    pattern = r"\.\./shared|parents\[2\] / \"shared\"|parent / \"shared\""
+    named = [p for p in files if p.is_file() and re.search(pattern, p.read_text(errors="ignore"))]
     assert not named
 
 
