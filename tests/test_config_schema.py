@@ -244,3 +244,14 @@ def test_a_key_typed_right_in_the_wrong_strategy_names_the_strategies_that_have_
     message = refusal("strategy.k=3")
     assert "`k` is a key of strategy=top_k, not of strategy=last_layer" in message
     assert "Did you mean" not in message
+
+
+def test_the_config_files_point_at_schemas_and_files_that_exist():
+    from finetune.config import schema
+
+    for path in CONF_DIR.rglob("*.yaml"):
+        text = path.read_text()
+        for name in re.findall(r"finetune\.config\.(?:schema\.)?(\w+Config)\b", text):
+            assert f"finetune.config.schema.{name}" in text and hasattr(schema, name), path
+        for source in re.findall(r"src/finetune/[\w/]+\.py", text):
+            assert (REPO / source).is_file(), (path, source)
