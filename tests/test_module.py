@@ -345,3 +345,17 @@ def test_channels_last_is_set_at_construction():
     assert "channels_last" not in module.hparams
     with torch.no_grad():
         assert module.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_the_network_is_compiled_where_the_model_is_built(make_cfg, tmp_path):
+    # speed.compile belongs with the other speed switches, not in a later data step;
+    # nn.Module.compile() is lazy, so nothing is compiled until a forward pass
+    from finetune import run
+
+    for switch in ("true", "false"):
+        cfg = make_cfg(
+            "strategy=full", f"speed.compile={switch}", "model=resnet18", "model.weights=none"
+        )
+        model = run.build_model(cfg, run.build_data(cfg, tmp_path / "run"))
+        compiled = model.network.net._compiled_call_impl is not None
+        assert compiled is (switch == "true")
