@@ -18,11 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune import config, resume
-from finetune.distributed import job_processes
+from finetune import config
 from finetune.errors import FinetuneError
-from finetune.run import train
-from finetune.rundir import METRICS_FILE, save_failure
 
 log = logging.getLogger("finetune")
 
@@ -33,6 +30,13 @@ _resumed_log: tuple[Path, int | None] | None = None
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    # torch and Lightning load here, after the command line was checked: a typo is refused in
+    # well under a second, not after the seconds these imports take.
+    from finetune import resume
+    from finetune.distributed import job_processes
+    from finetune.run import train
+    from finetune.rundir import METRICS_FILE, save_failure
+
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         # values a sweeper chose were not on the command line train.py checked
@@ -72,12 +76,18 @@ def expand_home(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv[1:] = expand_home(sys.argv[1:])
+    argv = sys.argv[1:]
+    resuming = any(arg.lstrip("+").startswith("ckpt_path=") for arg in argv)
     try:
-        argv = resume.command_line(sys.argv[1:])
+        if resuming:  # the run's own overrides first (resume imports torch: only when needed)
+            from finetune import resume
+
+            argv = resume.command_line(argv)
         config.check_command_line(argv)
     except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
     sys.argv[1:] = argv
-    _resumed_log = resume.log_before_resume(argv)
+    if resuming:
+        _resumed_log = resume.log_before_resume(argv)
     main()

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = REPO.parent / "shared" / "data"
+# paths.data_root's rule (conf: `${oc.env:FINETUNE_DATA_ROOT,data}`): the folder that holds
+# hymenoptera_data/ and flowers-102/
+DATA_ROOT = Path(os.environ.get("FINETUNE_DATA_ROOT", REPO / "data"))
 # The plain loops get the allocator setting train.py applies to itself (see
 # finetune.runtime.keep_freed_memory_in_process): without it glibc's page faults would slow them
 # down 1.5-3x on a small CPU, and the comparison would measure the allocator, not the loops.

@@ -1,7 +1,7 @@
 """Linear probe on hymenoptera with efficientnet_lite0: is the project's cached-feature run as
 cheap as one forward pass over the data?
 
-    python benchmarks/linear_probe.py [--data-root ../shared/data] [--tutorial-epochs 25]
+    python benchmarks/linear_probe.py [--data-root $FINETUNE_DATA_ROOT] [--tutorial-epochs 25]
 
 Prints one JSON line per measurement, then a summary line with the ratios and targets:
   (a) bare loop: load the model, one no_grad forward pass over train + val (eval preset);

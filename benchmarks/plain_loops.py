@@ -4,7 +4,7 @@ Each subcommand runs one loop the way a user would write it by hand (the PyTorch
 learning tutorial's style) and prints one JSON line. The parent benchmark runs it in its own
 process to measure wall time and peak memory, exactly as it measures `train.py`.
 
-    python benchmarks/plain_loops.py bare_forward --data-root ../shared/data
+    python benchmarks/plain_loops.py bare_forward --data-root $FINETUNE_DATA_ROOT
     python benchmarks/plain_loops.py tutorial_probe --epochs 25 --batch-size 4
     python benchmarks/plain_loops.py finetune_epochs --epochs 2 --batch-size 32
 """
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets
 from torchvision.transforms import InterpolationMode, v2
 
+from common import DATA_ROOT
 from finetune import backbones
 
 MODEL = {"name": "efficientnet_lite0", "source": "efficientnet_lite", "weights": "DEFAULT"}
@@ -168,9 +169,7 @@ def finetune_epochs(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("loop", choices=["bare_forward", "tutorial_probe", "finetune_epochs"])
-    parser.add_argument(
-        "--data-root", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
-    )
+    parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=2)

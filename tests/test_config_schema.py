@@ -7,12 +7,15 @@ import inspect
 import json
 import re
 import shlex
+import subprocess
+import sys
+import typing
 
 import pytest
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, FAST_OVERRIDES, run_train
+from conftest import CONF_DIR, FAST_OVERRIDES, REPO, run_train
 from finetune.config import SCHEMAS, ConfigError, check_command_line, check_overrides
 from finetune.config.schema import TrainerConfig
 
@@ -24,6 +27,11 @@ REFUSED = [
     ("trainer.max_epoch=2", ["`trainer.max_epoch`", "devices", "did you mean `max_epochs`?"]),
     ("data.augment=none", ["`data.augment`", "random_resized_crop", "`augment=none`"]),
     ("trainer.max_epochs=ten", ["`trainer.max_epochs`", "int", "`ten`"]),
+    ("data.augment.crop_scale=[0.5,abc]", ["`data.augment.crop_scale`", "list of float", "=[0.5"]),
+    # a value outside a key's fixed set, and a required key left without a value
+    ("strategy=full strategy.bn=fro", ["`strategy.bn=fro`", "train_affine", "`frozen`?"]),
+    ("trainer.precision=bogus", ["`trainer.precision=bogus`", "bf16-mixed", "16-mixed"]),
+    ("data=imagefolder", ["`data.root` has no value", "data=imagefolder", "data.root="]),
 ]
 
 
@@ -68,6 +76,40 @@ def test_mixed_type_keys_accept_only_their_values():
     check_command_line(["strategy.cache_features=true", "speed.channels_last=false"])
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("model.source=timmm", ["torchvision, timm, efficientnet_lite", "Did you mean `timm`?"]),
+        ("data.augment.auto_augment=foo", ["trivialaugment, randaugment"]),
+        ("data.dataset=flowers", ["hymenoptera, flowers102", "`flowers102`?"]),
+        ("scheduler.name=cosin", ["cosine, step, constant", "`cosine`?"]),
+        ("trainer.limit_train_batches=abc", ["any int, any float", "limit_train_batches=null"]),
+        ("trainer.deterministic=maybe", ["null, true, false, warn"]),
+        ("trainer.gradient_clip_algorithm=nrom", ["norm, value", "`norm`?"]),
+        ("trainer.devices=true", ["any int, any list, any str"]),
+    ],
+)
+def test_keys_with_fixed_values_refuse_another(line, expected):
+    message = refusal(line)
+    for text in expected:
+        assert text in message, message
+
+
+def test_the_fixed_values_are_those_the_code_uses():
+    from lightning_fabric import connector
+
+    from finetune.config import schema
+    from finetune.data.layouts import LAYOUTS
+    from finetune.sources import SOURCES
+
+    assert set(schema.MODEL_SOURCES) == set(SOURCES)
+    assert set(schema.DATASETS) == set(LAYOUTS)
+    lightning = {None}
+    for literal in ("_PRECISION_INPUT_INT", "_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS"):
+        lightning |= set(typing.get_args(getattr(connector, literal)))
+    assert set(schema.PRECISIONS) == lightning
+
+
 def test_a_key_of_another_option_is_refused_with_that_option():
     message = refusal("data.synthetic.image_size=32")
     assert "`data.synthetic`" in message and "data=synthetic" in message
@@ -95,7 +137,8 @@ def test_every_option_is_typed_by_its_schema():
     for group, schemas in SCHEMAS.items():
         types = set(schemas.values())
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            cfg = check_overrides([f"{group}={path.stem}"])
+            required = ["data.root=photos"] if path.stem == "imagefolder" else []
+            cfg = check_overrides([f"{group}={path.stem}", *required])
             assert OmegaConf.get_type(cfg[group]) in types, path
 
 
@@ -136,11 +179,14 @@ def test_data_root_comes_from_paths_and_the_environment(monkeypatch):
     monkeypatch.setenv("FINETUNE_DATA_ROOT", "/mnt/data")
     for dataset in ("hymenoptera", "flowers102", "synthetic"):
         assert check_overrides([f"data={dataset}"]).data.root == "/mnt/data"
-    assert OmegaConf.is_missing(check_overrides(["data=imagefolder"]).data, "root")
+    with pytest.raises(ConfigError, match=r"`data\.root` has no value"):
+        check_overrides(["data=imagefolder"])  # the user's own folder has no default
 
 
-def test_no_config_names_a_path_of_this_projects_machines():
-    named = [p for p in CONF_DIR.rglob("*.yaml") if re.search(r"\.\./shared", p.read_text())]
+def test_no_config_doc_or_benchmark_names_a_path_of_this_projects_machines():
+    files = [*CONF_DIR.rglob("*.yaml"), *REPO.glob("benchmarks/**/*.*"), *REPO.glob("docs/*.md")]
+    pattern = r"\.\./shared|parents\[2\] / \"shared\"|parent / \"shared\""
+    named = [p for p in files if p.is_file() and re.search(pattern, p.read_text(errors="ignore"))]
     assert not named
 
 
@@ -175,3 +221,37 @@ def test_a_key_a_sweeper_adds_is_refused_in_the_job(tmp_path):
     failure = json.loads((sweep / "0" / "failure.json").read_text())
     assert "`strategy.kk`" in failure["error"] and "cache_features" in failure["error"]
     assert not (sweep / "0" / "metrics.json").exists()
+
+
+def test_a_typo_is_refused_before_torch_loads():
+    # the check runs before train.py imports the flow (torch, Lightning: seconds)
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['train.py', 'trainer.max_epoch=2']\n"
+        "try:\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as end:\n"
+        "    print('exit', end.code, 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.split() == ["exit", "1", "False"], result.stderr[-2000:]
+    assert "max_epochs" in result.stderr
+
+
+def test_a_key_typed_right_in_the_wrong_strategy_names_the_strategies_that_have_it():
+    message = refusal("strategy.k=3")
+    assert "`k` is a key of strategy=top_k, not of strategy=last_layer" in message
+    assert "Did you mean" not in message
+
+
+def test_the_config_files_point_at_schemas_and_files_that_exist():
+    from finetune.config import schema
+
+    for path in CONF_DIR.rglob("*.yaml"):
+        text = path.read_text()
+        for name in re.findall(r"finetune\.config\.(?:schema\.)?(\w+Config)\b", text):
+            assert f"finetune.config.schema.{name}" in text and hasattr(schema, name), path
+        for source in re.findall(r"src/finetune/[\w/]+\.py", text):
+            assert (REPO / source).is_file(), (path, source)

@@ -1,11 +1,13 @@
-"""Every `python train.py ...` command in the docs (and in the config files' comments) composes
-with the real config: each `key=value` they name exists and has the right type (sweeps: each
-value)."""
+"""Every `python train.py|predict.py|export.py ...` command in the docs (and in the config
+files' comments) composes with the real config of its script (config.yaml, predict.yaml,
+export.yaml): each `key=value` they name exists and has the right type (sweeps: each value), and
+any error Hydra itself raises fails the test too."""
 
 import re
 import shlex
 
 import pytest
+from hydra.errors import HydraException
 
 from conftest import REPO
 from finetune.config import ConfigError, check_command_line
@@ -22,8 +24,12 @@ DOCS = sorted(
 SHELL_OPERATORS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
 
 
-def train_commands(text: str) -> list[tuple[int, list[str]]]:
-    """(line number, arguments) of each `python train.py` command in markdown `text`.
+# the primary config each script composes
+SCRIPTS = {"train": "config", "predict": "predict", "export": "export"}
+
+
+def train_commands(text: str, script: str = "train") -> list[tuple[int, list[str]]]:
+    """(line number, arguments) of each `python <script>.py` command in markdown `text`.
 
     Placeholders: `...` (the rest of a command) is dropped; a whole value `key=<n>` becomes
     `key=???` (the key must exist, any type); inside a value `<run>` becomes `run`; an optional
@@ -33,7 +39,7 @@ def train_commands(text: str) -> list[tuple[int, list[str]]]:
     text = re.sub(r"\\\n\s*", " ", text)  # shell line continuations
     commands = []
     for number, line in enumerate(text.splitlines(), start=1):
-        for match in re.finditer(r"python3? train\.py\b([^`\n]*)", line):
+        for match in re.finditer(rf"python3? {script}\.py\b([^`\n]*)", line):
             rest = re.sub(r"=<[^<>]*>(?=\s|$)", "=???", match[1])
             rest = re.sub(r"<([^<>]*)>", lambda m: re.sub(r"\W+", "_", m[1]), rest)
             try:
@@ -53,11 +59,12 @@ def train_commands(text: str) -> list[tuple[int, list[str]]]:
     return commands
 
 
-def documented() -> list[tuple[str, list[str]]]:
+def documented() -> list[tuple[str, str, list[str]]]:
     found = []
     for path in DOCS:
-        for number, args in train_commands(path.read_text()):
-            found.append((f"{path.relative_to(REPO)}:{number}", args))
+        for script, config_name in SCRIPTS.items():
+            for number, args in train_commands(path.read_text(), script):
+                found.append((f"{path.relative_to(REPO)}:{number}", config_name, args))
     return found
 
 
@@ -65,12 +72,30 @@ COMMANDS = documented()
 
 
 def test_the_docs_have_commands_to_check():
-    assert len(COMMANDS) >= 5, [str(p) for p in DOCS]
+    scripts = {config_name for _, config_name, _ in COMMANDS}
+    assert len(COMMANDS) >= 5 and scripts == set(SCRIPTS.values()), [str(p) for p in DOCS]
 
 
-@pytest.mark.parametrize(("where", "args"), COMMANDS, ids=[where for where, _ in COMMANDS])
-def test_documented_command_composes(where, args):
-    check_command_line(args)
+@pytest.mark.parametrize(
+    ("where", "config_name", "args"), COMMANDS, ids=[where for where, _, _ in COMMANDS]
+)
+def test_documented_command_composes(where, config_name, args):
+    check_command_line(args, config_name=config_name, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("script", "line"),
+    [
+        ("train", "python train.py +trainer.max_epochs=2"),  # Hydra's own refusal
+        ("train", "python train.py data=imagefolder"),  # a required key left unset
+        ("predict", "python predict.py ckpt=<run> inputs=a.jpg format=onnx"),  # export's key
+        ("export", "python export.py ckpt=<run> top_k=3"),  # predict's key
+    ],
+)
+def test_a_documented_command_the_script_refuses_fails(script, line):
+    [(_, args)] = train_commands(f"`{line}`", script)
+    with pytest.raises((HydraException, ConfigError)):
+        check_command_line(args, config_name=SCRIPTS[script], strict=True)
 
 
 def test_the_extraction_finds_keys_behind_placeholders_and_catches_a_typo():
@@ -89,8 +114,8 @@ def test_the_extraction_finds_keys_behind_placeholders_and_catches_a_typo():
         ["model=resnet18", "strategy=top_k", "strategy.kk=1"],
         ["trainer.max_epoch=3"],
     ]
-    check_command_line(commands[0])
-    check_command_line(commands[1])
+    check_command_line(commands[0], strict=True)
+    check_command_line(commands[1], strict=True)
     for typo in commands[2:]:
         with pytest.raises(ConfigError):
             check_command_line(typo)

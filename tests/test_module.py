@@ -40,6 +40,17 @@ def test_step_schedule_multiplies_by_gamma_every_step_epochs():
     assert schedule(140) == pytest.approx(0.01)
 
 
+def test_the_schedule_defaults_are_the_schemas():
+    from finetune.config.schema import CosineSchedulerConfig, StepSchedulerConfig
+
+    schedule = WarmupSchedule("cosine", total_steps=10, steps_per_epoch=1)
+    assert schedule.min_lr_ratio == CosineSchedulerConfig.min_lr_ratio
+    assert (schedule.step_epochs, schedule.gamma) == (
+        StepSchedulerConfig.step_epochs,
+        StepSchedulerConfig.gamma,
+    )
+
+
 def test_unknown_schedule_lists_choices():
     from finetune.errors import UnknownNameError
 
@@ -171,7 +182,7 @@ def test_a_training_step_reads_nothing_of_its_own_back_from_the_device(
 
     step_reads, checked_steps = {}, {}
     original_step = ClassifierModule.training_step
-    original_check = ClassifierModule._stop_if_diverged
+    original_check = ClassifierModule.stop_if_diverged
 
     def training_step(self, batch, batch_idx):
         key = (self.current_epoch, batch_idx, self.trainer.global_step)
@@ -184,7 +195,7 @@ def test_a_training_step_reads_nothing_of_its_own_back_from_the_device(
             counting[0] = False
             step_reads[key] = list(reads)
 
-    def stop_if_diverged(self, finite, loss, step, batch_idx):
+    def observed_check(self, finite, loss, step, batch_idx):
         checked_steps[next(reversed(checked_steps))].append(step)
         earlier = step < self.trainer.global_step
         counting[0] = not earlier  # an earlier step's value is ready: reading it costs nothing
@@ -194,7 +205,7 @@ def test_a_training_step_reads_nothing_of_its_own_back_from_the_device(
             counting[0] = True
 
     monkeypatch.setattr(ClassifierModule, "training_step", training_step)
-    monkeypatch.setattr(ClassifierModule, "_stop_if_diverged", stop_if_diverged)
+    monkeypatch.setattr(ClassifierModule, "stop_if_diverged", observed_check)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", True)
     folder = six_class_folder(tmp_path / "folder")
     train(make_cfg(*folder, "strategy=full", "trainer.max_epochs=2", fast=False))
@@ -215,7 +226,7 @@ def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_pat
     """CUDA's own detector: a synchronising call inside a training step (other than the
     previous step's loss check and the epoch's last batch) raises."""
     original_step = ClassifierModule.training_step
-    original_check = ClassifierModule._stop_if_diverged
+    original_check = ClassifierModule.stop_if_diverged
     in_middle = [False]
 
     def training_step(self, batch, batch_idx):
@@ -226,7 +237,7 @@ def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_pat
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    def stop_if_diverged(self, finite, loss, step, batch_idx):
+    def observed_check(self, finite, loss, step, batch_idx):
         torch.cuda.set_sync_debug_mode("default")  # the previous step's check: ready by now
         try:
             return original_check(self, finite, loss, step, batch_idx)
@@ -234,7 +245,7 @@ def test_no_device_sync_in_training_steps_on_cuda(make_cfg, monkeypatch, tmp_pat
             torch.cuda.set_sync_debug_mode("error" if in_middle[0] else "default")
 
     monkeypatch.setattr(ClassifierModule, "training_step", training_step)
-    monkeypatch.setattr(ClassifierModule, "_stop_if_diverged", stop_if_diverged)
+    monkeypatch.setattr(ClassifierModule, "stop_if_diverged", observed_check)
     folder = six_class_folder(tmp_path / "folder")
     metrics = train(
         make_cfg(
@@ -334,3 +345,36 @@ def test_channels_last_is_set_at_construction():
     assert "channels_last" not in module.hparams
     with torch.no_grad():
         assert module.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_the_network_is_compiled_where_the_model_is_built(make_cfg, tmp_path):
+    # speed.compile belongs with the other speed switches, not in a later data step;
+    # nn.Module.compile() is lazy, so nothing is compiled until a forward pass
+    from finetune import run
+
+    for switch in ("true", "false"):
+        cfg = make_cfg(
+            "strategy=full", f"speed.compile={switch}", "model=resnet18", "model.weights=none"
+        )
+        model = run.build_model(cfg, run.build_data(cfg, tmp_path / "run"))
+        compiled = model.network.net._compiled_call_impl is not None
+        assert compiled is (switch == "true")
+
+
+def test_no_test_reaches_a_private_name_of_the_package():
+    # tests use the public API: they neither import nor patch a package's underscore names
+    import re
+
+    from conftest import REPO
+
+    private = re.compile(
+        r"from finetune[\w.]* import [^\n]*\b_[a-z]\w*"
+        r"|monkeypatch\.setattr\(\s*[A-Z]\w*,\s*\"_[a-z]\w*\""
+        r"|\b[A-Z]\w+\._[a-z]\w*"
+    )
+    found = {
+        f"{path.name}: {match[0]}"
+        for path in (REPO / "tests").glob("*.py")
+        for match in private.finditer(path.read_text())
+    }
+    assert not found

@@ -116,3 +116,14 @@ def test_a_missing_checkpoint_is_one_line_and_exit_status_1(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "nowhere does not exist" in errors[0] and "Fix:" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_predict_finds_in_a_folder_exactly_the_images_training_would(tmp_path):
+    from finetune.data.layouts import images_under
+
+    for name in ("a.jpg", ".b.jpg", ".hidden/c.jpg", "d.txt", "sub/e.PNG", "._f.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    expected = [tmp_path / "a.jpg", tmp_path / "sub" / "e.PNG"]
+    assert images_under(tmp_path) == expected
+    assert collect_inputs(str(tmp_path), []).files == expected

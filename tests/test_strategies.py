@@ -143,8 +143,7 @@ def test_unknown_strategy_lists_the_choices():
 
     with pytest.raises(UnknownNameError, match="last_layer"):
         strategies.build({"name": "half"})
-    with pytest.raises(UnknownNameError, match="train_affine"):
-        strategies.build({"name": "full", "bn": "sometimes"})
+    # a wrong strategy.bn is the config's to refuse (test_config_schema: strategy.bn=fro)
 
 
 class KillAfterEpoch(pl.Callback):
@@ -257,34 +256,27 @@ def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(
     assert strategy.state_dict()["epochs_without_improvement"] == 2
 
 
-def test_each_strategy_takes_exactly_its_own_keys():
-    from finetune import strategies
+def test_each_strategy_takes_exactly_its_own_keys_with_the_schemas_defaults():
+    import dataclasses
+    import inspect
 
-    expected = {
-        "last_layer": ["name", "cache_features"],
-        "top_k": ["name", "k", "backbone_lr_scale", "bn"],
-        "regex": ["name", "train", "freeze", "backbone_lr_scale", "bn"],
-        "gradual": ["name", "every_n_epochs", "on_plateau", "patience", "backbone_lr_scale", "bn"],
-        "full": ["name", "backbone_lr_scale", "bn"],
-        "scratch": ["name", "bn"],
-    }
-    assert {n: strategies.config_keys(c) for n, c in strategies.STRATEGIES.items()} == expected
+    from finetune import strategies
+    from finetune.config import SCHEMAS
+
+    for name, cls in strategies.STRATEGIES.items():
+        schema = SCHEMAS["strategy"][f"base_{name}"]
+        keys = {f.name: f for f in dataclasses.fields(schema)}
+        own = inspect.signature(cls.__init__).parameters
+        assert {"name", *own, *cls.RUN_KEYS} - {"self"} == set(keys), name
+        for key, parameter in own.items():
+            if key != "self" and keys[key].default is not dataclasses.MISSING:
+                assert parameter.default == keys[key].default, (name, key)
     assert [n for n, c in strategies.STRATEGIES.items() if not c.pretrained] == ["scratch"]
     built = strategies.build({"name": "last_layer", "cache_features": True})
     assert not hasattr(built, "cache_features")  # the run reads it, the strategy does not
     assert strategies.build({"name": "scratch"}).backbone_lr_scale == 1.0
-
-
-def test_an_unknown_strategy_key_names_the_valid_keys_and_the_closest():
-    from finetune import strategies
-    from finetune.errors import FinetuneError
-
-    with pytest.raises(
-        FinetuneError, match=r"no key 'kk'.*name, k, backbone_lr_scale, bn.*strategy\.k\?"
-    ):
-        strategies.build({"name": "top_k", "kk": 3})
-    with pytest.raises(FinetuneError, match="is a key of strategy=last_layer"):
-        strategies.build({"name": "full", "cache_features": True})
+    regex = strategies.build({"name": "regex"})
+    assert regex.freeze_patterns == SCHEMAS["strategy"]["base_regex"]().freeze
 
 
 @pytest.mark.parametrize(
@@ -307,11 +299,10 @@ def test_the_run_caches_features_only_for_a_frozen_backbone(
     assert strategies.caches_features(strategy, cache_features, augmenting) is expected
 
 
-def test_cache_features_values_are_checked():
+def test_cache_features_true_needs_a_frozen_backbone():
+    # its values (auto, true, false) are the schema's: test_config_schema checks them
     from finetune import strategies
     from finetune.errors import FinetuneError
 
-    with pytest.raises(FinetuneError, match="auto, false, true"):
-        strategies.caches_features(strategies.build({"name": "last_layer"}), "sometimes", False)
     with pytest.raises(FinetuneError, match="strategy=last_layer"):
         strategies.caches_features(strategies.build({"name": "full"}), True, False)

@@ -187,3 +187,22 @@ def test_notebook_executes_against_a_sweep(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+
+
+def test_summary_png_is_written_atomically(tmp_path, monkeypatch):
+    # a kill mid-write leaves the previous figure, never half of one
+    from matplotlib.figure import Figure
+
+    rows = [{"status": "ok", "val_acc": 0.5, "overrides": {}, "strategy": "full", "seed": 1}]
+    monkeypatch.setattr(summary, "aggregate", lambda rows: [])
+    (tmp_path / "summary.png").write_bytes(b"previous")
+
+    def half_then_killed(self, handle, **kwargs):
+        handle.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", half_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        summary.plot(rows, tmp_path / "summary.png")
+    assert (tmp_path / "summary.png").read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.png"]

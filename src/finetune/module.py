@@ -49,6 +49,10 @@ class ClassifierModule(pl.LightningModule):
         inputs_are_features: batches hold `Network.forward_features` outputs (the cached linear
             probe); not saved, so a checkpoint always rebuilds an image classifier.
         channels_last: keep the network and its input images in NHWC layout; not saved.
+
+    Its length (~160 lines) is Lightning's hooks for one module (steps, the deferred loss
+    check, optimizers, checkpoint loading); each is short, and splitting them across classes
+    would scatter one LightningModule's contract.
     """
 
     # Whether the finite-loss check of a training step may be read one step late (see
@@ -161,7 +165,7 @@ class ClassifierModule(pl.LightningModule):
         check = (torch.isfinite(loss), loss.detach(), self.trainer.global_step, batch_idx)
         pending, self._pending_loss_check = self._pending_loss_check, None
         if pending is not None:
-            self._stop_if_diverged(*pending)
+            self.stop_if_diverged(*pending)
         defer = self.defer_loss_check
         if defer is None:
             defer = loss.device.type != "cpu"
@@ -174,12 +178,16 @@ class ClassifierModule(pl.LightningModule):
             # before the epoch ends, when checkpoints are written.
             self._pending_loss_check = check
         else:
-            self._stop_if_diverged(*check)
+            self.stop_if_diverged(*check)
         return loss
 
-    def _stop_if_diverged(
+    def stop_if_diverged(
         self, finite: torch.Tensor, loss: torch.Tensor, step: int, batch_idx: int
     ) -> None:
+        """Raise `FinetuneError` when a step's loss was not finite. `finite`: a 0-d bool tensor,
+        `loss` the 0-d loss of optimizer step `step` (batch `batch_idx` of the epoch). Reading
+        `finite` waits for the device; `training_step` calls this one step late on accelerators
+        (public so that tests can observe when each step's check runs)."""
         if bool(finite):
             return
         # Raised before the next checkpoint: the ones written so far (checkpoints/last.ckpt:

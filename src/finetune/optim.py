@@ -27,6 +27,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from finetune.config.schema import (
+    SCHEDULERS,
+    CosineSchedulerConfig,
+    SchedulerConfig,
+    StepSchedulerConfig,
+)
 from finetune.errors import unknown_name
 
 LrScale = Callable[[str], float]
@@ -45,17 +51,17 @@ class WarmupSchedule:
     `kind`. A callable object (not a lambda) so that LambdaLR can save and restore it.
     """
 
-    KINDS = ("cosine", "step", "constant")
+    KINDS = SCHEDULERS
 
     def __init__(
         self,
         kind: str,
         total_steps: int,
         steps_per_epoch: int,
-        warmup_epochs: float = 0.0,
-        min_lr_ratio: float = 0.0,
-        step_epochs: int = 7,
-        gamma: float = 0.1,
+        warmup_epochs: float = SchedulerConfig.warmup_epochs,
+        min_lr_ratio: float = CosineSchedulerConfig.min_lr_ratio,
+        step_epochs: int = StepSchedulerConfig.step_epochs,
+        gamma: float = StepSchedulerConfig.gamma,
     ) -> None:
         if kind not in self.KINDS:
             raise unknown_name("scheduler", kind, self.KINDS)

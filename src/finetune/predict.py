@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from finetune import backbones
 from finetune.atomic import atomic_write, write_json
@@ -35,6 +34,7 @@ from finetune.backbones import InputSpec
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
+from finetune.data.layouts import images_under
 from finetune.errors import FinetuneError
 from finetune.module import load_classifier
 from finetune.transforms import eval_transform
@@ -110,19 +110,6 @@ def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
 # ------------------------------------------------------------------------------------------
 
 
-def _is_image(path: Path) -> bool:
-    # The same rule as training's folder scan: image extensions, hidden files left out.
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
-
-
-def _images_under(folder: Path) -> list[Path]:
-    found = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found += [Path(directory) / f for f in sorted(files) if _is_image(Path(f))]
-    return found
-
-
 @dataclass
 class Inputs:
     """The image files to predict, in order, and the true class index of those found in class
@@ -146,7 +133,7 @@ def collect_inputs(inputs: str | Sequence[str], class_names: Sequence[str]) -> I
             missing.append(pattern)
         for path in paths:
             if path.is_dir():
-                found.files += _images_under(path)
+                found.files += images_under(path)
                 found.labels |= _class_folder_labels(path, class_names)
             else:  # a file named on purpose is tried whatever its extension
                 found.files.append(path)
@@ -176,7 +163,7 @@ def _class_folder_labels(folder: Path, class_names: Sequence[str]) -> dict[Path,
         )
         return {}
     index = {name: i for i, name in enumerate(class_names)}
-    return {path: index[name] for name in subfolders for path in _images_under(folder / name)}
+    return {path: index[name] for name in subfolders for path in images_under(folder / name)}
 
 
 # ------------------------------------------------------------------------------------------

@@ -138,6 +138,8 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
         inputs_are_features=caches_features,
         channels_last=speed["channels_last"],
     )
+    if speed["compile"] and not caches_features:  # cached features: the head alone, too small
+        network.net.compile()
     return Model(strategy, network, module, speed)
 
 
@@ -173,8 +175,6 @@ def training_data(
     backbone then runs once, or its features are reused); returns the feature-cache part of
     metrics.json."""
     if not model.module.inputs_are_features:
-        if model.speed["compile"]:
-            model.network.net.compile()
         return {"feature_cache": "off"}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
         extracted, feature_report = features.cached_features(

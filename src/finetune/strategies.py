@@ -26,8 +26,6 @@ strategy, `strategy.cache_features` and the augmentation.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -38,16 +36,17 @@ from torch import nn
 
 from finetune import optim
 from finetune.backbones import Network
+from finetune.config.schema import (
+    STEM_PATTERNS,
+    FullConfig,
+    GradualConfig,
+    RegexConfig,
+    ScratchConfig,
+    TopKConfig,
+)
 from finetune.errors import FinetuneError, unknown_name
 
 log = logging.getLogger(__name__)
-
-# What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
-#   train:        batch statistics in training, running statistics and affine parameters update;
-#   train_affine: eval mode (running statistics fixed), affine parameters train;
-#   frozen:       eval mode and affine parameters frozen too.
-BN_POLICIES = ("train", "train_affine", "frozen")
-CACHE_FEATURES = ("auto", True, False)
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
@@ -94,8 +93,7 @@ class FreezeStrategy(pl.Callback):
     RUN_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, bn: str = "train", backbone_lr_scale: float = 1.0) -> None:
-        if bn not in BN_POLICIES:
-            raise unknown_name("strategy.bn policy", bn, BN_POLICIES)
+        # `bn` is one of `finetune.config.schema.BN_POLICIES`, checked with the config
         self.bn = bn
         # Pretrained layers learn at this fraction of the head's rate, so the randomly
         # initialised head's first, noisy gradients do not wreck the features beneath it.
@@ -177,24 +175,17 @@ class TopK(FreezeStrategy):
 
     name = "top_k"
 
-    def __init__(self, k: int = 2, backbone_lr_scale: float = 0.1, bn: str = "train_affine"):
+    def __init__(
+        self,
+        k: int = TopKConfig.k,
+        backbone_lr_scale: float = TopKConfig.backbone_lr_scale,
+        bn: str = TopKConfig.bn,
+    ) -> None:
         super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
         self.k = int(k)
 
     def trainable_names(self, network: Network) -> set[str]:
         return top_blocks(network, self.k)
-
-
-# The stems of the families this project names (timm, torchvision resnet/mobilenet/vit/densenet).
-STEM_PATTERNS = [
-    r"^conv_stem\.",
-    r"^bn1\.",
-    r"^conv1\.",
-    r"^features\.0\.",
-    r"^conv_proj\.",
-    r"^features\.conv0\.",
-    r"^features\.norm0\.",
-]
 
 
 class Regex(FreezeStrategy):
@@ -207,9 +198,10 @@ class Regex(FreezeStrategy):
         self,
         train: list[str] | None = None,
         freeze: list[str] | None = None,
-        backbone_lr_scale: float = 0.1,
-        bn: str = "train_affine",
+        backbone_lr_scale: float = RegexConfig.backbone_lr_scale,
+        bn: str = RegexConfig.bn,
     ) -> None:
+        # None: the schema's defaults (RegexConfig: everything but the stem)
         super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
         self.train_patterns = list([".*"] if train is None else train)
         self.freeze_patterns = list(STEM_PATTERNS if freeze is None else freeze)
@@ -243,11 +235,11 @@ class Gradual(FreezeStrategy):
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
-        on_plateau: bool = False,
-        patience: int = 1,
-        backbone_lr_scale: float = 0.1,
-        bn: str = "train_affine",
+        every_n_epochs: int = GradualConfig.every_n_epochs,
+        on_plateau: bool = GradualConfig.on_plateau,
+        patience: int = GradualConfig.patience,
+        backbone_lr_scale: float = GradualConfig.backbone_lr_scale,
+        bn: str = GradualConfig.bn,
     ) -> None:
         super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
         self.every_n_epochs = max(int(every_n_epochs), 1)
@@ -324,7 +316,9 @@ class Full(FreezeStrategy):
 
     name = "full"
 
-    def __init__(self, backbone_lr_scale: float = 0.1, bn: str = "train_affine") -> None:
+    def __init__(
+        self, backbone_lr_scale: float = FullConfig.backbone_lr_scale, bn: str = FullConfig.bn
+    ) -> None:
         super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
 
     def trainable_names(self, network: Network) -> set[str]:
@@ -338,7 +332,7 @@ class Scratch(Full):
     name = "scratch"
     pretrained = False
 
-    def __init__(self, bn: str = "train") -> None:
+    def __init__(self, bn: str = ScratchConfig.bn) -> None:
         super().__init__(backbone_lr_scale=1.0, bn=bn)
 
 
@@ -347,48 +341,23 @@ STRATEGIES: dict[str, type[FreezeStrategy]] = {
 }
 
 
-def config_keys(cls: type[FreezeStrategy]) -> list[str]:
-    """The keys a strategy's config may hold: `name`, its constructor's, the run's."""
-    own = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    return ["name", *own, *cls.RUN_KEYS]
-
-
 def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
-    """The strategy callback a `strategy` config names. Raises `UnknownNameError` for an unknown
-    name or BatchNorm policy and `FinetuneError` for a key that strategy does not have."""
+    """The strategy callback a `strategy` config names. Its keys and values were checked against
+    the schema when the config was composed (`finetune.config.validate`); raises
+    `UnknownNameError` for an unknown name."""
     cfg = dict(strategy_cfg)
     name = cfg.pop("name", None)
     if name not in STRATEGIES:
         raise unknown_name("strategy", str(name), list(STRATEGIES))
     cls = STRATEGIES[name]
-    valid = config_keys(cls)
-    for key in cfg:
-        if key not in valid:
-            raise FinetuneError(_unknown_key_message(name, key, valid))
     return cls(**{key: value for key, value in cfg.items() if key not in cls.RUN_KEYS})
-
-
-def _unknown_key_message(name: str, key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=1)
-    owners = [other for other, cls in STRATEGIES.items() if key in config_keys(cls)]
-    hint = f" Did you mean strategy.{close[0]}?" if close else ""
-    if owners:
-        hint += f" '{key}' is a key of {', '.join(f'strategy={o}' for o in owners)}."
-    return (
-        f"strategy={name} has no key '{key}' (its keys: {', '.join(valid)}).{hint} "
-        f"Fix: drop strategy.{key} or choose a strategy that has it."
-    )
 
 
 def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmenting: bool) -> bool:
     """Whether the head trains on features computed once (`finetune.features`): only when the
     backbone stays frozen, and without augmentation (which cached features cannot have) unless
-    `cache_features` is true. `cache_features`: auto | true | false; raises `FinetuneError` for
-    another value, or for true with a strategy that trains the backbone."""
-    if cache_features not in CACHE_FEATURES:
-        raise unknown_name(
-            "strategy.cache_features", str(cache_features), ["auto", "true", "false"]
-        )
+    `cache_features` is true. `cache_features`: auto | true | false (checked with the config);
+    raises `FinetuneError` for true with a strategy that trains the backbone."""
     if strategy.trains_backbone:
         if cache_features is True:
             raise FinetuneError(

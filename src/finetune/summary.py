@@ -259,7 +259,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if axis.get_legend_handles_labels()[0]:
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
     plt.close(figure)
 
 

@@ -19,10 +19,8 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
 from finetune.backbones import InputSpec
+from finetune.config.schema import AUTO_AUGMENT_POLICIES
 from finetune.errors import unknown_name
-
-AUTO_AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
-DEVICE_TRANSFORMS_OPTIONS = (True, False, "auto", "normalise")
 
 
 def _normalise(spec: InputSpec) -> list[v2.Transform]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -43,13 +44,19 @@ class ConfigError(FinetuneError):
 
 
 def check_command_line(
-    argv: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+    argv: Sequence[str],
+    config_dir: Path = CONF_DIR,
+    config_name: str = "config",
+    *,
+    strict: bool = False,
 ) -> None:
     """Compose what `python train.py ARGV` composes, with each value of each sweep, and raise
     `ConfigError` for the first unknown key, unknown option or wrong type.
 
     Leaves to Hydra what it explains well itself (help, a malformed override, another config
-    dir): those return without a check.
+    dir): those return without a check. `strict` (the docs test): Hydra's own errors raise
+    too (`HydraException`), and a value `???` on the command line stands for any value (a
+    placeholder of the docs: the key must exist).
     """
     args = get_args_parser().parse_args(list(argv))
     if args.help or args.hydra_help or args.info or args.shell_completion:
@@ -59,19 +66,26 @@ def check_command_line(
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
+        if strict:
+            raise
         return
     for variant in _variants(overrides):
         try:
-            check_overrides(variant, config_dir, args.config_name or config_name)
+            check_overrides(variant, config_dir, args.config_name or config_name, strict)
         except HydraException:  # not one of the mistakes above: Hydra's own message stands
+            if strict:
+                raise
             return
 
 
 def check_overrides(
-    overrides: Sequence[str], config_dir: Path = CONF_DIR, config_name: str = "config"
+    overrides: Sequence[str],
+    config_dir: Path = CONF_DIR,
+    config_name: str = "config",
+    placeholders: bool = False,
 ) -> DictConfig:
     """The config `overrides` compose to (without the hydra node); `ConfigError` when a key,
-    option or type is wrong."""
+    option or type is wrong. `placeholders`: a key set to `???` need not get a value."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:
@@ -88,30 +102,69 @@ def check_overrides(
             raise explained from None
     with open_dict(cfg):
         choices = dict(cfg.pop("hydra").runtime.choices)
-    validate(cfg, choices)
+    parser = OverridesParser.create()
+    unset = [o.key_or_group for o in parser.parse_overrides(list(overrides)) if o.value() == "???"]
+    validate(cfg, choices, unset if placeholders else ())
     return cfg
 
 
-def validate(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
-    """`ConfigError` for a key the schema does not have (added with `+`) or a value outside a
-    mixed-type key's choices. `choices`: the option chosen per group (Hydra's
-    `hydra.runtime.choices`), for the message."""
+def validate(
+    cfg: DictConfig, choices: dict[str, Any] | None = None, unset_ok: Collection[str] = ()
+) -> None:
+    """`ConfigError` for a key the schema does not have (added with `+`), a required key left
+    without a value (`???`), or a value outside the values and types a key's schema field lists
+    (`schema.one_of`). `choices`: the option chosen per group (Hydra's
+    `hydra.runtime.choices`), for the message; `unset_ok`: keys that may stay `???`."""
     for path, node in _schema_nodes(cfg):
         fields = {f.name: f for f in dataclasses.fields(OmegaConf.get_type(node))}
         for key in node:
             if key not in fields:
                 error = _unknown_key(_join(path, str(key)), list(fields), choices or {})
                 raise ConfigError(f"{error} Keys of the schema cannot be added with `+`.")
-        for name, spec in fields.items():
-            allowed = spec.metadata.get("choices")
+        for name in fields:
+            full_key = _join(path, name)
+            if OmegaConf.is_missing(node, name):
+                if full_key in unset_ok:
+                    continue
+                chosen = (choices or {}).get(path)
+                needs = f" (`{path}={chosen}` needs it)" if chosen else ""
+                raise ConfigError(
+                    f"Config key `{full_key}` has no value{needs}. Fix: add {full_key}=..."
+                )
+            allowed = _allowed(OmegaConf.get_type(node), name)
             if allowed and not OmegaConf.is_interpolation(node, name):
-                value = node[name]
-                if not any(type(value) is type(a) and value == a for a in allowed):
-                    shown = ", ".join(_show(a) for a in allowed)
-                    raise ConfigError(
-                        f"`{_join(path, name)}={_show(value)}` is not one of: {shown}. "
-                        f"Fix: e.g. {_join(path, name)}={_show(allowed[0])}."
-                    )
+                _check_value(full_key, node[name], allowed)
+
+
+def _allowed(schema: type, name: str) -> dict[str, Any] | None:
+    """The `one_of` metadata of field `name`, also when a subclass redeclares the field only
+    to change its default (`name: str = "cosine"`)."""
+    for cls in schema.__mro__:
+        if dataclasses.is_dataclass(cls):
+            spec = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+            if spec is not None and "choices" in spec.metadata:
+                return spec.metadata
+    return None
+
+
+def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
+    """`ConfigError` unless `value` is one of `allowed["choices"]` (same type too) or an
+    instance of `allowed["types"]`."""
+    values, types = allowed["choices"], allowed.get("types", ())
+    if isinstance(value, ListConfig):
+        value = list(value)
+    if any(type(value) is type(a) and value == a for a in values):
+        return
+    if types and isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return
+    named = list(dict.fromkeys(_show(a) for a in values))  # 64 and "64" read the same
+    shown = named + [f"any {t.__name__}" for t in types]
+    message = f"`{full_key}={_show(value)}` is not one of: {', '.join(shown)}."
+    closest = difflib.get_close_matches(_show(value), named, n=1)
+    example = closest[0] if closest else (shown[0] if values else _example(types[0]))
+    if closest:
+        message += f" Did you mean `{closest[0]}`?"
+    raise ConfigError(f"{message} Fix: e.g. {full_key}={example}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +206,8 @@ def _explain(
     file's bad key), from the OmegaConf error under it."""
     cause = error.__cause__
     full_key = getattr(cause, "full_key", None)
+    if full_key:  # an element of a list (`crop_scale[1]`): the key is the list's
+        full_key = re.sub(r"\[\d+\]$", "", full_key)
     guilty = _override_for(full_key, overrides) if full_key else None
     if isinstance(cause, ConfigTypeError) and guilty and guilty.startswith("~"):
         return ConfigError(
@@ -173,7 +228,8 @@ def _explain(
     node = OmegaConf.select(base, parent) if parent else base
     siblings = [str(key) for key in node if key != "hydra"] if isinstance(node, DictConfig) else []
     if isinstance(cause, ValidationError):
-        return _wrong_type(full_key, cause, guilty)
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        return _wrong_type(full_key, cause, guilty, schema)
     if full_key.split(".", 1)[0] == "hydra":
         return None  # Hydra's own settings: its message stands
     return _unknown_key(full_key, siblings, choices)
@@ -207,29 +263,47 @@ def _unknown_key(full_key: str, siblings: list[str], choices: dict[str, Any]) ->
 
 
 def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
-    """`k` of strategy=top_k, when `name` is close to a key of another option of `group`."""
+    """`k` of strategy=top_k, when `name` is (or is close to) a key of other options of
+    `group`: the options that have it and how to choose one."""
+    owners: dict[str, list[str]] = {}
     for schema_name, schema in SCHEMAS.get(group, {}).items():
         option = schema_name.removeprefix(SCHEMA_PREFIX)
         keys = [f.name for f in dataclasses.fields(schema)]
         match = difflib.get_close_matches(name, keys, n=1)
         if match and option != chosen:
-            return (
-                f"Did you mean `{match[0]}`? It is a key of {group}={option}: "
-                f"`{group}={option} {group}.{match[0]}=...`."
-            )
-    return None
+            owners.setdefault(match[0], []).append(option)
+    if not owners:
+        return None
+    key = name if name in owners else next(iter(owners))
+    options = owners[key]
+    where = ", ".join(f"{group}={option}" for option in options)
+    fix = f"`{group}={options[0]} {group}.{key}=...`"
+    if key == name:  # the user typed the key right, in the wrong option
+        return f"`{key}` is a key of {where}, not of {group}={chosen}: {fix}."
+    return f"Did you mean `{key}`? It is a key of {where}: {fix}."
 
 
-def _wrong_type(full_key: str, cause: ValidationError, guilty: str | None) -> ConfigError:
+def _wrong_type(
+    full_key: str, cause: ValidationError, guilty: str | None, schema: type | None
+) -> ConfigError:
+    """`schema`: the dataclass of the key's parent node (the error's own `object_type` is the
+    list for a wrong list element)."""
     if guilty:
         value = OverridesParser.create().parse_override(guilty).get_value_element_as_str()
     else:
         value = cause.value
-    schema = cause.object_type
+    if not dataclasses.is_dataclass(schema):
+        schema = cause.object_type
     hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
     expected = hints.get(full_key.rpartition(".")[2])
     if dataclasses.is_dataclass(expected):
         return _not_a_value(full_key, str(value), expected)
+    if typing.get_origin(expected) is list:
+        item = typing.get_args(expected)[0]
+        return ConfigError(
+            f"Wrong type for config key `{full_key}`: it takes a list of {item.__name__}, not "
+            f"`{value}`. Fix: e.g. {full_key}=[{_example(item)},{_example(item)}]."
+        )
     shown = getattr(expected, "__name__", None) or str(expected or "another type")
     return ConfigError(
         f"Wrong type for config key `{full_key}`: it takes {shown}, not `{value}`. "
@@ -290,11 +364,14 @@ def _join(path: str, key: str) -> str:
 
 
 def _show(value: Any) -> str:
+    """A value as it is written on the command line."""
+    if value is None:
+        return "null"
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _example(expected: Any) -> str:
     """A value of the expected type, for the fix."""
     kinds = typing.get_args(expected) or (expected,)
-    examples = {int: "10", float: "0.5", bool: "true", str: "text"}
+    examples = {int: "10", float: "0.5", bool: "true", str: "text", list: "[0,1]"}
     return next((examples[kind] for kind in kinds if kind in examples), "null")

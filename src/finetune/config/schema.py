@@ -17,9 +17,50 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
-# A key of mixed type (OmegaConf 2.3 has no Union) is `Any` with its allowed values in the
-# field's metadata; `finetune.config.validate` checks them.
-AUTO_TRUE_FALSE = {"choices": ("auto", True, False)}
+# The allowed values of every key with a fixed set of them live here, and nowhere else: the
+# code that uses a value imports its tuple from this module. A field lists them in its metadata
+# (`one_of`); a key of mixed type (OmegaConf 2.3 has no Union) is `Any` with its values and/or
+# types there. `finetune.config.validate` checks them all before anything runs.
+
+# What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
+#   train:        batch statistics in training, running statistics and affine parameters update;
+#   train_affine: eval mode (running statistics fixed), affine parameters train;
+#   frozen:       eval mode and affine parameters frozen too.
+BN_POLICIES = ("train", "train_affine", "frozen")
+AUTO_TRUE_FALSE = ("auto", True, False)
+AUTO_AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
+DEVICE_TRANSFORMS = ("auto", "normalise", True, False)
+SCHEDULERS = ("cosine", "step", "constant")
+# finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
+# torch, which checking a command line must not import); tests keep their names equal to these.
+MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
+DATASETS = ("hymenoptera", "flowers102", "imagefolder", "synthetic")
+# Lightning's accepted `precision` values (lightning_fabric.connector._PRECISION_INPUT; a test
+# keeps them equal).
+PRECISIONS = (
+    None,
+    64,
+    32,
+    16,
+    "64",
+    "32",
+    "16",
+    "bf16",
+    "transformer-engine",
+    "transformer-engine-float16",
+    "16-true",
+    "16-mixed",
+    "bf16-true",
+    "bf16-mixed",
+    "32-true",
+    "64-true",
+)
+
+
+def one_of(*values: Any, types: tuple[type, ...] = ()) -> dict[str, Any]:
+    """Field metadata: the value must be one of `values` (compared with its type: `True` is not
+    `1`) or an instance of one of `types` (a `bool` is not an `int` here). `list` means a list."""
+    return {"choices": values, "types": types}
 
 # Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
 # naming nobody maps): a run would train from random weights it did not ask for. Every loader
@@ -37,7 +78,7 @@ PROJECT_CACHE_DIR = "${oc.env:FINETUNE_CACHE_DIR,${oc.env:XDG_CACHE_HOME,'~/.cac
 @dataclass
 class ModelConfig:
     name: str = MISSING  # the architecture: torchvision or timm name, efficientnet_liteN
-    source: str = "torchvision"  # torchvision | timm | efficientnet_lite
+    source: str = field(default="torchvision", metadata=one_of(*MODEL_SOURCES))
     # DEFAULT, a weights enum name (IMAGENET1K_V1), none (random init), or a .ckpt/.pth file
     weights: str = "DEFAULT"
     # stop before training when a smaller share of the layers loaded; null = no minimum
@@ -57,15 +98,15 @@ class StrategyConfig:
 class LastLayerConfig(StrategyConfig):
     name: str = "last_layer"
     # train the head on features cached once: auto = when the images are not augmented
-    cache_features: Any = field(default="auto", metadata=AUTO_TRUE_FALSE)
+    cache_features: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE))
 
 
 @dataclass
 class BackboneTrainsConfig(StrategyConfig):
     # the pretrained layers learn at this fraction of the head's learning rate
     backbone_lr_scale: float = 0.1
-    # BatchNorm in the trainable part: train | train_affine | frozen
-    bn: str = "train_affine"
+    # BatchNorm in the trainable part: BN_POLICIES above
+    bn: str = field(default="train_affine", metadata=one_of(*BN_POLICIES))
 
 
 @dataclass
@@ -110,7 +151,8 @@ class FullConfig(BackboneTrainsConfig):
 @dataclass
 class ScratchConfig(StrategyConfig):
     name: str = "scratch"
-    bn: str = "train"  # randomly initialised BatchNorm must learn its statistics
+    # randomly initialised BatchNorm must learn its statistics
+    bn: str = field(default="train", metadata=one_of(*BN_POLICIES))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +165,7 @@ class AugmentConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: bool = True
     color_jitter: float = 0.0  # strength for brightness/contrast/saturation, 0 = off
-    auto_augment: str = "none"  # none | trivialaugment | randaugment
+    auto_augment: str = field(default="none", metadata=one_of(*AUTO_AUGMENT_POLICIES))
     random_erasing: float = 0.0  # probability, 0 = off
 
 
@@ -138,7 +180,7 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = MISSING  # hymenoptera | flowers102 | imagefolder | synthetic
+    dataset: str = field(default=MISSING, metadata=one_of(*DATASETS))
     root: str = II("paths.data_root")  # parent folder of each dataset's canonical folder
     download: bool = True  # fetch hymenoptera / flowers102 when absent
     batch_size: int = 32
@@ -153,9 +195,7 @@ class DataConfig:
     decode_cache_mb: float = 1024  # decoded, resized images kept in memory; 0 = off
     # crop, flip, normalise (and erase) batches on the device: auto = on a GPU;
     # normalise = only normalise (and erase) there, crops in the loader workers
-    device_transforms: Any = field(
-        default="auto", metadata={"choices": ("auto", "normalise", True, False)}
-    )
+    device_transforms: Any = field(default="auto", metadata=one_of(*DEVICE_TRANSFORMS))
     train_fraction: float = 1.0  # a stratified, seeded subset of the training split
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
@@ -218,7 +258,7 @@ class AdamWOptimConfig(OptimConfig):
 
 @dataclass
 class SchedulerConfig:
-    name: str = MISSING
+    name: str = field(default=MISSING, metadata=one_of(*SCHEDULERS))
     warmup_epochs: float = 0.0  # linear warmup, in epochs
 
 
@@ -243,25 +283,28 @@ class StepSchedulerConfig(SchedulerConfig):
 
 # ---------------------------------------------------------------------------------------------
 # trainer: pytorch_lightning.Trainer keyword arguments, with Lightning's defaults (conf/trainer
-# holds the project's choices). Keys of mixed type are `Any`.
+# holds the project's choices). Keys of mixed type are `Any` with their values and types.
+COUNT_OR_FRACTION = one_of(None, types=(int, float))  # int = batches, float = fraction
 
 
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     strategy: str = "auto"
-    devices: Any = "auto"  # int, list of ids, or "auto"
+    # a count, a list of ids, or a string ("auto", "-1", "0,1")
+    devices: Any = field(default="auto", metadata=one_of(types=(int, list, str)))
     num_nodes: int = 1
-    precision: Any = None  # 32 | 16-mixed | bf16-mixed | ...
+    precision: Any = field(default=None, metadata=one_of(*PRECISIONS))
     max_epochs: int | None = None
     min_epochs: int | None = None
     max_steps: int = -1
     max_time: str | None = None  # DD:HH:MM:SS
-    limit_train_batches: Any = None  # int = batches, float = fraction
-    limit_val_batches: Any = None
-    limit_test_batches: Any = None
-    overfit_batches: Any = 0.0
-    val_check_interval: Any = None
+    limit_train_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
+    limit_val_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
+    limit_test_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
+    overfit_batches: Any = field(default=0.0, metadata=one_of(types=(int, float)))
+    # int = batches, float = fraction of an epoch, str = a time ("00:00:30:00")
+    val_check_interval: Any = field(default=None, metadata=one_of(None, types=(int, float, str)))
     check_val_every_n_epoch: int | None = 1
     num_sanity_val_steps: int | None = None
     log_every_n_steps: int | None = None
@@ -270,10 +313,12 @@ class TrainerConfig:
     enable_model_summary: bool | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str | None = None
-    deterministic: Any = None  # true | false | warn
+    gradient_clip_algorithm: str | None = field(
+        default=None, metadata=one_of(None, "norm", "value")
+    )
+    deterministic: Any = field(default=None, metadata=one_of(None, True, False, "warn"))
     benchmark: bool | None = None
-    fast_dev_run: Any = False
+    fast_dev_run: Any = field(default=False, metadata=one_of(True, False, types=(int,)))
     sync_batchnorm: bool = False
     profiler: str | None = None
     detect_anomaly: bool = False
@@ -294,7 +339,7 @@ class PathsConfig:
 @dataclass
 class SpeedConfig:
     # NHWC layout for images and convolutions; auto = on for conv nets
-    channels_last: Any = field(default="auto", metadata=AUTO_TRUE_FALSE)
+    channels_last: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE))
     compile: bool = False  # torch.compile the network: slower first steps, faster after
 
 

@@ -54,10 +54,21 @@ class LayoutOptions:
 # ------------------------------------------------------------------------------------------
 
 
-def _is_image_file(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     """An image by extension, and not hidden: macOS `._name.jpg` resource forks, `.DS_Store`
     and files in hidden folders such as `.ipynb_checkpoints` are not images of the class."""
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def images_under(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively (symlinks followed), sorted per folder;
+    hidden folders are skipped. [] when `folder` does not exist. Training's folder scan and
+    predict.py share this rule."""
+    found = []
+    for directory, subdirs, files in os.walk(folder, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found += [Path(directory) / f for f in sorted(files) if is_image_file(Path(f))]
+    return found
 
 
 def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
@@ -66,10 +77,7 @@ def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
     samples: list[Sample] = []
     for label, class_name in enumerate(class_names):
         class_dir = folder / class_name
-        found = []
-        for directory, subdirs, files in os.walk(class_dir, followlinks=True):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            found += [Path(directory) / f for f in sorted(files) if _is_image_file(Path(f))]
+        found = images_under(class_dir)
         if not found:
             present = class_dir.is_dir()
             raise DataUnavailableError(

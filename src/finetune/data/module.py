@@ -34,8 +34,9 @@ from finetune.data.loading import (
     training_subset,
 )
 from finetune.data.verify import without_unreadable
+from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.errors import FinetuneError, unknown_name
-from finetune.transforms import DEVICE_TRANSFORMS_OPTIONS, Preprocessing
+from finetune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def project_cache_dir() -> str:
 
 
 def _check_options(device_transforms: Any, train_fraction: float) -> None:
-    if device_transforms not in DEVICE_TRANSFORMS_OPTIONS:
+    if device_transforms not in DEVICE_TRANSFORMS:
         raise unknown_name(
             "data.device_transforms", str(device_transforms), ["auto", "true", "normalise", "false"]
         )
@@ -66,7 +67,7 @@ class FinetuneDataModule(pl.LightningDataModule):
     """Loaders for one dataset layout, preprocessed for one backbone's `InputSpec`.
 
     The arguments are the keys of the `data` config group, which holds their defaults
-    (conf/data/_common.yaml); `augment` is `data.augment`, `synthetic` the synthetic recipe.
+    (`finetune.config.schema.DataConfig`); `augment` is `data.augment`, `synthetic` the synthetic recipe.
     `decode_cache_mb` keeps decoded, resized images in memory (MiB, 0 turns it off);
     `cache_dir` holds the verified-image records and cached features (None: the project's
     default, `project_cache_dir()`);
