@@ -8,8 +8,6 @@ A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
 """
 
 import logging
-import os
-import re
 import sys
 from pathlib import Path
 
@@ -67,15 +65,8 @@ def main(cfg: DictConfig) -> float | None:
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
 
 
-def expand_home(argv: list[str]) -> list[str]:
-    """`key=~/photos` as a user types it: the shell leaves that `~` alone (`key` has a dot) and
-    Hydra's parser refuses it, so a leading `~` of a value is expanded here, as for a path."""
-    home = os.path.expanduser("~")
-    return [re.sub(r"^(\+{0,2}[\w.@/-]+=)~(?=/|$)", lambda m: m.group(1) + home, a) for a in argv]
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = expand_home(sys.argv[1:])
+    sys.argv[1:] = config.expand_home(sys.argv[1:])
     argv = sys.argv[1:]
     resuming = any(arg.lstrip("+").startswith("ckpt_path=") for arg in argv)
     try:

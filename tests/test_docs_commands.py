@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import HydraException
 
 from conftest import REPO
-from finetune.config import ConfigError, check_command_line
+from finetune.config import ConfigError, check_command_line, expand_home
 
 # The README, docs/, each folder's README and the examples in the config files' comments.
 DOCS = sorted(
@@ -80,7 +80,7 @@ def test_the_docs_have_commands_to_check():
     ("where", "config_name", "args"), COMMANDS, ids=[where for where, _, _ in COMMANDS]
 )
 def test_documented_command_composes(where, config_name, args):
-    check_command_line(args, config_name=config_name, strict=True)
+    check_command_line(expand_home(args), config_name=config_name, strict=True)  # as train.py
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from finetune.config.check import (
     ConfigError,
     check_command_line,
     check_overrides,
+    expand_home,
     validate,
 )
 from finetune.config.schema import SCHEMAS, register
@@ -19,6 +20,7 @@ __all__ = [
     "ConfigError",
     "check_command_line",
     "check_overrides",
+    "expand_home",
     "register",
     "validate",
 ]

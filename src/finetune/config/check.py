@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import typing
 from collections.abc import Collection, Iterator, Sequence
@@ -41,6 +42,14 @@ SCHEMA_PREFIX = "base_"  # ConfigStore entries that option files extend, not opt
 
 class ConfigError(FinetuneError):
     """An unknown key, option or a wrong type in the composed config."""
+
+
+def expand_home(argv: Sequence[str]) -> list[str]:
+    """`key=~/photos` as a user types it: the shell leaves that `~` alone (`key` has a dot) and
+    Hydra's parser refuses it, so a leading `~/` of a value is expanded here, as for a path.
+    train.py, predict.py and export.py apply it to their command lines before anything else."""
+    home = os.path.expanduser("~")
+    return [re.sub(r"^(\+{0,2}[\w.@/-]+=)~(?=/|$)", lambda m: m.group(1) + home, a) for a in argv]
 
 
 def check_command_line(

@@ -62,6 +62,7 @@ def one_of(*values: Any, types: tuple[type, ...] = ()) -> dict[str, Any]:
     `1`) or an instance of one of `types` (a `bool` is not an `int` here). `list` means a list."""
     return {"choices": values, "types": types}
 
+
 # Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
 # naming nobody maps): a run would train from random weights it did not ask for. Every loader
 # with a head that does not fit still loads all but one layer, far above it.
