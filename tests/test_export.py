@@ -4,6 +4,7 @@ alone (no project import, no torch) reproduce predict.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,17 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
-from conftest import REPO, read_csv, real_photos, run_entry, subprocess_env, train_tiny
+from conftest import (
+    HYMENOPTERA_VAL,
+    REPO,
+    read_csv,
+    real_photos,
+    run_entry,
+    subprocess_env,
+    train_tiny,
+)
 from finetune.errors import UnknownNameError
 from finetune.export import export_model, load_exported
 from finetune.predict import load_predictor
@@ -34,10 +43,19 @@ def trained_run(request) -> Path:
     return request.getfixturevalue(f"{request.param}_run")
 
 
+# A hymenoptera photo with an embedded ICC profile: its sRGB pixels differ from Pillow's plain
+# conversion enough to move the probabilities by more than 1e-4.
+ICC_PHOTO = HYMENOPTERA_VAL / "ants" / "1119630822_cd325ea21a.jpg"
+
+
 def odd_photos(folder: Path) -> list[Path]:
     """Real photos plus the cases the decode and crop must get right: an RGBA PNG with
-    transparency, a greyscale JPEG and a portrait whose crop margin ends in half a pixel."""
+    transparency, a greyscale JPEG, a portrait whose crop margin ends in half a pixel, a photo
+    with an ICC profile and a JPEG whose EXIF orientation (6) turns it upright."""
     files = real_photos(folder, per_class=2, class_folders=False)
+    with Image.open(ICC_PHOTO) as tagged:
+        assert tagged.info.get("icc_profile")
+    icc = Path(shutil.copy(ICC_PHOTO, folder / "icc.jpg"))
     with Image.open(files[0]) as photo:
         rgba = photo.convert("RGBA")
         rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
@@ -46,7 +64,12 @@ def odd_photos(folder: Path) -> list[Path]:
         # Resized to 224 x 337 (lite0) or 256 x 385 (resnet18): a crop margin of 56.5 or 80.5
         # pixels, where Python's round (to even) and rounding half up differ.
         photo.resize((300, 452)).save(folder / "portrait.jpg")
-    return [*files, folder / "transparent.png", folder / "grey.jpg", folder / "portrait.jpg"]
+        # Stored lying on its side, with the EXIF tag that a viewer (and training) turns upright.
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = 6
+        photo.transpose(Image.Transpose.ROTATE_90).save(folder / "rotated.jpg", exif=exif)
+    made = ["transparent.png", "grey.jpg", "portrait.jpg", "rotated.jpg"]
+    return [*files, icc, *(folder / name for name in made)]
 
 
 def preprocessed(predictor, files: list[Path]) -> torch.Tensor:

@@ -39,8 +39,12 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
     """
     return {
         "decode": (
-            "8-bit RGB: transparency composited onto white, 16- and 32-bit greyscale scaled to "
-            "0..255, CMYK, palette and greyscale converted by Pillow"
+            "8-bit RGB as a viewer shows it, in this order: the first frame; turned upright by "
+            "its EXIF orientation (Pillow's ImageOps.exif_transpose); colours converted to sRGB "
+            "through an embedded ICC profile (LittleCMS via PIL.ImageCms, the profile's default "
+            "rendering intent; a profile that cannot be used is ignored); transparency (alpha, "
+            "palette, colour key) composited onto white; 16- and 32-bit greyscale scaled to "
+            "0..255 by their full range; CMYK, palette and greyscale converted by Pillow"
         ),
         "resize_size": spec.resize_size,
         "resize": (
