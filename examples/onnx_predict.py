@@ -151,16 +151,30 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = csv.writer(sys.stdout)
     writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "score")])
+    unreadable = {}
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        batch = np.stack([preprocess(path, spec) for path in paths])
-        logits = session.run([info["output"]["name"]], {info["input"]["name"]: batch})[0]
+        paths, inputs = [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:
+                inputs.append(preprocess(path, spec))
+            except (
+                Exception
+            ) as error:  # PIL raises many types for broken files: skip, as predict.py
+                unreadable[path] = f"{type(error).__name__}: {error}"
+                continue
+            paths.append(path)
+        if not paths:
+            continue
+        logits = session.run([info["output"]["name"]], {info["input"]["name"]: np.stack(inputs)})[0]
         for path, probabilities in zip(paths, softmax(logits), strict=True):
             best = np.argsort(-probabilities, kind="stable")[:k]
             row = [path]
             for index in best:
                 row += [class_names[index], round(float(probabilities[index]), 6)]
             writer.writerow(row)
+    if unreadable:
+        listing = "\n".join(f"  {path} ({reason})" for path, reason in unreadable.items())
+        print(f"Skipped {len(unreadable)} unreadable file(s):\n{listing}", file=sys.stderr)
     return 0
 
 

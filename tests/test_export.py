@@ -142,6 +142,8 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
     photos = tmp_path / "photos"
     photos.mkdir()
     files = odd_photos(photos)
+    broken = photos / "broken.jpg"  # listed and skipped by both, not fatal
+    broken.write_bytes(b"not a jpeg")
     exported = run_entry(
         "export.py", f"ckpt={lite0_run}", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}"
     )
@@ -164,7 +166,15 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
         file.rename(alone / file.name)
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     standalone = subprocess.run(
-        [sys.executable, "-c", GUARD, str(STANDALONE), str(alone / "model.onnx"), *map(str, files)],
+        [
+            sys.executable,
+            "-c",
+            GUARD,
+            str(STANDALONE),
+            str(alone / "model.onnx"),
+            str(broken),
+            *map(str, files),
+        ],
         cwd=alone,
         env=env,
         capture_output=True,
@@ -172,6 +182,8 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
         timeout=300,
     )
     assert standalone.returncode == 0, standalone.stderr[-3000:]
+    assert f"Skipped 1 unreadable file(s):\n  {broken} (" in standalone.stderr
+    assert "Traceback" not in standalone.stderr
     theirs = {row["path"]: row for row in read_csv_text(standalone.stdout)}
     ours = {row["path"]: row for row in read_csv(tmp_path / "p.csv")}
     assert set(theirs) == set(ours) == {str(f) for f in files}
