@@ -7,12 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import make_class_folders, read_csv, real_photos, run_entry
+from conftest import REPO, make_class_folders, read_csv, real_photos, run_entry
 from finetune.data import ImageListDataset
 from finetune.errors import FinetuneError
-from finetune.predict import collect_inputs, find_checkpoint, load_predictor, pick_device
+from finetune.predict import (
+    collect_inputs,
+    find_checkpoint,
+    load_predictor,
+    pick_device,
+)
+from finetune.predict import run as predict_run
 from finetune.transforms import eval_transform
 
 
@@ -116,3 +123,41 @@ def test_a_missing_checkpoint_is_one_line_and_exit_status_1(tmp_path):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "nowhere does not exist" in errors[0] and "Fix:" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def predict_cfg(**values):
+    """conf/predict.yaml as Hydra composes it (without its hydra section), with `values` set."""
+    cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
+    del cfg["hydra"]
+    for key, value in values.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("script", ["predict.py", "export.py"])
+def test_leaving_out_ckpt_is_one_line_with_an_example(script, tmp_path):
+    result = run_entry(script, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "ckpt is not set" in errors[0], output[-3000:]
+    assert f"python {script} ckpt=" in errors[0] and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"inputs": "???"}, r"^inputs is not set\. Fix: python predict\.py ckpt=.* inputs="),
+        ({"top_k": 0}, r"^top_k=0: .*Fix: top_k=1 or more"),
+        ({"top_k": -1}, r"^top_k=-1: .*Fix: top_k=1 or more"),
+        ({"tta": "flipp"}, r"^Unknown tta 'flipp'\. Valid choices: none, flip"),
+    ],
+)
+def test_settings_are_checked_before_the_checkpoint_is_read(values, message, tmp_path):
+    # The checkpoint does not exist: each error must come before anything is loaded.
+    cfg = predict_cfg(
+        **({"ckpt": str(tmp_path / "nowhere.ckpt"), "inputs": str(tmp_path)} | values)
+    )
+    with pytest.raises(FinetuneError, match=message) as raised:
+        predict_run(cfg, tmp_path)
+    assert "\n" not in str(raised.value)

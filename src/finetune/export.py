@@ -21,7 +21,7 @@ from torch import nn
 from finetune.atomic import atomic_write, write_json
 from finetune.backbones import InputSpec
 from finetune.errors import FinetuneError, unknown_name
-from finetune.predict import load_model
+from finetune.predict import load_model, require
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,7 @@ def check_export(model: nn.Module, path: Path, fmt: str, spec: InputSpec) -> flo
 
 def run(cfg: Any, output_dir: Path) -> Exported:
     """`python export.py`: load the checkpoint, export, print where the files are."""
+    require(cfg, ["ckpt"], "python export.py ckpt=outputs/runs/<run> format=onnx")
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise unknown_name("export format", fmt, list(FORMATS))

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -373,9 +374,33 @@ def format_confusion(matrix: torch.Tensor, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def require(cfg: Any, keys: Sequence[str], example: str) -> None:
+    """Raise `FinetuneError` naming the first of `keys` left unset (`???`) in `cfg`, with
+    `example` as the fix (Hydra's MissingMandatoryValue would be a traceback)."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise FinetuneError(f"{key} is not set. Fix: {example}")
+
+
+def check_settings(cfg: Any) -> None:
+    """The settings of `python predict.py`, checked before the model is loaded."""
+    require(cfg, ["ckpt", "inputs"], PREDICT_EXAMPLE)
+    _check_tta(str(cfg.tta))
+    if int(cfg.top_k) < 1:
+        raise FinetuneError(
+            f"top_k={cfg.top_k}: at least one class is shown per image. Fix: top_k=1 or more "
+            "(above the number of classes it is cut to that number)."
+        )
+
+
+PREDICT_EXAMPLE = "python predict.py ckpt=outputs/runs/<run> inputs=photos/"
+
+
 def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
-    class folders), write predictions.csv (and skipped_images.json). Returns a summary."""
+    class folders), write predictions.csv (and skipped_images.json). Returns a summary.
+    Raises `FinetuneError` for a missing or bad setting before loading anything."""
+    check_settings(cfg)
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", "auto")))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
