@@ -16,6 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.predict import (
     collect_inputs,
     find_checkpoint,
+    load_model,
     load_predictor,
     pick_device,
 )
@@ -161,3 +162,17 @@ def test_settings_are_checked_before_the_checkpoint_is_read(values, message, tmp
     with pytest.raises(FinetuneError, match=message) as raised:
         predict_run(cfg, tmp_path)
     assert "\n" not in str(raised.value)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(lite0_run, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"garbage")
+    truncated = tmp_path / "truncated.ckpt"
+    whole = find_checkpoint(lite0_run).read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    for damaged in (garbage, truncated):
+        with pytest.raises(FinetuneError) as raised:
+            load_model(damaged)
+        message = str(raised.value)
+        assert "\n" not in message and f"checkpoint {damaged}:" in message and "Fix:" in message
+        assert "weights_only" not in message

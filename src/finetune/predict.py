@@ -99,9 +99,12 @@ def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
     except FinetuneError:
         raise
     except Exception as error:  # truncated file, not a checkpoint of this project, ...
+        # Only the error's type: torch's message runs to several lines and advises
+        # weights_only=False, which would run code pickled into an untrusted file.
         raise FinetuneError(
-            f"Cannot read the checkpoint {checkpoint} ({type(error).__name__}: {error}). Fix: "
-            "pass a checkpoint written by train.py (a run dir's checkpoints/*.ckpt)."
+            f"Cannot read the checkpoint {checkpoint}: damaged or not a checkpoint of this "
+            f"project ({type(error).__name__}). Fix: pass a complete checkpoint written by "
+            "train.py (a run dir, or its checkpoints/*.ckpt)."
         ) from error
     return model.eval(), input_spec_of(model), list(model.class_names)
 
