@@ -102,6 +102,10 @@ def test_onnx_equals_pytorch_on_real_photos(trained_run, tmp_path):
     }
     assert info["preprocessing"]["mean"] == list(spec.mean)
     assert info["preprocessing"]["std"] == list(spec.std)
+    # The model's config with its types: numbers stay numbers, null stays null.
+    model_cfg = predictor.model.hparams["model"]
+    assert info["model"]["name"] == model_cfg["name"]
+    assert info["model"]["min_loaded_fraction"] == model_cfg["min_loaded_fraction"] == 0.5
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])

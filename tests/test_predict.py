@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,11 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(lite0_run, tmp_path):
         message = str(raised.value)
         assert "\n" not in message and f"checkpoint {damaged}:" in message and "Fix:" in message
         assert "weights_only" not in message
+
+
+def test_loading_logs_the_checkpoint_not_a_random_initialisation(lite0_run, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    load_model(lite0_run)
+    logged = caplog.text
+    assert str(find_checkpoint(lite0_run)) in logged and "efficientnet_lite0" in logged
+    assert "random initialisation" not in logged

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
@@ -82,9 +84,21 @@ def metadata(
             "probabilities": "softmax over the last axis",
         },
         "preprocessing": preprocessing(spec),
-        "model": {k: str(v) for k, v in dict(model_cfg or {}).items()},
+        "model": _plain(model_cfg or {}),
         "torch_version": torch.__version__,
     }
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON with its type kept (0.5 stays a number, null stays null); what
+    JSON cannot hold becomes its text."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:

@@ -19,7 +19,8 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,8 @@ def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
     `.ckpt`. Raises `FinetuneError` for a missing or unreadable checkpoint."""
     checkpoint = find_checkpoint(path)
     try:
-        model = load_classifier(checkpoint)
+        with _quiet(backbones.log):  # the rebuild's "random initialisation" is not news here
+            model = load_classifier(checkpoint)
     except FinetuneError:
         raise
     except Exception as error:  # truncated file, not a checkpoint of this project, ...
@@ -106,7 +108,24 @@ def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
             f"project ({type(error).__name__}). Fix: pass a complete checkpoint written by "
             "train.py (a run dir, or its checkpoints/*.ckpt)."
         ) from error
+    log.info(
+        "Loaded %s (%s, %d classes)",
+        checkpoint,
+        model.hparams["model"]["name"],
+        len(model.class_names),
+    )
     return model.eval(), input_spec_of(model), list(model.class_names)
+
+
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """`logger`'s info messages left out for the duration."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------
