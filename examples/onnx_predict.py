@@ -5,21 +5,24 @@ or PyTorch: only onnxruntime, numpy and Pillow.
 
 Reads the JSON written beside the model (`model.json`: class names and preprocessing) and prints
 CSV to stdout, in the columns of predict.py's predictions.csv: `path, label_1, score_1, ...`.
-Copy this file into your own project as it is; it reproduces the evaluation preprocessing of
-training pixel for pixel (decode to RGB, resize, center crop, normalise).
+Files that cannot be read are skipped and listed on stderr. Copy this file into your own project
+as it is; it reproduces the evaluation preprocessing of training pixel for pixel (decode as
+training does: first frame, upright by EXIF orientation, sRGB through an ICC profile,
+transparency onto white; then resize, center crop, normalise).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 INTERPOLATIONS = {
     "nearest": Image.NEAREST,
@@ -32,22 +35,78 @@ INTERPOLATIONS = {
 }
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+try:  # Pillow built without LittleCMS decodes without colour management, as training does
+    from PIL import ImageCms
+
+    SRGB = ImageCms.createProfile("sRGB")
+except ImportError:  # pragma: no cover - depends on the Pillow build
+    ImageCms, SRGB = None, None
+
+
+def _scaled_to_8_bit(image: Image.Image) -> Image.Image:
+    """16/32-bit greyscale as 8-bit by its full range (PIL's conversion clips above 255)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode in SIXTEEN_BIT_MODES or pixels.max() > 255 else 255.0
+    if image.mode == "F" and pixels.max() <= 1.0:
+        top = 1.0
+    return Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+
+
+def _split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """The colour part of `image` and its alpha channel (None when opaque); palette and
+    colour-key transparency count as alpha."""
+    if image.mode in (*SIXTEEN_BIT_MODES, "I", "F"):
+        return _scaled_to_8_bit(image), None
+    if image.mode == "1":
+        return image.convert("L"), None
+    if image.mode == "P":
+        has_alpha = "transparency" in image.info or image.palette.mode == "RGBA"
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    elif "transparency" in image.info and image.mode in ("L", "RGB"):
+        image = image.convert("LA" if image.mode == "L" else "RGBA")
+    if image.mode in ALPHA_MODES:
+        image = image.convert("LA" if image.mode in ("LA", "La") else "RGBA")
+        return image.convert(image.mode[:-1]), image.getchannel("A")
+    return image, None
+
+
+def _colour_to_srgb(colour: Image.Image, icc_profile: bytes | None) -> Image.Image:
+    """8-bit sRGB through the embedded ICC profile (LittleCMS, the profile's own rendering
+    intent); a profile that cannot be used is ignored, as a viewer does."""
+    if icc_profile and SRGB is not None and colour.mode in ("RGB", "L", "CMYK"):
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+            intent = ImageCms.getDefaultIntent(source)
+            transform = ImageCms.buildTransform(
+                source, SRGB, colour.mode, "RGB", renderingIntent=intent
+            )
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            transform = None
+        if transform is not None:
+            return ImageCms.applyTransform(colour, transform)
+    return colour.convert("RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as training decodes it: transparency onto white, high bit depths scaled."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
-        if image.mode == "F" and pixels.max() <= 1.0:
-            top = 1.0
-        scaled = np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled).convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """The 8-bit RGB pixels training decodes (`finetune.data.to_rgb`): the first frame, turned
+    upright by its EXIF orientation, converted to sRGB through its ICC profile, transparency
+    composited onto white, 16/32-bit greyscale scaled by its full range."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    icc_profile = image.info.get("icc_profile")
+    upright = image
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        upright = ImageOps.exif_transpose(image)
+    colour, alpha = _split_alpha(upright)
+    rgb = _colour_to_srgb(colour, icc_profile)
+    if alpha is None:
+        return rgb
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(alpha)
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 def preprocess(path: str, spec: dict) -> np.ndarray:
@@ -92,16 +151,30 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = csv.writer(sys.stdout)
     writer.writerow(["path"] + [f"{c}_{r}" for r in range(1, k + 1) for c in ("label", "score")])
+    unreadable = {}
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        batch = np.stack([preprocess(path, spec) for path in paths])
-        logits = session.run([info["output"]["name"]], {info["input"]["name"]: batch})[0]
+        paths, inputs = [], []
+        for path in args.images[start : start + args.batch_size]:
+            try:
+                inputs.append(preprocess(path, spec))
+            except (
+                Exception
+            ) as error:  # PIL raises many types for broken files: skip, as predict.py
+                unreadable[path] = f"{type(error).__name__}: {error}"
+                continue
+            paths.append(path)
+        if not paths:
+            continue
+        logits = session.run([info["output"]["name"]], {info["input"]["name"]: np.stack(inputs)})[0]
         for path, probabilities in zip(paths, softmax(logits), strict=True):
             best = np.argsort(-probabilities, kind="stable")[:k]
             row = [path]
             for index in best:
                 row += [class_names[index], round(float(probabilities[index]), 6)]
             writer.writerow(row)
+    if unreadable:
+        listing = "\n".join(f"  {path} ({reason})" for path, reason in unreadable.items())
+        print(f"Skipped {len(unreadable)} unreadable file(s):\n{listing}", file=sys.stderr)
     return 0
 
 

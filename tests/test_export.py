@@ -4,6 +4,7 @@ alone (no project import, no torch) reproduce predict.py."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,17 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
-from conftest import REPO, read_csv, real_photos, run_entry, subprocess_env, train_tiny
+from conftest import (
+    HYMENOPTERA_VAL,
+    REPO,
+    read_csv,
+    real_photos,
+    run_entry,
+    subprocess_env,
+    train_tiny,
+)
 from finetune.errors import UnknownNameError
 from finetune.export import export_model, load_exported
 from finetune.predict import load_predictor
@@ -34,10 +43,19 @@ def trained_run(request) -> Path:
     return request.getfixturevalue(f"{request.param}_run")
 
 
+# A hymenoptera photo with an embedded ICC profile: its sRGB pixels differ from Pillow's plain
+# conversion enough to move the probabilities by more than 1e-4.
+ICC_PHOTO = HYMENOPTERA_VAL / "ants" / "1119630822_cd325ea21a.jpg"
+
+
 def odd_photos(folder: Path) -> list[Path]:
     """Real photos plus the cases the decode and crop must get right: an RGBA PNG with
-    transparency, a greyscale JPEG and a portrait whose crop margin ends in half a pixel."""
+    transparency, a greyscale JPEG, a portrait whose crop margin ends in half a pixel, a photo
+    with an ICC profile and a JPEG whose EXIF orientation (6) turns it upright."""
     files = real_photos(folder, per_class=2, class_folders=False)
+    with Image.open(ICC_PHOTO) as tagged:
+        assert tagged.info.get("icc_profile")
+    icc = Path(shutil.copy(ICC_PHOTO, folder / "icc.jpg"))
     with Image.open(files[0]) as photo:
         rgba = photo.convert("RGBA")
         rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
@@ -46,7 +64,12 @@ def odd_photos(folder: Path) -> list[Path]:
         # Resized to 224 x 337 (lite0) or 256 x 385 (resnet18): a crop margin of 56.5 or 80.5
         # pixels, where Python's round (to even) and rounding half up differ.
         photo.resize((300, 452)).save(folder / "portrait.jpg")
-    return [*files, folder / "transparent.png", folder / "grey.jpg", folder / "portrait.jpg"]
+        # Stored lying on its side, with the EXIF tag that a viewer (and training) turns upright.
+        exif = Image.Exif()
+        exif[ExifTags.Base.Orientation] = 6
+        photo.transpose(Image.Transpose.ROTATE_90).save(folder / "rotated.jpg", exif=exif)
+    made = ["transparent.png", "grey.jpg", "portrait.jpg", "rotated.jpg"]
+    return [*files, icc, *(folder / name for name in made)]
 
 
 def preprocessed(predictor, files: list[Path]) -> torch.Tensor:
@@ -79,6 +102,10 @@ def test_onnx_equals_pytorch_on_real_photos(trained_run, tmp_path):
     }
     assert info["preprocessing"]["mean"] == list(spec.mean)
     assert info["preprocessing"]["std"] == list(spec.std)
+    # The model's config with its types: numbers stay numbers, null stays null.
+    model_cfg = predictor.model.hparams["model"]
+    assert info["model"]["name"] == model_cfg["name"]
+    assert info["model"]["min_loaded_fraction"] == model_cfg["min_loaded_fraction"] == 0.5
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported_program"])
@@ -119,6 +146,8 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
     photos = tmp_path / "photos"
     photos.mkdir()
     files = odd_photos(photos)
+    broken = photos / "broken.jpg"  # listed and skipped by both, not fatal
+    broken.write_bytes(b"not a jpeg")
     exported = run_entry(
         "export.py", f"ckpt={lite0_run}", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}"
     )
@@ -141,7 +170,15 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
         file.rename(alone / file.name)
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     standalone = subprocess.run(
-        [sys.executable, "-c", GUARD, str(STANDALONE), str(alone / "model.onnx"), *map(str, files)],
+        [
+            sys.executable,
+            "-c",
+            GUARD,
+            str(STANDALONE),
+            str(alone / "model.onnx"),
+            str(broken),
+            *map(str, files),
+        ],
         cwd=alone,
         env=env,
         capture_output=True,
@@ -149,6 +186,8 @@ def test_the_onnx_file_and_its_json_alone_reproduce_predict(lite0_run, tmp_path)
         timeout=300,
     )
     assert standalone.returncode == 0, standalone.stderr[-3000:]
+    assert f"Skipped 1 unreadable file(s):\n  {broken} (" in standalone.stderr
+    assert "Traceback" not in standalone.stderr
     theirs = {row["path"]: row for row in read_csv_text(standalone.stdout)}
     ours = {row["path"]: row for row in read_csv(tmp_path / "p.csv")}
     assert set(theirs) == set(ours) == {str(f) for f in files}

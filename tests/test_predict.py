@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import make_class_folders, read_csv, real_photos, run_entry
+from conftest import REPO, make_class_folders, read_csv, real_photos, run_entry
 from finetune.data import ImageListDataset
 from finetune.errors import FinetuneError
-from finetune.predict import collect_inputs, find_checkpoint, load_predictor, pick_device
+from finetune.predict import (
+    collect_inputs,
+    find_checkpoint,
+    load_model,
+    load_predictor,
+    pick_device,
+)
+from finetune.predict import run as predict_run
 from finetune.transforms import eval_transform
 
 
@@ -127,3 +136,63 @@ def test_predict_finds_in_a_folder_exactly_the_images_training_would(tmp_path):
     expected = [tmp_path / "a.jpg", tmp_path / "sub" / "e.PNG"]
     assert images_under(tmp_path) == expected
     assert collect_inputs(str(tmp_path), []).files == expected
+
+
+def predict_cfg(**values):
+    """conf/predict.yaml as Hydra composes it (without its hydra section), with `values` set."""
+    cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
+    del cfg["hydra"]
+    for key, value in values.items():
+        cfg[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("script", ["predict.py", "export.py"])
+def test_leaving_out_ckpt_is_one_line_with_an_example(script, tmp_path):
+    result = run_entry(script, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "ckpt is not set" in errors[0], output[-3000:]
+    assert f"python {script} ckpt=" in errors[0] and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"inputs": "???"}, r"^inputs is not set\. Fix: python predict\.py ckpt=.* inputs="),
+        ({"top_k": 0}, r"^top_k=0: .*Fix: top_k=1 or more"),
+        ({"top_k": -1}, r"^top_k=-1: .*Fix: top_k=1 or more"),
+        ({"tta": "flipp"}, r"^Unknown tta 'flipp'\. Valid choices: none, flip"),
+    ],
+)
+def test_settings_are_checked_before_the_checkpoint_is_read(values, message, tmp_path):
+    # The checkpoint does not exist: each error must come before anything is loaded.
+    cfg = predict_cfg(
+        **({"ckpt": str(tmp_path / "nowhere.ckpt"), "inputs": str(tmp_path)} | values)
+    )
+    with pytest.raises(FinetuneError, match=message) as raised:
+        predict_run(cfg, tmp_path)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(lite0_run, tmp_path):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"garbage")
+    truncated = tmp_path / "truncated.ckpt"
+    whole = find_checkpoint(lite0_run).read_bytes()
+    truncated.write_bytes(whole[: len(whole) // 2])
+    for damaged in (garbage, truncated):
+        with pytest.raises(FinetuneError) as raised:
+            load_model(damaged)
+        message = str(raised.value)
+        assert "\n" not in message and f"checkpoint {damaged}:" in message and "Fix:" in message
+        assert "weights_only" not in message
+
+
+def test_loading_logs_the_checkpoint_not_a_random_initialisation(lite0_run, caplog):
+    caplog.set_level(logging.INFO, logger="finetune")
+    load_model(lite0_run)
+    logged = caplog.text
+    assert str(find_checkpoint(lite0_run)) in logged and "efficientnet_lite0" in logged
+    assert "random initialisation" not in logged

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
 from finetune.backbones import InputSpec
 from finetune.errors import FinetuneError, unknown_name
-from finetune.predict import load_model
+from finetune.predict import load_model, require
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,12 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
     """
     return {
         "decode": (
-            "8-bit RGB: transparency composited onto white, 16- and 32-bit greyscale scaled to "
-            "0..255, CMYK, palette and greyscale converted by Pillow"
+            "8-bit RGB as a viewer shows it, in this order: the first frame; turned upright by "
+            "its EXIF orientation (Pillow's ImageOps.exif_transpose); colours converted to sRGB "
+            "through an embedded ICC profile (LittleCMS via PIL.ImageCms, the profile's default "
+            "rendering intent; a profile that cannot be used is ignored); transparency (alpha, "
+            "palette, colour key) composited onto white; 16- and 32-bit greyscale scaled to "
+            "0..255 by their full range; CMYK, palette and greyscale converted by Pillow"
         ),
         "resize_size": spec.resize_size,
         "resize": (
@@ -78,9 +84,21 @@ def metadata(
             "probabilities": "softmax over the last axis",
         },
         "preprocessing": preprocessing(spec),
-        "model": {k: str(v) for k, v in dict(model_cfg or {}).items()},
+        "model": _plain(model_cfg or {}),
         "torch_version": torch.__version__,
     }
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON with its type kept (0.5 stays a number, null stays null); what
+    JSON cannot hold becomes its text."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, str | int | float | bool) else str(value)
 
 
 def _onnx(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
@@ -200,6 +218,7 @@ def check_export(model: nn.Module, path: Path, fmt: str, spec: InputSpec) -> flo
 
 def run(cfg: Any, output_dir: Path) -> Exported:
     """`python export.py`: load the checkpoint, export, print where the files are."""
+    require(cfg, ["ckpt"], "python export.py ckpt=outputs/runs/<run> format=onnx")
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise unknown_name("export format", fmt, list(FORMATS))

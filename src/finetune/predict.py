@@ -19,12 +19,14 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -94,15 +96,36 @@ def load_model(path: str | Path) -> tuple[nn.Module, InputSpec, list[str]]:
     `.ckpt`. Raises `FinetuneError` for a missing or unreadable checkpoint."""
     checkpoint = find_checkpoint(path)
     try:
-        model = load_classifier(checkpoint)
+        with _quiet(backbones.log):  # the rebuild's "random initialisation" is not news here
+            model = load_classifier(checkpoint)
     except FinetuneError:
         raise
     except Exception as error:  # truncated file, not a checkpoint of this project, ...
+        # Only the error's type: torch's message runs to several lines and advises
+        # weights_only=False, which would run code pickled into an untrusted file.
         raise FinetuneError(
-            f"Cannot read the checkpoint {checkpoint} ({type(error).__name__}: {error}). Fix: "
-            "pass a checkpoint written by train.py (a run dir's checkpoints/*.ckpt)."
+            f"Cannot read the checkpoint {checkpoint}: damaged or not a checkpoint of this "
+            f"project ({type(error).__name__}). Fix: pass a complete checkpoint written by "
+            "train.py (a run dir, or its checkpoints/*.ckpt)."
         ) from error
+    log.info(
+        "Loaded %s (%s, %d classes)",
+        checkpoint,
+        model.hparams["model"]["name"],
+        len(model.class_names),
+    )
     return model.eval(), input_spec_of(model), list(model.class_names)
+
+
+@contextmanager
+def _quiet(logger: logging.Logger) -> Iterator[None]:
+    """`logger`'s info messages left out for the duration."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------
@@ -360,9 +383,33 @@ def format_confusion(matrix: torch.Tensor, class_names: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def require(cfg: Any, keys: Sequence[str], example: str) -> None:
+    """Raise `FinetuneError` naming the first of `keys` left unset (`???`) in `cfg`, with
+    `example` as the fix (Hydra's MissingMandatoryValue would be a traceback)."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise FinetuneError(f"{key} is not set. Fix: {example}")
+
+
+def check_settings(cfg: Any) -> None:
+    """The settings of `python predict.py`, checked before the model is loaded."""
+    require(cfg, ["ckpt", "inputs"], PREDICT_EXAMPLE)
+    _check_tta(str(cfg.tta))
+    if int(cfg.top_k) < 1:
+        raise FinetuneError(
+            f"top_k={cfg.top_k}: at least one class is shown per image. Fix: top_k=1 or more "
+            "(above the number of classes it is cut to that number)."
+        )
+
+
+PREDICT_EXAMPLE = "python predict.py ckpt=outputs/runs/<run> inputs=photos/"
+
+
 def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
-    class folders), write predictions.csv (and skipped_images.json). Returns a summary."""
+    class folders), write predictions.csv (and skipped_images.json). Returns a summary.
+    Raises `FinetuneError` for a missing or bad setting before loading anything."""
+    check_settings(cfg)
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", "auto")))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
