@@ -37,11 +37,11 @@ def confused_pairs(
     """The `limit` most frequent mistakes, as `{"true": name, "predicted": name, "count":
     images, "share": count / images of the true class}`: by count, then share, then label
     order. Only pairs with at least one image."""
-    totals = matrix.sum(dim=1)
+    totals = matrix.sum(dim=1).tolist()
     wrong = matrix.clone()
     wrong.fill_diagonal_(0)
     pairs = [
-        (int(wrong[t, p]), float(wrong[t, p] / totals[t]), t, p)
+        (int(wrong[t, p]), int(wrong[t, p]) / totals[t], t, p)
         for t, p in torch.nonzero(wrong).tolist()
     ]
     pairs.sort(key=lambda pair: (-pair[0], -pair[1], pair[2], pair[3]))

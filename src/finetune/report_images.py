@@ -103,7 +103,11 @@ def sorted_view_image(matrix: torch.Tensor, class_names: list[str], title: str) 
     wrong predictions as `name count (share of the class)`. `(height, width, 3)` uint8 RGB;
     its size depends on neither the number of classes nor the length of their names."""
     rows = class_ranking(matrix, class_names)[:SORTED_VIEW_ROWS]
-    font, name_width, confusion_width = _font(), 7 * SORTED_NAME_CHARS + 12, 7 * SORTED_NAME_CHARS + 90
+    font, name_width, confusion_width = (
+        _font(),
+        7 * SORTED_NAME_CHARS + 12,
+        7 * SORTED_NAME_CHARS + 90,
+    )
     columns = [8, 8 + name_width, 8 + name_width + 60, 8 + name_width + 120]
     width = columns[3] + SORTED_VIEW_CONFUSIONS * confusion_width + 8
     top = 52
@@ -138,7 +142,9 @@ def sorted_view_image(matrix: torch.Tensor, class_names: list[str], title: str) 
             draw.rectangle(
                 (x, y + 1, x + confusion_width - 6, y + ROW_HEIGHT - 2), fill=_shade(share * 0.6)
             )
-            text = f"{class_names[pred][:SORTED_NAME_CHARS]}: {int(matrix[label, pred])} ({share:.0%})"
+            text = (
+                f"{class_names[pred][:SORTED_NAME_CHARS]}: {int(matrix[label, pred])} ({share:.0%})"
+            )
             draw.text((x + 3, text_y), text, fill="black", font=font)
     return np.asarray(canvas)
 
