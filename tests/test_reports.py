@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from conftest import folder_overrides, make_class_folders
-from finetune.confusion import MAX_CONFUSED_PAIRS
+from finetune.confusion import MAX_CONFUSED_PAIRS, confused_pairs
 from finetune.report_images import (
     FONT_SIZE,
     FULL_MATRIX_MAX_CLASSES,
@@ -79,6 +79,10 @@ def test_102_classes_rank_worst_first_and_list_the_most_confused_pairs():
         (names[4], names[5], 4, 0.4),
         (names[10], names[11], 4, 0.4),
     ]
+    everything = confused_pairs(matrix, names, limit=None)  # what the sorted view draws
+    assert everything[:MAX_CONFUSED_PAIRS] == pairs
+    assert len(everything) == sum(1 for c in totals if right[c] < totals[c])  # one per class
+    assert all(pair["true"] != pair["predicted"] for pair in everything)
     # Every count is the matrix's own.
     for pair in pairs:
         true, pred = names.index(pair["true"]), names.index(pair["predicted"])

@@ -32,9 +32,9 @@ def class_ranking(matrix: torch.Tensor, class_names: list[str]) -> list[dict[str
 
 
 def confused_pairs(
-    matrix: torch.Tensor, class_names: list[str], limit: int = MAX_CONFUSED_PAIRS
+    matrix: torch.Tensor, class_names: list[str], limit: int | None = MAX_CONFUSED_PAIRS
 ) -> list[dict[str, Any]]:
-    """The `limit` most frequent mistakes, as `{"true": name, "predicted": name, "count":
+    """The `limit` (None: all) most frequent mistakes, as `{"true": name, "predicted": name, "count":
     images, "share": count / images of the true class}`: by count, then share, then label
     order. Only pairs with at least one image."""
     totals = matrix.sum(dim=1).tolist()

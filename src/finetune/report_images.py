@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from finetune.confusion import class_ranking
+from finetune.confusion import class_ranking, confused_pairs
 from finetune.data import load_rgb
 
 FONT_SIZE = 11  # the smallest text drawn; names and counts stay readable at this size
@@ -24,7 +24,7 @@ MIN_CELL = 16  # pixels of a matrix cell: a row label of FONT_SIZE fits its row
 SORTED_VIEW_ROWS = 30  # the worst classes the sorted view lists
 SORTED_VIEW_CONFUSIONS = 3  # top confusions shown per listed class
 NAME_CHARS = 24  # class names are cut to this many characters in the matrix
-SORTED_NAME_CHARS = 28  # and to this many in the sorted view
+SORTED_VIEW_COLUMNS = (230, 300)  # pixels of the sorted view's name and confusion columns
 ROW_HEIGHT = 20  # pixels per class in the sorted view
 
 
@@ -97,55 +97,52 @@ def confusion_image(matrix: torch.Tensor, class_names: list[str], title: str) ->
     return np.asarray(canvas)
 
 
+def _fit(text: str, width: float, font: ImageFont.ImageFont) -> str:
+    """`text`, cut (ending in "~") to at most `width` pixels in `font`."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "~") > width:
+        text = text[:-1]
+    return text + "~"
+
+
 def sorted_view_image(matrix: torch.Tensor, class_names: list[str], title: str) -> np.ndarray:
     """The worst `SORTED_VIEW_ROWS` classes of the confusion `matrix`, worst first, one row
     each: name, accuracy (shaded), images, then its `SORTED_VIEW_CONFUSIONS` most frequent
-    wrong predictions as `name count (share of the class)`. `(height, width, 3)` uint8 RGB;
-    its size depends on neither the number of classes nor the length of their names."""
+    wrong predictions as `name: count (share of the class)`. `(height, width, 3)` uint8 RGB;
+    its size depends on neither the number of classes nor the length of their names (names
+    are cut to their column, `SORTED_VIEW_COLUMNS` pixels)."""
     rows = class_ranking(matrix, class_names)[:SORTED_VIEW_ROWS]
-    font, name_width, confusion_width = (
-        _font(),
-        7 * SORTED_NAME_CHARS + 12,
-        7 * SORTED_NAME_CHARS + 90,
-    )
+    mistakes: dict[str, list[dict]] = {}  # true class -> its confusions, most frequent first
+    for pair in confused_pairs(matrix, class_names, limit=None):
+        mistakes.setdefault(pair["true"], []).append(pair)
+    font, (name_width, confusion_width) = _font(), SORTED_VIEW_COLUMNS
     columns = [8, 8 + name_width, 8 + name_width + 60, 8 + name_width + 120]
     width = columns[3] + SORTED_VIEW_CONFUSIONS * confusion_width + 8
     top = 52
     canvas = Image.new("RGB", (width, top + len(rows) * ROW_HEIGHT + 8), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text(
-        (8, 6),
-        f"{title}: the {len(rows)} worst of {len(class_names)} classes",
-        fill="black",
-        font=_font(14),
-    )
+    heading = f"{title}: the {len(rows)} worst of {len(class_names)} classes"
+    draw.text((8, 6), heading, fill="black", font=_font(14))
     headings = ["true class", "accuracy", "images", "most often predicted instead"]
-    for x, heading in zip(columns, headings, strict=True):
-        draw.text((x, top - 18), heading, fill="gray", font=font)
-    shares = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    for x, text in zip(columns, headings, strict=True):
+        draw.text((x, top - 18), text, fill="gray", font=font)
     for index, row in enumerate(rows):
-        y, label = top + index * ROW_HEIGHT, class_names.index(row["class"])
+        y = top + index * ROW_HEIGHT
         text_y = y + (ROW_HEIGHT - FONT_SIZE) // 2 - 1
-        draw.text((columns[0], text_y), row["class"][:SORTED_NAME_CHARS], fill="black", font=font)
-        draw.rectangle(
-            (columns[1], y + 1, columns[1] + 52, y + ROW_HEIGHT - 2), fill=_shade(1 - row["acc"])
-        )
+        draw.text((columns[0], text_y), _fit(row["class"], name_width - 10, font), "black", font)
+        box = (columns[1], y + 1, columns[1] + 52, y + ROW_HEIGHT - 2)
+        draw.rectangle(box, fill=_shade(1 - row["acc"]))
         acc_colour = "white" if row["acc"] < 0.5 else "black"
         draw.text((columns[1] + 4, text_y), f"{row['acc']:.2f}", fill=acc_colour, font=font)
         draw.text((columns[2], text_y), str(row["images"]), fill="black", font=font)
-        wrong = shares[label].clone()
-        wrong[label] = 0
-        for rank, pred in enumerate(wrong.argsort(descending=True, stable=True).tolist()):
-            if rank == SORTED_VIEW_CONFUSIONS or int(matrix[label, pred]) == 0:
-                break
-            x, share = columns[3] + rank * confusion_width, float(shares[label, pred])
-            draw.rectangle(
-                (x, y + 1, x + confusion_width - 6, y + ROW_HEIGHT - 2), fill=_shade(share * 0.6)
-            )
-            text = (
-                f"{class_names[pred][:SORTED_NAME_CHARS]}: {int(matrix[label, pred])} ({share:.0%})"
-            )
-            draw.text((x + 3, text_y), text, fill="black", font=font)
+        for rank, pair in enumerate(mistakes.get(row["class"], [])[:SORTED_VIEW_CONFUSIONS]):
+            x = columns[3] + rank * confusion_width
+            box = (x, y + 1, x + confusion_width - 6, y + ROW_HEIGHT - 2)
+            draw.rectangle(box, fill=_shade(pair["share"] * 0.6))
+            count = f": {pair['count']} ({pair['share']:.0%})"
+            name = _fit(pair["predicted"], confusion_width - 12 - font.getlength(count), font)
+            draw.text((x + 3, text_y), name + count, fill="black", font=font)
     return np.asarray(canvas)
 
 
