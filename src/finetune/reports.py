@@ -1,116 +1,73 @@
-"""What the final evaluation shows: confusion matrix, per-class accuracy, misclassified images.
+"""What the final evaluation shows: confusion matrix, per-class accuracy, the worst classes,
+the most confused pairs, misclassified images.
 
 `EvaluationReport` is a callback that watches the evaluation of the best checkpoint after
 training (Lightning's validate and test stages, not the validation inside fit). For each stage it
-logs to TensorBoard a confusion-matrix image, a grid of misclassified images titled with their
-true and predicted class names, and one accuracy scalar per class; the same numbers go into
-`metrics.json` (`<stage>/confusion_matrix`, `<stage>/acc_per_class`). With several processes
-(`trainer.devices=2`) every number and the grid cover each image of the split exactly once.
+logs to TensorBoard a confusion-matrix image (above 40 classes, a sorted view of the worst
+classes and their top confusions: `finetune.report_images`), a grid of misclassified images
+titled with their true and predicted class names, one accuracy scalar per class, and as text the
+classes ranked worst first and the most confused pairs; the same numbers go into `metrics.json`
+(`stage_results`). Top-1 and top-5 accuracy are the module's own metrics (`<stage>/acc`,
+`<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grid
+cover each image of the split exactly once.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
 
-from finetune.data import Sample, load_rgb
+from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
+from finetune.data import Sample
+from finetune.report_images import confusion_image, misclassified_image
+
+__all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
+    "MAX_MISCLASSIFIED",
+    "EvaluationReport",
+    "Predictions",
+    "confusion_image",
+    "evaluation_order",
+    "misclassified_image",
+    "per_class_accuracy",
+    "stage_results",
+]
 
 MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
 
-def per_class_accuracy(matrix: torch.Tensor) -> list[float | None]:
-    """The share of each true class (a row of the `(classes, classes)` confusion `matrix`)
-    predicted right; None for a class without images."""
-    totals = matrix.sum(dim=1)
-    return [float(matrix[i, i] / totals[i]) if totals[i] > 0 else None for i in range(len(matrix))]
+def stage_results(stage: str, matrix: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    """The metrics.json entries of one evaluated `stage` ("val" or "test") from its confusion
+    `matrix` `(classes, classes)`: `<stage>/confusion_matrix` (nested lists),
+    `<stage>/acc_per_class` (name -> accuracy or None, label order),
+    `<stage>/acc_per_class_sorted` (`finetune.confusion.class_ranking`: worst first) and
+    `<stage>/confused_pairs` (`finetune.confusion.confused_pairs`: most frequent first)."""
+    accuracy = per_class_accuracy(matrix)
+    return {
+        f"{stage}/confusion_matrix": matrix.tolist(),
+        f"{stage}/acc_per_class": dict(zip(class_names, accuracy, strict=True)),
+        f"{stage}/acc_per_class_sorted": class_ranking(matrix, class_names),
+        f"{stage}/confused_pairs": confused_pairs(matrix, class_names),
+    }
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def confusion_image(matrix: torch.Tensor, class_names: list[str], title: str) -> np.ndarray:
-    """The confusion matrix as an RGB array: rows true classes, columns predicted, shade by the
-    share of the row, counts written in the cells. Drawn with PIL: matplotlib's import alone
-    would cost a cached linear probe a fifth of its run time."""
-    n = len(class_names)
-    cell = max(12, min(48, 720 // max(n, 1)))
-    font = _font(11)
-    names = [name[:24] for name in class_names]
-    margin_left = 16 + 7 * max(len(name) for name in names)
-    margin_top = 40 + 7 * max(len(name) for name in names)
-    width, height = margin_left + max(n * cell, 230) + 10, margin_top + n * cell + 24
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black", font=_font(14))
-    shares = matrix.float() / matrix.sum(dim=1, keepdim=True).clamp(min=1)
-    for true in range(n):
-        for pred in range(n):
-            share = float(shares[true, pred])
-            colour = tuple(int(255 - share * (255 - c)) for c in (8, 48, 107))  # white -> blue
-            x, y = margin_left + pred * cell, margin_top + true * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour, outline=(220, 220, 220))
-            if n <= 20:
-                text_colour = "white" if share > 0.5 else "black"
-                draw.text(
-                    (x + 3, y + cell // 3),
-                    str(int(matrix[true, pred])),
-                    fill=text_colour,
-                    font=font,
-                )
-    for index, name in enumerate(names):
-        draw.text((6, margin_top + index * cell + cell // 3), name, fill="black", font=font)
-        label = Image.new("RGB", (7 * len(name) + 8, 14), "white")
-        ImageDraw.Draw(label).text((0, 0), name, fill="black", font=font)
-        rotated = label.rotate(90, expand=True)
-        canvas.paste(
-            rotated, (margin_left + index * cell + cell // 3, margin_top - rotated.height - 4)
-        )
-    draw.text(
-        (margin_left, height - 18), "predicted ->   (rows: true class)", fill="gray", font=font
-    )
-    return np.asarray(canvas)
-
-
-def misclassified_image(
-    mistakes: list[tuple[str, int, int]], class_names: list[str], title: str
-) -> np.ndarray:
-    """Up to 16 misclassified images in a grid, each titled with its true and predicted class."""
-    columns, thumb, caption = 4, 160, 34
-    rows = max(1, -(-len(mistakes) // columns))
-    canvas = Image.new(
-        "RGB", (columns * (thumb + 8) + 8, 28 + rows * (thumb + caption + 8)), "white"
-    )
-    draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black", font=_font(14))
-    font = _font(11)
-    for position, (path, true, pred) in enumerate(mistakes):
-        x = 8 + (position % columns) * (thumb + 8)
-        y = 28 + (position // columns) * (thumb + caption + 8)
-        picture = load_rgb(path)
-        picture.thumbnail((thumb, thumb))
-        canvas.paste(picture, (x + (thumb - picture.width) // 2, y + (thumb - picture.height) // 2))
-        draw.text(
-            (x, y + thumb + 2), f"true: {class_names[true][:22]}", fill="darkgreen", font=font
-        )
-        draw.text(
-            (x, y + thumb + 17), f"pred: {class_names[pred][:22]}", fill="firebrick", font=font
-        )
-    return np.asarray(canvas)
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """`rows` (dicts with the same keys) as a Markdown table, which TensorBoard's TEXT tab
+    draws; floats as percentages."""
+    if not rows:
+        return "(none)"
+    keys = list(rows[0])
+    cells = [[f"{v:.1%}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    lines = [keys, ["---"] * len(keys), *cells]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
 class Predictions(Metric):
@@ -198,9 +155,8 @@ class EvaluationReport(pl.Callback):
             return
         positions, labels, preds = rows.unbind(dim=1)
         matrix = multiclass_confusion_matrix(preds, labels, len(self.class_names))
-        accuracy = per_class_accuracy(matrix)
-        self.results[f"{stage}/confusion_matrix"] = matrix.tolist()
-        self.results[f"{stage}/acc_per_class"] = dict(zip(self.class_names, accuracy, strict=True))
+        results = stage_results(stage, matrix, self.class_names)
+        self.results |= results
         if not trainer.is_global_zero:
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -213,9 +169,11 @@ class EvaluationReport(pl.Callback):
             step,
             dataformats="HWC",
         )
-        for name, value in zip(self.class_names, accuracy, strict=True):
+        for name, value in results[f"{stage}/acc_per_class"].items():
             if value is not None:
                 writer.add_scalar(f"{stage}/acc_per_class/{name}", value, step)
+        for key in ("acc_per_class_sorted", "confused_pairs"):
+            writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
         samples = self.samples.get(stage) or []
         wrong = torch.nonzero(preds != labels).flatten().tolist()
         mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
