@@ -408,7 +408,9 @@ def lite0_wheel_file() -> dict[str, torch.Tensor]:
     return load_file(backbones.resolve(LITE0).weights_file())
 
 
-@pytest.mark.parametrize("form", ["model+epoch", "bare", "state_dict+wrappers", "ema"])
+@pytest.mark.parametrize(
+    "form", ["model+epoch", "bare", "state_dict+wrappers", "ema", "lightning model."]
+)
 def test_a_file_in_the_wheels_lukemelas_naming_loads_as_the_wheel_does(
     tmp_path, lite0_wheel_file, lite0_imagenet, form, record_fault
 ):
@@ -419,6 +421,7 @@ def test_a_file_in_the_wheels_lukemelas_naming_loads_as_the_wheel_does(
         "bare": raw,
         "state_dict+wrappers": {"state_dict": {f"module._orig_mod.{k}": v for k, v in raw.items()}},
         "ema": {"model_ema": raw, "epoch": 300},
+        "lightning model.": {"state_dict": {f"model.{k}": v for k, v in raw.items()}, "epoch": 3},
     }[form]
     torch.save(content, tmp_path / "F.pth")
     network = build_lite0(tmp_path / "F.pth")

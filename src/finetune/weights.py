@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -124,23 +125,37 @@ def _matches(keys: Iterable[str], target: set[str]) -> int:
     return len(target.intersection(keys))
 
 
+def _naming_prefix(pattern: str, keys: Iterable[str]) -> str | None:
+    """The prefix before the keys that have a naming's form (`model.` of a LightningModule;
+    "" for none), the commonest where several; None when no key has the form."""
+    body = pattern.removeprefix("^")
+    prefixes: Counter[str] = Counter()
+    for key in keys:
+        found = re.search(rf"(?:^|(?<=\.)){body}", key)
+        if found:
+            prefixes[key[: found.start()]] += 1
+    return max(prefixes, key=prefixes.__getitem__) if prefixes else None
+
+
 def adopt_naming(
     state_dict: Mapping[str, torch.Tensor], net: torch.nn.Module
 ) -> tuple[dict[str, torch.Tensor], str | None]:
     """`state_dict` renamed from a known foreign naming (`NAMINGS`) onto `net`'s names, and
     the words for the naming applied (None: the keys are returned unchanged). A naming applies
-    when some key has its form and renaming makes more of the keys `net`'s own."""
+    when some key has its form (after a prefix such as `model.`, which is then removed) and
+    renaming makes more of the keys `net`'s own."""
     target = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
     best, best_count, applied = dict(state_dict), _matches(state_dict, target), None
     for words, pattern, table_for in NAMINGS.values():
-        if not any(re.search(pattern, key) for key in state_dict):
-            continue
-        table = table_for(net)
+        prefix = _naming_prefix(pattern, state_dict)
+        table = None if prefix is None else table_for(net)
         if table is None:
             continue
-        renamed = rename_keys(state_dict, table)
+        unprefixed = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+        renamed = rename_keys(unprefixed, table)
         if _matches(renamed, target) > best_count:
-            best, best_count, applied = renamed, _matches(renamed, target), words
+            best, best_count = renamed, _matches(renamed, target)
+            applied = words + (f" (after removing the prefix '{prefix}')" if prefix else "")
     return best, applied
 
 
