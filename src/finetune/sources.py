@@ -22,6 +22,7 @@ from torch import nn
 
 from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
 from finetune.weights import (
+    NAMINGS,
     guess_rename,
     load_file,
     lukemelas_efficientnet_lite_renames,
@@ -159,7 +160,10 @@ class TorchvisionSource(WeightSource):
                 "or train from random initialisation on purpose with model.weights=none."
             ) from error
         # torchvision's DenseNet files still use the legacy `norm.1` names.
-        return rename_keys(state, "densenet_legacy") if self.name.startswith("densenet") else state
+        if not self.name.startswith("densenet"):
+            return state
+        self.notes = (f"renamed {NAMINGS['densenet_legacy'][0]}",)
+        return rename_keys(state, "densenet_legacy")
 
 
 def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
@@ -301,6 +305,7 @@ class EfficientNetLiteSource(WeightSource):
         if self._stage_depths is None:
             self.create()
         stage_depths = list(self._stage_depths)
+        self.notes = (f"renamed {NAMINGS['lukemelas_efficientnet'][0]}",)
         return rename_keys(
             load_file(self.weights_file()), lukemelas_efficientnet_lite_renames(stage_depths)
         )

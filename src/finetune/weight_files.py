@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import pickletools
+import zipfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -114,7 +116,9 @@ def _refusal(path: Path) -> str:
         names = []
     shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
     if any(name.startswith("torch.nn.modules.") for name in names):
-        model = next((n for n in names if not n.startswith("torch.")), names[0])
+        model = _pickled_class(path) or next(
+            (n for n in names if not n.startswith("torch.")), names[0]
+        )
         return (
             f"Refused to load {path}: it holds a whole pickled model ({model}), not a state "
             "dict, and unpickling it would run Python code from the file. Fix: where you trust "
@@ -126,6 +130,20 @@ def _refusal(path: Path) -> str:
         "could run arbitrary code. Fix: re-save it as a plain state dict "
         "(torch.save(model.state_dict(), ...)) or as .safetensors."
     )
+
+
+def _pickled_class(path: Path) -> str | None:
+    """The class of the object a torch file pickles (its first global), read without unpickling.
+    `get_unsafe_globals_in_checkpoint` lists the classes in no fixed order (a set)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            for opcode, argument, _ in pickletools.genops(archive.read(data)):
+                if opcode.name == "GLOBAL":
+                    return str(argument).replace(" ", ".")
+    except (OSError, StopIteration, ValueError, zipfile.BadZipFile):
+        pass
+    return None
 
 
 def _is_state_dict(value: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -12,8 +13,10 @@ import torch
 from finetune.weight_files import load_file, read_weights, strip_to_target
 
 __all__ = [
+    "NAMINGS",
     "RENAMES",
     "LoadReport",
+    "adopt_naming",
     "guess_rename",
     "load_bottom_up",
     "load_file",
@@ -92,6 +95,68 @@ def lukemelas_efficientnet_lite_renames(stage_depths: list[int]) -> list[tuple[s
                 )
             flat_index += 1
     return table
+
+
+def _lukemelas_table(net: torch.nn.Module) -> list[tuple[str, str]] | None:
+    blocks = getattr(net, "blocks", None)
+    if blocks is None or not hasattr(net, "conv_stem"):  # not a timm EfficientNet
+        return None
+    return lukemelas_efficientnet_lite_renames([len(stage) for stage in blocks])
+
+
+# Foreign namings of the same tensors that the built-in sources rename, found again in a file:
+# name -> (words for the load report, a regex some key matches, the table for a network or None
+# where the network is no target of it). `adopt_naming` applies the one that fits.
+NAMINGS: dict[str, tuple[str, str, Callable[[torch.nn.Module], list[tuple[str, str]] | None]]] = {
+    "lukemelas_efficientnet": (
+        "the lukemelas EfficientNet(-Lite) naming (_conv_stem, _blocks.N) onto timm's",
+        r"^_(?:conv_stem|blocks\.\d+)\.",
+        _lukemelas_table,
+    ),
+    "densenet_legacy": (
+        "torchvision's legacy DenseNet naming (norm.1) onto today's (norm1)",
+        RENAMES["densenet_legacy"][0][0],
+        lambda net: RENAMES["densenet_legacy"],
+    ),
+}
+
+
+def _matches(keys: Iterable[str], target: set[str]) -> int:
+    return len(target.intersection(keys))
+
+
+def _naming_prefix(pattern: str, keys: Iterable[str]) -> str | None:
+    """The prefix before the keys that have a naming's form (`model.` of a LightningModule;
+    "" for none), the commonest where several; None when no key has the form."""
+    body = pattern.removeprefix("^")
+    prefixes: Counter[str] = Counter()
+    for key in keys:
+        found = re.search(rf"(?:^|(?<=\.)){body}", key)
+        if found:
+            prefixes[key[: found.start()]] += 1
+    return max(prefixes, key=prefixes.__getitem__) if prefixes else None
+
+
+def adopt_naming(
+    state_dict: Mapping[str, torch.Tensor], net: torch.nn.Module
+) -> tuple[dict[str, torch.Tensor], str | None]:
+    """`state_dict` renamed from a known foreign naming (`NAMINGS`) onto `net`'s names, and
+    the words for the naming applied (None: the keys are returned unchanged). A naming applies
+    when some key has its form (after a prefix such as `model.`, which is then removed) and
+    renaming makes more of the keys `net`'s own."""
+    target = {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
+    best, best_count, applied = dict(state_dict), _matches(state_dict, target), None
+    for words, pattern, table_for in NAMINGS.values():
+        prefix = _naming_prefix(pattern, state_dict)
+        table = None if prefix is None else table_for(net)
+        if table is None:
+            continue
+        unprefixed = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+        renamed = rename_keys(unprefixed, table)
+        if _matches(renamed, target) > best_count:
+            best, best_count = renamed, _matches(renamed, target)
+            applied = words + (f" (after removing the prefix '{prefix}')" if prefix else "")
+    return best, applied
 
 
 def rename_keys(
