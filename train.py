@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
         with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
             metrics = train(cfg)
     except KeyboardInterrupt:
-        log.warning("%s", resume.interrupted_message(Path(cfg.run_dir)))
+        log.warning("%s", resume.interrupted_message(Path(cfg.run_dir), cfg))
         sys.exit(130)
     except Exception as error:
         # A refused resume leaves its run dir as it was; a finished run stays finished.

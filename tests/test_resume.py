@@ -133,6 +133,23 @@ def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     assert untouched
 
 
+def test_a_resume_asking_for_no_more_epochs_is_refused_before_anything_is_written(
+    one_epoch_run, tmp_path, record_fault
+):
+    """The finished 1-epoch run resumed with its own trainer.max_epochs=1: nothing to train;
+    without the check Lightning evaluates again and rewrites the run's results."""
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last")
+    message = result.stdout + result.stderr
+    refused = result.returncode == 1 and "has trained 1 epoch(s)" in message
+    untouched = file_hashes(run_dir) == before
+    record_fault(refused and untouched)
+    assert refused, message[-2000:]
+    assert "trainer.max_epochs=2" in message and "Traceback" not in message
+    assert untouched
+
+
 # --- the schedule on resume -----------------------------------------------------------------------
 
 
@@ -272,7 +289,8 @@ from finetune.module import ClassifierModule
 _original = ClassifierModule.training_step
 
 def training_step(self, batch, batch_idx):
-    if self.trainer.global_step == 4 and not os.environ.get("NO_CTRL_C"):
+    at = int(os.environ.get("CTRL_C_STEP", "4"))
+    if self.trainer.global_step == at and not os.environ.get("NO_CTRL_C"):
         os.kill(os.getpid(), signal.SIGINT)
     return _original(self, batch, batch_idx)
 
@@ -315,6 +333,34 @@ def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, rec
         f"test/acc {metrics['test/acc']:.4f}."
     )
     assert expected in last_line
+
+
+def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_path):
+    """A 1-epoch run resumed with trainer.max_epochs=40, stopped in its 3rd epoch: the printed
+    command carries trainer.max_epochs=40; without it the run would ask for 1 epoch and is
+    refused with the fix, every file unchanged."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_AT_STEP))
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    env["CTRL_C_STEP"] = "7"  # 3 steps per epoch: in the 3rd epoch, 2 epochs trained
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    result = run_train(
+        f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=40", env=env
+    )
+    message = result.stdout + result.stderr
+    found = re.search(r"Continue it with: (.+)$", message, re.MULTILINE)
+    assert result.returncode == 130, message[-3000:]
+    command = shlex.split(found.group(1))
+    assert command[2:] == [f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=40"]
+
+    before = file_hashes(run_dir)
+    plain = run_train(*command[2:4])
+    message = plain.stdout + plain.stderr
+    assert plain.returncode == 1 and "has trained 2 epoch(s)" in message, message[-2000:]
+    assert "Traceback" not in message
+    assert file_hashes(run_dir) == before
 
 
 def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, caplog):

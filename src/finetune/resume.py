@@ -275,7 +275,31 @@ def command_line(argv: Sequence[str]) -> list[str]:
     except HydraException:  # Hydra says it again, in its words, as it starts
         return list(argv)
     check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source)
+    checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
+    check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source)
     return merged
+
+
+def trained_epochs(checkpoint_path: str | Path) -> int:
+    """How many epochs the run of `checkpoint_path` has finished (Lightning's epoch progress,
+    which a resume restores as `current_epoch`)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", checkpoint.get("epoch", -1) + 1))
+
+
+def check_epochs(checkpoint_path: str | Path, max_epochs: int | None, source: Path) -> None:
+    """`ResumeRefused` when `max_epochs` asks for no epoch beyond those the checkpoint has
+    trained (Lightning would stop with a traceback after writing logs); None or -1: no limit."""
+    if max_epochs is None or max_epochs < 0:
+        return
+    trained = trained_epochs(checkpoint_path)
+    if max_epochs <= trained:
+        raise ResumeRefused(
+            f"Nothing to resume: the run {source} has trained {trained} epoch(s) and this "
+            f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
+            f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
+        )
 
 
 def _key(line: str) -> str:
@@ -299,13 +323,31 @@ def restore_size(path: Path, size: int | None) -> None:
             os.truncate(path, size)
 
 
-def interrupted_message(run_dir: Path) -> str:
+def applied_overrides(cfg: DictConfig | None, run_dir: Path) -> list[str]:
+    """`key=value` overrides (shell-quoted) for every value of `cfg` that differs from the run's
+    saved config.yaml: what a resume applied on top of it (e.g. `trainer.max_epochs=40`), so
+    the next resume asks for the same; [] without a `cfg` or a saved config."""
+    if cfg is None or not (run_dir / "config.yaml").is_file():
+        return []
+    changes = config_changes(OmegaConf.load(run_dir / "config.yaml"), cfg)
+    return [shlex.quote(f"{key}={_override_value(new)}") for key, (_, new) in changes.items()]
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+
+
+def interrupted_message(run_dir: Path, cfg: DictConfig | None = None) -> str:
     """What Ctrl-C leaves: the run dir and the command that continues it from its last
-    checkpoint, or that there is none yet."""
+    checkpoint (with the overrides `cfg` applied on top of the run's saved config), or that
+    there is none yet."""
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        command = " ".join([continue_command(run_dir), *applied_overrides(cfg, run_dir)])
         return (
             f"Interrupted. The run dir {run_dir} holds the last finished epoch "
-            f"(checkpoints/last.ckpt). Continue it with: {continue_command(run_dir)}"
+            f"(checkpoints/last.ckpt). Continue it with: {command}"
         )
     return (
         f"Interrupted before the first epoch finished: {run_dir} holds no checkpoint to "

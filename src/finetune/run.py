@@ -111,6 +111,7 @@ def find_resume_checkpoint(
     resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if resume_from:
         resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name)
+        resume.check_epochs(resume_from, cfg.trainer.get("max_epochs"), Path(resume_from))
     return resume_from
 
 
