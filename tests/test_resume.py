@@ -133,6 +133,30 @@ def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     assert untouched
 
 
+def test_a_resume_on_changed_files_is_refused_not_re_split(tmp_path, record_fault):
+    """val_fraction split, one training image deleted: the data module would re-split (a former
+    val image then trains); the resume is refused and split.json still tells the truth."""
+    folder, run_dir = tmp_path / "photos", tmp_path / "run"
+    make_class_folders(folder, {"ant": 6, "bee": 6})
+    fast = [o for o in FAST_OVERRIDES if not o.startswith("data=") and "synthetic" not in o]
+    first = run_train(
+        *fast, "data=imagefolder", f"data.root={folder}", "data.val_fraction=0.34",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    split = json.loads((run_dir / "split.json").read_text())
+    (folder / split["files"]["train"]["ant"][0]).unlink()
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    message = result.stdout + result.stderr
+    refused = result.returncode == 1 and "1 files of the run are missing" in message
+    untouched = file_hashes(run_dir) == before
+    record_fault(refused and untouched)
+    assert refused, message[-2000:]
+    assert "model.weights=" in message and "Traceback" not in message
+    assert untouched
+
+
 def test_a_resume_asking_for_no_more_epochs_is_refused_before_anything_is_written(
     one_epoch_run, tmp_path, record_fault
 ):

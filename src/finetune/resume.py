@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import random
@@ -300,6 +301,51 @@ def check_epochs(checkpoint_path: str | Path, max_epochs: int | None, source: Pa
             f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
             f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
         )
+
+
+def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:
+    """`ResumeRefused` when the splits the data gives now (`record`, as
+    `FinetuneDataModule.split_record()` makes it) are not the ones the resumed run recorded in
+    its split.json: the same files, in the same split and class. A run without split.json, or
+    no resume, passes."""
+    from finetune.rundir import SPLIT_FILE
+
+    source = source_run_dir(ckpt_path, run_dir)
+    if source is None or not (source / SPLIT_FILE).is_file():
+        return
+    saved = _placement(json.loads((source / SPLIT_FILE).read_text()).get("files") or {})
+    now = _placement(record["files"])
+    missing = [path for path in saved if path not in now]
+    added = [path for path in now if path not in saved]
+    moved = [path for path in saved if path in now and saved[path] != now[path]]
+    if not (missing or added or moved):
+        return
+    found = [
+        f"{len(paths)} {what} (e.g. {paths[0]})"
+        for paths, what in (
+            (missing, "files of the run are missing"),
+            (added, "files are new"),
+            (moved, "files moved to another split or class"),
+        )
+        if paths
+    ]
+    raise ResumeRefused(
+        f"Cannot resume {source}: the data is not the data it trained on ({'; '.join(found)}; "
+        f"the run's splits are in {source / SPLIT_FILE}). A resume must see the same files in "
+        "the same splits, or its metrics would mix two splits. Fix: restore the files as they "
+        "were, or start a new run from the checkpoint's weights with "
+        f"model.weights={source / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir."
+    )
+
+
+def _placement(files: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, str]]:
+    """split.json's `files` (split -> class -> paths) as path -> (split, class)."""
+    return {
+        path: (split, name)
+        for split, by_class in files.items()
+        for name, paths in by_class.items()
+        for path in paths
+    }
 
 
 def _key(line: str) -> str:

@@ -98,6 +98,7 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
         rundir.save_split(run_dir, datamodule.split_record())
