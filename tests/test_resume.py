@@ -85,6 +85,12 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert unchanged and continued
     assert not (run_dir / "failure.json").exists()
     assert "trainer.max_epochs changed from 1 to 2" in log
+    # the epoch trained before the resume is timed too (EpochTimer's list is in the checkpoint)
+    first = json.loads((one_epoch_run / "run" / "metrics.json").read_text())
+    assert len(metrics["train_epoch_seconds"]) == 2
+    assert metrics["train_epoch_seconds"][0] == pytest.approx(
+        first["train_epoch_seconds"][0], abs=0.5
+    )
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
