@@ -308,6 +308,12 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     assert [e.value for e in events.Scalars("best/val/loss")] == pytest.approx(
         [losses[best]], rel=1e-4
     )
+    # so are its accuracies per class (and the test split's), one point each under best/
+    scalars = events.Tags()["scalars"]
+    assert [tag for tag in scalars if tag.startswith("val/acc_per_class")] == []
+    for stage in ("val", "test"):
+        per_class = [t for t in scalars if t.startswith(f"best/{stage}/acc_per_class/")]
+        assert len(per_class) == 3 and all(len(events.Scalars(t)) == 1 for t in per_class)
 
 
 # --- Ctrl-C and the closing line ------------------------------------------------------------------

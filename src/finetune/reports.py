@@ -23,6 +23,7 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
 
 from finetune.data import Sample, load_rgb
+from finetune.module import ClassifierModule
 
 MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
@@ -215,7 +216,10 @@ class EvaluationReport(pl.Callback):
         )
         for name, value in zip(self.class_names, accuracy, strict=True):
             if value is not None:
-                writer.add_scalar(f"{stage}/acc_per_class/{name}", value, step)
+                # under best/ like the re-validation's other numbers: not a point of val/*
+                writer.add_scalar(
+                    f"{ClassifierModule.EVALUATION_TAG}{stage}/acc_per_class/{name}", value, step
+                )
         samples = self.samples.get(stage) or []
         wrong = torch.nonzero(preds != labels).flatten().tolist()
         mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
