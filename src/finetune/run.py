@@ -98,7 +98,6 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
-    resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
         rundir.save_split(run_dir, datamodule.split_record())
@@ -108,10 +107,13 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
 def find_resume_checkpoint(
     cfg: DictConfig, run_dir: Path, datamodule: FinetuneDataModule
 ) -> str | None:
-    """The checkpoint `ckpt_path` names, refused when it is of another experiment."""
+    """The checkpoint `ckpt_path` names, refused (`resume.ResumeRefused`) when it is of another
+    experiment, when the data's splits are not those of its run, or when the config asks for
+    no epoch beyond those it trained."""
     resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if resume_from:
         resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name)
+        resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
         resume.check_epochs(resume_from, cfg.trainer.get("max_epochs"), Path(resume_from))
     return resume_from
 
