@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers)
-    log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
+    if fitting.trainer.is_global_zero:  # one closing line, not one per process
+        log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics
 
 
