@@ -117,6 +117,22 @@ def test_a_resume_override_the_checkpoint_cannot_follow_is_refused_before_anythi
     assert untouched
 
 
+def test_a_refused_data_option_lists_only_what_it_changes_and_names_the_override(
+    one_epoch_run, tmp_path
+):
+    """`data=hymenoptera` drops the run's saved `data.synthetic.*`; the run's other overrides
+    (model, batch size) still apply, so they are not listed as changed."""
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "data=hymenoptera")
+    message = result.stdout + result.stderr
+    assert result.returncode == 1, message[-2000:]
+    listed = message[message.index("Cannot resume") :]
+    assert "(the overrides data=hymenoptera change): data.dataset: 'synthetic'" in listed
+    assert "model.name" not in listed and "data.batch_size" not in listed
+    assert file_hashes(run_dir) == before
+
+
 def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     tmp_path, record_fault
 ):

@@ -205,19 +205,27 @@ def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, A
     return {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
 
 
-def check_changes(changes: dict[str, tuple[Any, Any]], source: Path) -> None:
-    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow."""
+def check_changes(
+    changes: dict[str, tuple[Any, Any]], source: Path, typed: Sequence[str] = ()
+) -> None:
+    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow, those of
+    the keys in the `typed` overrides first, and the overrides that caused them."""
 
     def allowed(key: str) -> bool:
         return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
 
+    def was_typed(key: str) -> bool:
+        return any(key == t or key.startswith(f"{t}.") for t in map(_key, typed))
+
     refused = {key: values for key, values in changes.items() if not allowed(key)}
     if refused:
         listed = "; ".join(
-            f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in refused.items()
+            f"{k}: {old!r} in the run, {new!r} now"
+            for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
         )
+        cause = f" (the overrides {' '.join(typed)} change)" if typed else ""
         raise ResumeRefused(
-            f"Cannot resume {source} with this config: {listed}. A resume continues the run "
+            f"Cannot resume {source} with this config{cause}: {listed}. A resume continues the run "
             "with its own config (saved in config.yaml); only how and how long it trains may "
             "change (e.g. trainer.max_epochs, trainer.devices, data.num_workers). Fix: drop "
             "those overrides, or start a new run from the checkpoint's weights with "
@@ -264,21 +272,39 @@ def command_line(argv: Sequence[str]) -> list[str]:
         return list(argv)
     saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
     keys = {*given, "ckpt_path"}
-    merged = [line for line in saved if _key(line) not in keys] + list(argv)
+    kept = [line for line in saved if _key(line) not in keys]
+    tail = list(argv)
     in_place = run_dir is not None and run_dir.resolve() == source.resolve()
     if in_place and "hydra.output_subdir" not in given:
-        merged.append("hydra.output_subdir=null")
+        tail.append("hydra.output_subdir=null")
     try:
         try:
-            cfg = check_overrides(merged)
+            cfg = check_overrides(kept + tail)
         except (ConfigError, HydraException):  # a saved override the new ones exclude (e.g.
-            cfg = check_overrides(list(argv))  # data.synthetic.* with data=imagefolder)
+            kept = _fitting(kept, tail, check_overrides)  # data.synthetic.* with data=imagefolder)
+            cfg = check_overrides(kept + tail)
     except HydraException:  # Hydra says it again, in its words, as it starts
         return list(argv)
-    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source)
+    typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
+    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source, typed)
     checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
     check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source)
-    return merged
+    return kept + tail
+
+
+def _fitting(saved: list[str], new: list[str], compose: Any) -> list[str]:
+    """The saved overrides, in order, that still compose with the `new` ones: a change the new
+    ones cause is then theirs alone, not the defaults of a dropped saved override."""
+    from hydra.errors import HydraException
+
+    from finetune.config import ConfigError
+
+    fitting: list[str] = []
+    for line in saved:
+        with contextlib.suppress(ConfigError, HydraException):
+            compose([*fitting, line, *new])
+            fitting.append(line)
+    return fitting
 
 
 def trained_epochs(checkpoint_path: str | Path) -> int:
