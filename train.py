@@ -30,7 +30,7 @@ _resumed_log: tuple[Path, int | None] | None = None
 def main(cfg: DictConfig) -> float | None:
     # torch and Lightning load here, after the command line was checked: a typo is refused in
     # well under a second, not after the seconds these imports take.
-    from finetune import resume
+    from finetune import interrupt, resume
     from finetune.distributed import job_processes
     from finetune.run import train
     from finetune.rundir import METRICS_FILE, save_failure
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> float | None:
         with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
             metrics = train(cfg)
     except KeyboardInterrupt:
-        log.warning("%s", resume.interrupted_message(Path(cfg.run_dir)))
+        log.warning("%s", interrupt.interrupted_message(Path(cfg.run_dir), cfg))
         sys.exit(130)
     except Exception as error:
         # A refused resume leaves its run dir as it was; a finished run stays finished.
@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(error, FinetuneError):
             log.error("%s", error)
             if refused and _resumed_log is not None:
-                resume.restore_size(*_resumed_log)  # the log too: this attempt is on the console
+                interrupt.restore_size(*_resumed_log)  # the log too: this attempt is on the console
             sys.exit(1)  # a single run: the message above is the whole story, no traceback
         raise
     return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
@@ -80,5 +80,7 @@ if __name__ == "__main__":
         sys.exit(1)
     sys.argv[1:] = argv
     if resuming:
-        _resumed_log = resume.log_before_resume(argv)
+        from finetune import interrupt
+
+        _resumed_log = interrupt.log_before_resume(argv)
     main()

@@ -69,6 +69,9 @@ def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
+    # the closing line once, by rank 0 (issue 13 review: it was printed once per process)
+    assert (result.stdout + result.stderr).count("Best checkpoint:") == 1
+    assert "Best checkpoint:" not in second_log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if FEEDS[request.param]:
         assert metrics["feature_cache"] == "miss"  # the first process extracted them

@@ -85,6 +85,12 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert unchanged and continued
     assert not (run_dir / "failure.json").exists()
     assert "trainer.max_epochs changed from 1 to 2" in log
+    # the epoch trained before the resume is timed too (EpochTimer's list is in the checkpoint)
+    first = json.loads((one_epoch_run / "run" / "metrics.json").read_text())
+    assert len(metrics["train_epoch_seconds"]) == 2
+    assert metrics["train_epoch_seconds"][0] == pytest.approx(
+        first["train_epoch_seconds"][0], abs=0.5
+    )
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
@@ -111,6 +117,22 @@ def test_a_resume_override_the_checkpoint_cannot_follow_is_refused_before_anythi
     assert untouched
 
 
+def test_a_refused_data_option_lists_only_what_it_changes_and_names_the_override(
+    one_epoch_run, tmp_path
+):
+    """`data=hymenoptera` drops the run's saved `data.synthetic.*`; the run's other overrides
+    (model, batch size) still apply, so they are not listed as changed."""
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "data=hymenoptera")
+    message = result.stdout + result.stderr
+    assert result.returncode == 1, message[-2000:]
+    listed = message[message.index("Cannot resume") :]
+    assert "(the overrides data=hymenoptera change): data.dataset: 'synthetic'" in listed
+    assert "model.name" not in listed and "data.batch_size" not in listed
+    assert file_hashes(run_dir) == before
+
+
 def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     tmp_path, record_fault
 ):
@@ -130,6 +152,47 @@ def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     record_fault(refused and untouched)
     assert refused, message[-2000:]
     assert json.loads((run_dir / "classes.json").read_text()) == ["ant", "bee", "wasp"]
+    assert untouched
+
+
+def test_a_resume_on_changed_files_is_refused_not_re_split(tmp_path, record_fault):
+    """val_fraction split, one training image deleted: the data module would re-split (a former
+    val image then trains); the resume is refused and split.json still tells the truth."""
+    folder, run_dir = tmp_path / "photos", tmp_path / "run"
+    make_class_folders(folder, {"ant": 6, "bee": 6})
+    fast = [o for o in FAST_OVERRIDES if not o.startswith("data=") and "synthetic" not in o]
+    first = run_train(
+        *fast, "data=imagefolder", f"data.root={folder}", "data.val_fraction=0.34",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    split = json.loads((run_dir / "split.json").read_text())
+    (folder / split["files"]["train"]["ant"][0]).unlink()
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    message = result.stdout + result.stderr
+    refused = result.returncode == 1 and "1 files of the run are missing" in message
+    untouched = file_hashes(run_dir) == before
+    record_fault(refused and untouched)
+    assert refused, message[-2000:]
+    assert "model.weights=" in message and "Traceback" not in message
+    assert untouched
+
+
+def test_a_resume_asking_for_no_more_epochs_is_refused_before_anything_is_written(
+    one_epoch_run, tmp_path, record_fault
+):
+    """The finished 1-epoch run resumed with its own trainer.max_epochs=1: nothing to train;
+    without the check Lightning evaluates again and rewrites the run's results."""
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    before = file_hashes(run_dir)
+    result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last")
+    message = result.stdout + result.stderr
+    refused = result.returncode == 1 and "has trained 1 epoch(s)" in message
+    untouched = file_hashes(run_dir) == before
+    record_fault(refused and untouched)
+    assert refused, message[-2000:]
+    assert "trainer.max_epochs=2" in message and "Traceback" not in message
     assert untouched
 
 
@@ -261,6 +324,12 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     assert [e.value for e in events.Scalars("best/val/loss")] == pytest.approx(
         [losses[best]], rel=1e-4
     )
+    # so are its accuracies per class (and the test split's), one point each under best/
+    scalars = events.Tags()["scalars"]
+    assert [tag for tag in scalars if tag.startswith("val/acc_per_class")] == []
+    for stage in ("val", "test"):
+        per_class = [t for t in scalars if t.startswith(f"best/{stage}/acc_per_class/")]
+        assert len(per_class) == 3 and all(len(events.Scalars(t)) == 1 for t in per_class)
 
 
 # --- Ctrl-C and the closing line ------------------------------------------------------------------
@@ -272,7 +341,8 @@ from finetune.module import ClassifierModule
 _original = ClassifierModule.training_step
 
 def training_step(self, batch, batch_idx):
-    if self.trainer.global_step == 4 and not os.environ.get("NO_CTRL_C"):
+    at = int(os.environ.get("CTRL_C_STEP", "4"))
+    if self.trainer.global_step == at and not os.environ.get("NO_CTRL_C"):
         os.kill(os.getpid(), signal.SIGINT)
     return _original(self, batch, batch_idx)
 
@@ -315,6 +385,34 @@ def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, rec
         f"test/acc {metrics['test/acc']:.4f}."
     )
     assert expected in last_line
+
+
+def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_path):
+    """A 1-epoch run resumed with trainer.max_epochs=40, stopped in its 3rd epoch: the printed
+    command carries trainer.max_epochs=40; without it the run would ask for 1 epoch and is
+    refused with the fix, every file unchanged."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_AT_STEP))
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    env["CTRL_C_STEP"] = "7"  # 3 steps per epoch: in the 3rd epoch, 2 epochs trained
+    run_dir = copy_run(one_epoch_run, tmp_path)
+    result = run_train(
+        f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=40", env=env
+    )
+    message = result.stdout + result.stderr
+    found = re.search(r"Continue it with: (.+)$", message, re.MULTILINE)
+    assert result.returncode == 130, message[-3000:]
+    command = shlex.split(found.group(1))
+    assert command[2:] == [f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=40"]
+
+    before = file_hashes(run_dir)
+    plain = run_train(*command[2:4])
+    message = plain.stdout + plain.stderr
+    assert plain.returncode == 1 and "has trained 2 epoch(s)" in message, message[-2000:]
+    assert "Traceback" not in message
+    assert file_hashes(run_dir) == before
 
 
 def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, caplog):

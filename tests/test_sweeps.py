@@ -111,9 +111,9 @@ def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(tmp_pat
     for stage in ("val", "test"):
         assert f"{stage}/confusion_matrix" in tags["images"]
         assert f"{stage}/misclassified" in tags["images"]
-        assert {f"{stage}/acc_per_class/{name}" for name in ("circle", "square", "stripes")} <= set(
-            tags["scalars"]
-        )
+        assert {
+            f"best/{stage}/acc_per_class/{name}" for name in ("circle", "square", "stripes")
+        } <= set(tags["scalars"])
     assert "weights/load_report/text_summary" in tags["tensors"]
     hparams = hparams_plugin_data(run_dir / "tensorboard")
     assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])

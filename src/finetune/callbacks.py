@@ -97,13 +97,26 @@ class BestCheckpoint(ModelCheckpoint):
 class EpochTimer(pl.Callback):
     """Seconds of each training epoch (`seconds`, a list of floats rounded to ms), for
     metrics.json and the benchmarks. Lightning runs the epoch's validation inside the training
-    epoch; its time is subtracted."""
+    epoch; its time is subtracted. The list is kept in every checkpoint (`state_dict`), so a
+    resumed run lists every epoch, not only those since the resume."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._started = 0.0
+        self._started: float | None = None  # None: between epochs
         self._validation_started = 0.0
         self._validation_seconds = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning saves the epoch's checkpoint at the end of its validation, before
+        # on_train_epoch_end: the epoch in progress is counted up to now.
+        seconds = list(self.seconds)
+        if self._started is not None:
+            elapsed = time.perf_counter() - self._started - self._validation_seconds
+            seconds.append(round(elapsed, 3))
+        return {"seconds": seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds = list(state_dict.get("seconds", []))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
@@ -116,8 +129,9 @@ class EpochTimer(pl.Callback):
         self._validation_seconds += time.perf_counter() - self._validation_started
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        elapsed = time.perf_counter() - self._started - self._validation_seconds
+        elapsed = time.perf_counter() - (self._started or 0.0) - self._validation_seconds
         self.seconds.append(round(elapsed, 3))
+        self._started = None
 
 
 class ProgressBar(RichProgressBar):

@@ -26,6 +26,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
+from finetune.module import ClassifierModule
 from finetune.report_images import confusion_image, misclassified_image
 
 __all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
@@ -171,7 +172,10 @@ class EvaluationReport(pl.Callback):
         )
         for name, value in results[f"{stage}/acc_per_class"].items():
             if value is not None:
-                writer.add_scalar(f"{stage}/acc_per_class/{name}", value, step)
+                # under best/ like the re-validation's other numbers: not a point of val/*
+                writer.add_scalar(
+                    f"{ClassifierModule.EVALUATION_TAG}{stage}/acc_per_class/{name}", value, step
+                )
         for key in ("acc_per_class_sorted", "confused_pairs"):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
         samples = self.samples.get(stage) or []

@@ -14,18 +14,18 @@
   checkpoint cannot follow (another model, data, strategy, seed...) is refused before Hydra
   starts. `config_changes` names what the new overrides change; `train()` logs each one.
 - A resume in place rewrites none of the run's files (config, .hydra/, classes): a refused or
-  failed resume leaves the run dir as it was (`ResumeRefused`).
+  failed resume leaves the run dir as it was (`ResumeRefused`). Refused too: a config asking
+  for no epoch beyond those trained (`check_epochs`), and data whose splits are not the run's
+  split.json (`check_split`). What Ctrl-C prints: `finetune.interrupt`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
-import os
 import random
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -204,19 +204,27 @@ def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, A
     return {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
 
 
-def check_changes(changes: dict[str, tuple[Any, Any]], source: Path) -> None:
-    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow."""
+def check_changes(
+    changes: dict[str, tuple[Any, Any]], source: Path, typed: Sequence[str] = ()
+) -> None:
+    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow, those of
+    the keys in the `typed` overrides first, and the overrides that caused them."""
 
     def allowed(key: str) -> bool:
         return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
 
+    def was_typed(key: str) -> bool:
+        return any(key == t or key.startswith(f"{t}.") for t in map(_key, typed))
+
     refused = {key: values for key, values in changes.items() if not allowed(key)}
     if refused:
         listed = "; ".join(
-            f"{k}: {old!r} in the run, {new!r} now" for k, (old, new) in refused.items()
+            f"{k}: {old!r} in the run, {new!r} now"
+            for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
         )
+        cause = f" (the overrides {' '.join(typed)} change)" if typed else ""
         raise ResumeRefused(
-            f"Cannot resume {source} with this config: {listed}. A resume continues the run "
+            f"Cannot resume {source} with this config{cause}: {listed}. A resume continues the run "
             "with its own config (saved in config.yaml); only how and how long it trains may "
             "change (e.g. trainer.max_epochs, trainer.devices, data.num_workers). Fix: drop "
             "those overrides, or start a new run from the checkpoint's weights with "
@@ -263,62 +271,107 @@ def command_line(argv: Sequence[str]) -> list[str]:
         return list(argv)
     saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
     keys = {*given, "ckpt_path"}
-    merged = [line for line in saved if _key(line) not in keys] + list(argv)
+    kept = [line for line in saved if _key(line) not in keys]
+    tail = list(argv)
     in_place = run_dir is not None and run_dir.resolve() == source.resolve()
     if in_place and "hydra.output_subdir" not in given:
-        merged.append("hydra.output_subdir=null")
+        tail.append("hydra.output_subdir=null")
     try:
         try:
-            cfg = check_overrides(merged)
+            cfg = check_overrides(kept + tail)
         except (ConfigError, HydraException):  # a saved override the new ones exclude (e.g.
-            cfg = check_overrides(list(argv))  # data.synthetic.* with data=imagefolder)
+            kept = _fitting(kept, tail, check_overrides)  # data.synthetic.* with data=imagefolder)
+            cfg = check_overrides(kept + tail)
     except HydraException:  # Hydra says it again, in its words, as it starts
         return list(argv)
-    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source)
-    return merged
+    typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
+    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source, typed)
+    checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
+    check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source)
+    return kept + tail
+
+
+def _fitting(saved: list[str], new: list[str], compose: Any) -> list[str]:
+    """The saved overrides, in order, that still compose with the `new` ones: a change the new
+    ones cause is then theirs alone, not the defaults of a dropped saved override."""
+    from hydra.errors import HydraException
+
+    from finetune.config import ConfigError
+
+    fitting: list[str] = []
+    for line in saved:
+        with contextlib.suppress(ConfigError, HydraException):
+            compose([*fitting, line, *new])
+            fitting.append(line)
+    return fitting
+
+
+def trained_epochs(checkpoint_path: str | Path) -> int:
+    """How many epochs the run of `checkpoint_path` has finished (Lightning's epoch progress,
+    which a resume restores as `current_epoch`)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", checkpoint.get("epoch", -1) + 1))
+
+
+def check_epochs(checkpoint_path: str | Path, max_epochs: int | None, source: Path) -> None:
+    """`ResumeRefused` when `max_epochs` asks for no epoch beyond those the checkpoint has
+    trained (Lightning would stop with a traceback after writing logs); None or -1: no limit."""
+    if max_epochs is None or max_epochs < 0:
+        return
+    trained = trained_epochs(checkpoint_path)
+    if max_epochs <= trained:
+        raise ResumeRefused(
+            f"Nothing to resume: the run {source} has trained {trained} epoch(s) and this "
+            f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
+            f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
+        )
+
+
+def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:
+    """`ResumeRefused` when the splits the data gives now (`record`, as
+    `FinetuneDataModule.split_record()` makes it) are not the ones the resumed run recorded in
+    its split.json: the same files, in the same split and class. A run without split.json, or
+    no resume, passes."""
+    from finetune.rundir import SPLIT_FILE
+
+    source = source_run_dir(ckpt_path, run_dir)
+    if source is None or not (source / SPLIT_FILE).is_file():
+        return
+    saved = _placement(json.loads((source / SPLIT_FILE).read_text()).get("files") or {})
+    now = _placement(record["files"])
+    missing = [path for path in saved if path not in now]
+    added = [path for path in now if path not in saved]
+    moved = [path for path in saved if path in now and saved[path] != now[path]]
+    if not (missing or added or moved):
+        return
+    found = [
+        f"{len(paths)} {what} (e.g. {paths[0]})"
+        for paths, what in (
+            (missing, "files of the run are missing"),
+            (added, "files are new"),
+            (moved, "files moved to another split or class"),
+        )
+        if paths
+    ]
+    raise ResumeRefused(
+        f"Cannot resume {source}: the data is not the data it trained on ({'; '.join(found)}; "
+        f"the run's splits are in {source / SPLIT_FILE}). A resume must see the same files in "
+        "the same splits, or its metrics would mix two splits. Fix: restore the files as they "
+        "were, or start a new run from the checkpoint's weights with "
+        f"model.weights={source / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir."
+    )
+
+
+def _placement(files: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, str]]:
+    """split.json's `files` (split -> class -> paths) as path -> (split, class)."""
+    return {
+        path: (split, name)
+        for split, by_class in files.items()
+        for name, paths in by_class.items()
+        for path in paths
+    }
 
 
 def _key(line: str) -> str:
     return line.split("=", 1)[0].lstrip("+~")
-
-
-def continue_command(run_dir: Path) -> str:
-    """The command that continues the run in `run_dir` (`python train.py hydra.run.dir=...
-    ckpt_path=last`), as it can be typed in a shell from the current folder."""
-    script = shlex.quote(sys.argv[0] if sys.argv[0].endswith(".py") else "train.py")
-    return f"python {script} hydra.run.dir={shlex.quote(str(run_dir))} ckpt_path=last"
-
-
-def restore_size(path: Path, size: int | None) -> None:
-    """Cut `path` back to `size` bytes (a log appended to since), or delete it when it did not
-    exist (`size` None); a file already gone or unwritable stays as it is."""
-    with contextlib.suppress(OSError):
-        if size is None:
-            path.unlink()
-        elif path.stat().st_size > size:
-            os.truncate(path, size)
-
-
-def interrupted_message(run_dir: Path) -> str:
-    """What Ctrl-C leaves: the run dir and the command that continues it from its last
-    checkpoint, or that there is none yet."""
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return (
-            f"Interrupted. The run dir {run_dir} holds the last finished epoch "
-            f"(checkpoints/last.ckpt). Continue it with: {continue_command(run_dir)}"
-        )
-    return (
-        f"Interrupted before the first epoch finished: {run_dir} holds no checkpoint to "
-        "continue from. Start the run again with the same command."
-    )
-
-
-def log_before_resume(argv: Sequence[str]) -> tuple[Path, int | None] | None:
-    """For a resume in place, the run's log file (Hydra's `<script>.log` in the run dir) and
-    its size now (None when absent), for `restore_size`; None for any other command line."""
-    given = dict(line.split("=", 1) for line in argv if "=" in line)
-    run_dir = given.get("hydra.run.dir", "").strip("'\"")
-    if not run_dir or not is_in_place(given.get("ckpt_path"), Path(run_dir)):
-        return None
-    path = Path(run_dir) / f"{Path(sys.argv[0]).stem}.log"
-    return path, path.stat().st_size if path.is_file() else None

@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers)
-    log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
+    if fitting.trainer.is_global_zero:  # one closing line, not one per process
+        log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics
 
 
@@ -107,10 +108,14 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
 def find_resume_checkpoint(
     cfg: DictConfig, run_dir: Path, datamodule: FinetuneDataModule
 ) -> str | None:
-    """The checkpoint `ckpt_path` names, refused when it is of another experiment."""
+    """The checkpoint `ckpt_path` names, refused (`resume.ResumeRefused`) when it is of another
+    experiment, when the data's splits are not those of its run, or when the config asks for
+    no epoch beyond those it trained."""
     resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if resume_from:
         resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name)
+        resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
+        resume.check_epochs(resume_from, cfg.trainer.get("max_epochs"), Path(resume_from))
     return resume_from
 
 
