@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from finetune import backbones, callbacks, features, resume, rundir, runtime, strategies
+from finetune import backbones, callbacks, config, features, resume, rundir, runtime, strategies
 from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
 from finetune.distributed import build_once
@@ -40,6 +40,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     `KeyboardInterrupt` once Lightning has shut down.
     """
     run_started = time.perf_counter()
+    config.validate(cfg)  # train.py checked it; a config built in code is checked here
     run_dir = runtime.prepare(cfg)
     in_place = resume.is_in_place(cfg.get("ckpt_path"), run_dir)
     try:
