@@ -32,6 +32,10 @@ EVALUATION_KEYS = (
 )
 
 
+# Several processes, launchers and nodes per test: CI's slow step (`pytest -m slow`) runs them.
+pytestmark = pytest.mark.slow
+
+
 def _summary_rows(sweep: Path) -> list[dict[str, str]]:
     with (sweep / "summary.csv").open() as handle:
         return list(csv.DictReader(handle))
@@ -272,7 +276,7 @@ def test_two_jobs_at_once_on_one_data_root_build_the_caches_once(tmp_path):
             subprocess.Popen(
                 command,
                 cwd=tmp_path,
-                env=subprocess_env(),
+                env={**subprocess_env(), "FINETUNE_CACHE_DIR": str(cache_dir)},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

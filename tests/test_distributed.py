@@ -118,6 +118,7 @@ def tensorboard_images(run_dir: Path) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow  # two processes: CI's slow step runs it
 def test_two_processes_evaluate_each_image_once(two_process_run, tmp_path, record_fault):
     root, run_dir, metrics = two_process_run
     cfg = compose_config(overrides(root), tmp_path / "one", tmp_path)
@@ -154,6 +155,7 @@ def test_two_processes_evaluate_each_image_once(two_process_run, tmp_path, recor
     assert any("grid" in c for c in checks.values())  # some image was misclassified
 
 
+@pytest.mark.slow  # two processes: CI's slow step runs it
 def test_validation_inside_fit_scores_each_image_once(two_process_run, tmp_path):
     """The val/acc that chose the best checkpoint (the only epoch's) is that checkpoint's real
     accuracy on the 9 images, not one with a padded duplicate."""
@@ -172,6 +174,7 @@ def test_validation_inside_fit_scores_each_image_once(two_process_run, tmp_path)
     assert scores == [pytest.approx(truth["acc"], abs=1e-6)]
 
 
+@pytest.mark.slow  # two processes: CI's slow step runs it
 def test_one_process_lightning_evaluation_equals_the_two_process_run(two_process_run, tmp_path):
     """The same checkpoint through Lightning in one process: the same metrics and report."""
     root, _, metrics = two_process_run

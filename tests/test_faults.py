@@ -119,6 +119,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
     return runs
 
 
+@pytest.mark.slow  # two runs and a kill per case: CI's slow step runs it
 @pytest.mark.parametrize(
     "fault,kind",
     [

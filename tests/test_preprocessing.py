@@ -470,6 +470,7 @@ def peak_rss_mb(root: Path, run_dir: Path) -> float:
     return int(result.stdout.split("PEAK_RSS_KB")[-1]) / 1024
 
 
+@pytest.mark.slow  # two whole runs: CI's slow step
 def test_peak_memory_of_a_run_does_not_grow_with_elongated_images(tmp_path, record_fault):
     """The issue's measurement, on the CPU: 1:16 photos raised a run's peak by ~1 GB (their
     batch canvas, and its float copy for roi_align). Now the run with 8 of them peaks within

@@ -350,6 +350,7 @@ ClassifierModule.training_step = training_step
 """
 
 
+@pytest.mark.slow  # a run, an interrupt and its continuation: CI's slow step
 def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, record_fault):
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -387,6 +388,7 @@ def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, rec
     assert expected in last_line
 
 
+@pytest.mark.slow  # an interrupted resume: CI's slow step
 def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_path):
     """A 1-epoch run resumed with trainer.max_epochs=40, stopped in its 3rd epoch: the printed
     command carries trainer.max_epochs=40; without it the run would ask for 1 epoch and is

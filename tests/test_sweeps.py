@@ -162,6 +162,7 @@ def test_optuna_search_survives_a_failed_trial(tmp_path):
     assert best["best_params"]["data.train_fraction"] == 1.0
 
 
+@pytest.mark.slow  # a 4-run sweep and a kernel: CI's slow step
 def test_notebook_executes_against_a_sweep(tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

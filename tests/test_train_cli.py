@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -171,6 +172,7 @@ def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp
     assert not torch.equal(trained_first[key], wheel.state_dict()["conv_stem.weight"])
 
 
+@pytest.mark.slow  # two processes: CI's slow step
 def test_two_devices_run_as_two_ranks_and_write_one_run_dir(tmp_path):
     """trainer.devices=2 (here two CPU processes with DDP, as GPUs would be on a GPU machine)."""
     run_dir = tmp_path / "run"
