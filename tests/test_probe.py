@@ -121,11 +121,29 @@ def test_last_layer_with_augmentation_trains_on_from_the_probe(make_cfg, tmp_pat
     # The same features (eval preprocessing) give the same probe; the augmented epoch then
     # trains the head on from it, so its head differs from the solved one.
     assert augmented["feature_cache"] == "hit"
+    assert augmented["splits_served_as_features"] == ["test", "val"]
+    assert solved["splits_served_as_features"] == ["test", "train", "val"]
     assert augmented["probe_l2"] == solved["probe_l2"]
     assert augmented["probe_val_acc"] == solved["probe_val_acc"]
     solved_head = checkpoint_head(solved["best_checkpoint"])
     trained_head = checkpoint_head(augmented["best_checkpoint"])
     assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
+    # Its evaluation splits were served as the frozen backbone's features: the same numbers as
+    # the checkpoint gives on the images.
+    from finetune.module import load_classifier
+    from finetune.run import build_datamodule
+
+    datamodule = build_datamodule(augmented_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    classifier = load_classifier(augmented["best_checkpoint"])
+    with torch.no_grad():
+        batches = [(classifier(x), y) for x, y in datamodule.val_dataloader()]
+    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert augmented["val/acc"] == pytest.approx(accuracy, abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert augmented["val/loss"] == pytest.approx(loss, rel=1e-4)
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 

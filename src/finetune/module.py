@@ -116,7 +116,9 @@ class ClassifierModule(pl.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.inputs_are_features:
+        # (batch, features): cached features, also of the evaluation splits alone when a frozen
+        # backbone's head trains on augmented images
+        if images.ndim == 2:
             return self.network.forward_head(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

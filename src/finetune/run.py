@@ -212,9 +212,14 @@ def training_data(
         )
     if solve:
         report |= solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
+    served = []
     if model.module.inputs_are_features:
-        datamodule.use_features(extracted)
-    return report
+        served = list(extracted)
+    elif not model.strategy.trains_backbone:  # augmented training images, frozen features
+        served = [split for split in extracted if split != "train"]
+    if served:
+        datamodule.use_features(extracted, splits=served)
+    return report | {"splits_served_as_features": sorted(served)}
 
 
 def solve_probe(
