@@ -77,6 +77,25 @@ def test_flowers102_uses_the_official_splits(flowers_root):
     assert labels.max() < 102
 
 
+def test_flowers102_without_its_held_out_test_images_has_no_test_split(flowers_root):
+    # The shared copy holds train and val only: the official test images are held out.
+    jpg = flowers_root / "flowers-102" / "jpg"
+    test_ids = {Path(p).name for p, _ in datamodule("flowers102", flowers_root).splits.test}
+    for name in test_ids:
+        (jpg / name).unlink()
+    dm = datamodule("flowers102", flowers_root, download=False)
+    assert dm.splits.sizes() == {"train": 1020, "val": 1020}
+    assert not dm.has_test_split
+
+
+def test_flowers102_with_some_images_missing_names_the_split(flowers_root):
+    dm = datamodule("flowers102", flowers_root)
+    for path, _ in dm.splits.val[:3]:
+        Path(path).unlink()
+    with pytest.raises(DataUnavailableError, match="3 of the 1020 Flowers102 val images"):
+        datamodule("flowers102", flowers_root, download=False)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "hymenoptera_data").is_dir(), reason="no shared hymenoptera")
 def test_real_hymenoptera_set_loads_without_the_gif_placeholder():
     dm = datamodule("hymenoptera", SHARED_DATA, download=False)

@@ -43,6 +43,7 @@ def overrides(root: Path) -> list[str]:
         *folder_overrides(root),
         "data.eval_batch_size=4",
         "optim.optimizer.lr=0.001",  # a barely trained head: some images are misclassified
+        "strategy.head_init=random",  # (the solved probe might classify them all)
     ]
 
 
@@ -199,6 +200,27 @@ def test_one_process_lightning_evaluation_equals_the_two_process_run(two_process
         name = name.removeprefix(ClassifierModule.EVALUATION_TAG)  # validation outside fit
         assert metrics[name] == pytest.approx(float(value), abs=1e-4), name
     assert {k: v for k, v in metrics.items() if k in report.results} == report.results
+
+
+@pytest.mark.slow  # two processes
+def test_two_processes_solve_the_same_probe_as_one(tmp_path):
+    root = tmp_path / "photos"
+    for split, counts in SPLIT_COUNTS.items():
+        make_class_folders(root / split, counts, seed=len(split))
+    probe = [*folder_overrides(root), "data.eval_batch_size=4", "augment=none"]
+    results = {}
+    for devices in (1, 2):
+        run_dir = tmp_path / f"run{devices}"
+        extra = ["trainer.strategy=ddp"] if devices > 1 else []
+        result = run_train(
+            *probe, f"trainer.devices={devices}", *extra, f"hydra.run.dir={run_dir}", cwd=tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[devices] = json.loads((run_dir / "metrics.json").read_text())
+    one, two = results[1], results[2]
+    assert two["probe_l2"] == one["probe_l2"]
+    assert two["val/acc"] == pytest.approx(one["val/acc"]) == pytest.approx(one["probe_val_acc"])
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
 
 
 def test_an_evaluation_split_smaller_than_the_processes_is_refused(record_fault):

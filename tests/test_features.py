@@ -22,7 +22,8 @@ from finetune.transforms import (
     train_decode_size,
 )
 
-PROBE = ["strategy=last_layer", "augment=none", "trainer.max_epochs=2"]
+# The head trained by SGD on cached features (the solved probe is tests/test_probe.py's).
+PROBE = ["strategy=last_layer", "augment=none", "trainer.max_epochs=2", "strategy.head_init=random"]
 
 
 def final_head(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -82,9 +83,10 @@ def test_second_identical_run_reuses_the_cache_from_disk(make_cfg, tmp_path):
 
 
 def test_augmentation_turns_the_cache_off_unless_forced(make_cfg, caplog):
-    assert train(make_cfg("strategy=last_layer"))["feature_cache"] == "off"
+    random_head = ["strategy=last_layer", "strategy.head_init=random"]
+    assert train(make_cfg(*random_head))["feature_cache"] == "off"
     with caplog.at_level(logging.WARNING):
-        forced = train(make_cfg("strategy=last_layer", "strategy.cache_features=true"))
+        forced = train(make_cfg(*random_head, "strategy.cache_features=true"))
     assert forced["feature_cache"] in ("hit", "miss")
     assert "augmentation is off" in caplog.text
 

@@ -49,6 +49,9 @@ class ClassifierModule(pl.LightningModule):
         inputs_are_features: batches hold `Network.forward_features` outputs (the cached linear
             probe); not saved, so a checkpoint always rebuilds an image classifier.
         channels_last: keep the network and its input images in NHWC layout; not saved.
+        head_solved: the head was solved before fit (the linear probe, `finetune.probe`) and
+            nothing trains: training steps only measure the loss and accuracy (Lightning's
+            manual optimization, steps without gradients); not saved.
 
     Its length (~160 lines) is Lightning's hooks for one module (steps, the deferred loss
     check, optimizers, checkpoint loading); each is short, and splitting them across classes
@@ -72,13 +75,16 @@ class ClassifierModule(pl.LightningModule):
         network: Network | None = None,
         inputs_are_features: bool = False,
         channels_last: bool = False,
+        head_solved: bool = False,
     ) -> None:
         super().__init__()
         # Plain values only: the checkpoint must rebuild without pickled modules. How this run
         # feeds the network (cached features, memory layout) is not part of the model.
         self.save_hyperparameters(
-            ignore=["network", "inputs_are_features", "channels_last"], logger=False
+            ignore=["network", "inputs_are_features", "channels_last", "head_solved"],
+            logger=False,
         )
+        self.automatic_optimization = not head_solved
         if network is None:
             network = backbones.build(model, len(class_names), pretrained=False)
         self.network = network
@@ -110,7 +116,9 @@ class ClassifierModule(pl.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.inputs_are_features:
+        # (batch, features): cached features, also of the evaluation splits alone when a frozen
+        # backbone's head trains on augmented images
+        if images.ndim == 2:
             return self.network.forward_head(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -161,6 +169,16 @@ class ClassifierModule(pl.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if not self.automatic_optimization:  # the solved probe: measured, never changed
+            with torch.no_grad():
+                loss = self._shared_step(batch, "train")[0]
+            # A step without gradients changes no parameter (torch's optimizers skip a
+            # parameter whose grad is None) but counts as one: Lightning's checkpointing and
+            # step-based logging follow the step count.
+            optimizer = self.optimizers()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            return loss
         loss = self._shared_step(batch, "train")[0]
         check = (torch.isfinite(loss), loss.detach(), self.trainer.global_step, batch_idx)
         pending, self._pending_loss_check = self._pending_loss_check, None

@@ -17,7 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from finetune import backbones, callbacks, config, features, resume, rundir, runtime, strategies
+from finetune import (
+    backbones,
+    callbacks,
+    config,
+    features,
+    probe,
+    resume,
+    rundir,
+    runtime,
+    strategies,
+)
 from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
 from finetune.distributed import build_once
@@ -120,20 +130,30 @@ def find_resume_checkpoint(
     return resume_from
 
 
-def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
-    """The freeze strategy, the network with a head for the data's classes, the module. Whether
-    the head trains on cached features is decided here, from the strategy and the augmentation:
-    a frozen backbone without augmentation sees the same images every epoch."""
+def plan_strategy(cfg: DictConfig) -> tuple[strategies.FreezeStrategy, bool]:
+    """The freeze strategy and whether its head trains on cached features: a frozen backbone
+    without augmentation sees the same images every epoch."""
     strategy = strategies.build(_plain(cfg.strategy))
-    network = backbones.build(
-        cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
-    )
-    speed = runtime.speed_switches(cfg, network)
     caches_features = strategies.caches_features(
         strategy,
         cfg.strategy.get("cache_features", "auto"),
         augmenting=is_augmenting(cfg.data.get("augment") or {}),
     )
+    return strategy, caches_features
+
+
+def training_regime(cfg: DictConfig) -> str:
+    """How the run trains, for the data-adaptive defaults (`strategies.training_regime`)."""
+    return strategies.training_regime(*plan_strategy(cfg))
+
+
+def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
+    """The freeze strategy, the network with a head for the data's classes, the module."""
+    strategy, caches_features = plan_strategy(cfg)
+    network = backbones.build(
+        cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
+    )
+    speed = runtime.speed_switches(cfg, network)
     module = ClassifierModule(
         class_names=datamodule.class_names,
         model=_plain(cfg.model),
@@ -143,6 +163,8 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
         network=network,
         inputs_are_features=caches_features,
         channels_last=speed["channels_last"],
+        # the solved probe on cached features is the whole training: epochs only measure it
+        head_solved=caches_features and strategy.head_from_probe,
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
@@ -175,28 +197,62 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
 
 
 def training_data(
-    model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer
+    model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer, resume_from: str | None
 ) -> dict[str, Any]:
-    """Switch the data module to cached features when the head trains on them (the frozen
-    backbone then runs once, or its features are reused); returns the feature-cache part of
-    metrics.json."""
-    if not model.module.inputs_are_features:
+    """Extract the frozen backbone's features once (or reuse them) when the head trains on them
+    or starts from the linear probe; solve that probe into the head (not when resuming: the
+    checkpoint holds the head); switch the data module to the features when the head trains
+    on them. Returns the feature-cache and probe part of metrics.json."""
+    solve = model.strategy.head_from_probe and resume_from is None
+    if not (model.module.inputs_are_features or solve):
         return {"feature_cache": "off"}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
-        extracted, feature_report = features.cached_features(
+        extracted, report = features.cached_features(
             datamodule, model.network, trainer, channels_last=model.speed["channels_last"]
         )
-    datamodule.use_features(extracted)
-    return feature_report
+    if solve:
+        report |= solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
+    served = []
+    if model.module.inputs_are_features:
+        served = list(extracted)
+    elif not model.strategy.trains_backbone:  # augmented training images, frozen features
+        served = [split for split in extracted if split != "train"]
+    if served:
+        datamodule.use_features(extracted, splits=served)
+    return report | {"splits_served_as_features": sorted(served)}
+
+
+def solve_probe(
+    network: Network,
+    datamodule: FinetuneDataModule,
+    extracted: dict[str, torch.Tensor],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Solve the linear probe on the training split's features (L2 chosen on val) on `device`
+    and copy it into the network's head; returns its report for metrics.json."""
+    labels = {
+        split: torch.tensor([label for _, label in samples], device=device)
+        for split, samples in datamodule.splits.named().items()
+    }
+    val = extracted.get("val")
+    solution = probe.solve(
+        extracted["train"].to(device),
+        labels["train"],
+        datamodule.num_classes,
+        None if val is None else val.to(device),
+        labels.get("val"),
+    )
+    solution.copy_into(network.get_classifier())
+    return solution.report()
 
 
 def fit(
     trainer: pl.Trainer, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
 ) -> tuple[float, dict[str, Any]]:
     """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
-    feature extraction included, and the feature-cache part of metrics.json."""
+    feature extraction and the probe's solve included, and their part of metrics.json."""
     started = time.perf_counter()
-    feature_report = training_data(model, datamodule, trainer)
+    feature_report = training_data(model, datamodule, trainer, resume_from)
     try:
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:

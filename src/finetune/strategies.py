@@ -18,10 +18,12 @@ Strategies:
 - regex:      the head and the parameters whose names match `train` and not `freeze`.
 - gradual:    the head, then one more block every n epochs (or on a val/acc plateau).
 - full:       every layer, starting from the pretrained weights.
+- lp_ft:      the linear probe first (the head solved on cached features), then every layer.
 - scratch:    every layer, starting from random initialisation (the baseline).
 
 Whether the head trains on cached features is the run's decision (`caches_features`), from the
-strategy, `strategy.cache_features` and the augmentation.
+strategy, `strategy.cache_features` and the augmentation. A strategy whose `head_from_probe` is
+true gets its head solved before fit (`finetune.probe`, run by `finetune.run.fit`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from finetune.config.schema import (
     STEM_PATTERNS,
     FullConfig,
     GradualConfig,
+    LastLayerConfig,
+    LpFtConfig,
     RegexConfig,
     ScratchConfig,
     TopKConfig,
@@ -89,6 +93,8 @@ class FreezeStrategy(pl.Callback):
     pretrained: ClassVar[bool] = True
     trains_backbone: ClassVar[bool] = True  # False: the backbone stays frozen for the whole fit
     STATE: ClassVar[tuple[str, ...]] = ()
+    # True: the head starts from the linear probe solved on cached features (finetune.probe)
+    head_from_probe: bool = False
     # Keys of this strategy's config that the run reads, not the strategy.
     RUN_KEYS: ClassVar[tuple[str, ...]] = ()
 
@@ -163,8 +169,10 @@ class LastLayer(FreezeStrategy):
     trains_backbone = False
     RUN_KEYS = ("cache_features",)
 
-    def __init__(self) -> None:
+    def __init__(self, head_init: str = LastLayerConfig.head_init) -> None:
         super().__init__(bn="frozen")
+        # `head_init` is one of `finetune.config.schema.HEAD_INITS`, checked with the config
+        self.head_from_probe = head_init == "probe"
 
     def trainable_names(self, network: Network) -> set[str]:
         return set()
@@ -325,6 +333,19 @@ class Full(FreezeStrategy):
         return {name for name, _ in network.net.named_parameters()}
 
 
+class LpFt(Full):
+    """LP-FT (Kumar et al. 2022): the head is solved as a linear probe first, then every layer
+    trains from it, by default all at the same rate."""
+
+    name = "lp_ft"
+    head_from_probe = True
+
+    def __init__(
+        self, backbone_lr_scale: float = LpFtConfig.backbone_lr_scale, bn: str = LpFtConfig.bn
+    ) -> None:
+        super().__init__(backbone_lr_scale=backbone_lr_scale, bn=bn)
+
+
 class Scratch(Full):
     """Every layer trains from random initialisation, all at the full rate: the baseline that
     shows what the pretrained weights are worth."""
@@ -337,7 +358,7 @@ class Scratch(Full):
 
 
 STRATEGIES: dict[str, type[FreezeStrategy]] = {
-    cls.name: cls for cls in (LastLayer, TopK, Regex, Gradual, Full, Scratch)
+    cls.name: cls for cls in (LastLayer, TopK, Regex, Gradual, Full, LpFt, Scratch)
 }
 
 
@@ -351,6 +372,15 @@ def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
         raise unknown_name("strategy", str(name), list(STRATEGIES))
     cls = STRATEGIES[name]
     return cls(**{key: value for key, value in cfg.items() if key not in cls.RUN_KEYS})
+
+
+def training_regime(strategy: FreezeStrategy, caches_features: bool) -> str:
+    """How a run trains, one of `finetune.config.schema.REGIMES`: probe = the head solved on
+    cached features is the whole training; head = a frozen backbone's head trains on augmented
+    images; from_probe = every layer trains from a solved head (lp_ft); finetune = the rest."""
+    if not strategy.trains_backbone:
+        return "probe" if caches_features and strategy.head_from_probe else "head"
+    return "from_probe" if strategy.head_from_probe else "finetune"
 
 
 def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmenting: bool) -> bool:

@@ -31,6 +31,11 @@ AUTO_TRUE_FALSE = ("auto", True, False)
 AUTO_AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
 DEVICE_TRANSFORMS = ("auto", "normalise", True, False)
 SCHEDULERS = ("cosine", "step", "constant")
+# Where a new head starts: probe = the linear probe solved on cached features (finetune.probe),
+# random = nn.Linear's initialisation.
+HEAD_INITS = ("probe", "random")
+# How a run trains (finetune.strategies.training_regime), which the data-adaptive defaults read.
+REGIMES = ("probe", "head", "finetune", "from_probe")
 # finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
 # torch, which checking a command line must not import); tests keep their names equal to these.
 MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
@@ -100,6 +105,10 @@ class LastLayerConfig(StrategyConfig):
     name: str = "last_layer"
     # train the head on features cached once: auto = when the images are not augmented
     cache_features: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE))
+    # probe: the head is solved first (L-BFGS, L2 chosen on val, finetune.probe); on cached
+    # features that is the whole training, with augmentation the epochs continue from it.
+    # random: the head starts from nn.Linear's initialisation and trains by the optimizer.
+    head_init: str = field(default="probe", metadata=one_of(*HEAD_INITS))
 
 
 @dataclass
@@ -147,6 +156,14 @@ class GradualConfig(BackboneTrainsConfig):
 @dataclass
 class FullConfig(BackboneTrainsConfig):
     name: str = "full"
+
+
+@dataclass
+class LpFtConfig(BackboneTrainsConfig):
+    name: str = "lp_ft"
+    # LP-FT (Kumar et al. 2022): the head starts from the solved linear probe, so it needs no
+    # faster rate than the layers beneath it; every layer learns at the same rate.
+    backbone_lr_scale: float = 1.0
 
 
 @dataclass
@@ -373,6 +390,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "base_regex": RegexConfig,
         "base_gradual": GradualConfig,
         "base_full": FullConfig,
+        "base_lp_ft": LpFtConfig,
         "base_scratch": ScratchConfig,
     },
     "data": {

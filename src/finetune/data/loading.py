@@ -207,10 +207,11 @@ def image_datasets(
 def feature_datasets(
     splits: DatasetSplits, features: dict[str, torch.Tensor]
 ) -> dict[str, Dataset]:
-    """Per split, its cached features `(N, D)` with the labels of its samples."""
+    """Per split of `features`, its cached features `(N, D)` with the labels of its samples."""
     return {
         split: FeatureDataset(features[split], torch.tensor([label for _, label in samples]))
         for split, samples in splits.named().items()
+        if split in features
     }
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,34 +188,40 @@ class FinetuneDataModule(pl.LightningDataModule):
     def has_test_split(self) -> bool:
         return self.splits.test is not None
 
-    def use_features(self, features: Mapping[str, torch.Tensor]) -> None:
+    def use_features(
+        self, features: Mapping[str, torch.Tensor], splits: Iterable[str] | None = None
+    ) -> None:
         """Serve `features[split]` (`(N, D)` float tensors in the order of `splits`) instead of
-        images from now on; raises `FinetuneError` when a split's count does not match."""
+        images from now on, for the named `splits` (default: every split of `features`; a
+        frozen backbone's head trained on augmented images still evaluates on features).
+        Raises `FinetuneError` when a split's count does not match."""
+        served = {split: features[split] for split in (features if splits is None else splits)}
         sizes = self.splits.sizes()
-        if {split: len(tensor) for split, tensor in features.items()} != sizes:
+        if any(len(tensor) != sizes.get(split) for split, tensor in served.items()):
             raise FinetuneError(
                 f"Cached features do not match the splits {sizes}. Fix: delete the feature "
                 f"cache under {self.cache_dir / 'features'}."
             )
-        self.features, self.datasets = dict(features), {}
+        self.features, self.datasets = served, {}
 
     def setup(self, stage: str | None = None) -> None:
         self._list_splits()  # a rank that did not prepare lists the files now
-        if self.features is not None:
-            self.datasets = feature_datasets(self.splits, self.features)
-        else:
-            self.datasets = self._image_datasets()
+        features = self.features or {}
+        image_splits = [split for split in self.splits.named() if split not in features]
+        self.datasets = self._image_datasets(image_splits) if image_splits else {}
+        self.datasets |= feature_datasets(self.splits, features)
         # Built here, before any training, so that too small a split for the processes stops
         # the run at once; Lightning would otherwise pad each split (see evaluation_sampler).
         self.evaluation_samplers = self._evaluation_samplers()
 
-    def _image_datasets(self) -> dict[str, Dataset]:
+    def _image_datasets(self, image_splits: list[str]) -> dict[str, Dataset]:
+        """Datasets of the images of `image_splits` (only those are decoded ahead)."""
         if self.decode_cache_mb > 0 and self.decoded is None:
-            named = self.splits.named()
+            named = {s: v for s, v in self.splits.named().items() if s in image_splits}
             self.decoded = decode_once(
                 self.input_spec,
                 self.decode_cache_mb,
-                train=[path for path, _ in named.pop("train")],
+                train=[path for path, _ in named.pop("train", [])],
                 evaluation=[[path for path, _ in samples] for samples in named.values()],
                 threads=os.cpu_count() or 1,
             )
@@ -229,9 +235,10 @@ class FinetuneDataModule(pl.LightningDataModule):
             tensor_input=self.decoded is not None,
         )
         transforms = self.preprocessing
-        return image_datasets(
+        datasets = image_datasets(
             self.splits, transforms.train, transforms.eval, self.decoded, self.shuffle_seed
         )
+        return {split: dataset for split, dataset in datasets.items() if split in image_splits}
 
     def _processes(self) -> dict[str, int]:
         """Lightning's `num_replicas` and `rank` of this process; empty without a trainer."""
@@ -252,7 +259,7 @@ class FinetuneDataModule(pl.LightningDataModule):
     @property
     def device_transforms(self) -> bool:
         """Whether image batches are finished on the training device (decided in `setup`)."""
-        return self.features is None and bool(self.preprocessing and self.preprocessing.on_device)
+        return bool(self.preprocessing and self.preprocessing.on_device)
 
     @property
     def crops_on_device(self) -> bool:
@@ -260,14 +267,15 @@ class FinetuneDataModule(pl.LightningDataModule):
         return self.device_transforms and self.preprocessing.crops_on_device
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not self.device_transforms:
+        if not self.device_transforms or batch[0].ndim == 2:  # features need no finishing
             return batch
         return self.preprocessing.finish(batch, self.trainer is not None and self.trainer.training)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             raise FinetuneError(f"Dataset {self.dataset} has no {split} split; evaluate on val.")
-        images = self.features is None  # features are in memory: workers only add start-up
+        # features are in memory: workers only add start-up
+        images = split not in (self.features or {})
         return make_loader(
             self.datasets[split],
             self.batch_size if train else self.eval_batch_size,

@@ -1,0 +1,161 @@
+"""The linear probe solved to convergence (finetune.probe) and the strategies that start from it:
+last_layer (the probe is the training on cached features; augmented epochs continue from it)
+and lp_ft (every layer fine-tunes from it)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from finetune import features, probe
+from finetune.run import train
+
+
+@pytest.fixture(autouse=True)
+def empty_memory_cache():
+    features.clear_memory_cache()
+    yield
+    features.clear_memory_cache()
+
+
+def blobs(n_per_class: int, classes: int, dims: int, spread: float, seed: int):
+    """Gaussian blobs with a feature scale far from 1 (as pooled features are)."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dims, generator=generator) * 3
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    noise = torch.randn(len(labels), dims, generator=generator) * spread
+    return (centres[labels] + noise) * 40 + 7, labels
+
+
+def reference_objective(x, y, classes, l2):
+    """The probe's objective in float64 over standardised features, for scipy."""
+    x = x.double()
+    x = (x - x.mean(0)) / x.std(0, unbiased=False)
+    dims = x.shape[1]
+
+    def objective(flat):
+        params = torch.tensor(flat, requires_grad=True)
+        weight, bias = params[: classes * dims].view(classes, dims), params[classes * dims :]
+        loss = (
+            torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * (weight**2).sum()
+        )
+        loss.backward()
+        return loss.item(), params.grad.numpy()
+
+    return objective, classes * dims + classes
+
+
+def test_solve_reaches_the_optimum_a_float64_solver_finds():
+    x, y = blobs(30, 4, 16, spread=2.0, seed=0)
+    val_x, val_y = blobs(10, 4, 16, spread=2.0, seed=1)
+    solution = probe.solve(x, y, 4, val_x, val_y)
+    objective, size = reference_objective(x, y, 4, solution.l2)
+    reference = minimize(objective, np.zeros(size), jac=True, method="L-BFGS-B", tol=1e-14)
+    # Our head over raw features, mapped onto standardised ones, gives the objective's value.
+    mean, std = x.mean(0), x.std(0, unbiased=False)
+    weight = solution.weight * std
+    bias = solution.bias + solution.weight @ mean
+    ours = objective(np.concatenate([weight.double().flatten(), bias.double()]))[0]
+    assert ours == pytest.approx(reference.fun, rel=1e-4)
+
+
+def test_l2_is_chosen_by_validation_accuracy_along_a_strongest_first_path():
+    x, y = blobs(8, 5, 64, spread=6.0, seed=2)  # few, noisy images: regularisation matters
+    val_x, val_y = blobs(40, 5, 64, spread=6.0, seed=3)
+    solution = probe.solve(x, y, 5, val_x, val_y)
+    strengths = [point["l2"] for point in solution.path]
+    assert strengths == sorted(probe.L2_GRID, reverse=True)
+    accuracies = [point["val_acc"] for point in solution.path]
+    assert solution.val_acc == pytest.approx(max(accuracies), abs=1e-6)
+    assert solution.l2 == strengths[accuracies.index(max(accuracies))]
+    # The head computes the chosen classifier over raw features: its val accuracy is the path's.
+    head = torch.nn.Linear(64, 5)
+    solution.copy_into(head)
+    with torch.no_grad():
+        accuracy = (head(val_x).argmax(1) == val_y).float().mean().item()
+    assert accuracy == pytest.approx(solution.val_acc, abs=1e-6)
+
+
+def test_without_validation_one_strength_is_solved():
+    x, y = blobs(10, 3, 8, spread=1.0, seed=4)
+    solution = probe.solve(x, y, 3)
+    assert len(solution.path) == 1 and solution.val_acc is None
+
+
+def test_empty_or_mismatched_features_are_refused():
+    with pytest.raises(ValueError, match="at least one training image"):
+        probe.solve(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="N labels"):
+        probe.solve(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), 2)
+
+
+def checkpoint_head(path: str | Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {name: tensor for name, tensor in state.items() if ".classifier." in name}
+
+
+def test_last_layer_on_cached_features_is_the_solved_probe(make_cfg, tmp_path):
+    cfg = make_cfg("strategy=last_layer", "augment=none", "trainer.max_epochs=2")
+    metrics = train(cfg)
+    assert metrics["feature_cache"] == "miss" and metrics["probe_l2"] in probe.L2_GRID
+    # Nothing trains after the solve: every epoch's checkpoint holds the same head, and the
+    # run's validation accuracy is the probe's.
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    first, last = (
+        checkpoint_head(metrics["best_checkpoint"]),
+        checkpoint_head(checkpoints / "last.ckpt"),
+    )
+    for name, tensor in first.items():
+        assert torch.equal(tensor, last[name])
+    assert metrics["val/acc"] == pytest.approx(metrics["probe_val_acc"], abs=1e-6)
+
+
+def test_last_layer_with_augmentation_trains_on_from_the_probe(make_cfg, tmp_path):
+    solved_cfg = make_cfg("strategy=last_layer", "augment=none")
+    solved = train(solved_cfg)
+    augmented_cfg = make_cfg("strategy=last_layer")
+    augmented_cfg.run_dir = str(tmp_path / "augmented")
+    augmented = train(augmented_cfg)
+    # The same features (eval preprocessing) give the same probe; the augmented epoch then
+    # trains the head on from it, so its head differs from the solved one.
+    assert augmented["feature_cache"] == "hit"
+    assert augmented["splits_served_as_features"] == ["test", "val"]
+    assert solved["splits_served_as_features"] == ["test", "train", "val"]
+    assert augmented["probe_l2"] == solved["probe_l2"]
+    assert augmented["probe_val_acc"] == solved["probe_val_acc"]
+    solved_head = checkpoint_head(solved["best_checkpoint"])
+    trained_head = checkpoint_head(augmented["best_checkpoint"])
+    assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
+    # Its evaluation splits were served as the frozen backbone's features: the same numbers as
+    # the checkpoint gives on the images.
+    from finetune.module import load_classifier
+    from finetune.run import build_datamodule
+
+    datamodule = build_datamodule(augmented_cfg)
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    classifier = load_classifier(augmented["best_checkpoint"])
+    with torch.no_grad():
+        batches = [(classifier(x), y) for x, y in datamodule.val_dataloader()]
+    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    assert augmented["val/acc"] == pytest.approx(accuracy, abs=1e-6)
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    assert augmented["val/loss"] == pytest.approx(loss, rel=1e-4)
+    random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
+    assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
+
+
+def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solving(
+    make_cfg, tmp_path
+):
+    cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=1")
+    metrics = train(cfg)
+    assert metrics["strategy"] == "lp_ft" and "probe_l2" in metrics
+    assert metrics["trainable_params"] == metrics["total_params"]
+    resumed_cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=2", "ckpt_path=last")
+    resumed_cfg.run_dir = cfg.run_dir
+    resumed = train(resumed_cfg)
+    assert "probe_l2" not in resumed and resumed["epochs"] == 2
