@@ -243,7 +243,13 @@ def train_run(case: Case, args, work: Path) -> dict[str, Any]:
         "data.download=false",  # a benchmark measures the data it was given, never fetches
         *args.extra,
     )
-    metrics = result.pop("metrics")
+    return run_record(case, result, result.pop("metrics"))
+
+
+def run_record(case: Case, measured: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A train.py run's JSON line: its `metrics.json` and `measured` (common.train_py's wall
+    seconds and peak MB); keys metrics.json lacks (top-5 below 6 classes, test acc without a
+    test split, the adaptive rules' choices before they exist) are left out."""
     record = {
         "augment": case.augment,
         "seed": metrics.get("seed"),
@@ -252,8 +258,8 @@ def train_run(case: Case, args, work: Path) -> dict[str, Any]:
         "test_acc": metrics.get("test/acc"),
         "fit_seconds": metrics["fit_seconds"],
         "run_seconds": metrics["run_seconds"],
-        "wall_seconds": result["wall_seconds"],
-        "peak_memory_mb": result["peak_memory_mb"],
+        "wall_seconds": measured["wall_seconds"],
+        "peak_memory_mb": measured["peak_memory_mb"],
         "best_epoch": metrics.get("best_epoch"),
         "epochs": metrics.get("epochs"),
         "feature_cache": metrics.get("feature_cache"),
