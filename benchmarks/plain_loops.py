@@ -4,7 +4,7 @@ Each subcommand runs one loop the way a user would write it by hand (the PyTorch
 learning tutorial's style) and prints one JSON line. The parent benchmark runs it in its own
 process to measure wall time and peak memory, exactly as it measures `train.py`.
 
-    python benchmarks/plain_loops.py bare_forward --data-root $FINETUNE_DATA_ROOT
+    python benchmarks/plain_loops.py bare_forward --data-root $FINETUNE_DATA_ROOT [--dataset flowers102]
     python benchmarks/plain_loops.py tutorial_probe --epochs 25 --batch-size 4
     python benchmarks/plain_loops.py finetune_epochs --epochs 2 --batch-size 32
 """
@@ -55,7 +55,17 @@ def presets() -> tuple[v2.Compose, v2.Compose]:
     return train, evaluation
 
 
-def image_folders(root: Path, train_tf, eval_tf) -> dict[str, datasets.ImageFolder]:
+def image_folders(
+    root: Path, train_tf, eval_tf, dataset: str = "hymenoptera"
+) -> dict[str, datasets.VisionDataset]:
+    """Train and val of `dataset` under the data root `root`: hymenoptera's class folders, or
+    Flowers102's official train and val splits (torchvision's reader; the test split is not
+    read, so its images may be absent)."""
+    if dataset == "flowers102":
+        return {
+            split: datasets.Flowers102(str(root), split=split, transform=tf)
+            for split, tf in (("train", train_tf), ("val", eval_tf))
+        }
     folder = root / "hymenoptera_data"
     return {
         "train": datasets.ImageFolder(folder / "train", train_tf),
@@ -70,13 +80,14 @@ def pretrained_with_new_head(num_classes: int) -> nn.Module:
 
 
 def bare_forward(args) -> dict:
-    """Load the model and run one no_grad forward pass over train + val with the eval preset."""
+    """Load the model and run one no_grad forward pass over train + val of `--dataset` with the
+    eval preset."""
     started = time.perf_counter()
     _, eval_tf = presets()
     net = backbones.pretrained_network(MODEL).eval()
     images = 0
     with torch.no_grad():
-        for dataset in image_folders(args.data_root, eval_tf, eval_tf).values():
+        for dataset in image_folders(args.data_root, eval_tf, eval_tf, args.dataset).values():
             loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
             for batch, _ in loader:
                 net.forward_features(batch)
@@ -170,6 +181,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("loop", choices=["bare_forward", "tutorial_probe", "finetune_epochs"])
     parser.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    parser.add_argument(
+        "--dataset",
+        choices=["hymenoptera", "flowers102"],
+        default="hymenoptera",
+        help="bare_forward only; the training loops run hymenoptera",
+    )
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--num-workers", type=int, default=2)
