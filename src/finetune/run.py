@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+import finetune.adaptive as adaptive
 from finetune import backbones, callbacks, config, features, resume, rundir, runtime, strategies
 from finetune.backbones import Network
 from finetune.data import FinetuneDataModule
@@ -48,6 +49,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not in_place:
             rundir.save_config(cfg, run_dir)
         datamodule = build_data(cfg, run_dir, write=not in_place)
+        cfg, _ = adaptive.resolve(  # every `auto` key from the data; config.yaml keeps `auto`
+            cfg, datamodule.splits.sizes()["train"], datamodule.num_classes, adaptive.regime_of(cfg)
+        )
         resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
         model = build_model(cfg, datamodule)
     except FinetuneError as error:
