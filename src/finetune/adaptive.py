@@ -171,8 +171,8 @@ def _log_block(chosen: dict[str, Any], train_images: int, num_classes: int, regi
         return
     lines = [f"  {key} = {choice['value']} ({choice['rule']})" for key, choice in chosen.items()]
     log.info(
-        "Data-adaptive defaults for %d training images of %d classes (regime %s; docs/configuration.md, "
-        "override any on the command line):\n%s",
+        "Data-adaptive defaults for %d training images of %d classes (regime %s; "
+        "docs/configuration.md, override any on the command line):\n%s",
         train_images,
         num_classes,
         regime,
