@@ -127,9 +127,9 @@ def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
         "(Goyal et al. 2017))",
     ]
     caplog.clear()
-    adaptive.resolve(
-        auto_cfg("data.batch_size=8", "trainer.max_epochs=4", "optim.optimizer.lr=1"), 8, 2, "head"
-    )
+    all_set = auto_cfg("data.batch_size=8", "trainer.max_epochs=4", "optim.optimizer.lr=1")
+    with caplog.at_level("INFO", logger="finetune.adaptive"):
+        adaptive.resolve(all_set, 8, 2, "head")
     assert not caplog.records  # nothing chosen, nothing logged
 
 
