@@ -9,10 +9,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, make_class_folders
-from finetune import backbones, strategies
+from finetune import adaptive, backbones, strategies
 from finetune.callbacks import instantiate_all
 from finetune.optim import build_optimizer
-from finetune.run import build_datamodule
+from finetune.run import build_datamodule, training_regime
 
 
 def options(group: str) -> list[str]:
@@ -83,6 +83,7 @@ def test_strategy_options_build(make_cfg, name):
 @pytest.mark.parametrize("scheduler", options("scheduler"))
 def test_optim_and_scheduler_options_configure_the_optimizer(make_cfg, optim, scheduler):
     cfg = make_cfg(f"optim={optim}", f"scheduler={scheduler}")
+    cfg, _ = adaptive.resolve(cfg, 20, 3, "finetune")  # lr=auto: as run.train passes it on
     backbone = backbones.build(cfg.model, 3, pretrained=False)
     optimizer, scheduler = build_optimizer(
         backbone, cfg.optim, cfg.scheduler, total_steps=20, steps_per_epoch=10
@@ -122,6 +123,7 @@ def test_logger_options_instantiate(make_cfg, name):
 def test_debug_and_experiment_options_compose(make_cfg, group):
     for name in options(group):
         cfg = make_cfg(f"{group}={name}", fast=False)
+        cfg, _ = adaptive.resolve(cfg, 244, 2, training_regime(cfg))  # `auto` keys, as a run
         assert cfg.trainer.max_epochs >= 1
         instantiate(cfg.optim.optimizer)  # still a valid partial
 

@@ -314,10 +314,11 @@ def trained_epochs(checkpoint_path: str | Path) -> int:
     return int(progress.get("current", {}).get("processed", checkpoint.get("epoch", -1) + 1))
 
 
-def check_epochs(checkpoint_path: str | Path, max_epochs: int | None, source: Path) -> None:
+def check_epochs(checkpoint_path: str | Path, max_epochs: int | str | None, source: Path) -> None:
     """`ResumeRefused` when `max_epochs` asks for no epoch beyond those the checkpoint has
-    trained (Lightning would stop with a traceback after writing logs); None or -1: no limit."""
-    if max_epochs is None or max_epochs < 0:
+    trained (Lightning would stop with a traceback after writing logs); None or -1: no limit;
+    `auto`: not known before the data is (run.train checks the value `finetune.adaptive` chose)."""
+    if not isinstance(max_epochs, int) or max_epochs < 0:
         return
     trained = trained_epochs(checkpoint_path)
     if max_epochs <= trained:

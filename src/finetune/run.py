@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from finetune import (
+    adaptive,
     backbones,
     callbacks,
     config,
@@ -58,6 +59,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not in_place:
             rundir.save_config(cfg, run_dir)
         datamodule = build_data(cfg, run_dir, write=not in_place)
+        cfg, chosen = adaptive.resolve(  # every `auto` key from the data; config.yaml keeps it
+            cfg, datamodule.splits.sizes()["train"], datamodule.num_classes, training_regime(cfg)
+        )
         resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
         model = build_model(cfg, datamodule)
     except FinetuneError as error:
@@ -70,7 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
-    metrics |= fitting.evaluation_report.results
+    metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers)

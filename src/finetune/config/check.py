@@ -169,6 +169,8 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
     named = list(dict.fromkeys(_show(a) for a in values))  # 64 and "64" read the same
     shown = named + [f"any {t.__name__}" for t in types]
     message = f"`{full_key}={_show(value)}` is not one of: {', '.join(shown)}."
+    if types:  # a key of mixed type (auto or an int): the value is of the wrong type
+        message = f"Config key `{full_key}` takes {', '.join(shown)}; not `{_show(value)}`."
     closest = difflib.get_close_matches(_show(value), named, n=1)
     example = closest[0] if closest else (shown[0] if values else _example(types[0]))
     if closest:

@@ -68,6 +68,11 @@ def one_of(*values: Any, types: tuple[type, ...] = ()) -> dict[str, Any]:
     return {"choices": values, "types": types}
 
 
+# Keys that a rule of finetune.adaptive fills in from the data when left at `auto`.
+AUTO_OR_INT = one_of("auto", types=(int,))
+AUTO_OR_NUMBER = one_of("auto", types=(float, int))
+
+
 # Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
 # naming nobody maps): a run would train from random weights it did not ask for. Every loader
 # with a head that does not fit still loads all but one layer, far above it.
@@ -201,7 +206,7 @@ class DataConfig:
     dataset: str = field(default=MISSING, metadata=one_of(*DATASETS))
     root: str = II("paths.data_root")  # parent folder of each dataset's canonical folder
     download: bool = True  # fetch hymenoptera / flowers102 when absent
-    batch_size: int = 32
+    batch_size: Any = field(default="auto", metadata=AUTO_OR_INT)  # auto: finetune.adaptive
     eval_batch_size: int | None = 64
     num_workers: int = 2
     pin_memory: bool = True  # only takes effect with CUDA
@@ -241,7 +246,7 @@ class SyntheticDataConfig(DataConfig):
 class SGDConfig:
     _target_: str = "torch.optim.SGD"
     _partial_: bool = True  # the module supplies the parameter groups
-    lr: float = 0.01
+    lr: Any = field(default="auto", metadata=AUTO_OR_NUMBER)  # auto: finetune.adaptive
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1.0e-4
@@ -251,7 +256,7 @@ class SGDConfig:
 class AdamWConfig:
     _target_: str = "torch.optim.AdamW"
     _partial_: bool = True
-    lr: float = 1.0e-3
+    lr: Any = field(default="auto", metadata=AUTO_OR_NUMBER)  # auto: finetune.adaptive
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
 
@@ -313,7 +318,8 @@ class TrainerConfig:
     devices: Any = field(default="auto", metadata=one_of(types=(int, list, str)))
     num_nodes: int = 1
     precision: Any = field(default=None, metadata=one_of(*PRECISIONS))
-    max_epochs: int | None = None
+    # conf/trainer/default.yaml: auto (finetune.adaptive); null = Lightning's default
+    max_epochs: Any = field(default=None, metadata=one_of("auto", None, types=(int,)))
     min_epochs: int | None = None
     max_steps: int = -1
     max_time: str | None = None  # DD:HH:MM:SS

@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
@@ -71,7 +72,8 @@ class FinetuneDataModule(pl.LightningDataModule):
     `decode_cache_mb` keeps decoded, resized images in memory (MiB, 0 turns it off);
     `cache_dir` holds the verified-image records and cached features (None: the project's
     default, `project_cache_dir()`);
-    `device_transforms` is explained in `finetune.transforms.Preprocessing`.
+    `device_transforms` is explained in `finetune.transforms.Preprocessing`;
+    `batch_size="auto"` is chosen by `finetune.adaptive.auto_batch_size` once the splits are listed.
     Raises `FinetuneError` for an unknown dataset, device_transforms or train_fraction.
     Its length (~175 lines) is mostly the constructor naming the data group's 19 keys.
     """
@@ -83,7 +85,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         root: str,
         input_spec: InputSpec,
         augment: Mapping[str, Any],
-        batch_size: int,
+        batch_size: int | str,
         eval_batch_size: int | None,
         num_workers: int,
         pin_memory: bool,
@@ -110,7 +112,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         # The project's folder, not the dataset's: a user's photo folder is only ever read.
         self.cache_dir = Path(cache_dir or project_cache_dir()).expanduser()
         self.input_spec, self.augment = input_spec, dict(augment or {})
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        # "auto": chosen from the training split's size once it is listed (`_list_splits`)
+        self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -152,6 +155,13 @@ class FinetuneDataModule(pl.LightningDataModule):
             self._splits.sizes(),
             self.cache_dir,
         )
+        if self.batch_size == AUTO:  # the rule run.train's adaptive.resolve applies to the config
+            self.batch_size = auto_batch_size(self._splits.sizes()["train"]).value
+
+    @property
+    def eval_batch_size(self) -> int | str:
+        """Images per evaluation batch: data.eval_batch_size, else the training batch size."""
+        return self._eval_batch_size or self.batch_size
 
     @property
     def splits(self) -> DatasetSplits:

@@ -1,0 +1,186 @@
+"""Data-adaptive defaults: the rules that choose the values of config keys left at `auto`.
+
+A key left at `auto` gets its value from the data once the splits are known (after
+`prepare_data`): the number of training images and classes, and the training regime. Every
+value a user sets (command line, experiment file, sweep) is kept as set. The rules, their
+constants and their sources are all here; `resolve` applies them and logs what it chose, one
+line per key, and `metrics_entry` is what metrics.json records of it.
+
+| key | rule |
+|---|---|
+| `data.batch_size` | 32, halved while the training split gives fewer than 4 batches, >= 8 |
+| `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
+| `optim.optimizer.lr` | base(optimizer, regime) x batch_size / 32 |
+
+Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
+is):
+- `probe`: last_layer on cached features; the head is solved before fit, the epoch evaluates.
+- `head`: last_layer with augmentation; the head trains on augmented images.
+- `finetune`: full, top_k, regex, gradual, scratch.
+- `from_probe`: lp_ft; every layer trains, the head starts from the probe's solution.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any, NamedTuple
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.utilities.rank_zero import rank_zero_only  # rank set by Lightning
+
+from finetune.config.schema import REGIMES
+from finetune.errors import FinetuneError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+# data.batch_size: enough optimizer steps per epoch for small data, batches large enough for
+# BatchNorm statistics and a stable gradient.
+BATCH_SIZE = 32
+MIN_BATCHES_PER_EPOCH = 4
+MIN_BATCH_SIZE = 8
+
+# trainer.max_epochs: how many times every class's images are presented (P), and the epochs
+# allowed, per regime. The probe's head is solved before fit: its one epoch only evaluates.
+PROBE_EPOCHS = 1
+PRESENTATIONS = {"head": 100, "finetune": 200, "from_probe": 200}
+EPOCH_RANGE = {"head": (5, 15), "finetune": (10, 30), "from_probe": (10, 30)}
+
+# optim.optimizer.lr: the rate at REFERENCE_BATCH_SIZE, per regime, for SGD; AdamW takes a
+# tenth of it. from_probe starts from a solved head, so a lower rate keeps the features it fits.
+REFERENCE_BATCH_SIZE = 32
+SGD_BASE_LR = {"probe": 0.01, "head": 0.01, "finetune": 0.01, "from_probe": 0.003}
+ADAMW_LR_FACTOR = 0.1
+BASE_LR_FACTOR = {"torch.optim.SGD": 1.0, "torch.optim.AdamW": ADAMW_LR_FACTOR}
+
+
+class Choice(NamedTuple):
+    value: Any
+    rule: str  # one readable line: how the value came about
+
+
+def auto_batch_size(train_images: int) -> Choice:
+    """The training batch size for `train_images` images (the training split, after
+    `data.train_fraction`): BATCH_SIZE, halved while the split would give fewer than
+    MIN_BATCHES_PER_EPOCH batches, never below MIN_BATCH_SIZE.
+
+    Source: the common ImageNet fine-tuning batch of 32 (torchvision's references, BiT's
+    per-device batch); the halving keeps several optimizer steps per epoch on small data."""
+    size = BATCH_SIZE
+    while size > MIN_BATCH_SIZE and train_images < MIN_BATCHES_PER_EPOCH * size:
+        size //= 2
+    size = max(size, MIN_BATCH_SIZE)
+    return Choice(
+        size,
+        f"{BATCH_SIZE}, halved while {train_images} training images give fewer than "
+        f"{MIN_BATCHES_PER_EPOCH} batches, at least {MIN_BATCH_SIZE}",
+    )
+
+
+def auto_max_epochs(regime: str, train_images: int, num_classes: int) -> Choice:
+    """The number of epochs: PROBE_EPOCHS for `probe` (the solve is the training); otherwise
+    ceil(P / ipc) with ipc = train_images / num_classes images per class, clamped to the
+    regime's EPOCH_RANGE, so that every class's images are presented about P times.
+
+    Source: the BiT-HyperRule (Kolesnikov et al. 2020, "Big Transfer (BiT): General Visual
+    Representation Learning") sets the schedule length from the dataset size alone. It counts
+    optimizer steps for a 512-image batch on accelerators (500 steps below 20k images); this
+    rule counts presentations per class instead, so that many classes with few images each
+    still train long enough, within a CPU budget (hi)."""
+    _check_regime(regime)
+    if regime == "probe":
+        return Choice(PROBE_EPOCHS, "the head is solved before fit; one epoch evaluates it")
+    presentations, (low, high) = PRESENTATIONS[regime], EPOCH_RANGE[regime]
+    per_class = max(train_images, 1) / max(num_classes, 1)
+    wanted = math.ceil(presentations / per_class)
+    return Choice(
+        min(max(wanted, low), high),
+        f"each class's images about {presentations} times: ceil({presentations} / "
+        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}] ({regime})",
+    )
+
+
+def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
+    """The learning rate of `optimizer` (its `_target_`): the regime's SGD_BASE_LR (x
+    ADAMW_LR_FACTOR for AdamW) x batch_size / REFERENCE_BATCH_SIZE.
+
+    Source: the linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD:
+    Training ImageNet in 1 Hour"). Raises `FinetuneError` for an optimizer without a base rate."""
+    _check_regime(regime)
+    if optimizer not in BASE_LR_FACTOR:
+        raise FinetuneError(
+            f"optim.optimizer.lr=auto has no rule for the optimizer {optimizer} (only for "
+            f"{', '.join(BASE_LR_FACTOR)}). Fix: set optim.optimizer.lr=... on the command line."
+        )
+    base = SGD_BASE_LR[regime] * BASE_LR_FACTOR[optimizer]
+    value = float(f"{base * batch_size / REFERENCE_BATCH_SIZE:.6g}")
+    name = optimizer.rpartition(".")[2]
+    return Choice(
+        value,
+        f"{name} base {base:g} ({regime}) x batch {batch_size} / {REFERENCE_BATCH_SIZE}, "
+        "linear scaling (Goyal et al. 2017)",
+    )
+
+
+def resolve(
+    cfg: DictConfig, train_images: int, num_classes: int, regime: str
+) -> tuple[DictConfig, dict[str, Any]]:
+    """A copy of `cfg` with every `auto` of data.batch_size, trainer.max_epochs and
+    optim.optimizer.lr replaced by its rule's value, for `train_images` training images (the
+    training split as the data module lists it) of `num_classes` classes in `regime` (one of
+    REGIMES). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
+    chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
+    key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
+    without a base rate."""
+    _check_regime(regime)
+    resolved = copy.deepcopy(cfg)
+    chosen: dict[str, Any] = {}
+
+    def choose(key: str, rule: Choice) -> Any:
+        with open_dict(resolved):
+            OmegaConf.update(resolved, key, rule.value, merge=False)
+        chosen[key] = {"value": rule.value, "rule": rule.rule}
+        return rule.value
+
+    batch_size = resolved.data.batch_size
+    if batch_size == AUTO:
+        batch_size = choose("data.batch_size", auto_batch_size(train_images))
+    if resolved.trainer.get("max_epochs") == AUTO:
+        max_steps = resolved.trainer.get("max_steps", -1)
+        if max_steps is not None and max_steps > 0:  # the user's length, in steps
+            choose("trainer.max_epochs", Choice(None, f"trainer.max_steps={max_steps} sets it"))
+        else:
+            choose("trainer.max_epochs", auto_max_epochs(regime, train_images, num_classes))
+    if resolved.optim.optimizer.get("lr") == AUTO:
+        target = str(resolved.optim.optimizer.get("_target_"))
+        choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size)))
+    _log_block(chosen, train_images, num_classes, regime)
+    return resolved, chosen
+
+
+def metrics_entry(chosen: dict[str, Any]) -> dict[str, Any]:
+    """The part of metrics.json that records `resolve`'s choices: {"adaptive": {key: value}}."""
+    return {"adaptive": {key: choice["value"] for key, choice in chosen.items()}}
+
+
+@rank_zero_only
+def _log_block(chosen: dict[str, Any], train_images: int, num_classes: int, regime: str) -> None:
+    if not chosen:
+        return
+    lines = [f"  {key} = {choice['value']} ({choice['rule']})" for key, choice in chosen.items()]
+    log.info(
+        "Data-adaptive defaults for %d training images of %d classes (regime %s; "
+        "docs/configuration.md, override any on the command line):\n%s",
+        train_images,
+        num_classes,
+        regime,
+        "\n".join(lines),
+    )
+
+
+def _check_regime(regime: str) -> None:
+    if regime not in REGIMES:
+        raise FinetuneError(f"Unknown training regime '{regime}'. Valid: {', '.join(REGIMES)}.")

@@ -1,0 +1,242 @@
+"""Data-adaptive defaults (finetune.adaptive): each rule at its edges, a user's value kept, `auto`
+refusing junk, the block a real run logs, and a resume that resolves the same values."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    FAST_OVERRIDES,
+    data_module,
+    folder_overrides,
+    hparams_plugin_data,
+    make_class_folders,
+    run_train,
+)
+from finetune import adaptive
+from finetune.backbones import InputSpec
+from finetune.config import ConfigError, check_command_line
+from finetune.errors import FinetuneError
+from finetune.run import training_regime
+
+SPEC = InputSpec(
+    crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear"
+)
+
+
+@pytest.fixture
+def auto_cfg(make_cfg):
+    """The real default config (every adaptive key at `auto`) with `overrides`."""
+
+    def _make(*overrides: str):
+        return make_cfg(*overrides, fast=False)
+
+    return _make
+
+
+@pytest.mark.parametrize(
+    ("train_images", "expected"),
+    [(5000, 32), (128, 32), (127, 16), (64, 16), (63, 8), (20, 8), (1, 8)],
+)
+def test_batch_size_halves_while_the_split_gives_fewer_than_four_batches(train_images, expected):
+    assert adaptive.auto_batch_size(train_images).value == expected
+
+
+@pytest.mark.parametrize(
+    ("regime", "train_images", "num_classes", "expected"),
+    [
+        ("head", 244, 2, 5),  # 122 images per class: 1 epoch would do, lo = 5
+        ("head", 1020, 102, 10),  # 10 per class: ceil(100 / 10), in between
+        ("head", 510, 102, 15),  # 5 per class: 20 wanted, hi = 15
+        ("finetune", 244, 2, 10),  # ceil(200 / 122) = 2, lo = 10
+        ("finetune", 1020, 102, 20),  # ceil(200 / 10), in between
+        ("from_probe", 1020, 102, 20),
+        ("finetune", 204, 102, 30),  # 2 per class: 100 wanted, hi = 30
+        ("probe", 1020, 102, 1),  # the solve is the training
+        ("probe", 8, 2, 1),
+    ],
+)
+def test_max_epochs_presents_each_class_p_times_within_the_regimes_range(
+    regime, train_images, num_classes, expected
+):
+    assert adaptive.auto_max_epochs(regime, train_images, num_classes).value == expected
+
+
+@pytest.mark.parametrize(
+    ("optim", "regime", "batch_size", "expected"),
+    [
+        ("sgd", "finetune", 32, 0.01),
+        ("sgd", "finetune", 8, 0.0025),
+        ("sgd", "head", 16, 0.005),
+        ("sgd", "from_probe", 32, 0.003),
+        ("sgd", "from_probe", 8, 0.00075),
+        ("adamw", "finetune", 32, 0.001),
+        ("adamw", "head", 64, 0.002),
+    ],
+)
+def test_lr_scales_linearly_with_the_batch_size(auto_cfg, optim, regime, batch_size, expected):
+    cfg = auto_cfg(f"optim={optim}", f"data.batch_size={batch_size}")
+    resolved, chosen = adaptive.resolve(cfg, 1000, 10, regime)
+    assert resolved.optim.optimizer.lr == pytest.approx(expected)
+    assert set(chosen) == {"trainer.max_epochs", "optim.optimizer.lr"}  # the batch size was set
+    assert "linear scaling" in chosen["optim.optimizer.lr"]["rule"]
+
+
+def test_resolve_fills_every_auto_key_from_the_data_and_leaves_cfg_as_it_was(auto_cfg):
+    cfg = auto_cfg("data=flowers102", "strategy=full")
+    resolved, chosen = adaptive.resolve(cfg, 1020, 102, "finetune")
+    assert {key: choice["value"] for key, choice in chosen.items()} == {
+        "data.batch_size": 32,
+        "trainer.max_epochs": 25,
+        "optim.optimizer.lr": 0.01,
+    }
+    assert (resolved.data.batch_size, resolved.trainer.max_epochs) == (32, 25)
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.optim.optimizer.lr) == ("auto",) * 3
+    assert adaptive.metrics_entry(chosen) == {
+        "adaptive": {"data.batch_size": 32, "trainer.max_epochs": 25, "optim.optimizer.lr": 0.01}
+    }
+
+
+def test_a_value_the_user_set_is_kept(auto_cfg):
+    cfg = auto_cfg("data.batch_size=12", "trainer.max_epochs=3", "optim.optimizer.lr=0.05")
+    resolved, chosen = adaptive.resolve(cfg, 20, 2, "finetune")
+    assert chosen == {}
+    assert (resolved.data.batch_size, resolved.trainer.max_epochs) == (12, 3)
+    assert resolved.optim.optimizer.lr == 0.05
+    # trainer.max_epochs=null (no limit) is a value too; max_steps sets the length in steps
+    resolved, chosen = adaptive.resolve(auto_cfg("trainer.max_epochs=null"), 20, 2, "head")
+    assert resolved.trainer.max_epochs is None and "trainer.max_epochs" not in chosen
+    resolved, chosen = adaptive.resolve(auto_cfg("trainer.max_steps=300"), 20, 2, "head")
+    assert resolved.trainer.max_epochs is None
+    assert "max_steps=300" in chosen["trainer.max_epochs"]["rule"]
+
+
+def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
+    with caplog.at_level("INFO", logger="finetune.adaptive"):
+        adaptive.resolve(auto_cfg("trainer.max_epochs=4"), 244, 2, "head")
+    [record] = caplog.records
+    lines = record.getMessage().splitlines()
+    assert "244 training images of 2 classes" in lines[0]
+    assert lines[1:] == [
+        "  data.batch_size = 32 (32, halved while 244 training images give fewer than 4 "
+        "batches, at least 8)",
+        "  optim.optimizer.lr = 0.01 (SGD base 0.01 (head) x batch 32 / 32, linear scaling "
+        "(Goyal et al. 2017))",
+    ]
+    caplog.clear()
+    all_set = auto_cfg("data.batch_size=8", "trainer.max_epochs=4", "optim.optimizer.lr=1")
+    with caplog.at_level("INFO", logger="finetune.adaptive"):
+        adaptive.resolve(all_set, 8, 2, "head")
+    assert not caplog.records  # nothing chosen, nothing logged
+
+
+def test_an_unknown_regime_or_optimizer_is_refused(auto_cfg):
+    with pytest.raises(FinetuneError, match="regime 'linear'"):
+        adaptive.resolve(auto_cfg(), 10, 2, "linear")
+    cfg = auto_cfg("optim.optimizer._target_=torch.optim.RMSprop")
+    with pytest.raises(FinetuneError, match=r"no rule for the optimizer torch\.optim\.RMSprop"):
+        adaptive.resolve(cfg, 10, 2, "finetune")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], "head"),  # default augmentation: the head trains on augmented images
+        (["augment=none"], "probe"),
+        (["strategy.cache_features=true"], "probe"),
+        (["augment=none", "strategy.cache_features=false"], "head"),
+        (["strategy=full"], "finetune"),
+        (["strategy=scratch"], "finetune"),
+    ],
+)
+def test_regime_of_a_config(auto_cfg, overrides, expected):
+    assert training_regime(auto_cfg(*overrides)) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("data.batch_size=big", "data.batch_size"),
+        ("data.batch_size=1.5", "data.batch_size"),
+        ("trainer.max_epochs=many", "trainer.max_epochs"),
+        ("optim.optimizer.lr=fast", "optim.optimizer.lr"),
+        ("optim=adamw optim.optimizer.lr=true", "optim.optimizer.lr"),
+    ],
+)
+def test_auto_keys_refuse_junk(line, key):
+    with pytest.raises(ConfigError) as caught:
+        check_command_line(shlex.split(line))
+    assert f"`{key}` takes auto" in str(caught.value)
+    assert f"Fix: e.g. {key}=auto" in str(caught.value)
+
+
+def test_the_data_module_chooses_its_auto_batch_size_by_the_same_rule(tmp_path):
+    make_class_folders(tmp_path / "train", {"a": 30, "b": 30})  # 60 images: 32 -> 16 -> 8
+    make_class_folders(tmp_path / "val", {"a": 2, "b": 2}, seed=1)
+    options = {"num_workers": 0, "decode_cache_mb": 0}
+    module = data_module("imagefolder", tmp_path, SPEC, eval_batch_size=None, **options)
+    assert module.batch_size == "auto"
+    module.prepare_data()
+    assert module.batch_size == module.eval_batch_size == adaptive.auto_batch_size(60).value == 8
+    module = data_module("imagefolder", tmp_path, SPEC, **options)
+    module.prepare_data()
+    assert (module.batch_size, module.eval_batch_size) == (8, 64)
+
+
+def auto_run(root: Path, run_dir: Path, *overrides: str):
+    """train.py on a tiny image folder with data.batch_size and trainer.max_epochs at `auto`."""
+    kept = [
+        o
+        for o in folder_overrides(root)
+        if not o.startswith(("data.batch_size=", "trainer.max_epochs="))
+    ]
+    assert kept != folder_overrides(root) and "trainer.max_epochs=1" in FAST_OVERRIDES
+    return run_train(*kept, "augment=none", *overrides, f"hydra.run.dir={run_dir}")
+
+
+def chosen_lines(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+((?:data|trainer|optim)\.[\w.]+) = (\S+) \(", output, re.M))
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adaptive_photos")
+    make_class_folders(root, {"ants": 10, "bees": 10})  # 16 train, 4 val (val_fraction 0.2)
+    return root
+
+
+def test_a_run_logs_the_values_it_chose_and_sends_them_to_the_loggers(photos, tmp_path):
+    run_dir = tmp_path / "run"
+    result = auto_run(photos, run_dir)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Data-adaptive defaults for 16 training images of 2 classes (regime probe" in output
+    assert chosen_lines(output) == {
+        "data.batch_size": "8",
+        "trainer.max_epochs": "1",
+        "optim.optimizer.lr": "0.0025",
+    }
+    hparams = hparams_plugin_data(run_dir / "tensorboard")["hparams"]
+    assert hparams["data.batch_size"] == 8 and hparams["trainer.max_epochs"] == 1
+    assert hparams["optim.optimizer.lr"] == pytest.approx(0.0025)
+    assert "max_epochs: auto" in (run_dir / "config.yaml").read_text()  # resolved again on resume
+
+
+def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
+    run_dir = tmp_path / "run"
+    first = auto_run(photos, run_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the run's 1 epoch is resolved again from the same data: nothing left to train
+    again = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last")
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "trainer.max_epochs=1. Fix" in again.stdout + again.stderr
+    longer = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    output = longer.stdout + longer.stderr
+    assert longer.returncode == 0, output[-3000:]
+    assert chosen_lines(output) == {"data.batch_size": "8", "optim.optimizer.lr": "0.0025"}
+    assert "trainer.max_epochs changed from 'auto' to 2" in output
+    assert "data.batch_size changed" not in output
