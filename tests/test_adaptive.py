@@ -91,13 +91,13 @@ def test_resolve_fills_every_auto_key_from_the_data_and_leaves_cfg_as_it_was(aut
     resolved, chosen = adaptive.resolve(cfg, 1020, 102, "finetune")
     assert {key: choice["value"] for key, choice in chosen.items()} == {
         "data.batch_size": 32,
-        "trainer.max_epochs": 25,
+        "trainer.max_epochs": 20,
         "optim.optimizer.lr": 0.01,
     }
-    assert (resolved.data.batch_size, resolved.trainer.max_epochs) == (32, 25)
+    assert (resolved.data.batch_size, resolved.trainer.max_epochs) == (32, 20)
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.optim.optimizer.lr) == ("auto",) * 3
     assert adaptive.metrics_entry(chosen) == {
-        "adaptive": {"data.batch_size": 32, "trainer.max_epochs": 25, "optim.optimizer.lr": 0.01}
+        "adaptive": {"data.batch_size": 32, "trainer.max_epochs": 20, "optim.optimizer.lr": 0.01}
     }
 
 

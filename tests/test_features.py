@@ -378,3 +378,12 @@ def test_compile_switch_trains_the_compiled_network(make_cfg):
         make_cfg("strategy=full", "speed.compile=true", "model=resnet18", "model.weights=none")
     )
     assert metrics["feature_cache"] == "off" and 0.0 <= metrics["val/acc"] <= 1.0
+
+
+def test_feature_batches_pass_the_device_finishing_untouched():
+    # A frozen backbone's head on augmented images evaluates on cached features: on a GPU the
+    # image batches are finished on the device, the feature batches must not be.
+    module = hymenoptera_module(decode_cache_mb=0, device_transforms=True, num_workers=0)
+    assert module.crops_on_device
+    features_batch = (torch.randn(5, 7), torch.arange(5))
+    assert module.on_after_batch_transfer(features_batch, 0)[0] is features_batch[0]

@@ -277,8 +277,9 @@ class FinetuneDataModule(pl.LightningDataModule):
         return self.device_transforms and self.preprocessing.crops_on_device
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not self.device_transforms or batch[0].ndim == 2:  # features need no finishing
-            return batch
+        inputs = batch[0]  # images, (canvas, boxes, flips) of device crops, or features
+        if not self.device_transforms or (isinstance(inputs, torch.Tensor) and inputs.ndim == 2):
+            return batch  # features need no finishing
         return self.preprocessing.finish(batch, self.trainer is not None and self.trainer.training)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
