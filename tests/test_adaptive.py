@@ -151,6 +151,8 @@ def test_an_unknown_regime_or_optimizer_is_refused(auto_cfg):
         (["augment=none", "strategy.cache_features=false"], "head"),
         (["strategy=full"], "finetune"),
         (["strategy=scratch"], "finetune"),
+        (["strategy=lp_ft"], "from_probe"),
+        (["augment=none", "strategy.head_init=random"], "head"),  # SGD on cached features
     ],
 )
 def test_regime_of_a_config(auto_cfg, overrides, expected):
@@ -240,3 +242,27 @@ def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     assert chosen_lines(output) == {"data.batch_size": "8", "optim.optimizer.lr": "0.0025"}
     assert "trainer.max_epochs changed from 'auto' to 2" in output
     assert "data.batch_size changed" not in output
+
+
+def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(photos, tmp_path):
+    run_dir = tmp_path / "run"
+    assert auto_run(photos, run_dir).returncode == 0
+    # A run made before the lr default became `auto` saved a number there.
+    saved = run_dir / "config.yaml"
+    saved.write_text(saved.read_text().replace("lr: auto", "lr: 0.0025"))
+    refused = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
+    assert refused.returncode == 1
+    assert "add optim.optimizer.lr=0.0025 to the command" in refused.stdout + refused.stderr
+    pinned = run_train(
+        f"hydra.run.dir={run_dir}",
+        "ckpt_path=last",
+        "trainer.max_epochs=2",
+        "optim.optimizer.lr=0.0025",
+    )
+    assert pinned.returncode == 0, (pinned.stdout + pinned.stderr)[-3000:]
+
+
+def test_more_epochs_for_the_solved_probe_are_warned_about(photos, tmp_path):
+    result = auto_run(photos, tmp_path / "run", "trainer.max_epochs=2")
+    assert result.returncode == 0
+    assert "with the solved linear probe" in result.stdout + result.stderr

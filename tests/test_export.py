@@ -91,7 +91,8 @@ def test_onnx_equals_pytorch_on_real_photos(trained_run, tmp_path):
     session = onnxruntime.InferenceSession(str(exported.model_file))
     (got,) = session.run(["logits"], {"images": images.numpy()})
     assert got.shape == (6, 2)
-    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # float32 logits of a solved probe reach ~100: a relative tolerance as well
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
     info = json.loads(exported.metadata_file.read_text())
     spec = predictor.input_spec
     assert info["class_names"] == ["ants", "bees"]

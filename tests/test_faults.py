@@ -270,7 +270,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypa
         return original(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(resume.torch, "save", save)
-    cfg = make_cfg("trainer.max_epochs=3")
+    # A randomly initialised head: no feature cache for the probe, so every save is a checkpoint.
+    cfg = make_cfg("trainer.max_epochs=3", "strategy.head_init=random")
     with pytest.raises(FinetuneError, match="the disk is full") as raised:
         train(cfg)
     monkeypatch.undo()

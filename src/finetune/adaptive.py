@@ -158,6 +158,15 @@ def resolve(
         target = str(resolved.optim.optimizer.get("_target_"))
         choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size)))
     _log_block(chosen, train_images, num_classes, regime)
+    epochs = resolved.trainer.get("max_epochs")
+    if regime == "probe" and epochs != PROBE_EPOCHS:
+        log.warning(
+            "trainer.max_epochs=%s with the solved linear probe: the head is solved before fit "
+            "and its epochs change nothing (learning rate 0), so every epoch after the first "
+            "repeats the same numbers. Fix: drop trainer.max_epochs (auto: 1), or train the "
+            "head by the optimizer with strategy.head_init=random.",
+            epochs,
+        )
     return resolved, chosen
 
 

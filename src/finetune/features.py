@@ -128,14 +128,20 @@ def cached_features(
     network: nn.Module,
     trainer: pl.Trainer,
     channels_last: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The features of every split of the prepared `datamodule` under `network` (split name ->
-    float32 `(N, D)`, in the splits' order), extracted on the trainer's device with its
-    precision only on a cache miss; pass them to `datamodule.use_features`.
+    """The features of every split of the prepared `datamodule` (or of those named in `only`)
+    under `network` (split name -> float32 `(N, D)`, in the splits' order), extracted on the
+    trainer's device with its precision only on a cache miss; pass them to
+    `datamodule.use_features`.
 
     Returns them with a small report (`hit` or `miss`, seconds, cache file) for metrics.json.
     """
-    splits = datamodule.splits.named()
+    splits = {
+        name: samples
+        for name, samples in datamodule.splits.named().items()
+        if only is None or name in only
+    }
     transform = eval_transform(datamodule.input_spec)
     precision = str(trainer.precision)
     fields = cache_key_fields(network, transform, precision, splits, channels_last)

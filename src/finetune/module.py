@@ -50,8 +50,10 @@ class ClassifierModule(pl.LightningModule):
             probe); not saved, so a checkpoint always rebuilds an image classifier.
         channels_last: keep the network and its input images in NHWC layout; not saved.
         head_solved: the head was solved before fit (the linear probe, `finetune.probe`) and
-            nothing trains: training steps only measure the loss and accuracy (Lightning's
-            manual optimization, steps without gradients); not saved.
+            nothing trains: every parameter group's learning rate is 0, so the epoch's steps
+            measure the loss and accuracy and change no weight (SGD and AdamW move a parameter
+            by lr times their update), while Lightning's step count, checkpoints, gradient
+            clipping, accumulation and precision plugins work as in any run; not saved.
 
     Its length (~160 lines) is Lightning's hooks for one module (steps, the deferred loss
     check, optimizers, checkpoint loading); each is short, and splitting them across classes
@@ -84,7 +86,7 @@ class ClassifierModule(pl.LightningModule):
             ignore=["network", "inputs_are_features", "channels_last", "head_solved"],
             logger=False,
         )
-        self.automatic_optimization = not head_solved
+        self.head_solved = head_solved
         if network is None:
             network = backbones.build(model, len(class_names), pretrained=False)
         self.network = network
@@ -169,16 +171,6 @@ class ClassifierModule(pl.LightningModule):
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if not self.automatic_optimization:  # the solved probe: measured, never changed
-            with torch.no_grad():
-                loss = self._shared_step(batch, "train")[0]
-            # A step without gradients changes no parameter (torch's optimizers skip a
-            # parameter whose grad is None) but counts as one: Lightning's checkpointing and
-            # step-based logging follow the step count.
-            optimizer = self.optimizers()
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            return loss
         loss = self._shared_step(batch, "train")[0]
         check = (torch.isfinite(loss), loss.detach(), self.trainer.global_step, batch_idx)
         pending, self._pending_loss_check = self._pending_loss_check, None
@@ -236,7 +228,7 @@ class ClassifierModule(pl.LightningModule):
             self.hparams.scheduler,
             total_steps=total_steps,
             steps_per_epoch=total_steps // max(self.trainer.max_epochs or 1, 1),
-            lr_scale=self.lr_scale,
+            lr_scale=(lambda _name: 0.0) if self.head_solved else self.lr_scale,
         )
         return {
             "optimizer": optimizer,

@@ -7,7 +7,7 @@ backbone's pooled features of the un-augmented images, a full-batch L-BFGS solve
     mean cross-entropy(W x + b, y) + (l2 / 2) * ||W||^2     (the bias is not penalised)
 
 for each L2 strength of a log-spaced grid, the strength chosen by validation accuracy (ties: the
-stronger one, then the lower validation loss). The features are standardised with the training
+lower validation loss, then the stronger L2). The features are standardised with the training
 split's mean and standard deviation before the solve (it converges in far fewer iterations) and
 the solution is folded back into an `nn.Linear` over the raw features, so the network's head
 computes exactly the solved classifier.

@@ -88,6 +88,9 @@ class Model(NamedTuple):
     network: Network  # backbone + new head
     module: ClassifierModule
     speed: dict[str, bool]  # runtime.speed_switches: channels_last, compile
+    # a frozen backbone's head on augmented images is validated on cached features (not with
+    # strategy.cache_features=false, which recomputes every pass)
+    caches_eval_features: bool
 
 
 class Fitting(NamedTuple):
@@ -172,7 +175,8 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
-    return Model(strategy, network, module, speed)
+    caches_eval = not strategy.trains_backbone and cfg.strategy.get("cache_features") is not False
+    return Model(strategy, network, module, speed, caches_eval)
 
 
 def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule) -> Fitting:
@@ -203,23 +207,28 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
 def training_data(
     model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer, resume_from: str | None
 ) -> dict[str, Any]:
-    """Extract the frozen backbone's features once (or reuse them) when the head trains on them
-    or starts from the linear probe; solve that probe into the head (not when resuming: the
-    checkpoint holds the head); switch the data module to the features when the head trains
-    on them. Returns the feature-cache and probe part of metrics.json."""
-    solve = model.strategy.head_from_probe and resume_from is None
-    if not (model.module.inputs_are_features or solve):
+    """Extract the frozen backbone's features of the training and validation splits once (or
+    reuse them) when the head trains on them or starts from the linear probe; solve that probe
+    into the head (not when resuming: the checkpoint holds the head); serve the features the
+    fit uses. The test split stays images: it is evaluated once, after fit, and its forward
+    pass there costs what an extraction would. Returns the feature-cache and probe part of
+    metrics.json."""
+    if not (model.module.inputs_are_features or model.strategy.head_from_probe):
         return {"feature_cache": "off"}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
         extracted, report = features.cached_features(
-            datamodule, model.network, trainer, channels_last=model.speed["channels_last"]
+            datamodule,
+            model.network,
+            trainer,
+            channels_last=model.speed["channels_last"],
+            only=("train", "val"),
         )
-    if solve:
+    if model.strategy.head_from_probe and resume_from is None:
         report |= solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
     served = []
     if model.module.inputs_are_features:
         served = list(extracted)
-    elif not model.strategy.trains_backbone:  # augmented training images, frozen features
+    elif model.caches_eval_features:  # augmented training images, frozen backbone
         served = [split for split in extracted if split != "train"]
     if served:
         datamodule.use_features(extracted, splits=served)
