@@ -162,6 +162,8 @@ RESUMABLE_CHANGES = (
     "logger.",
     "speed.",
     "print_config",
+    # where the head started: a resume starts from its checkpoint's head, whatever the value
+    "strategy.head_init",
 )
 # Not part of the experiment: where it runs and what it resumes from.
 _NOT_COMPARED = ("run_dir", "ckpt_path")
@@ -223,9 +225,20 @@ def check_changes(
             for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
         )
         cause = f" (the overrides {' '.join(typed)} change)" if typed else ""
+        # Keys nobody typed changed because the project's defaults changed since the run:
+        # pinning the run's values resumes it as it was.
+        untyped = [
+            f"{k}={old}" for k, (old, _) in refused.items() if not was_typed(k) and old is not None
+        ]
+        hint = (
+            f" The defaults changed since the run was made: add {' '.join(untyped)} to the "
+            "command to resume with the run's values."
+            if untyped
+            else ""
+        )
         raise ResumeRefused(
-            f"Cannot resume {source} with this config{cause}: {listed}. A resume continues the run "
-            "with its own config (saved in config.yaml); only how and how long it trains may "
+            f"Cannot resume {source} with this config{cause}: {listed}.{hint} A resume continues "
+            "the run with its own config (saved in config.yaml); only how and how long it trains may "
             "change (e.g. trainer.max_epochs, trainer.devices, data.num_workers). Fix: drop "
             "those overrides, or start a new run from the checkpoint's weights with "
             f"model.weights={source / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir."

@@ -40,8 +40,8 @@ HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "
 
 @rank_zero_only
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """config.yaml (the resolved config), and the config tree on the console unless
-    `print_config=false`."""
+    """config.yaml (the resolved config; `auto` keys stay `auto`, see finetune.adaptive), and
+    the config tree on the console unless `print_config=false`."""
     if cfg.get("print_config", True):
         print_config_tree(cfg)
     text = OmegaConf.to_yaml(cfg, resolve=True)
