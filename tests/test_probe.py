@@ -2,6 +2,7 @@
 last_layer (the probe is the training on cached features; augmented epochs continue from it)
 and lp_ft (every layer fine-tunes from it)."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def test_last_layer_with_augmentation_trains_on_from_the_probe(make_cfg, tmp_pat
 
 
 def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solving(
-    make_cfg, tmp_path
+    make_cfg, tmp_path, caplog
 ):
     cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=1")
     metrics = train(cfg)
@@ -174,7 +175,13 @@ def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solvi
     solved = checkpoint_head(train(probe_cfg)["best_checkpoint"])
     for name, tensor in solved.items():
         torch.testing.assert_close(at_zero[name], tensor)
+    # A resume never solves again (the checkpoint holds the head) and reports the probe the
+    # run started from, as the uninterrupted run does.
     resumed_cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=2", "ckpt_path=last")
     resumed_cfg.run_dir = cfg.run_dir
-    resumed = train(resumed_cfg)
-    assert "probe_l2" not in resumed and resumed["epochs"] == 2
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="finetune.probe"):
+        resumed = train(resumed_cfg)
+    assert "Linear probe solved" not in caplog.text and resumed["epochs"] == 2
+    assert resumed["probe_l2"] == metrics["probe_l2"]
+    assert resumed["probe_path"] == metrics["probe_path"]

@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
+    metrics |= model.strategy.probe_report
     metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
     # Everything of train() but writing the results: what the benchmarks call work seconds.
     metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
@@ -223,8 +224,9 @@ def training_data(
             channels_last=model.speed["channels_last"],
             only=("train", "val"),
         )
-    if model.strategy.head_from_probe and resume_from is None:
-        report |= solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
+    if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
+        solved = solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
+        model.strategy.probe_report = solved
     served = []
     if model.module.inputs_are_features:
         served = list(extracted)

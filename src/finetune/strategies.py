@@ -105,6 +105,9 @@ class FreezeStrategy(pl.Callback):
         # initialised head's first, noisy gradients do not wreck the features beneath it.
         self.backbone_lr_scale = float(backbone_lr_scale)
         self._eval_modules: list[nn.Module] = []
+        # How the head was solved before fit (finetune.probe's report), kept in checkpoints so
+        # that a resumed run reports it as the uninterrupted run does.
+        self.probe_report: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -154,12 +157,13 @@ class FreezeStrategy(pl.Callback):
         self._set_eval_modes()
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.STATE}
+        return {key: getattr(self, key) for key in self.STATE} | {"probe_report": self.probe_report}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in self.STATE:
             if key in state_dict:
                 setattr(self, key, type(getattr(self, key))(state_dict[key]))
+        self.probe_report = dict(state_dict.get("probe_report") or {})
 
 
 class LastLayer(FreezeStrategy):
