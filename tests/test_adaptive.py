@@ -244,6 +244,7 @@ def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     assert "data.batch_size changed" not in output
 
 
+@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
 def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(photos, tmp_path):
     run_dir = tmp_path / "run"
     assert auto_run(photos, run_dir).returncode == 0

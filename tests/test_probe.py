@@ -159,6 +159,7 @@ def test_last_layer_with_augmentation_trains_on_from_the_probe(make_cfg, tmp_pat
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 
 
+@pytest.mark.slow  # four runs: CI's slow step (the default run stays under 10 min)
 def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solving(
     make_cfg, tmp_path, caplog
 ):
