@@ -30,7 +30,7 @@ from finetune import (
     strategies,
 )
 from finetune.backbones import Network
-from finetune.data import FinetuneDataModule
+from finetune.data import FinetuneDataModule, feature_datasets
 from finetune.distributed import build_once
 from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule
@@ -245,17 +245,15 @@ def solve_probe(
 ) -> dict[str, Any]:
     """Solve the linear probe on the training split's features (L2 chosen on val) on `device`
     and copy it into the network's head; returns its report for metrics.json."""
-    labels = {
-        split: torch.tensor([label for _, label in samples], device=device)
-        for split, samples in datamodule.splits.named().items()
-    }
-    val = extracted.get("val")
+    # The features with their labels, as the data module would serve them.
+    splits = feature_datasets(datamodule.splits, extracted)
+    train, val = splits["train"], splits.get("val")
     solution = probe.solve(
-        extracted["train"].to(device),
-        labels["train"],
+        train.features.to(device),
+        train.labels.to(device),
         datamodule.num_classes,
-        None if val is None else val.to(device),
-        labels.get("val"),
+        None if val is None else val.features.to(device),
+        None if val is None else val.labels.to(device),
     )
     solution.copy_into(network.get_classifier())
     return solution.report()
