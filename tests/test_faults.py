@@ -25,7 +25,13 @@ from finetune.data import FinetuneDataModule, to_rgb
 from finetune.errors import DataUnavailableError, FinetuneError
 from finetune.run import train
 
-TIMING_FIELDS = {"fit_seconds", "run_seconds", "train_epoch_seconds", "feature_cache_seconds"}
+TIMING_FIELDS = {
+    "fit_seconds",
+    "run_seconds",
+    "train_epoch_seconds",
+    "feature_cache_seconds",
+    "probe_seconds",  # a resumed run reports the probe its head was solved by, timing included
+}
 
 
 def loadable(path: Path) -> bool:
