@@ -67,6 +67,41 @@ def test_max_epochs_presents_each_class_p_times_within_the_regimes_range(
 
 
 @pytest.mark.parametrize(
+    ("regime", "augmenting", "train_images", "num_classes", "expected"),
+    [
+        ("probe", True, 244, 2, 5),  # 122 images per class: 1 view would do, lo = 5
+        ("probe", True, 1020, 102, 10),  # 10 per class: ceil(100 / 10)
+        ("probe", True, 510, 102, 15),  # 5 per class: 20 wanted, hi = 15
+        ("probe", False, 1020, 102, 0),  # un-augmented views are the clean image again
+        ("head", True, 1020, 102, 0),  # the head trains by the optimizer: no probe to widen
+    ],
+)
+def test_augmented_views_present_each_class_p_times_with_augmentation_only(
+    regime, augmenting, train_images, num_classes, expected
+):
+    choice = adaptive.auto_views(regime, augmenting, train_images, num_classes)
+    assert choice.value == expected
+
+
+@pytest.mark.parametrize(
+    ("views", "regime", "augmenting", "message"),
+    [
+        (-1, "probe", True, "augmented_views=-1 is negative"),
+        (3, "head", True, "applies to the solved linear probe"),
+        (3, "probe", False, "without augmentation: every view would be the clean image"),
+    ],
+)
+def test_augmented_views_that_cannot_apply_are_refused(
+    auto_cfg, views, regime, augmenting, message
+):
+    cfg = auto_cfg(f"strategy.augmented_views={views}")
+    with pytest.raises(FinetuneError, match=message) as caught:
+        adaptive.resolve(cfg, 100, 2, regime, augmenting=augmenting)
+    assert "Fix:" in str(caught.value)
+    adaptive.resolve(auto_cfg("strategy.augmented_views=0"), 100, 2, regime, augmenting=augmenting)
+
+
+@pytest.mark.parametrize(
     ("optim", "regime", "batch_size", "expected"),
     [
         ("sgd", "finetune", 32, 0.01),
@@ -82,7 +117,7 @@ def test_lr_scales_linearly_with_the_batch_size(auto_cfg, optim, regime, batch_s
     cfg = auto_cfg(f"optim={optim}", f"data.batch_size={batch_size}")
     resolved, chosen = adaptive.resolve(cfg, 1000, 10, regime)
     assert resolved.optim.optimizer.lr == pytest.approx(expected)
-    assert set(chosen) == {"trainer.max_epochs", "optim.optimizer.lr"}  # the batch size was set
+    assert "data.batch_size" not in chosen  # the batch size was set
     assert "linear scaling" in chosen["optim.optimizer.lr"]["rule"]
 
 
@@ -102,9 +137,15 @@ def test_resolve_fills_every_auto_key_from_the_data_and_leaves_cfg_as_it_was(aut
 
 
 def test_a_value_the_user_set_is_kept(auto_cfg):
-    cfg = auto_cfg("data.batch_size=12", "trainer.max_epochs=3", "optim.optimizer.lr=0.05")
-    resolved, chosen = adaptive.resolve(cfg, 20, 2, "finetune")
+    cfg = auto_cfg(
+        "data.batch_size=12",
+        "trainer.max_epochs=3",
+        "optim.optimizer.lr=0.05",
+        "strategy.augmented_views=4",
+    )
+    resolved, chosen = adaptive.resolve(cfg, 20, 2, "probe", augmenting=True)
     assert chosen == {}
+    assert resolved.strategy.augmented_views == 4
     assert (resolved.data.batch_size, resolved.trainer.max_epochs) == (12, 3)
     assert resolved.optim.optimizer.lr == 0.05
     # trainer.max_epochs=null (no limit) is a value too; max_steps sets the length in steps
@@ -117,7 +158,9 @@ def test_a_value_the_user_set_is_kept(auto_cfg):
 
 def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
     with caplog.at_level("INFO", logger="finetune.adaptive"):
-        adaptive.resolve(auto_cfg("trainer.max_epochs=4"), 244, 2, "head")
+        adaptive.resolve(
+            auto_cfg("trainer.max_epochs=4", "strategy.augmented_views=0"), 244, 2, "head"
+        )
     [record] = caplog.records
     lines = record.getMessage().splitlines()
     assert "244 training images of 2 classes" in lines[0]
@@ -128,7 +171,12 @@ def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
         "(Goyal et al. 2017))",
     ]
     caplog.clear()
-    all_set = auto_cfg("data.batch_size=8", "trainer.max_epochs=4", "optim.optimizer.lr=1")
+    all_set = auto_cfg(
+        "data.batch_size=8",
+        "trainer.max_epochs=4",
+        "optim.optimizer.lr=1",
+        "strategy.augmented_views=0",
+    )
     with caplog.at_level("INFO", logger="finetune.adaptive"):
         adaptive.resolve(all_set, 8, 2, "head")
     assert not caplog.records  # nothing chosen, nothing logged
@@ -145,9 +193,11 @@ def test_an_unknown_regime_or_optimizer_is_refused(auto_cfg):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], "head"),  # default augmentation: the head trains on augmented images
+        ([], "probe"),  # default augmentation: the probe on clean and augmented views
         (["augment=none"], "probe"),
         (["strategy.cache_features=true"], "probe"),
+        (["strategy.cache_features=false"], "head"),  # SGD on images from the probe
+        (["strategy.head_init=random"], "head"),
         (["augment=none", "strategy.cache_features=false"], "head"),
         (["strategy=full"], "finetune"),
         (["strategy=scratch"], "finetune"),

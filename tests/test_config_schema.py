@@ -149,7 +149,7 @@ def test_strategy_keys_are_each_strategys_own():
     }
     lr_and_bn = {"name", "backbone_lr_scale", "bn"}
     assert keys == {
-        "last_layer": {"name", "cache_features", "head_init"},
+        "last_layer": {"name", "cache_features", "head_init", "augmented_views"},
         "top_k": lr_and_bn | {"k"},
         "regex": lr_and_bn | {"train", "freeze"},
         "gradual": lr_and_bn | {"every_n_epochs", "on_plateau", "patience"},

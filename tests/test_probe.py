@@ -121,40 +121,96 @@ def test_last_layer_on_cached_features_is_the_solved_probe(make_cfg, tmp_path):
     assert metrics["val/acc"] == pytest.approx(metrics["probe_val_acc"], abs=1e-6)
 
 
-def test_last_layer_with_augmentation_trains_on_from_the_probe(make_cfg, tmp_path):
-    solved_cfg = make_cfg("strategy=last_layer", "augment=none")
-    solved = train(solved_cfg)
-    augmented_cfg = make_cfg("strategy=last_layer")
-    augmented_cfg.run_dir = str(tmp_path / "augmented")
-    augmented = train(augmented_cfg)
-    # The same features (eval preprocessing) give the same probe; the augmented epoch then
-    # trains the head on from it, so its head differs from the solved one.
-    assert augmented["feature_cache"] == "hit"
-    # The test split stays images: evaluated once, after fit, its pass costs an extraction.
-    assert augmented["splits_served_as_features"] == ["val"]
-    assert solved["splits_served_as_features"] == ["train", "val"]
-    assert augmented["test/acc"] >= 0 and solved["test/acc"] >= 0
-    assert augmented["probe_l2"] == solved["probe_l2"]
-    assert augmented["probe_val_acc"] == solved["probe_val_acc"]
-    solved_head = checkpoint_head(solved["best_checkpoint"])
-    trained_head = checkpoint_head(augmented["best_checkpoint"])
-    assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
-    # Its evaluation splits were served as the frozen backbone's features: the same numbers as
-    # the checkpoint gives on the images.
-    from finetune.module import load_classifier
+def cached_tensors(run_metrics: dict, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a feature cache file next to the run's (`name`: its glob pattern)."""
+    folder = Path(run_metrics["feature_cache_file"]).parent
+    [path] = folder.glob(name)
+    return torch.load(path, weights_only=True)["features"]
+
+
+def test_last_layer_with_augmentation_solves_the_probe_on_augmented_views(make_cfg, tmp_path):
+    clean = train(make_cfg("strategy=last_layer", "augment=none"))
+    cfg = make_cfg("strategy=last_layer", "strategy.augmented_views=2")
+    cfg.run_dir = str(tmp_path / "views")
+    metrics = train(cfg)
+    # The probe is the whole training, as without augmentation: one epoch on features.
+    assert (metrics["probe_augmented_views"], clean["probe_augmented_views"]) == (2, 0)
+    assert metrics["epochs"] == 1 and metrics["splits_served_as_features"] == ["train", "val"]
+    assert metrics["feature_cache"] == "hit"  # the clean features are the un-augmented run's
+    # Its head is the probe solved on the clean features and both views, all labelled.
+    clean_features = cached_tensors(clean, Path(clean["feature_cache_file"]).name)
+    views = cached_tensors(metrics, "*-views-*.pt")["views"]
     from finetune.run import build_datamodule
 
-    datamodule = build_datamodule(augmented_cfg)
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    datamodule.setup("validate")
-    classifier = load_classifier(augmented["best_checkpoint"])
+    labels = torch.tensor([label for _, label in datamodule.splits.train])
+    val_labels = torch.tensor([label for _, label in datamodule.splits.val])
+    assert views.shape == (2 * len(labels), clean_features["train"].shape[1])
+    expected = probe.solve(
+        torch.cat([clean_features["train"], views]),
+        labels.repeat(3),
+        datamodule.num_classes,
+        clean_features["val"],
+        val_labels,
+    )
+    head = checkpoint_head(metrics["best_checkpoint"])
+    weight = next(t for n, t in head.items() if n.endswith("weight"))
+    assert torch.allclose(weight, expected.weight, atol=1e-5)
+    assert metrics["probe_l2"] == expected.l2
+    # The views differ from the clean features: they are augmented.
+    assert not torch.allclose(views[: len(labels)], clean_features["train"])
+
+
+def test_augmented_views_are_the_training_presets_draws_for_each_epoch(make_cfg):
+    """View k of image i is what epoch k of training draws for image i (seeded by
+    `(seed, k, i)`), whatever the loader's workers; the global generator is left alone."""
+    import pytorch_lightning as pl
+
+    from finetune import backbones
+    from finetune.data import ImageListDataset
+    from finetune.run import build_datamodule
+    from finetune.transforms import train_transform
+
+    cfg = make_cfg("strategy=last_layer")
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    network = backbones.build(cfg.model, num_classes=datamodule.num_classes, pretrained=True)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    before = torch.random.get_rng_state()
+    views, report = features.augmented_views(datamodule, network, trainer, views=2, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert report["feature_cache"] == "miss"
+    samples = datamodule.splits.train
+    dataset = ImageListDataset(
+        samples, train_transform(network.input_spec, datamodule.augment), seed=5
+    )
+    network.eval()
     with torch.no_grad():
-        batches = [(classifier(x), y) for x, y in datamodule.val_dataloader()]
-    logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    accuracy = (logits.argmax(1) == labels).float().mean().item()
-    assert augmented["val/acc"] == pytest.approx(accuracy, abs=1e-6)
-    loss = torch.nn.functional.cross_entropy(logits, labels).item()
-    assert augmented["val/loss"] == pytest.approx(loss, rel=1e-4)
+        for view, index in [(0, 0), (1, 0), (1, len(samples) - 1)]:
+            image, _ = dataset[(view, index)]
+            expected = network.forward_features(image[None])[0]
+            assert torch.allclose(views[view * len(samples) + index], expected, atol=1e-4)
+    again, report = features.augmented_views(datamodule, network, trainer, views=2, seed=5)
+    assert report["feature_cache"] == "hit" and torch.equal(again, views)
+    features.clear_memory_cache()
+    other, report = features.augmented_views(datamodule, network, trainer, views=2, seed=6)
+    assert report["feature_cache"] == "miss" and not torch.allclose(other, views)
+
+
+def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, tmp_path):
+    solved = train(make_cfg("strategy=last_layer", "augment=none"))
+    cfg = make_cfg("strategy=last_layer", "strategy.cache_features=false")
+    cfg.run_dir = str(tmp_path / "sgd")
+    trained = train(cfg)
+    # The same features (eval preprocessing) give the same probe; the augmented epoch then
+    # trains the head on from it on images, so its head differs from the solved one.
+    assert trained["feature_cache"] == "hit" and trained["splits_served_as_features"] == []
+    assert trained["probe_l2"] == solved["probe_l2"]
+    assert trained["probe_val_acc"] == solved["probe_val_acc"]
+    solved_head = checkpoint_head(solved["best_checkpoint"])
+    trained_head = checkpoint_head(trained["best_checkpoint"])
+    assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 

@@ -280,22 +280,24 @@ def test_each_strategy_takes_exactly_its_own_keys_with_the_schemas_defaults():
 
 
 @pytest.mark.parametrize(
-    ("name", "cache_features", "augmenting", "expected"),
+    ("name", "head_init", "cache_features", "augmenting", "expected"),
     [
-        ("last_layer", "auto", False, True),
-        ("last_layer", "auto", True, False),
-        ("last_layer", True, True, True),
-        ("last_layer", False, False, False),
-        ("full", "auto", False, False),
-        ("top_k", "auto", False, False),
+        ("last_layer", "probe", "auto", False, True),
+        ("last_layer", "probe", "auto", True, True),  # the probe on clean + augmented views
+        ("last_layer", "random", "auto", True, False),  # SGD on augmented images
+        ("last_layer", "random", "auto", False, True),
+        ("last_layer", "random", True, True, True),
+        ("last_layer", "probe", False, False, False),
+        ("full", None, "auto", False, False),
+        ("top_k", None, "auto", False, False),
     ],
 )
 def test_the_run_caches_features_only_for_a_frozen_backbone(
-    name, cache_features, augmenting, expected
+    name, head_init, cache_features, augmenting, expected
 ):
     from finetune import strategies
 
-    strategy = strategies.build({"name": name})
+    strategy = strategies.build({"name": name} | ({"head_init": head_init} if head_init else {}))
     assert strategies.caches_features(strategy, cache_features, augmenting) is expected
 
 

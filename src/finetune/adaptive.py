@@ -11,11 +11,14 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 | `data.batch_size` | 32, halved while the training split gives fewer than 4 batches, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
 | `optim.optimizer.lr` | base(optimizer, regime) x batch_size / 32 |
+| `strategy.augmented_views` | probe with augmentation: ceil(100 / images per class) within [5, 15]; else 0 |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
 is):
-- `probe`: last_layer on cached features; the head is solved before fit, the epoch evaluates.
-- `head`: last_layer with augmentation; the head trains on augmented images.
+- `probe`: last_layer on cached features; the head is solved before fit (with augmentation, on
+  the clean images and their augmented views), the epoch evaluates.
+- `head`: last_layer with `strategy.head_init=random` or `strategy.cache_features=false`; the
+  head trains by the optimizer.
 - `finetune`: full, top_k, regex, gradual, scratch.
 - `from_probe`: lp_ft; every layer trains, the head starts from the probe's solution.
 """
@@ -48,6 +51,11 @@ MIN_BATCH_SIZE = 8
 PROBE_EPOCHS = 1
 PRESENTATIONS = {"head": 100, "finetune": 200, "from_probe": 200}
 EPOCH_RANGE = {"head": (5, 15), "finetune": (10, 30), "from_probe": (10, 30)}
+
+# strategy.augmented_views: with augmentation, the probe sees every class's images about this
+# many times (clean + views), as the head regime's epochs would; within the same bounds.
+VIEW_PRESENTATIONS = PRESENTATIONS["head"]
+VIEW_RANGE = EPOCH_RANGE["head"]
 
 # optim.optimizer.lr: the rate at REFERENCE_BATCH_SIZE, per regime, for SGD; AdamW takes a
 # tenth of it. from_probe starts from a solved head, so a lower rate keeps the features it fits.
@@ -103,6 +111,31 @@ def auto_max_epochs(regime: str, train_images: int, num_classes: int) -> Choice:
     )
 
 
+def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: int) -> Choice:
+    """The number of augmented views of each training image the linear probe is solved on
+    (besides the clean image): with augmentation in the `probe` regime, ceil(P / ipc) within
+    VIEW_RANGE, P = VIEW_PRESENTATIONS and ipc = images per class, as `auto_max_epochs` counts
+    the `head` regime's epochs (a view costs what an epoch of the head on images costs: one
+    forward pass over the training images); otherwise 0.
+
+    Source: the views are the head regime's augmented epochs, solved at once instead of
+    followed by SGD (the same objective: cross-entropy + L2 over augmented images). Measured
+    on Flowers102 (ten images per class): val accuracy 0.8735 clean, 0.8824 with five views
+    (docs/accuracy.md)."""
+    _check_regime(regime)
+    if regime != "probe" or not augmenting:
+        reason = f"regime {regime}" if augmenting else "no augmentation"
+        return Choice(0, f"{reason}: the probe is solved on the clean images only")
+    per_class = max(train_images, 1) / max(num_classes, 1)
+    wanted = math.ceil(VIEW_PRESENTATIONS / per_class)
+    low, high = VIEW_RANGE
+    return Choice(
+        min(max(wanted, low), high),
+        f"each class's images about {VIEW_PRESENTATIONS} times: ceil({VIEW_PRESENTATIONS} / "
+        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}]",
+    )
+
+
 def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
     """The learning rate of `optimizer` (its `_target_`): the regime's SGD_BASE_LR (x
     ADAMW_LR_FACTOR for AdamW) x batch_size / REFERENCE_BATCH_SIZE.
@@ -126,12 +159,13 @@ def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
 
 
 def resolve(
-    cfg: DictConfig, train_images: int, num_classes: int, regime: str
+    cfg: DictConfig, train_images: int, num_classes: int, regime: str, augmenting: bool = False
 ) -> tuple[DictConfig, dict[str, Any]]:
-    """A copy of `cfg` with every `auto` of data.batch_size, trainer.max_epochs and
-    optim.optimizer.lr replaced by its rule's value, for `train_images` training images (the
-    training split as the data module lists it) of `num_classes` classes in `regime` (one of
-    REGIMES). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
+    """A copy of `cfg` with every `auto` of data.batch_size, trainer.max_epochs,
+    optim.optimizer.lr and strategy.augmented_views replaced by its rule's value, for
+    `train_images` training images (the training split as the data module lists it) of
+    `num_classes` classes in `regime` (one of REGIMES), with training images augmented or not
+    (`augmenting`). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
     chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
     key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
     without a base rate."""
@@ -157,6 +191,13 @@ def resolve(
     if resolved.optim.optimizer.get("lr") == AUTO:
         target = str(resolved.optim.optimizer.get("_target_"))
         choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size)))
+    views = resolved.strategy.get("augmented_views")
+    if views == AUTO:
+        choose(
+            "strategy.augmented_views", auto_views(regime, augmenting, train_images, num_classes)
+        )
+    elif views is not None:
+        _check_views(int(views), regime, augmenting)
     _log_block(chosen, train_images, num_classes, regime)
     epochs = resolved.trainer.get("max_epochs")
     if regime == "probe" and epochs != PROBE_EPOCHS:
@@ -188,6 +229,27 @@ def _log_block(chosen: dict[str, Any], train_images: int, num_classes: int, regi
         regime,
         "\n".join(lines),
     )
+
+
+def _check_views(views: int, regime: str, augmenting: bool) -> None:
+    """`FinetuneError` for a set strategy.augmented_views that cannot apply."""
+    if views < 0:
+        raise FinetuneError(
+            f"strategy.augmented_views={views} is negative. Fix: a count of views >= 0, or auto."
+        )
+    if views > 0 and regime != "probe":
+        raise FinetuneError(
+            f"strategy.augmented_views={views} applies to the solved linear probe, but this "
+            f"run's head trains by the optimizer (regime {regime}: strategy.head_init=random "
+            "or strategy.cache_features=false). Fix: drop strategy.augmented_views, or use "
+            "strategy.head_init=probe."
+        )
+    if views > 0 and not augmenting:
+        raise FinetuneError(
+            f"strategy.augmented_views={views} without augmentation: every view would be the "
+            "clean image again. Fix: drop strategy.augmented_views, or choose an augmentation "
+            "(augment=default)."
+        )
 
 
 def _check_regime(regime: str) -> None:

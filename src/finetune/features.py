@@ -12,6 +12,10 @@ time). Any change gives a new key and a fresh extraction; an identical run reuse
 
 The data module then serves the features (`FinetuneDataModule.use_features`): the same module,
 batch sizes, order and last-batch rule as the images, so the head sees the same batches.
+
+With augmentation, the linear probe is solved on the clean features and on those of augmented
+views of the training images (`augmented_views`): view k of image i is drawn with the training
+preset from `(seed, k, i)`, as epoch k of training would draw it, and cached the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.atomic import atomic_write
 from finetune.data import FinetuneDataModule, ImageListDataset, Sample, files_fingerprint, images
-from finetune.transforms import eval_transform
+from finetune.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +99,19 @@ def extract(
     device: torch.device,
     forward_context: Callable[[], AbstractContextManager] = nullcontext,
     channels_last: bool = False,
+    keys: Iterable[Any] | None = None,
 ) -> torch.Tensor:
-    """`forward_features` of every image of `dataset`, in order, as float32 `(N, D)` on the
-    CPU. `forward_context`: the precision context of each forward pass (Lightning's
-    `trainer.precision_plugin.forward_context`, autocast for mixed precision)."""
+    """`forward_features` of every image of `dataset`, in order (or of the dataset's items
+    `keys`, in their order), as float32 `(N, D)` on the CPU. `forward_context`: the precision
+    context of each forward pass (Lightning's `trainer.precision_plugin.forward_context`,
+    autocast for mixed precision)."""
     was_training = network.training
     network.eval()
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
+        sampler=None if keys is None else list(keys),
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
@@ -143,38 +150,103 @@ def cached_features(
         if only is None or name in only
     }
     transform = eval_transform(datamodule.input_spec)
-    precision = str(trainer.precision)
-    fields = cache_key_fields(network, transform, precision, splits, channels_last)
+    fields = cache_key_fields(network, transform, str(trainer.precision), splits, channels_last)
+    cache_file = datamodule.cache_dir / "features" / f"{network.name}-{cache_key(fields)}.pt"
+
+    def compute() -> dict[str, torch.Tensor]:
+        # One loader over every split: one set of worker processes, no pipeline restarts.
+        every_split = [sample for samples in splits.values() for sample in samples]
+        extracted = _extract_on_trainer(
+            network, trainer, datamodule, ImageListDataset(every_split, transform), channels_last
+        )
+        return dict(zip(splits, extracted.split([len(s) for s in splits.values()]), strict=True))
+
+    return _load_or_compute(fields, cache_file, compute, f"features of {network.name}")
+
+
+def augmented_views(
+    datamodule: FinetuneDataModule,
+    network: nn.Module,
+    trainer: pl.Trainer,
+    views: int,
+    seed: int,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The features of `views` augmented views of every training image: float32
+    `(views * N, D)`, view-major (view 0's N images in the training split's order, then view
+    1's, ...). View k of image i is drawn with the training preset (`data.augment`) from
+    `(seed, k, i)`, as epoch k of training draws it, whatever the number of workers; the
+    global random generators are left as they were. Extracted on the trainer's device only on
+    a cache miss (the key adds the preset, `views` and `seed` to `cached_features`' own).
+
+    Returns them with a small report (`hit` or `miss`, seconds, cache file)."""
+    samples = datamodule.splits.train
+    transform = train_transform(datamodule.input_spec, datamodule.augment)
+    fields = cache_key_fields(
+        network, transform, str(trainer.precision), {"train": samples}, channels_last
+    ) | {"views": views, "seed": seed}
+    cache_file = datamodule.cache_dir / "features" / f"{network.name}-views-{cache_key(fields)}.pt"
+
+    def compute() -> dict[str, torch.Tensor]:
+        dataset = ImageListDataset(samples, transform, seed=seed)
+        keys = [(view, index) for view in range(views) for index in range(len(samples))]
+        return {
+            "views": _extract_on_trainer(network, trainer, datamodule, dataset, channels_last, keys)
+        }
+
+    extracted, report = _load_or_compute(
+        fields, cache_file, compute, f"features of {views} augmented views of the training images"
+    )
+    return extracted["views"], report
+
+
+def _extract_on_trainer(
+    network: nn.Module,
+    trainer: pl.Trainer,
+    datamodule: FinetuneDataModule,
+    dataset: Dataset,
+    channels_last: bool,
+    keys: list[Any] | None = None,
+) -> torch.Tensor:
+    """`extract` on the trainer's device with its precision, the network put back after."""
+    original_device = next(network.parameters()).device
+    device = trainer.strategy.root_device
+    network.to(device)
+    # The extraction must not draw from the global RNG, so that a cached run consumes
+    # random numbers exactly as the uncached run does (same shuffles, same dropout masks).
+    with torch.random.fork_rng(devices=[]):
+        extracted = extract(
+            network,
+            dataset,
+            batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers,
+            device=device,
+            forward_context=trainer.precision_plugin.forward_context,
+            channels_last=channels_last,
+            keys=keys,
+        )
+    network.to(original_device)
+    return extracted
+
+
+def _load_or_compute(
+    fields: dict[str, Any],
+    cache_file: Path,
+    compute: Callable[[], dict[str, torch.Tensor]],
+    what: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors stored under `fields` (this process's memory, then `cache_file`), or those
+    `compute` returns, written to `cache_file`; with the report for metrics.json."""
     key = cache_key(fields)
-    cache_file = datamodule.cache_dir / "features" / f"{network.name}-{key}.pt"
     started = time.perf_counter()
     features = _IN_MEMORY.get(key) or _read(cache_file, fields)
     status = "hit" if features is not None else "miss"
     if features is None:
-        log.info("Extracting features of %s once for every split (cache miss)", network.name)
-        original_device = next(network.parameters()).device
-        device = trainer.strategy.root_device
-        network.to(device)
-        # The extraction must not draw from the global RNG, so that a cached run consumes
-        # random numbers exactly as the uncached run does (same shuffles, same dropout masks).
-        with torch.random.fork_rng(devices=[]):
-            # One loader over every split: one set of worker processes, no pipeline restarts.
-            every_split = [sample for samples in splits.values() for sample in samples]
-            extracted = extract(
-                network,
-                ImageListDataset(every_split, transform),
-                batch_size=datamodule.eval_batch_size,
-                num_workers=datamodule.num_workers,
-                device=device,
-                forward_context=trainer.precision_plugin.forward_context,
-                channels_last=channels_last,
-            )
-        sizes = [len(samples) for samples in splits.values()]
-        features = dict(zip(splits, extracted.split(sizes), strict=True))
-        network.to(original_device)
+        log.info("Extracting %s once (cache miss)", what)
+        features = compute()
         _write(cache_file, fields, features)
     else:
-        log.info("Reusing cached features of %s (%s)", network.name, cache_file)
+        log.info("Reusing cached %s (%s)", what, cache_file)
     _IN_MEMORY[key] = features
     report = {
         "feature_cache": status,

@@ -60,7 +60,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             rundir.save_config(cfg, run_dir)
         datamodule = build_data(cfg, run_dir, write=not in_place)
         cfg, chosen = adaptive.resolve(  # every `auto` key from the data; config.yaml keeps it
-            cfg, datamodule.splits.sizes()["train"], datamodule.num_classes, training_regime(cfg)
+            cfg,
+            datamodule.splits.sizes()["train"],
+            datamodule.num_classes,
+            training_regime(cfg),
+            augmenting=is_augmenting(cfg.data.get("augment") or {}),
         )
         resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
         model = build_model(cfg, datamodule)
@@ -71,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fitting = build_trainer(cfg, model, datamodule)
     if not in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
-    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
+    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from, cfg.seed)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
     metrics |= model.strategy.probe_report
@@ -89,9 +93,8 @@ class Model(NamedTuple):
     network: Network  # backbone + new head
     module: ClassifierModule
     speed: dict[str, bool]  # runtime.speed_switches: channels_last, compile
-    # a frozen backbone's head on augmented images is validated on cached features (not with
-    # strategy.cache_features=false, which recomputes every pass)
-    caches_eval_features: bool
+    # the probe is solved on the clean training images and this many augmented views of each
+    augmented_views: int
 
 
 class Fitting(NamedTuple):
@@ -176,8 +179,8 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
-    caches_eval = not strategy.trains_backbone and cfg.strategy.get("cache_features") is not False
-    return Model(strategy, network, module, speed, caches_eval)
+    views = int(cfg.strategy.get("augmented_views") or 0)  # adaptive.resolve checked it
+    return Model(strategy, network, module, speed, views)
 
 
 def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule) -> Fitting:
@@ -206,14 +209,18 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
 
 
 def training_data(
-    model: Model, datamodule: FinetuneDataModule, trainer: pl.Trainer, resume_from: str | None
+    model: Model,
+    datamodule: FinetuneDataModule,
+    trainer: pl.Trainer,
+    resume_from: str | None,
+    seed: int,
 ) -> dict[str, Any]:
     """Extract the frozen backbone's features of the training and validation splits once (or
     reuse them) when the head trains on them or starts from the linear probe; solve that probe
-    into the head (not when resuming: the checkpoint holds the head); serve the features the
-    fit uses. The test split stays images: it is evaluated once, after fit, and its forward
-    pass there costs what an extraction would. Returns the feature-cache and probe part of
-    metrics.json."""
+    into the head (not when resuming: the checkpoint holds the head), with `model`'s augmented
+    views of the training images drawn from `seed`; serve the features the fit uses. The test
+    split stays images: it is evaluated once, after fit, and its forward pass there costs what
+    an extraction would. Returns the feature-cache and probe part of metrics.json."""
     if not (model.module.inputs_are_features or model.strategy.head_from_probe):
         return {"feature_cache": "off"}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
@@ -224,16 +231,24 @@ def training_data(
             channels_last=model.speed["channels_last"],
             only=("train", "val"),
         )
+        views = None
+        if model.augmented_views > 0 and resume_from is None:
+            views, _ = features.augmented_views(
+                datamodule,
+                model.network,
+                trainer,
+                model.augmented_views,
+                seed,
+                channels_last=model.speed["channels_last"],
+            )
     if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
-        solved = solve_probe(model.network, datamodule, extracted, trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        solved = solve_probe(model.network, datamodule, extracted, device, views)
         model.strategy.probe_report = solved
-    served = []
-    if model.module.inputs_are_features:
-        served = list(extracted)
-    elif model.caches_eval_features:  # augmented training images, frozen backbone
-        served = [split for split in extracted if split != "train"]
+    # lp_ft and strategy.cache_features=false train on images after the solve
+    served = list(extracted) if model.module.inputs_are_features else []
     if served:
-        datamodule.use_features(extracted, splits=served)
+        datamodule.use_features(extracted)
     return report | {"splits_served_as_features": sorted(served)}
 
 
@@ -242,30 +257,43 @@ def solve_probe(
     datamodule: FinetuneDataModule,
     extracted: dict[str, torch.Tensor],
     device: torch.device,
+    views: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Solve the linear probe on the training split's features (L2 chosen on val) on `device`
-    and copy it into the network's head; returns its report for metrics.json."""
+    """Solve the linear probe on the training split's features and `views` (features of
+    augmented views of the training images, view-major: `features.augmented_views`), L2 chosen
+    on val, on `device`, and copy it into the network's head; returns its report for
+    metrics.json."""
     # The features with their labels, as the data module would serve them.
     splits = feature_datasets(datamodule.splits, extracted)
     train, val = splits["train"], splits.get("val")
+    train_features, train_labels = train.features, train.labels
+    view_count = 0 if views is None else len(views) // len(train_labels)
+    if view_count:
+        train_features = torch.cat([train_features, views])
+        train_labels = train_labels.repeat(view_count + 1)
     solution = probe.solve(
-        train.features.to(device),
-        train.labels.to(device),
+        train_features.to(device),
+        train_labels.to(device),
         datamodule.num_classes,
         None if val is None else val.features.to(device),
         None if val is None else val.labels.to(device),
     )
     solution.copy_into(network.get_classifier())
-    return solution.report()
+    return solution.report() | {"probe_augmented_views": view_count}
 
 
 def fit(
-    trainer: pl.Trainer, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
+    trainer: pl.Trainer,
+    model: Model,
+    datamodule: FinetuneDataModule,
+    resume_from: str | None,
+    seed: int,
 ) -> tuple[float, dict[str, Any]]:
-    """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
-    feature extraction and the probe's solve included, and their part of metrics.json."""
+    """Train (from the checkpoint `resume_from`, when given; `seed` draws the probe's augmented
+    views). Returns the seconds it took, feature extraction and the probe's solve included,
+    and their part of metrics.json."""
     started = time.perf_counter()
-    feature_report = training_data(model, datamodule, trainer, resume_from)
+    feature_report = training_data(model, datamodule, trainer, resume_from, seed)
     try:
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:

@@ -171,7 +171,7 @@ class LastLayer(FreezeStrategy):
 
     name = "last_layer"
     trains_backbone = False
-    RUN_KEYS = ("cache_features",)
+    RUN_KEYS = ("cache_features", "augmented_views")
 
     def __init__(self, head_init: str = LastLayerConfig.head_init) -> None:
         super().__init__(bn="frozen")
@@ -380,8 +380,9 @@ def build(strategy_cfg: Mapping[str, Any]) -> FreezeStrategy:
 
 def training_regime(strategy: FreezeStrategy, caches_features: bool) -> str:
     """How a run trains, one of `finetune.config.schema.REGIMES`: probe = the head solved on
-    cached features is the whole training; head = a frozen backbone's head trains on augmented
-    images; from_probe = every layer trains from a solved head (lp_ft); finetune = the rest."""
+    cached features (with augmentation: also on augmented views) is the whole training; head =
+    a frozen backbone's head trains by the optimizer; from_probe = every layer trains from a
+    solved head (lp_ft); finetune = the rest."""
     if not strategy.trains_backbone:
         return "probe" if caches_features and strategy.head_from_probe else "head"
     return "from_probe" if strategy.head_from_probe else "finetune"
@@ -389,9 +390,10 @@ def training_regime(strategy: FreezeStrategy, caches_features: bool) -> str:
 
 def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmenting: bool) -> bool:
     """Whether the head trains on features computed once (`finetune.features`): only when the
-    backbone stays frozen, and without augmentation (which cached features cannot have) unless
-    `cache_features` is true. `cache_features`: auto | true | false (checked with the config);
-    raises `FinetuneError` for true with a strategy that trains the backbone."""
+    backbone stays frozen; with augmentation only when the head is the probe solved on the
+    features of augmented views (`finetune.features.augmented_views`) or `cache_features` is
+    true. `cache_features`: auto | true | false (checked with the config); raises
+    `FinetuneError` for true with a strategy that trains the backbone."""
     if strategy.trains_backbone:
         if cache_features is True:
             raise FinetuneError(
@@ -401,10 +403,10 @@ def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmen
             )
         return False
     if cache_features is True:
-        if augmenting:
+        if augmenting and not strategy.head_from_probe:
             log.warning(
                 "strategy.cache_features=true: training images get the eval preprocessing "
                 "(augmentation is off), so the backbone's features are computed once."
             )
         return True
-    return cache_features == "auto" and not augmenting
+    return cache_features == "auto" and (strategy.head_from_probe or not augmenting)

@@ -108,12 +108,17 @@ class StrategyConfig:
 @dataclass
 class LastLayerConfig(StrategyConfig):
     name: str = "last_layer"
-    # train the head on features cached once: auto = when the images are not augmented
+    # train the head on features cached once: auto = when the head is the solved probe (with
+    # augmentation, on the clean images and augmented views) or the images are not augmented;
+    # false = on images every epoch (the probe's head then trains on by the optimizer)
     cache_features: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE))
     # probe: the head is solved first (L-BFGS, L2 chosen on val, finetune.probe); on cached
-    # features that is the whole training, with augmentation the epochs continue from it.
+    # features that is the whole training.
     # random: the head starts from nn.Linear's initialisation and trains by the optimizer.
     head_init: str = field(default="probe", metadata=one_of(*HEAD_INITS))
+    # With augmentation, the probe is solved on the clean training images and on this many
+    # augmented views of each (finetune.features.augmented_views); auto: finetune.adaptive.
+    augmented_views: Any = field(default="auto", metadata=AUTO_OR_INT)
 
 
 @dataclass

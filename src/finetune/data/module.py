@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
+from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
 from finetune.data.loading import (
@@ -35,7 +36,6 @@ from finetune.data.loading import (
     training_subset,
 )
 from finetune.data.verify import without_unreadable
-from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.errors import FinetuneError, unknown_name
 from finetune.transforms import Preprocessing
 
@@ -198,14 +198,11 @@ class FinetuneDataModule(pl.LightningDataModule):
     def has_test_split(self) -> bool:
         return self.splits.test is not None
 
-    def use_features(
-        self, features: Mapping[str, torch.Tensor], splits: Iterable[str] | None = None
-    ) -> None:
-        """Serve `features[split]` (`(N, D)` float tensors in the order of `splits`) instead of
-        images from now on, for the named `splits` (default: every split of `features`; a
-        frozen backbone's head trained on augmented images still evaluates on features).
-        Raises `FinetuneError` when a split's count does not match."""
-        served = {split: features[split] for split in (features if splits is None else splits)}
+    def use_features(self, features: Mapping[str, torch.Tensor]) -> None:
+        """Serve `features[split]` (`(N, D)` float tensors in the order of the split's samples)
+        instead of images from now on, for every split of `features`; the other splits stay
+        images. Raises `FinetuneError` when a split's count does not match."""
+        served = dict(features)
         sizes = self.splits.sizes()
         if any(len(tensor) != sizes.get(split) for split, tensor in served.items()):
             raise FinetuneError(
