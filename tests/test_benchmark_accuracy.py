@@ -210,6 +210,7 @@ def test_the_bare_forward_loop_reads_flowers102s_train_and_val(flowers_root):
     assert {split: len(data) for split, data in splits.items()} == {"train": 1020, "val": 1020}
 
 
+@pytest.mark.slow  # a dozen tiny train.py runs: CI's slow step (the default run stays under 10 min)
 def test_a_tiny_run_prints_a_line_per_run_a_summary_and_merges_into_the_page(tmp_path):
     data = tmp_path / "data"
     for split, count in (("train", 4), ("val", 2)):

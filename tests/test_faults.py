@@ -159,6 +159,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(
         assert metrics["feature_cache"] == "hit"  # the resumed run reused the features
 
 
+@pytest.mark.slow  # four train.py processes: CI's slow step (the default run stays under 10 min)
 @pytest.mark.parametrize("source", ["run_dir", "bare_checkpoint"])
 def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
     tmp_path, source, record_fault

@@ -2,6 +2,7 @@
 last_layer (the probe is the training on cached features; augmented epochs continue from it)
 and lp_ft (every layer fine-tunes from it)."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -121,11 +122,17 @@ def test_last_layer_on_cached_features_is_the_solved_probe(make_cfg, tmp_path):
     assert metrics["val/acc"] == pytest.approx(metrics["probe_val_acc"], abs=1e-6)
 
 
-def cached_tensors(run_metrics: dict, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of a feature cache file next to the run's (`name`: its glob pattern)."""
+def cached_tensors(run_metrics: dict, pattern: str, **fields) -> dict[str, torch.Tensor]:
+    """The tensors of the feature cache file next to the run's whose name matches `pattern`
+    and whose key holds `fields` (other tests of the session share the cache folder)."""
     folder = Path(run_metrics["feature_cache_file"]).parent
-    [path] = folder.glob(name)
-    return torch.load(path, weights_only=True)["features"]
+    stored = [torch.load(path, weights_only=True) for path in sorted(folder.glob(pattern))]
+    [match] = [
+        entry
+        for entry in stored
+        if all(json.loads(entry["fields"]).get(k) == v for k, v in fields.items())
+    ]
+    return match["features"]
 
 
 def test_last_layer_with_augmentation_solves_the_probe_on_augmented_views(make_cfg, tmp_path):
@@ -139,7 +146,7 @@ def test_last_layer_with_augmentation_solves_the_probe_on_augmented_views(make_c
     assert metrics["feature_cache"] == "hit"  # the clean features are the un-augmented run's
     # Its head is the probe solved on the clean features and both views, all labelled.
     clean_features = cached_tensors(clean, Path(clean["feature_cache_file"]).name)
-    views = cached_tensors(metrics, "*-views-*.pt")["views"]
+    views = cached_tensors(metrics, "*-views-*.pt", views=2, seed=cfg.seed)["views"]
     from finetune.run import build_datamodule
 
     datamodule = build_datamodule(cfg)

@@ -133,6 +133,7 @@ def test_a_refused_data_option_lists_only_what_it_changes_and_names_the_override
     assert file_hashes(run_dir) == before
 
 
+@pytest.mark.slow  # two runs: CI's slow step (the default run stays under 10 min)
 def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     tmp_path, record_fault
 ):

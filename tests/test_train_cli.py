@@ -124,6 +124,7 @@ def test_unknown_model_option_lists_the_valid_ones(tmp_path):
     assert "efficientnet_lite0" in output and "mobilenet_v2" in output
 
 
+@pytest.mark.slow  # two train.py processes: CI's slow step (the default run stays under 10 min)
 def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp_path):
     import torch
 
