@@ -101,6 +101,16 @@ def test_augmented_views_that_cannot_apply_are_refused(
     adaptive.resolve(auto_cfg("strategy.augmented_views=0"), 100, 2, regime, augmenting=augmenting)
 
 
+def test_no_views_with_augmentation_is_warned_about(auto_cfg, caplog):
+    with caplog.at_level("WARNING", logger="finetune.adaptive"):
+        adaptive.resolve(auto_cfg("strategy.augmented_views=0"), 100, 2, "probe", augmenting=True)
+    assert "data.augment has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune.adaptive"):
+        adaptive.resolve(auto_cfg("strategy.augmented_views=0"), 100, 2, "probe")
+    assert not caplog.records  # nothing augmented, nothing lost
+
+
 @pytest.mark.parametrize(
     ("optim", "regime", "batch_size", "expected"),
     [

@@ -381,8 +381,8 @@ def test_compile_switch_trains_the_compiled_network(make_cfg):
 
 
 def test_feature_batches_pass_the_device_finishing_untouched():
-    # A frozen backbone's head on augmented images evaluates on cached features: on a GPU the
-    # image batches are finished on the device, the feature batches must not be.
+    # The solved probe's run serves train and val as cached features and test as images: on a
+    # GPU the image batches are finished on the device, the feature batches must not be.
     module = hymenoptera_module(decode_cache_mb=0, device_transforms=True, num_workers=0)
     assert module.crops_on_device
     features_batch = (torch.randn(5, 7), torch.arange(5))

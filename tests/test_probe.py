@@ -169,9 +169,9 @@ def test_last_layer_with_augmentation_solves_the_probe_on_augmented_views(make_c
     assert not torch.allclose(views[: len(labels)], clean_features["train"])
 
 
-def test_augmented_views_are_the_training_presets_draws_for_each_epoch(make_cfg):
-    """View k of image i is what epoch k of training draws for image i (seeded by
-    `(seed, k, i)`), whatever the loader's workers; the global generator is left alone."""
+def test_augmented_views_are_the_training_presets_seeded_draws(make_cfg):
+    """View k of image i is the training preset's draw seeded by `(seed, k, i)`; the global
+    generator is left alone; the second call reads the cache file."""
     import pytorch_lightning as pl
 
     from finetune import backbones

@@ -443,3 +443,23 @@ def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_pa
     metrics = json.loads((new / "metrics.json").read_text())
     assert (metrics["model"], metrics["epochs"]) == ("efficientnet_lite0", 2)
     assert "efficientnet_lite0" in (new / "config.yaml").read_text()
+
+
+def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):
+    """A run's config.yaml from before strategy.augmented_views existed: last_layer with
+    augmentation then trained its head by SGD, which the checkpoint cannot continue now."""
+    from omegaconf import OmegaConf
+
+    from finetune import resume
+
+    cfg = make_cfg("strategy=last_layer")
+    saved = OmegaConf.create(OmegaConf.to_container(cfg))  # as config.yaml reads back: untyped
+    del saved.strategy["augmented_views"]
+    changes = resume.config_changes(saved, cfg)
+    assert changes == {"strategy.augmented_views": (resume.ABSENT, "auto")}
+    with pytest.raises(resume.ResumeRefused) as caught:
+        resume.check_changes(changes, tmp_path)
+    message = str(caught.value)
+    assert "made before strategy.augmented_views existed" in message
+    assert "add strategy.augmented_views" not in message  # no value of the run to pin
+    assert "model.weights=" in message  # the way out: a new run from its weights

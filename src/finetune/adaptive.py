@@ -123,9 +123,10 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     on Flowers102 (ten images per class): val accuracy 0.8735 clean, 0.8824 with five views
     (docs/accuracy.md)."""
     _check_regime(regime)
-    if regime != "probe" or not augmenting:
-        reason = f"regime {regime}" if augmenting else "no augmentation"
-        return Choice(0, f"{reason}: the probe is solved on the clean images only")
+    if regime != "probe":
+        return Choice(0, f"regime {regime}: the head trains by the optimizer, no probe to widen")
+    if not augmenting:
+        return Choice(0, "no augmentation: the probe is solved on the clean images only")
     per_class = max(train_images, 1) / max(num_classes, 1)
     wanted = math.ceil(VIEW_PRESENTATIONS / per_class)
     low, high = VIEW_RANGE
@@ -242,13 +243,19 @@ def _check_views(views: int, regime: str, augmenting: bool) -> None:
             f"strategy.augmented_views={views} applies to the solved linear probe, but this "
             f"run's head trains by the optimizer (regime {regime}: strategy.head_init=random "
             "or strategy.cache_features=false). Fix: drop strategy.augmented_views, or use "
-            "strategy.head_init=probe."
+            "strategy.head_init=probe with strategy.cache_features=auto."
         )
     if views > 0 and not augmenting:
         raise FinetuneError(
             f"strategy.augmented_views={views} without augmentation: every view would be the "
             "clean image again. Fix: drop strategy.augmented_views, or choose an augmentation "
             "(augment=default)."
+        )
+    if views == 0 and augmenting and regime == "probe":
+        log.warning(
+            "strategy.augmented_views=0: the probe is solved on the clean images only, so "
+            "data.augment has no effect. Fix: drop strategy.augmented_views (auto) to solve it "
+            "on augmented views too."
         )
 
 

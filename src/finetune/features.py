@@ -15,7 +15,8 @@ batch sizes, order and last-batch rule as the images, so the head sees the same 
 
 With augmentation, the linear probe is solved on the clean features and on those of augmented
 views of the training images (`augmented_views`): view k of image i is drawn with the training
-preset from `(seed, k, i)`, as epoch k of training would draw it, and cached the same way.
+preset (on the CPU, from the image file) seeded by `(seed, k, i)`, and cached the same way, under
+a key that adds the preset, the number of views and the seed.
 """
 
 from __future__ import annotations
@@ -174,8 +175,8 @@ def augmented_views(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The features of `views` augmented views of every training image: float32
     `(views * N, D)`, view-major (view 0's N images in the training split's order, then view
-    1's, ...). View k of image i is drawn with the training preset (`data.augment`) from
-    `(seed, k, i)`, as epoch k of training draws it, whatever the number of workers; the
+    1's, ...). View k of image i is drawn with the training preset (`data.augment`, on the
+    CPU from the image file) seeded by `(seed, k, i)`, whatever the number of workers; the
     global random generators are left as they were. Extracted on the trainer's device only on
     a cache miss (the key adds the preset, `views` and `seed` to `cached_features`' own).
 
@@ -194,8 +195,13 @@ def augmented_views(
             "views": _extract_on_trainer(network, trainer, datamodule, dataset, channels_last, keys)
         }
 
+    # Not kept in memory: K times the clean features, and a sweep reads the file in seconds.
     extracted, report = _load_or_compute(
-        fields, cache_file, compute, f"features of {views} augmented views of the training images"
+        fields,
+        cache_file,
+        compute,
+        f"features of {views} augmented views of the training images",
+        keep_in_memory=False,
     )
     return extracted["views"], report
 
@@ -234,9 +240,11 @@ def _load_or_compute(
     cache_file: Path,
     compute: Callable[[], dict[str, torch.Tensor]],
     what: str,
+    keep_in_memory: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors stored under `fields` (this process's memory, then `cache_file`), or those
-    `compute` returns, written to `cache_file`; with the report for metrics.json."""
+    `compute` returns, written to `cache_file` (and kept in this process's memory for the
+    next run of a sweep when `keep_in_memory`); with the report for metrics.json."""
     key = cache_key(fields)
     started = time.perf_counter()
     features = _IN_MEMORY.get(key) or _read(cache_file, fields)
@@ -247,7 +255,8 @@ def _load_or_compute(
         _write(cache_file, fields, features)
     else:
         log.info("Reusing cached %s (%s)", what, cache_file)
-    _IN_MEMORY[key] = features
+    if keep_in_memory:
+        _IN_MEMORY[key] = features
     report = {
         "feature_cache": status,
         "feature_cache_seconds": round(time.perf_counter() - started, 2),

@@ -118,8 +118,8 @@ class ClassifierModule(pl.LightningModule):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # (batch, features): cached features, also of the evaluation splits alone when a frozen
-        # backbone's head trains on augmented images
+        # (batch, features): cached features (the solved probe's train and val splits; its test
+        # split stays images)
         if images.ndim == 2:
             return self.network.forward_head(images)
         if self.channels_last:

@@ -2,7 +2,8 @@
 
 The standard linear-evaluation protocol (Kornblith et al. 2019, "Do Better ImageNet Models
 Transfer Better?"; Ericsson et al. 2021, "How Well Do Self-Supervised Models Transfer?"): the
-backbone's pooled features of the un-augmented images, a full-batch L-BFGS solve of
+backbone's pooled features of the un-augmented images (the caller may add those of augmented
+views, `finetune.features.augmented_views`), a full-batch L-BFGS solve of
 
     mean cross-entropy(W x + b, y) + (l2 / 2) * ||W||^2     (the bias is not penalised)
 

@@ -191,9 +191,15 @@ def is_in_place(ckpt_path: Any, run_dir: Path) -> bool:
     return source is not None and source.resolve() == run_dir.resolve()
 
 
+# The saved value of a key the run's config does not have: the key was added to the project
+# after the run was made.
+ABSENT = "<not in the run's config>"
+
+
 def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
     """Dotted key -> (saved value, value now) for every value of `cfg` that differs from the
-    run's `saved` config (both resolved; `run_dir`, `ckpt_path` and `hydra` not compared)."""
+    run's `saved` config (both resolved; `run_dir`, `ckpt_path` and `hydra` not compared); a
+    key the saved config lacks has the saved value ABSENT."""
     from finetune.rundir import flatten
 
     cfg = cfg.copy()
@@ -203,7 +209,8 @@ def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, A
     now = flatten(OmegaConf.to_container(cfg, resolve=True))
     before = flatten(OmegaConf.to_container(saved, resolve=True))
     keys = [k for k in {**before, **now} if k.split(".")[0] not in _NOT_COMPARED]
-    return {k: (before.get(k), now.get(k)) for k in keys if before.get(k) != now.get(k)}
+    changed = [k for k in keys if k not in before or before[k] != now.get(k)]
+    return {k: (before.get(k, ABSENT), now.get(k)) for k in changed}
 
 
 def check_changes(
@@ -228,7 +235,9 @@ def check_changes(
         # Keys nobody typed changed because the project's defaults changed since the run:
         # pinning the run's values resumes it as it was.
         untyped = [
-            f"{k}={old}" for k, (old, _) in refused.items() if not was_typed(k) and old is not None
+            f"{k}={old}"
+            for k, (old, _) in refused.items()
+            if not was_typed(k) and old is not None and old != ABSENT
         ]
         hint = (
             f" The defaults changed since the run was made: add {' '.join(untyped)} to the "
@@ -236,6 +245,12 @@ def check_changes(
             if untyped
             else ""
         )
+        added = [k for k, (old, _) in refused.items() if old == ABSENT]
+        if added:
+            hint += (
+                f" The run was made before {', '.join(added)} existed: its checkpoint was "
+                "trained without it, and this version cannot continue it."
+            )
         raise ResumeRefused(
             f"Cannot resume {source} with this config{cause}: {listed}.{hint} A resume continues "
             "the run with its own config (saved in config.yaml); only how and how long it trains may "

@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fitting = build_trainer(cfg, model, datamodule)
     if not in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
-    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from, cfg.seed)
+    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
     metrics |= model.strategy.probe_report
@@ -213,12 +213,11 @@ def training_data(
     datamodule: FinetuneDataModule,
     trainer: pl.Trainer,
     resume_from: str | None,
-    seed: int,
 ) -> dict[str, Any]:
     """Extract the frozen backbone's features of the training and validation splits once (or
     reuse them) when the head trains on them or starts from the linear probe; solve that probe
     into the head (not when resuming: the checkpoint holds the head), with `model`'s augmented
-    views of the training images drawn from `seed`; serve the features the fit uses. The test
+    views of the training images (drawn from `data.shuffle_seed`, as training augments); serve the features the fit uses. The test
     split stays images: it is evaluated once, after fit, and its forward pass there costs what
     an extraction would. Returns the feature-cache and probe part of metrics.json."""
     if not (model.module.inputs_are_features or model.strategy.head_from_probe):
@@ -238,7 +237,7 @@ def training_data(
                 model.network,
                 trainer,
                 model.augmented_views,
-                seed,
+                datamodule.shuffle_seed,
                 channels_last=model.speed["channels_last"],
             )
     if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
@@ -268,6 +267,11 @@ def solve_probe(
     train, val = splits["train"], splits.get("val")
     train_features, train_labels = train.features, train.labels
     view_count = 0 if views is None else len(views) // len(train_labels)
+    if views is not None and len(views) != view_count * len(train_labels):
+        raise FinetuneError(
+            f"{len(views)} augmented-view features for {len(train_labels)} training images. "
+            f"Fix: delete the feature cache under {datamodule.cache_dir / 'features'}."
+        )
     if view_count:
         train_features = torch.cat([train_features, views])
         train_labels = train_labels.repeat(view_count + 1)
@@ -283,17 +287,12 @@ def solve_probe(
 
 
 def fit(
-    trainer: pl.Trainer,
-    model: Model,
-    datamodule: FinetuneDataModule,
-    resume_from: str | None,
-    seed: int,
+    trainer: pl.Trainer, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
 ) -> tuple[float, dict[str, Any]]:
-    """Train (from the checkpoint `resume_from`, when given; `seed` draws the probe's augmented
-    views). Returns the seconds it took, feature extraction and the probe's solve included,
-    and their part of metrics.json."""
+    """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
+    feature extraction and the probe's solve included, and their part of metrics.json."""
     started = time.perf_counter()
-    feature_report = training_data(model, datamodule, trainer, resume_from, seed)
+    feature_report = training_data(model, datamodule, trainer, resume_from)
     try:
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:
