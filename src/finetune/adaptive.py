@@ -11,7 +11,7 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 | `data.batch_size` | 32, halved while the training split gives fewer than 4 batches, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
 | `optim.optimizer.lr` | base(optimizer, regime) x batch_size / 32 |
-| `strategy.augmented_views` | probe with augmentation: ceil(100 / images per class) within [5, 15]; else 0 |
+| `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15]; else 0 |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
 is):

@@ -217,9 +217,10 @@ def training_data(
     """Extract the frozen backbone's features of the training and validation splits once (or
     reuse them) when the head trains on them or starts from the linear probe; solve that probe
     into the head (not when resuming: the checkpoint holds the head), with `model`'s augmented
-    views of the training images (drawn from `data.shuffle_seed`, as training augments); serve the features the fit uses. The test
-    split stays images: it is evaluated once, after fit, and its forward pass there costs what
-    an extraction would. Returns the feature-cache and probe part of metrics.json."""
+    views of the training images (drawn from `data.shuffle_seed`, as training augments);
+    serve the features the fit uses. The test split stays images: it is evaluated once, after
+    fit, and its forward pass there costs what an extraction would. Returns the feature-cache
+    and probe part of metrics.json."""
     if not (model.module.inputs_are_features or model.strategy.head_from_probe):
         return {"feature_cache": "off"}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
