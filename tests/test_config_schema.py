@@ -87,6 +87,9 @@ def test_mixed_type_keys_accept_only_their_values():
         ("trainer.deterministic=maybe", ["null, true, false, warn"]),
         ("trainer.gradient_clip_algorithm=nrom", ["norm, value", "`norm`?"]),
         ("trainer.devices=true", ["any int, any list, any str"]),
+        # counts below their minimum: refused at the command line, before any download
+        ("strategy.augmented_views=-1", ["below its minimum 0", "augmented_views=auto"]),
+        ("data.batch_size=0", ["`data.batch_size=0` is below its minimum 1", "batch_size=auto"]),
     ],
 )
 def test_keys_with_fixed_values_refuse_another(line, expected):

@@ -30,6 +30,7 @@ TIMING_FIELDS = {
     "run_seconds",
     "train_epoch_seconds",
     "feature_cache_seconds",
+    "views_cache_seconds",
     "probe_seconds",  # a resumed run reports the probe its head was solved by, timing included
 }
 
@@ -49,6 +50,8 @@ def comparable(metrics: dict) -> dict:
     kept["best_checkpoint"] = Path(kept["best_checkpoint"]).name
     kept.pop("feature_cache_file", None)
     kept.pop("feature_cache", None)
+    kept.pop("views_cache_file", None)
+    kept.pop("views_cache", None)
     return kept
 
 

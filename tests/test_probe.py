@@ -2,6 +2,7 @@
 last_layer (the probe is the training on cached features; augmented epochs continue from it)
 and lp_ft (every layer fine-tunes from it)."""
 
+import fnmatch
 import json
 import logging
 from pathlib import Path
@@ -144,6 +145,10 @@ def test_last_layer_with_augmentation_solves_the_probe_on_augmented_views(make_c
     assert (metrics["probe_augmented_views"], clean["probe_augmented_views"]) == (2, 0)
     assert metrics["epochs"] == 1 and metrics["splits_served_as_features"] == ["train", "val"]
     assert metrics["feature_cache"] == "hit"  # the clean features are the un-augmented run's
+    assert metrics["views_cache"] == "miss" and "views_cache" not in clean
+    assert fnmatch.fnmatch(Path(metrics["views_cache_file"]).name, "*-views-*.pt")
+    cfg.run_dir = str(tmp_path / "views_again")
+    assert train(cfg)["views_cache"] == "hit"  # the second run reads the views' file
     # Its head is the probe solved on the clean features and both views, all labelled.
     clean_features = cached_tensors(clean, Path(clean["feature_cache_file"]).name)
     views = cached_tensors(metrics, "*-views-*.pt", views=2, seed=cfg.seed)["views"]

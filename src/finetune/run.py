@@ -231,9 +231,9 @@ def training_data(
             channels_last=model.speed["channels_last"],
             only=("train", "val"),
         )
-        views = None
+        views, views_report = None, {}
         if model.augmented_views > 0 and resume_from is None:
-            views, _ = features.augmented_views(
+            views, views_report = features.augmented_views(
                 datamodule,
                 model.network,
                 trainer,
@@ -244,7 +244,9 @@ def training_data(
     if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
         device = trainer.strategy.root_device
         solved = solve_probe(model.network, datamodule, extracted, device, views)
-        model.strategy.probe_report = solved
+        # the views' cache goes with the probe's report, which a resume restores
+        views_cache = {f"views_{key[len('feature_'):]}": v for key, v in views_report.items()}
+        model.strategy.probe_report = solved | views_cache
     # lp_ft and strategy.cache_features=false train on images after the solve
     served = list(extracted) if model.module.inputs_are_features else []
     if served:

@@ -165,7 +165,13 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
     if any(type(value) is type(a) and value == a for a in values):
         return
     if types and isinstance(value, types) and (bool in types or not isinstance(value, bool)):
-        return
+        minimum = allowed.get("minimum")
+        if minimum is None or value >= minimum:
+            return
+        raise ConfigError(
+            f"Config key `{full_key}={_show(value)}` is below its minimum {_show(minimum)}. "
+            f"Fix: e.g. {full_key}={_show(values[0]) if values else _show(minimum)}."
+        )
     named = list(dict.fromkeys(_show(a) for a in values))  # 64 and "64" read the same
     shown = named + [f"any {t.__name__}" for t in types]
     message = f"`{full_key}={_show(value)}` is not one of: {', '.join(shown)}."

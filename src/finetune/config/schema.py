@@ -62,14 +62,18 @@ PRECISIONS = (
 )
 
 
-def one_of(*values: Any, types: tuple[type, ...] = ()) -> dict[str, Any]:
+def one_of(
+    *values: Any, types: tuple[type, ...] = (), minimum: float | None = None
+) -> dict[str, Any]:
     """Field metadata: the value must be one of `values` (compared with its type: `True` is not
-    `1`) or an instance of one of `types` (a `bool` is not an `int` here). `list` means a list."""
-    return {"choices": values, "types": types}
+    `1`) or an instance of one of `types` (a `bool` is not an `int` here), and an instance of
+    `types` must be >= `minimum` when given. `list` means a list."""
+    return {"choices": values, "types": types, "minimum": minimum}
 
 
 # Keys that a rule of finetune.adaptive fills in from the data when left at `auto`.
-AUTO_OR_INT = one_of("auto", types=(int,))
+AUTO_OR_COUNT = one_of("auto", types=(int,), minimum=0)
+AUTO_OR_POSITIVE_INT = one_of("auto", types=(int,), minimum=1)
 AUTO_OR_NUMBER = one_of("auto", types=(float, int))
 
 
@@ -118,7 +122,7 @@ class LastLayerConfig(StrategyConfig):
     head_init: str = field(default="probe", metadata=one_of(*HEAD_INITS))
     # With augmentation, the probe is solved on the clean training images and on this many
     # augmented views of each (finetune.features.augmented_views); auto: finetune.adaptive.
-    augmented_views: Any = field(default="auto", metadata=AUTO_OR_INT)
+    augmented_views: Any = field(default="auto", metadata=AUTO_OR_COUNT)
 
 
 @dataclass
@@ -211,7 +215,7 @@ class DataConfig:
     dataset: str = field(default=MISSING, metadata=one_of(*DATASETS))
     root: str = II("paths.data_root")  # parent folder of each dataset's canonical folder
     download: bool = True  # fetch hymenoptera / flowers102 when absent
-    batch_size: Any = field(default="auto", metadata=AUTO_OR_INT)  # auto: finetune.adaptive
+    batch_size: Any = field(default="auto", metadata=AUTO_OR_POSITIVE_INT)  # auto: adaptive
     eval_batch_size: int | None = 64
     num_workers: int = 2
     pin_memory: bool = True  # only takes effect with CUDA
