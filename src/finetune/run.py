@@ -245,7 +245,7 @@ def training_data(
         device = trainer.strategy.root_device
         solved = solve_probe(model.network, datamodule, extracted, device, views)
         # the views' cache goes with the probe's report, which a resume restores
-        views_cache = {f"views_{key[len('feature_'):]}": v for key, v in views_report.items()}
+        views_cache = {k.replace("feature_", "views_"): v for k, v in views_report.items()}
         model.strategy.probe_report = solved | views_cache
     # lp_ft and strategy.cache_features=false train on images after the solve
     served = list(extracted) if model.module.inputs_are_features else []
