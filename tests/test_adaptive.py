@@ -74,6 +74,10 @@ def test_max_epochs_presents_each_class_p_times_within_the_regimes_range(
         ("probe", True, 510, 102, 15),  # 5 per class: 20 wanted, hi = 15
         ("probe", False, 1020, 102, 0),  # un-augmented views are the clean image again
         ("head", True, 1020, 102, 0),  # the head trains by the optimizer: no probe to widen
+        # the full-batch solve stays within MAX_PROBE_ROWS = 50k rows of clean + views
+        ("probe", True, 10_000, 10, 4),  # 1000 per class: 5 wanted, 50k / 10k - 1 = 4
+        ("probe", True, 20_000, 1000, 1),  # 20 per class: 5 wanted, 50k / 20k - 1 = 1
+        ("probe", True, 30_000, 10, 0),  # too large for a single view
     ],
 )
 def test_augmented_views_present_each_class_p_times_with_augmentation_only(

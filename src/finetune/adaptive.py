@@ -11,7 +11,7 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 | `data.batch_size` | 32, halved while the training split gives fewer than 4 batches, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
 | `optim.optimizer.lr` | base(optimizer, regime) x batch_size / 32 |
-| `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15]; else 0 |
+| `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
 is):
@@ -56,6 +56,9 @@ EPOCH_RANGE = {"head": (5, 15), "finetune": (10, 30), "from_probe": (10, 30)}
 # many times (clean + views), as the head regime's epochs would; within the same bounds.
 VIEW_PRESENTATIONS = PRESENTATIONS["head"]
 VIEW_RANGE = EPOCH_RANGE["head"]
+# The probe is solved full-batch: the clean images and their views together stay within this
+# many rows (50k x 1280 float32 features = 256 MB), so large datasets get fewer views (or none).
+MAX_PROBE_ROWS = 50_000
 
 # optim.optimizer.lr: the rate at REFERENCE_BATCH_SIZE, per regime, for SGD; AdamW takes a
 # tenth of it. from_probe starts from a solved head, so a lower rate keeps the features it fits.
@@ -116,7 +119,8 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     (besides the clean image): with augmentation in the `probe` regime, ceil(P / ipc) within
     VIEW_RANGE, P = VIEW_PRESENTATIONS and ipc = images per class, as `auto_max_epochs` counts
     the `head` regime's epochs (a view costs what an epoch of the head on images costs: one
-    forward pass over the training images); otherwise 0.
+    forward pass over the training images), lowered so that the full-batch solve has at most
+    MAX_PROBE_ROWS rows (clean + views; 0 views from MAX_PROBE_ROWS / 2 images on); otherwise 0.
 
     Source: the views are the head regime's augmented epochs, solved at once instead of
     followed by SGD (the same objective: cross-entropy + L2 over augmented images). Measured
@@ -130,11 +134,15 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     per_class = max(train_images, 1) / max(num_classes, 1)
     wanted = math.ceil(VIEW_PRESENTATIONS / per_class)
     low, high = VIEW_RANGE
-    return Choice(
-        min(max(wanted, low), high),
+    rule = (
         f"each class's images about {VIEW_PRESENTATIONS} times: ceil({VIEW_PRESENTATIONS} / "
-        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}]",
+        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}]"
     )
+    views = min(max(wanted, low), high)
+    fitting = max(MAX_PROBE_ROWS // max(train_images, 1) - 1, 0)
+    if fitting < views:
+        rule += f"; at most {fitting} so that clean + views fit {MAX_PROBE_ROWS} rows"
+    return Choice(min(views, fitting), rule)
 
 
 def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
