@@ -135,6 +135,30 @@ def test_lr_scales_linearly_with_the_batch_size(auto_cfg, optim, regime, batch_s
     assert "linear scaling" in chosen["optim.optimizer.lr"]["rule"]
 
 
+@pytest.mark.parametrize(
+    ("devices", "num_nodes", "train_images", "batch", "lr"),
+    [
+        (1, 1, 244, 32, 0.01),
+        # 2 x 32 would give 3.8 global batches of 244 images: 16 per device, the plain run's 32
+        (2, 1, 244, 16, 0.01),
+        (2, 1, 5000, 32, 0.02),  # the global batch is 64: twice the rate (linear scaling)
+        (2, 2, 5000, 32, 0.04),
+        ("'0,1,2'", 1, 5000, 32, 0.03),  # a string of device ids
+    ],
+)
+def test_the_rules_count_the_global_batch_of_a_distributed_run(
+    auto_cfg, devices, num_nodes, train_images, batch, lr
+):
+    from finetune import distributed
+
+    cfg = auto_cfg("strategy=full", f"trainer.devices={devices}", f"trainer.num_nodes={num_nodes}")
+    world_size = distributed.world_size(cfg.trainer)
+    resolved, chosen = adaptive.resolve(cfg, train_images, 2, "finetune", world_size=world_size)
+    assert (resolved.data.batch_size, resolved.optim.optimizer.lr) == (batch, pytest.approx(lr))
+    if world_size > 1:
+        assert f"x {world_size} devices" in chosen["optim.optimizer.lr"]["rule"]
+
+
 def test_resolve_fills_every_auto_key_from_the_data_and_leaves_cfg_as_it_was(auto_cfg):
     cfg = auto_cfg("data=flowers102", "strategy=full")
     resolved, chosen = adaptive.resolve(cfg, 1020, 102, "finetune")

@@ -8,9 +8,9 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 
 | key | rule |
 |---|---|
-| `data.batch_size` | 32, halved while the training split gives fewer than 4 batches, >= 8 |
+| `data.batch_size` | per device: 32, halved while the split gives fewer than 4 global batches, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
-| `optim.optimizer.lr` | base(optimizer, regime) x batch_size / 32 |
+| `optim.optimizer.lr` | base(optimizer, regime) x global batch (batch_size x devices) / 32 |
 | `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
@@ -73,21 +73,23 @@ class Choice(NamedTuple):
     rule: str  # one readable line: how the value came about
 
 
-def auto_batch_size(train_images: int) -> Choice:
-    """The training batch size for `train_images` images (the training split, after
-    `data.train_fraction`): BATCH_SIZE, halved while the split would give fewer than
-    MIN_BATCHES_PER_EPOCH batches, never below MIN_BATCH_SIZE.
+def auto_batch_size(train_images: int, world_size: int = 1) -> Choice:
+    """The training batch size per device for `train_images` images (the training split, after
+    `data.train_fraction`) shared by `world_size` processes: BATCH_SIZE, halved while the
+    split would give fewer than MIN_BATCHES_PER_EPOCH global batches (batch x world_size),
+    never below MIN_BATCH_SIZE. On one device the batch is the global batch.
 
     Source: the common ImageNet fine-tuning batch of 32 (torchvision's references, BiT's
     per-device batch); the halving keeps several optimizer steps per epoch on small data."""
     size = BATCH_SIZE
-    while size > MIN_BATCH_SIZE and train_images < MIN_BATCHES_PER_EPOCH * size:
+    while size > MIN_BATCH_SIZE and train_images < MIN_BATCHES_PER_EPOCH * size * world_size:
         size //= 2
     size = max(size, MIN_BATCH_SIZE)
+    devices = f" x {world_size} devices" if world_size > 1 else ""
     return Choice(
         size,
         f"{BATCH_SIZE}, halved while {train_images} training images give fewer than "
-        f"{MIN_BATCHES_PER_EPOCH} batches, at least {MIN_BATCH_SIZE}",
+        f"{MIN_BATCHES_PER_EPOCH} batches{devices}, at least {MIN_BATCH_SIZE}",
     )
 
 
@@ -145,12 +147,14 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     return Choice(min(views, fitting), rule)
 
 
-def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
+def auto_lr(optimizer: str, regime: str, batch_size: int, world_size: int = 1) -> Choice:
     """The learning rate of `optimizer` (its `_target_`): the regime's SGD_BASE_LR (x
-    ADAMW_LR_FACTOR for AdamW) x batch_size / REFERENCE_BATCH_SIZE.
+    ADAMW_LR_FACTOR for AdamW) x the global batch (batch_size per device x world_size) /
+    REFERENCE_BATCH_SIZE.
 
     Source: the linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD:
-    Training ImageNet in 1 Hour"). Raises `FinetuneError` for an optimizer without a base rate."""
+    Training ImageNet in 1 Hour"), which scales with the batch of one optimizer step, the
+    global one. Raises `FinetuneError` for an optimizer without a base rate."""
     _check_regime(regime)
     if optimizer not in BASE_LR_FACTOR:
         raise FinetuneError(
@@ -158,23 +162,30 @@ def auto_lr(optimizer: str, regime: str, batch_size: int) -> Choice:
             f"{', '.join(BASE_LR_FACTOR)}). Fix: set optim.optimizer.lr=... on the command line."
         )
     base = SGD_BASE_LR[regime] * BASE_LR_FACTOR[optimizer]
-    value = float(f"{base * batch_size / REFERENCE_BATCH_SIZE:.6g}")
+    global_batch = batch_size * world_size
+    value = float(f"{base * global_batch / REFERENCE_BATCH_SIZE:.6g}")
     name = optimizer.rpartition(".")[2]
+    batch = f"{batch_size} x {world_size} devices" if world_size > 1 else str(batch_size)
     return Choice(
         value,
-        f"{name} base {base:g} ({regime}) x batch {batch_size} / {REFERENCE_BATCH_SIZE}, "
+        f"{name} base {base:g} ({regime}) x batch {batch} / {REFERENCE_BATCH_SIZE}, "
         "linear scaling (Goyal et al. 2017)",
     )
 
 
 def resolve(
-    cfg: DictConfig, train_images: int, num_classes: int, regime: str, augmenting: bool = False
+    cfg: DictConfig,
+    train_images: int,
+    num_classes: int,
+    regime: str,
+    augmenting: bool = False,
+    world_size: int = 1,
 ) -> tuple[DictConfig, dict[str, Any]]:
     """A copy of `cfg` with every `auto` of data.batch_size, trainer.max_epochs,
     optim.optimizer.lr and strategy.augmented_views replaced by its rule's value, for
     `train_images` training images (the training split as the data module lists it) of
     `num_classes` classes in `regime` (one of REGIMES), with training images augmented or not
-    (`augmenting`). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
+    (`augmenting`), trained by `world_size` processes (data.batch_size is per device). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
     chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
     key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
     without a base rate."""
@@ -190,7 +201,7 @@ def resolve(
 
     batch_size = resolved.data.batch_size
     if batch_size == AUTO:
-        batch_size = choose("data.batch_size", auto_batch_size(train_images))
+        batch_size = choose("data.batch_size", auto_batch_size(train_images, world_size))
     if resolved.trainer.get("max_epochs") == AUTO:
         max_steps = resolved.trainer.get("max_steps", -1)
         if max_steps is not None and max_steps > 0:  # the user's length, in steps
@@ -199,7 +210,7 @@ def resolve(
             choose("trainer.max_epochs", auto_max_epochs(regime, train_images, num_classes))
     if resolved.optim.optimizer.get("lr") == AUTO:
         target = str(resolved.optim.optimizer.get("_target_"))
-        choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size)))
+        choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size), world_size))
     views = resolved.strategy.get("augmented_views")
     if views == AUTO:
         choose(

@@ -43,6 +43,11 @@ def _processes_per_machine(trainer_cfg: DictConfig) -> int:
     return devices if isinstance(devices, int) else len(devices)
 
 
+def world_size(trainer_cfg: DictConfig) -> int:
+    """How many processes train together: per machine (`trainer.devices`) x `trainer.num_nodes`."""
+    return _processes_per_machine(trainer_cfg) * int(trainer_cfg.get("num_nodes") or 1)
+
+
 @contextmanager
 def job_processes(cfg: DictConfig) -> Iterator[None]:
     """Inside a Hydra multirun job, make Lightning's extra DDP ranks re-run only this job.

@@ -22,6 +22,7 @@ from finetune import (
     backbones,
     callbacks,
     config,
+    distributed,
     features,
     probe,
     resume,
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             datamodule.num_classes,
             training_regime(cfg),
             augmenting=is_augmenting(cfg.data.get("augment") or {}),
+            world_size=distributed.world_size(cfg.trainer),
         )
         resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
         model = build_model(cfg, datamodule)
