@@ -9,7 +9,8 @@ run in a process of its own (`common.run_measured`: wall seconds, peak memory):
   flowers102 (val split): last_layer augment=none, last_layer, lp_ft, full;
   hymenoptera: last_layer, full and lp_ft with seeds 0, 1, 2 (the targets use their mean),
   scratch, and last_layer augment=none twice on one feature cache (cold, then warm);
-  and, for the time ratios, plain_loops' bare forward pass over train + val of each dataset.
+  and, for the time ratios, plain_loops' bare forward pass over train + val of each dataset
+  (with the wall time of a process that only imports torch: the floor of the warm run's).
 Every run gets its own folder under the work folder (its run dir and a fresh `paths.cache_dir`,
 which the warm run shares with the cold one), so no run finds features or image checks of an
 earlier one. Prints one JSON line per run, then a summary line: each target of the issue's
@@ -151,6 +152,11 @@ TARGETS = (
         "hymenoptera last_layer, no augmentation, warm cache: wall s / bare forward pass wall s",
         (WARM,), "wall_seconds", "<", 0.2, over="hymenoptera/bare_forward:wall_seconds",
     ),
+    Target(
+        "its floor: python -c 'import torch', wall s / bare forward pass wall s",
+        ("hymenoptera/bare_forward",), "import_torch_wall_seconds", "report",
+        over="hymenoptera/bare_forward:wall_seconds",
+    ),
 )  # fmt: skip
 
 COMPARE = {
@@ -229,6 +235,9 @@ def bare_forward(case: Case, args) -> dict[str, Any]:
     )
     measured.pop("loop", None)
     measured["work_seconds"] = measured.pop("seconds_inside")  # after imports, as linear_probe.py
+    # The floor of any run's wall time: a Python process that imports torch and stops.
+    floor = run_measured([sys.executable, "-c", "import torch"], env=PLAIN_ENV)
+    measured["import_torch_wall_seconds"] = floor["wall_seconds"]
     return measured
 
 

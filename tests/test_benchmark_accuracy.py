@@ -87,7 +87,11 @@ def test_summary_compares_means_ratios_and_other_runs_values_with_the_targets():
         "hymenoptera/last_layer/seed2": {"val_acc": 0.93, "fit_seconds": 140.0},
         "hymenoptera/full/seed0": {"val_acc": 0.99, "fit_seconds": 10.0},
         "hymenoptera/scratch": {"val_acc": 0.6},
-        "hymenoptera/bare_forward": {"work_seconds": 14.0, "wall_seconds": 20.0},
+        "hymenoptera/bare_forward": {
+            "work_seconds": 14.0,
+            "wall_seconds": 20.0,
+            "import_torch_wall_seconds": 3.0,
+        },
         "hymenoptera/last_layer_noaug/cold": {"val_acc": 0.9412},
         "hymenoptera/last_layer_noaug/warm": {"val_acc": 0.9412, "wall_seconds": 4.0},
     }
@@ -112,6 +116,8 @@ def test_summary_compares_means_ratios_and_other_runs_values_with_the_targets():
     assert (same["goal"], same["passed"]) == (0.9412, True)
     warm = "hymenoptera last_layer, no augmentation, warm cache: wall s / bare forward pass wall s"
     assert (rows[warm]["measured"], rows[warm]["passed"]) == (0.2, False)  # < 0.2 is strict
+    floor = rows["its floor: python -c 'import torch', wall s / bare forward pass wall s"]
+    assert (floor["measured"], floor["passed"]) == (0.15, None)  # reported, not a target
 
     runs["hymenoptera/last_layer_noaug/warm"] = {"val_acc": 0.9346, "wall_seconds": 3.9}
     rows = by_target(accuracy.summarise(runs))
@@ -232,6 +238,7 @@ def test_a_tiny_run_prints_a_line_per_run_a_summary_and_merges_into_the_page(tmp
         "hymenoptera/last_layer_noaug/warm",
     ]
     assert runs["hymenoptera/bare_forward"]["images"] == 12
+    assert 0 < runs["hymenoptera/bare_forward"]["import_torch_wall_seconds"] < 60
     for name, cache in (("cold", "miss"), ("warm", "hit")):
         run = runs[f"hymenoptera/last_layer_noaug/{name}"]
         assert run["feature_cache"] == cache
