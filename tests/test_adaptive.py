@@ -17,9 +17,10 @@ from conftest import (
     make_class_folders,
     run_train,
 )
-from finetune import adaptive
+from finetune import adaptive, distributed
 from finetune.backbones import InputSpec
 from finetune.config import ConfigError, check_command_line
+from finetune.data import FinetuneDataModule
 from finetune.errors import FinetuneError
 from finetune.run import training_regime
 
@@ -136,27 +137,67 @@ def test_lr_scales_linearly_with_the_batch_size(auto_cfg, optim, regime, batch_s
 
 
 @pytest.mark.parametrize(
-    ("devices", "num_nodes", "train_images", "batch", "lr"),
+    ("overrides", "train_images", "batch", "lr"),
     [
-        (1, 1, 244, 32, 0.01),
-        # 2 x 32 would give 3.8 global batches of 244 images: 16 per device, the plain run's 32
-        (2, 1, 244, 16, 0.01),
-        (2, 1, 5000, 32, 0.02),  # the global batch is 64: twice the rate (linear scaling)
-        (2, 2, 5000, 32, 0.04),
-        ("'0,1,2'", 1, 5000, 32, 0.03),  # a string of device ids
+        ([], 244, 32, 0.01),
+        # 2 x 32 would give 3.8 optimizer steps of 244 images: 16 per process, the plain run's 32
+        (["trainer.devices=2"], 244, 16, 0.01),
+        (["trainer.devices=2"], 5000, 32, 0.02),  # 64 images a step: twice the rate
+        (["trainer.devices=2", "trainer.num_nodes=2"], 5000, 32, 0.04),
+        (["trainer.devices='0,1,2'"], 5000, 32, 0.03),  # a string of device ids
+        (["trainer.accumulate_grad_batches=4"], 5000, 32, 0.04),  # 4 batches a step
+        (["trainer.accumulate_grad_batches=2"], 244, 16, 0.01),
     ],
 )
-def test_the_rules_count_the_global_batch_of_a_distributed_run(
-    auto_cfg, devices, num_nodes, train_images, batch, lr
+def test_the_rules_count_the_images_of_one_optimizer_step(
+    auto_cfg, overrides, train_images, batch, lr
 ):
-    from finetune import distributed
-
-    cfg = auto_cfg("strategy=full", f"trainer.devices={devices}", f"trainer.num_nodes={num_nodes}")
-    world_size = distributed.world_size(cfg.trainer)
-    resolved, chosen = adaptive.resolve(cfg, train_images, 2, "finetune", world_size=world_size)
+    cfg = auto_cfg("strategy=full", *overrides)
+    per_step = distributed.world_size(cfg.trainer) * cfg.trainer.accumulate_grad_batches
+    resolved, chosen = adaptive.resolve(cfg, train_images, 2, "finetune", batches_per_step=per_step)
     assert (resolved.data.batch_size, resolved.optim.optimizer.lr) == (batch, pytest.approx(lr))
-    if world_size > 1:
-        assert f"x {world_size} devices" in chosen["optim.optimizer.lr"]["rule"]
+    if per_step > 1 and batch == 32:
+        assert (
+            f"x {per_step} (processes x gradient accumulation)"
+            in chosen["optim.optimizer.lr"]["rule"]
+        )
+
+
+def test_a_launchers_world_size_wins_over_the_config(auto_cfg, monkeypatch):
+    cfg = auto_cfg("trainer.devices=1")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's, or Lightning's for its own ranks
+    assert distributed.world_size(cfg.trainer) == 4
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.world_size(cfg.trainer) == 1
+
+
+def test_the_loaders_take_the_resolved_batch_and_a_wrong_world_size_is_refused(
+    make_cfg, monkeypatch
+):
+    """99 training images, 2 batches a step: the rules choose 8 per batch (the data module's
+    one-step rule alone would take 16)."""
+    from finetune import run
+
+    options = ["strategy=full", "augment=none", "data.synthetic.train_per_class=33"]
+    cfg = make_cfg(*options, "data.batch_size=auto", "trainer.accumulate_grad_batches=2")
+    seen = []
+    train_dataloader = FinetuneDataModule.train_dataloader
+
+    def recording(datamodule):
+        loader = train_dataloader(datamodule)
+        seen.append(loader.batch_size)
+        return loader
+
+    monkeypatch.setattr(FinetuneDataModule, "train_dataloader", recording)
+    metrics = run.train(cfg)
+    assert seen == [metrics["adaptive"]["data.batch_size"]] == [8]
+    assert adaptive.auto_batch_size(99).value == 16  # what the loaders took before
+
+    monkeypatch.setattr(distributed, "world_size", lambda trainer_cfg: 2)  # a launcher's lie
+    cfg = make_cfg(*options, "data.batch_size=auto")
+    with pytest.raises(FinetuneError, match="The trainer runs 1 processes, but") as caught:
+        run.train(cfg)
+    assert "data.batch_size" in str(caught.value) and "Fix:" in str(caught.value)
 
 
 def test_resolve_fills_every_auto_key_from_the_data_and_leaves_cfg_as_it_was(auto_cfg):

@@ -8,9 +8,9 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 
 | key | rule |
 |---|---|
-| `data.batch_size` | per device: 32, halved while the split gives fewer than 4 global batches, >= 8 |
+| `data.batch_size` | per process: 32, halved while an epoch gives fewer than 4 optimizer steps, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
-| `optim.optimizer.lr` | base(optimizer, regime) x global batch (batch_size x devices) / 32 |
+| `optim.optimizer.lr` | base(optimizer, regime) x images per optimizer step / 32 |
 | `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
@@ -57,7 +57,7 @@ EPOCH_RANGE = {"head": (5, 15), "finetune": (10, 30), "from_probe": (10, 30)}
 VIEW_PRESENTATIONS = PRESENTATIONS["head"]
 VIEW_RANGE = EPOCH_RANGE["head"]
 # The probe is solved full-batch: the clean images and their views together stay within this
-# many rows (50k x 1280 float32 features = 256 MB), so large datasets get fewer views (or none).
+# many rows (50k x 1280-d float32 features = 256 MB): large datasets get fewer views, or none.
 MAX_PROBE_ROWS = 50_000
 
 # optim.optimizer.lr: the rate at REFERENCE_BATCH_SIZE, per regime, for SGD; AdamW takes a
@@ -73,24 +73,30 @@ class Choice(NamedTuple):
     rule: str  # one readable line: how the value came about
 
 
-def auto_batch_size(train_images: int, world_size: int = 1) -> Choice:
-    """The training batch size per device for `train_images` images (the training split, after
-    `data.train_fraction`) shared by `world_size` processes: BATCH_SIZE, halved while the
-    split would give fewer than MIN_BATCHES_PER_EPOCH global batches (batch x world_size),
-    never below MIN_BATCH_SIZE. On one device the batch is the global batch.
+def auto_batch_size(train_images: int, batches_per_step: int = 1) -> Choice:
+    """The training batch size per process for `train_images` images (the training split,
+    after `data.train_fraction`) when `batches_per_step` such batches make one optimizer step
+    (processes x trainer.accumulate_grad_batches): BATCH_SIZE, halved while the split would
+    give fewer than MIN_BATCHES_PER_EPOCH optimizer steps, never below MIN_BATCH_SIZE.
 
     Source: the common ImageNet fine-tuning batch of 32 (torchvision's references, BiT's
     per-device batch); the halving keeps several optimizer steps per epoch on small data."""
     size = BATCH_SIZE
-    while size > MIN_BATCH_SIZE and train_images < MIN_BATCHES_PER_EPOCH * size * world_size:
+    while size > MIN_BATCH_SIZE and train_images < MIN_BATCHES_PER_EPOCH * size * batches_per_step:
         size //= 2
     size = max(size, MIN_BATCH_SIZE)
-    devices = f" x {world_size} devices" if world_size > 1 else ""
     return Choice(
         size,
         f"{BATCH_SIZE}, halved while {train_images} training images give fewer than "
-        f"{MIN_BATCHES_PER_EPOCH} batches{devices}, at least {MIN_BATCH_SIZE}",
+        f"{MIN_BATCHES_PER_EPOCH} optimizer steps{_per_step(batches_per_step)}, at least "
+        f"{MIN_BATCH_SIZE}",
     )
+
+
+def _per_step(batches_per_step: int) -> str:
+    if batches_per_step == 1:
+        return ""
+    return f" of {batches_per_step} batches (processes x gradient accumulation)"
 
 
 def auto_max_epochs(regime: str, train_images: int, num_classes: int) -> Choice:
@@ -122,7 +128,7 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     VIEW_RANGE, P = VIEW_PRESENTATIONS and ipc = images per class, as `auto_max_epochs` counts
     the `head` regime's epochs (a view costs what an epoch of the head on images costs: one
     forward pass over the training images), lowered so that the full-batch solve has at most
-    MAX_PROBE_ROWS rows (clean + views; 0 views from MAX_PROBE_ROWS / 2 images on); otherwise 0.
+    MAX_PROBE_ROWS rows (clean + views; no views above MAX_PROBE_ROWS / 2 images); otherwise 0.
 
     Source: the views are the head regime's augmented epochs, solved at once instead of
     followed by SGD (the same objective: cross-entropy + L2 over augmented images). Measured
@@ -147,14 +153,14 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     return Choice(min(views, fitting), rule)
 
 
-def auto_lr(optimizer: str, regime: str, batch_size: int, world_size: int = 1) -> Choice:
+def auto_lr(optimizer: str, regime: str, batch_size: int, batches_per_step: int = 1) -> Choice:
     """The learning rate of `optimizer` (its `_target_`): the regime's SGD_BASE_LR (x
-    ADAMW_LR_FACTOR for AdamW) x the global batch (batch_size per device x world_size) /
-    REFERENCE_BATCH_SIZE.
+    ADAMW_LR_FACTOR for AdamW) x the images of one optimizer step (batch_size per process x
+    `batches_per_step`: processes x trainer.accumulate_grad_batches) / REFERENCE_BATCH_SIZE.
 
     Source: the linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD:
-    Training ImageNet in 1 Hour"), which scales with the batch of one optimizer step, the
-    global one. Raises `FinetuneError` for an optimizer without a base rate."""
+    Training ImageNet in 1 Hour"), which scales with the batch of one optimizer step. Raises
+    `FinetuneError` for an optimizer without a base rate."""
     _check_regime(regime)
     if optimizer not in BASE_LR_FACTOR:
         raise FinetuneError(
@@ -162,10 +168,11 @@ def auto_lr(optimizer: str, regime: str, batch_size: int, world_size: int = 1) -
             f"{', '.join(BASE_LR_FACTOR)}). Fix: set optim.optimizer.lr=... on the command line."
         )
     base = SGD_BASE_LR[regime] * BASE_LR_FACTOR[optimizer]
-    global_batch = batch_size * world_size
-    value = float(f"{base * global_batch / REFERENCE_BATCH_SIZE:.6g}")
+    value = float(f"{base * batch_size * batches_per_step / REFERENCE_BATCH_SIZE:.6g}")
     name = optimizer.rpartition(".")[2]
-    batch = f"{batch_size} x {world_size} devices" if world_size > 1 else str(batch_size)
+    batch = str(batch_size)
+    if batches_per_step > 1:
+        batch = f"{batch_size} x {batches_per_step} (processes x gradient accumulation)"
     return Choice(
         value,
         f"{name} base {base:g} ({regime}) x batch {batch} / {REFERENCE_BATCH_SIZE}, "
@@ -179,13 +186,14 @@ def resolve(
     num_classes: int,
     regime: str,
     augmenting: bool = False,
-    world_size: int = 1,
+    batches_per_step: int = 1,
 ) -> tuple[DictConfig, dict[str, Any]]:
     """A copy of `cfg` with every `auto` of data.batch_size, trainer.max_epochs,
     optim.optimizer.lr and strategy.augmented_views replaced by its rule's value, for
     `train_images` training images (the training split as the data module lists it) of
     `num_classes` classes in `regime` (one of REGIMES), with training images augmented or not
-    (`augmenting`), trained by `world_size` processes (data.batch_size is per device). Returns it and key -> {"value": v, "rule": "one readable line"} for each value
+    (`augmenting`), where `batches_per_step` batches of data.batch_size (one per process, times
+    trainer.accumulate_grad_batches) make one optimizer step. Returns it and key -> {"value": v, "rule": "one readable line"} for each value
     chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
     key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
     without a base rate."""
@@ -201,7 +209,7 @@ def resolve(
 
     batch_size = resolved.data.batch_size
     if batch_size == AUTO:
-        batch_size = choose("data.batch_size", auto_batch_size(train_images, world_size))
+        batch_size = choose("data.batch_size", auto_batch_size(train_images, batches_per_step))
     if resolved.trainer.get("max_epochs") == AUTO:
         max_steps = resolved.trainer.get("max_steps", -1)
         if max_steps is not None and max_steps > 0:  # the user's length, in steps
@@ -210,7 +218,8 @@ def resolve(
             choose("trainer.max_epochs", auto_max_epochs(regime, train_images, num_classes))
     if resolved.optim.optimizer.get("lr") == AUTO:
         target = str(resolved.optim.optimizer.get("_target_"))
-        choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size), world_size))
+        lr = auto_lr(target, regime, int(batch_size), batches_per_step)
+        choose("optim.optimizer.lr", lr)
     views = resolved.strategy.get("augmented_views")
     if views == AUTO:
         choose(

@@ -44,8 +44,13 @@ def _processes_per_machine(trainer_cfg: DictConfig) -> int:
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
-    """How many processes train together: per machine (`trainer.devices`) x `trainer.num_nodes`."""
-    return _processes_per_machine(trainer_cfg) * int(trainer_cfg.get("num_nodes") or 1)
+    """How many processes train together: WORLD_SIZE where a launcher set it (torchrun,
+    Lightning's own ranks), else per machine (`trainer.devices`) x `trainer.num_nodes`; at
+    least 1 (`finetune.run` checks the number against the trainer's once it exists)."""
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return max(int(os.environ["WORLD_SIZE"]), 1)
+    processes = _processes_per_machine(trainer_cfg) * int(trainer_cfg.get("num_nodes") or 1)
+    return max(processes, 1)
 
 
 @contextmanager

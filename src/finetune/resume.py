@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,6 +134,24 @@ def check_compatible(checkpoint_path: str, class_names: list[str], model_name: s
             f"model.weights={checkpoint_path} (loaded bottom-up: every layer that fits, up to "
             "the first that does not), or resume with the original model and data."
         )
+
+
+def check_learning_rate(checkpoint_path: str, lr: float) -> None:
+    """Refuse (`ResumeRefused`) to continue a checkpoint at another learning rate than it was
+    trained at, when the rate is `auto`: the rule scales it with the images per optimizer step,
+    which a resume on another number of processes changes."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    optim = (checkpoint.get("hyper_parameters") or {}).get("optim") or {}
+    trained = (optim.get("optimizer") or {}).get("lr")
+    if trained is None or math.isclose(float(trained), float(lr), rel_tol=1e-6):
+        return
+    raise ResumeRefused(
+        f"Cannot resume {checkpoint_path} at optim.optimizer.lr={lr:g}: the run trained at "
+        f"{float(trained):g}, and lr=auto scales with the images of one optimizer step, which "
+        "the number of processes (trainer.devices x trainer.num_nodes) or "
+        "trainer.accumulate_grad_batches changed. Fix: resume with the run's devices, or add "
+        f"optim.optimizer.lr={float(trained):g} (and the run's data.batch_size) to the command."
+    )
 
 
 # --- resuming with the run's own config ------------------------------------------------------------

@@ -60,21 +60,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not in_place:
             rundir.save_config(cfg, run_dir)
         datamodule = build_data(cfg, run_dir, write=not in_place)
+        processes = distributed.world_size(cfg.trainer)
         cfg, chosen = adaptive.resolve(  # every `auto` key from the data; config.yaml keeps it
             cfg,
             datamodule.splits.sizes()["train"],
             datamodule.num_classes,
             training_regime(cfg),
             augmenting=is_augmenting(cfg.data.get("augment") or {}),
-            world_size=distributed.world_size(cfg.trainer),
+            batches_per_step=processes * int(cfg.trainer.get("accumulate_grad_batches") or 1),
         )
+        datamodule.batch_size = cfg.data.batch_size  # the loaders take the resolved batch
         resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
+        if resume_from and "optim.optimizer.lr" in chosen:
+            resume.check_learning_rate(resume_from, cfg.optim.optimizer.lr)
         model = build_model(cfg, datamodule)
     except FinetuneError as error:
         if in_place and not isinstance(error, resume.ResumeRefused):
             raise resume.ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
         raise
     fitting = build_trainer(cfg, model, datamodule)
+    check_world_size(fitting.trainer, processes, chosen)
     if not in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
     fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
@@ -88,6 +93,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if fitting.trainer.is_global_zero:  # one closing line, not one per process
         log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics
+
+
+def check_world_size(trainer: pl.Trainer, processes: int, chosen: dict[str, Any]) -> None:
+    """`FinetuneError` when the rules chose the batch or the learning rate for another number
+    of processes than the trainer runs (a launcher that starts more or fewer ranks than
+    trainer.devices x trainer.num_nodes says)."""
+    ruled = [key for key in ("data.batch_size", "optim.optimizer.lr") if key in chosen]
+    if ruled and trainer.world_size != processes:
+        raise FinetuneError(
+            f"The trainer runs {trainer.world_size} processes, but trainer.devices x "
+            f"trainer.num_nodes say {processes}, and {' and '.join(ruled)} were chosen for "
+            f"{processes}. Fix: set trainer.devices and trainer.num_nodes to what the launcher "
+            "starts (srun --ntasks-per-node, torchrun --nproc-per-node), or set "
+            f"{' '.join(f'{key}=...' for key in ruled)} yourself."
+        )
 
 
 class Model(NamedTuple):

@@ -155,7 +155,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             self._splits.sizes(),
             self.cache_dir,
         )
-        if self.batch_size == AUTO:  # the rule run.train's adaptive.resolve applies to the config
+        if self.batch_size == AUTO:  # one process's rule; run.train sets the resolved batch after
             self.batch_size = auto_batch_size(self._splits.sizes()["train"]).value
 
     @property
