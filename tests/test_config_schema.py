@@ -90,6 +90,8 @@ def test_mixed_type_keys_accept_only_their_values():
         # counts below their minimum: refused at the command line, before any download
         ("strategy.augmented_views=-1", ["below its minimum 0", "augmented_views=auto"]),
         ("data.batch_size=0", ["`data.batch_size=0` is below its minimum 1", "batch_size=auto"]),
+        ("data.eval_batch_size=0", ["below its minimum 1", "eval_batch_size=null"]),
+        ("data.num_workers=-1", ["`data.num_workers=-1` is below its minimum 0", "num_workers=0"]),
     ],
 )
 def test_keys_with_fixed_values_refuse_another(line, expected):

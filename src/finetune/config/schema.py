@@ -216,8 +216,9 @@ class DataConfig:
     root: str = II("paths.data_root")  # parent folder of each dataset's canonical folder
     download: bool = True  # fetch hymenoptera / flowers102 when absent
     batch_size: Any = field(default="auto", metadata=AUTO_OR_POSITIVE_INT)  # auto: adaptive
-    eval_batch_size: int | None = 64
-    num_workers: int = 2
+    # null = the training batch size
+    eval_batch_size: Any = field(default=64, metadata=one_of(None, types=(int,), minimum=1))
+    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))
     pin_memory: bool = True  # only takes effect with CUDA
     persistent_workers: bool = True
     val_fraction: float = 0.2  # imagefolder without val/: stratified share of each class
