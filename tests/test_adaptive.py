@@ -245,7 +245,7 @@ def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
     assert "244 training images of 2 classes" in lines[0]
     assert lines[1:] == [
         "  data.batch_size = 32 (32, halved while 244 training images give fewer than 4 "
-        "batches, at least 8)",
+        "optimizer steps, at least 8)",
         "  optim.optimizer.lr = 0.01 (SGD base 0.01 (head) x batch 32 / 32, linear scaling "
         "(Goyal et al. 2017))",
     ]
