@@ -171,12 +171,15 @@ def test_a_launchers_world_size_wins_over_the_config(auto_cfg, monkeypatch):
     assert distributed.world_size(cfg.trainer) == 1
 
 
-def test_the_loaders_take_the_resolved_batch_and_a_wrong_world_size_is_refused(
+def test_the_loaders_take_the_resolved_batch_and_other_process_counts_are_refused(
     make_cfg, monkeypatch
 ):
     """99 training images, 2 batches a step: the rules choose 8 per batch (the data module's
-    one-step rule alone would take 16)."""
+    one-step rule alone would take 16) at lr 0.005. A resume on 8 processes would take 16 x 8
+    images a step at 0.04: refused, as is a run whose trainer runs another number of processes
+    than the rules counted."""
     from finetune import run
+    from finetune.resume import ResumeRefused
 
     options = ["strategy=full", "augment=none", "data.synthetic.train_per_class=33"]
     cfg = make_cfg(*options, "data.batch_size=auto", "trainer.accumulate_grad_batches=2")
@@ -191,10 +194,24 @@ def test_the_loaders_take_the_resolved_batch_and_a_wrong_world_size_is_refused(
     monkeypatch.setattr(FinetuneDataModule, "train_dataloader", recording)
     metrics = run.train(cfg)
     assert seen == [metrics["adaptive"]["data.batch_size"]] == [8]
+    assert metrics["adaptive"]["optim.optimizer.lr"] == 0.005
     assert adaptive.auto_batch_size(99).value == 16  # what the loaders took before
 
-    monkeypatch.setattr(distributed, "world_size", lambda trainer_cfg: 2)  # a launcher's lie
-    cfg = make_cfg(*options, "data.batch_size=auto")
+    monkeypatch.setattr(distributed, "world_size", lambda trainer_cfg: 8)
+    resumed = make_cfg(
+        *options,
+        "data.batch_size=auto",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_epochs=2",
+        "ckpt_path=last",
+    )
+    with pytest.raises(ResumeRefused, match=r"lr=0.04: the run trained at 0.005") as caught:
+        run.train(resumed)
+    assert "Fix: resume with the run's devices, or add optim.optimizer.lr=0.005" in str(
+        caught.value
+    )
+    cfg = make_cfg(*options, "data.batch_size=auto")  # a new run: 8 processes counted, 1 runs
+    cfg.run_dir = str(Path(cfg.run_dir).parent / "other")
     with pytest.raises(FinetuneError, match="The trainer runs 1 processes, but") as caught:
         run.train(cfg)
     assert "data.batch_size" in str(caught.value) and "Fix:" in str(caught.value)

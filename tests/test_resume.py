@@ -463,23 +463,3 @@ def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp
     assert "made before strategy.augmented_views existed" in message
     assert "add strategy.augmented_views" not in message  # no value of the run to pin
     assert "model.weights=" in message  # the way out: a new run from its weights
-
-
-def test_a_resume_on_more_processes_is_refused_when_the_auto_rate_would_change(
-    make_cfg, monkeypatch
-):
-    """lr=auto scales with the images of one optimizer step: 99 images on one process train at
-    batch 16, lr 0.005; on 8 processes the rule would take 8 x 8 images a step at 0.02."""
-    from finetune import distributed
-    from finetune.resume import ResumeRefused
-
-    options = ["strategy=full", "augment=none", "data.synthetic.train_per_class=33"]
-    metrics = train(make_cfg(*options, "data.batch_size=auto"))
-    assert metrics["adaptive"]["optim.optimizer.lr"] == 0.005
-    monkeypatch.setattr(distributed, "world_size", lambda trainer_cfg: 8)
-    resumed = make_cfg(*options, "data.batch_size=auto", "trainer.max_epochs=2", "ckpt_path=last")
-    with pytest.raises(ResumeRefused, match=r"lr=0.02: the run trained at 0.005") as caught:
-        train(resumed)
-    assert "Fix: resume with the run's devices, or add optim.optimizer.lr=0.005" in str(
-        caught.value
-    )
