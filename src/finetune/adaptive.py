@@ -193,8 +193,8 @@ def resolve(
     `train_images` training images (the training split as the data module lists it) of
     `num_classes` classes in `regime` (one of REGIMES), with training images augmented or not
     (`augmenting`), where `batches_per_step` batches of data.batch_size (one per process, times
-    trainer.accumulate_grad_batches) make one optimizer step. Returns it and key -> {"value": v, "rule": "one readable line"} for each value
-    chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
+    trainer.accumulate_grad_batches) make one optimizer step. Returns it and key -> {"value": v,
+    "rule": "one readable line"} for each value chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
     key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
     without a base rate."""
     _check_regime(regime)
@@ -218,8 +218,7 @@ def resolve(
             choose("trainer.max_epochs", auto_max_epochs(regime, train_images, num_classes))
     if resolved.optim.optimizer.get("lr") == AUTO:
         target = str(resolved.optim.optimizer.get("_target_"))
-        lr = auto_lr(target, regime, int(batch_size), batches_per_step)
-        choose("optim.optimizer.lr", lr)
+        choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size), batches_per_step))
     views = resolved.strategy.get("augmented_views")
     if views == AUTO:
         choose(

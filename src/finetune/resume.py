@@ -105,9 +105,12 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     return str(candidate)
 
 
-def check_compatible(checkpoint_path: str, class_names: list[str], model_name: str) -> None:
+def check_compatible(
+    checkpoint_path: str, class_names: list[str], model_name: str, auto_lr: float | None = None
+) -> None:
     """Refuse to resume from a checkpoint of a different experiment, before Lightning fails with
-    a wall of size-mismatch errors."""
+    a wall of size-mismatch errors; and (`ResumeRefused`) at `auto_lr`, the rate lr=auto chose
+    for this resume, when the checkpoint trained at another (`check_learning_rate`)."""
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated, not a checkpoint, pickled code...
@@ -134,14 +137,15 @@ def check_compatible(checkpoint_path: str, class_names: list[str], model_name: s
             f"model.weights={checkpoint_path} (loaded bottom-up: every layer that fits, up to "
             "the first that does not), or resume with the original model and data."
         )
+    if auto_lr is not None:
+        check_learning_rate(hparams, auto_lr, checkpoint_path)
 
 
-def check_learning_rate(checkpoint_path: str, lr: float) -> None:
-    """Refuse (`ResumeRefused`) to continue a checkpoint at another learning rate than it was
-    trained at, when the rate is `auto`: the rule scales it with the images per optimizer step,
-    which a resume on another number of processes changes."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-    optim = (checkpoint.get("hyper_parameters") or {}).get("optim") or {}
+def check_learning_rate(hparams: dict[str, Any], lr: float, checkpoint_path: str) -> None:
+    """Refuse (`ResumeRefused`) to continue a checkpoint (its `hparams`) at an `auto` learning
+    rate `lr` other than it trained at: the rule scales the rate with the images per optimizer
+    step, which a resume on another number of processes changes."""
+    optim = hparams.get("optim") or {}
     trained = (optim.get("optimizer") or {}).get("lr")
     if trained is None or math.isclose(float(trained), float(lr), rel_tol=1e-6):
         return

@@ -70,9 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             batches_per_step=processes * int(cfg.trainer.get("accumulate_grad_batches") or 1),
         )
         datamodule.batch_size = cfg.data.batch_size  # the loaders take the resolved batch
-        resume_from = find_resume_checkpoint(cfg, run_dir, datamodule)
-        if resume_from and "optim.optimizer.lr" in chosen:
-            resume.check_learning_rate(resume_from, cfg.optim.optimizer.lr)
+        auto_lr = cfg.optim.optimizer.lr if "optim.optimizer.lr" in chosen else None
+        resume_from = find_resume_checkpoint(cfg, run_dir, datamodule, auto_lr)
         model = build_model(cfg, datamodule)
     except FinetuneError as error:
         if in_place and not isinstance(error, resume.ResumeRefused):
@@ -150,14 +149,15 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
 
 
 def find_resume_checkpoint(
-    cfg: DictConfig, run_dir: Path, datamodule: FinetuneDataModule
+    cfg: DictConfig, run_dir: Path, datamodule: FinetuneDataModule, auto_lr: float | None = None
 ) -> str | None:
     """The checkpoint `ckpt_path` names, refused (`resume.ResumeRefused`) when it is of another
-    experiment, when the data's splits are not those of its run, or when the config asks for
-    no epoch beyond those it trained."""
+    experiment, when lr=auto chose another rate (`auto_lr`) than it trained at, when the data's
+    splits are not those of its run, or when the config asks for no epoch beyond those it
+    trained."""
     resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     if resume_from:
-        resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name)
+        resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name, auto_lr)
         resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
         resume.check_epochs(resume_from, cfg.trainer.get("max_epochs"), Path(resume_from))
     return resume_from
