@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import features, probe
 from finetune.run import train
@@ -210,19 +211,40 @@ def test_augmented_views_are_the_training_presets_seeded_draws(make_cfg):
     assert report["feature_cache"] == "miss" and not torch.allclose(other, views)
 
 
-def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, tmp_path):
+def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, tmp_path, caplog):
     solved = train(make_cfg("strategy=last_layer", "augment=none"))
-    cfg = make_cfg("strategy=last_layer", "strategy.cache_features=false")
+    # A rate that wrecks the head: its epoch is worse on val than the probe it started from.
+    cfg = make_cfg("strategy=last_layer", "strategy.cache_features=false", "optim.optimizer.lr=10")
     cfg.run_dir = str(tmp_path / "sgd")
-    trained = train(cfg)
+    with caplog.at_level(logging.INFO, logger="finetune.run"):
+        trained = train(cfg)
     # The same features (eval preprocessing) give the same probe; the augmented epoch then
     # trains the head on from it on images, so its head differs from the solved one.
     assert trained["feature_cache"] == "hit" and trained["splits_served_as_features"] == []
     assert trained["probe_l2"] == solved["probe_l2"]
     assert trained["probe_val_acc"] == solved["probe_val_acc"]
     solved_head = checkpoint_head(solved["best_checkpoint"])
-    trained_head = checkpoint_head(trained["best_checkpoint"])
+    last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    trained_head = checkpoint_head(last)
     assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
+    # The probe competed for the best checkpoint and won: the run returns it, not its epoch.
+    epoch = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"))
+    epoch.Reload()
+    epoch_val = {tag: epoch.Scalars(tag)[0].value for tag in ("val/acc", "val/loss")}
+    assert (epoch_val["val/acc"], -epoch_val["val/loss"]) < (
+        trained["probe_val_acc"],
+        -trained["probe_val_loss"],
+    )
+    assert trained["best_epoch"] == -1
+    assert Path(trained["best_checkpoint"]).name.startswith("probe-val_acc")
+    assert sorted(p.name for p in last.parent.iterdir()) == sorted(
+        ["last.ckpt", Path(trained["best_checkpoint"]).name]
+    )
+    for name, tensor in solved_head.items():
+        torch.testing.assert_close(checkpoint_head(trained["best_checkpoint"])[name], tensor)
+    assert trained["val/acc"] == pytest.approx(trained["probe_val_acc"], abs=1e-6)
+    assert trained["val/loss"] == pytest.approx(trained["probe_val_loss"], rel=1e-4)
+    assert "Best checkpoint: the linear probe, before training on" in caplog.text
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 
@@ -234,6 +256,8 @@ def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solvi
     cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=1")
     metrics = train(cfg)
     assert metrics["strategy"] == "lp_ft" and "probe_l2" in metrics
+    # the solved probe competes for the best checkpoint: fine-tuning never returns less on val
+    assert metrics["val/acc"] >= metrics["probe_val_acc"] - 1e-6
     assert metrics["trainable_params"] == metrics["total_params"]
     # Fine-tuning starts from the solved head: at learning rate 0 the head stays the probe's.
     frozen_cfg = make_cfg("strategy=lp_ft", "trainer.max_epochs=1", "optim.optimizer.lr=0")

@@ -16,11 +16,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics import Metric, MetricCollection
 
 from conftest import FAST_OVERRIDES, REPO, make_class_folders, run_train, subprocess_env
+from finetune import callbacks
 from finetune import module as module_lib
 from finetune.optim import ConfiguredLambdaLR, WarmupSchedule
 from finetune.run import train
@@ -331,6 +334,65 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     for stage in ("val", "test"):
         per_class = [t for t in scalars if t.startswith(f"best/{stage}/acc_per_class/")]
         assert len(per_class) == 3 and all(len(events.Scalars(t)) == 1 for t in per_class)
+
+
+class ScoredEpochs(BoringModel):
+    """Lightning's boring model whose epoch e validates at `scores[e]` (val/acc, val/loss 1)."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.scores = scores
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", self.scores[self.current_epoch])
+        self.log("val/loss", 1.0)
+
+
+class OfferAtStart(pl.Callback):
+    def __init__(self, metrics: dict[str, float]) -> None:
+        self.metrics, self.kept = metrics, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.kept = callbacks.keep_as_candidate(
+            trainer.checkpoint_callback, trainer, "probe", self.metrics
+        )
+
+
+@pytest.mark.parametrize(
+    ("scores", "best"),
+    [([0.4, 0.5, 0.45], "probe-val_acc0.5000.ckpt"), ([0.4, 0.6, 0.45], "epoch1.ckpt")],
+)
+def test_a_candidate_kept_before_training_is_replaced_only_by_a_better_epoch(
+    tmp_path, scores, best
+):
+    keeper = callbacks.BestCheckpoint(
+        dirpath=tmp_path,
+        filename="epoch{epoch}",
+        auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_top_k=1,
+    )
+    offer = OfferAtStart({"val/acc": 0.5, "val/loss": 1.0})
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[keeper, offer],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(ScoredEpochs(scores))
+    assert offer.kept == str(tmp_path / "probe-val_acc0.5000.ckpt")
+    # a tie (0.5 at the same val/loss) keeps the candidate, as it keeps an earlier epoch
+    assert Path(keeper.best_model_path).name == best
+    assert [p.name for p in tmp_path.iterdir()] == [best]  # the loser's file is deleted
+    saved = torch.load(keeper.best_model_path, weights_only=True)
+    assert saved["global_step"] == (0 if best.startswith("probe") else 4)
+    # a keeper that already holds a checkpoint (a resumed run) takes no candidate
+    assert callbacks.keep_as_candidate(keeper, trainer, "probe", {"val/acc": 1.0}) is None
 
 
 # --- Ctrl-C and the closing line ------------------------------------------------------------------

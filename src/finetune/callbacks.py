@@ -5,6 +5,7 @@ config's callback and logger groups (`conf/callbacks/*.yaml`, `conf/logger/*.yam
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -92,6 +93,39 @@ class BestCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
             self.tie_values = dict(state_dict.get("tie_values") or {})
+
+
+def keep_as_candidate(
+    checkpoint: ModelCheckpoint, trainer: pl.Trainer, name: str, metrics: dict[str, float]
+) -> str | None:
+    """Save the weights in memory, before any training step, as a checkpoint that `checkpoint`
+    keeps and ranks by `metrics` (its monitored value and, for a `BestCheckpoint`, its
+    tie-breaker): an epoch replaces it, deleting its file, only by beating it as it would beat
+    an earlier epoch. The file is `<name>-<monitor><value>.ckpt` in the callback's dirpath.
+
+    Returns that path, or None (nothing written) when the callback monitors nothing `metrics`
+    holds, keeps no checkpoint (`save_top_k=0`) or keeps some already (a resumed run).
+    """
+    monitor = checkpoint.monitor
+    if not monitor or monitor not in metrics or checkpoint.save_top_k == 0:
+        return None
+    if checkpoint.best_k_models or checkpoint.dirpath is None:
+        return None
+    value = float(metrics[monitor])
+    filename = f"{name}-{monitor.replace('/', '_')}{value:.4f}{checkpoint.FILE_EXTENSION}"
+    filepath = os.path.join(checkpoint.dirpath, filename)
+    score = torch.tensor(value)
+    # ModelCheckpoint's own bookkeeping of a first kept checkpoint (_update_best_and_save)
+    checkpoint.best_k_models = {filepath: score}
+    if checkpoint.save_top_k == 1:
+        checkpoint.kth_best_model_path, checkpoint.kth_value = filepath, score
+    checkpoint.best_model_path, checkpoint.best_model_score = filepath, score
+    if isinstance(checkpoint, BestCheckpoint):
+        checkpoint.tie_values = {filepath: float(metrics.get(checkpoint.tie_breaker, math.nan))}
+    # The stock save: BestCheckpoint's would take its tie-breaker from the trainer's metrics,
+    # which hold no validation yet.
+    ModelCheckpoint._save_checkpoint(checkpoint, trainer, filepath)
+    return filepath
 
 
 class EpochTimer(pl.Callback):

@@ -44,8 +44,8 @@ GRADIENT_TOLERANCE = 1e-6
 class ProbeSolution:
     """The solved head over raw features and how it was chosen.
 
-    weight: (classes, features); bias: (classes,); l2: the chosen strength; val_acc: its
-    validation accuracy (None without validation images); path: per grid point, the l2, its
+    weight: (classes, features); bias: (classes,); l2: the chosen strength; val_acc, val_loss:
+    its validation accuracy and mean cross-entropy (None without validation images); path: per grid point, the l2, its
     validation accuracy and loss and the L-BFGS iterations it took; seconds: the whole solve.
     """
 
@@ -55,12 +55,14 @@ class ProbeSolution:
     val_acc: float | None
     path: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    val_loss: float | None = None
 
     def report(self) -> dict[str, object]:
         """The part of metrics.json that says how the head was solved."""
         return {
             "probe_l2": self.l2,
             "probe_val_acc": self.val_acc,
+            "probe_val_loss": self.val_loss,
             "probe_seconds": round(self.seconds, 2),
             "probe_path": self.path,
         }
@@ -150,14 +152,13 @@ def solve(
         l2_grid = (l2_grid[len(l2_grid) // 2],)
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor, float | None] | None = None
+    best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor] | None = None
     path = []
     with torch.enable_grad():
         for l2 in sorted(l2_grid, reverse=True):
             iterations = _solve(weight, bias, x, y, l2)
             point = {"l2": l2, "iterations": iterations}
             score: tuple[float, float] = (0.0, 0.0)
-            val_acc = None
             if validating:
                 val_acc, val_loss = _evaluate(weight, bias, val_x, val_y)
                 point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
@@ -165,20 +166,20 @@ def solve(
             path.append(point)
             # Strict: on a tie the stronger L2, met first, stays.
             if best is None or score > best[0]:
-                best = (score, l2, weight.detach().clone(), bias.detach().clone(), val_acc)
+                best = (score, l2, weight.detach().clone(), bias.detach().clone())
     assert best is not None
-    _, l2, solved_weight, solved_bias, val_acc = best
+    (val_acc, minus_val_loss), l2, solved_weight, solved_bias = best
     # Fold the standardisation back: W (x - m) / s + b = (W / s) x + (b - (W / s) m).
     raw_weight = solved_weight / std
     raw_bias = solved_bias - raw_weight @ mean
-    solution = ProbeSolution(
-        raw_weight, raw_bias, l2, val_acc, path, seconds=time.perf_counter() - started
-    )
+    solution = ProbeSolution(raw_weight, raw_bias, l2, None, path, time.perf_counter() - started)
+    if validating:
+        solution.val_acc, solution.val_loss = val_acc, -minus_val_loss
     log.info(
         "Linear probe solved by L-BFGS: l2=%.3g chosen on val (val acc %s) from %d strengths "
         "in %.1f s",
         l2,
-        "n/a" if val_acc is None else f"{val_acc:.4f}",
+        "n/a" if solution.val_acc is None else f"{solution.val_acc:.4f}",
         len(path),
         solution.seconds,
     )

@@ -335,7 +335,8 @@ def evaluate_best_checkpoint(
     """Validation (and test, when the data has a test split) metrics of the best checkpoint by
     the monitored metric, else of the latest one, else of the weights in memory; and
     `best_checkpoint`, its path ("" without checkpoints), and `best_epoch`, its epoch (counted
-    from 0, as in checkpoint names; the last epoch trained without checkpoints).
+    from 0, as in checkpoint names; the last epoch trained without checkpoints; -1 for the
+    linear probe kept before the first training step, see `FreezeStrategy.on_train_start`).
 
     The validation is logged under `best/val/*`, so the `val/*` curves keep one point per
     epoch; the keys returned are `val/*` (and `test/*`).
@@ -353,7 +354,9 @@ def evaluate_best_checkpoint(
         )
     epoch = max(trainer.current_epoch - 1, 0)
     if best:
-        epoch = int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+        saved = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+        # saved before the first training step: the linear probe the head started from
+        epoch = int(saved["epoch"]) if saved["global_step"] > 0 else -1
     return metrics | {"best_checkpoint": best, "best_epoch": epoch}
 
 
@@ -372,7 +375,9 @@ def best_checkpoint_line(metrics: dict[str, Any]) -> str:
         f"{name} {metrics[name]:.4f}" for name in ("val/acc", "test/acc") if name in metrics
     )
     what = "Best checkpoint" if metrics.get("best_checkpoint") else "Final weights (no checkpoint)"
-    return f"{what}: epoch {metrics.get('best_epoch')}, {numbers}."
+    epoch = metrics.get("best_epoch")
+    when = "the linear probe, before training on" if epoch == -1 else f"epoch {epoch}"
+    return f"{what}: {when}, {numbers}."
 
 
 def describe_run(

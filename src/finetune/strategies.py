@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 from torch import nn
 
-from finetune import optim
+from finetune import callbacks, optim
 from finetune.backbones import Network
 from finetune.config.schema import (
     STEM_PATTERNS,
@@ -151,6 +151,22 @@ class FreezeStrategy(pl.Callback):
             f"{counts['frozen_params']:,}",
             f"{counts['total_params']:,}",
         )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The head starts from the solved linear probe and trains on (lp_ft; last_layer on
+        # images): the probe itself competes for the best checkpoint, so training on never
+        # returns a model worse on val than the one it started from. That is selection on val,
+        # as between epochs; the probe's val accuracy is that of these weights on the val split.
+        val_acc = self.probe_report.get("probe_val_acc")
+        if val_acc is None or pl_module.head_solved or trainer.global_step > 0:
+            return
+        metrics = {"val/acc": val_acc}
+        if not pl_module.criterion.label_smoothing:  # the probe's loss is plain cross-entropy
+            metrics["val/loss"] = self.probe_report["probe_val_loss"]
+        for checkpoint in trainer.checkpoint_callbacks:
+            path = callbacks.keep_as_candidate(checkpoint, trainer, "probe", metrics)
+            if path:
+                log.info("The linear probe (val acc %.4f) is kept as %s", val_acc, path)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning or user code may have called .train() on the whole module since setup.
