@@ -236,6 +236,9 @@ def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, t
         -trained["probe_val_loss"],
     )
     assert trained["best_epoch"] == -1
+    # every epoch's time, though the best checkpoint (whose state the evaluation restores)
+    # was saved before any
+    assert len(trained["train_epoch_seconds"]) == trained["epochs"] == 1
     assert Path(trained["best_checkpoint"]).name.startswith("probe-val_acc")
     assert sorted(p.name for p in last.parent.iterdir()) == sorted(
         ["last.ckpt", Path(trained["best_checkpoint"]).name]

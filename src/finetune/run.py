@@ -82,8 +82,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
     fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
+    # Described before the evaluation: validating a checkpoint restores every callback's state
+    # from it, and the epoch timer of an earlier best epoch lists only the epochs before it.
+    described = describe_run(cfg, model, datamodule, fitting, fit_seconds)
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
-    metrics |= describe_run(cfg, model, datamodule, fitting, fit_seconds) | feature_report
+    metrics |= described | feature_report
     metrics |= model.strategy.probe_report
     metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
     # Everything of train() but writing the results: what the benchmarks call work seconds.
@@ -393,7 +396,7 @@ def describe_run(
     return {
         "epochs": fitting.trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 2),
-        "train_epoch_seconds": fitting.epoch_timer.seconds,
+        "train_epoch_seconds": list(fitting.epoch_timer.seconds),
         "trainable_params": counts["trainable_params"],
         "total_params": counts["total_params"],
         "model": cfg.model.name,
