@@ -14,6 +14,7 @@ from scipy.optimize import minimize
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune import features, probe
+from finetune.resume import ResumeRefused
 from finetune.run import train
 
 
@@ -281,3 +282,16 @@ def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solvi
     assert "Linear probe solved" not in caplog.text and resumed["epochs"] == 2
     assert resumed["probe_l2"] == metrics["probe_l2"]
     assert resumed["probe_path"] == metrics["probe_path"]
+
+
+def test_resuming_a_finished_probe_offers_another_strategy_not_more_epochs(make_cfg):
+    """More epochs of the solved probe change nothing (its steps run at lr 0): the refusal
+    must not offer them as the fix."""
+    cfg = make_cfg("strategy=last_layer", "augment=none")
+    train(cfg)
+    again = make_cfg("strategy=last_layer", "augment=none", "ckpt_path=last")
+    again.run_dir = cfg.run_dir
+    with pytest.raises(ResumeRefused, match="Nothing to resume") as refused:
+        train(again)
+    assert "strategy=lp_ft" in str(refused.value)
+    assert "trainer.max_epochs=" not in str(refused.value)

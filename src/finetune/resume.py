@@ -338,7 +338,10 @@ def command_line(argv: Sequence[str]) -> list[str]:
     typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
     check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source, typed)
     checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
-    check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source)
+    from finetune.run import training_regime  # run imports this module
+
+    solved = training_regime(cfg) == "probe"
+    check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source, probe_solved=solved)
     return kept + tail
 
 
@@ -365,13 +368,28 @@ def trained_epochs(checkpoint_path: str | Path) -> int:
     return int(progress.get("current", {}).get("processed", checkpoint.get("epoch", -1) + 1))
 
 
-def check_epochs(checkpoint_path: str | Path, max_epochs: int | str | None, source: Path) -> None:
+def check_epochs(
+    checkpoint_path: str | Path,
+    max_epochs: int | str | None,
+    source: Path,
+    probe_solved: bool = False,
+) -> None:
     """`ResumeRefused` when `max_epochs` asks for no epoch beyond those the checkpoint has
     trained (Lightning would stop with a traceback after writing logs); None or -1: no limit;
-    `auto`: not known before the data is (run.train checks the value `finetune.adaptive` chose)."""
+    `auto`: not known before the data is (run.train checks the value `finetune.adaptive` chose).
+    `probe_solved`: the run's head is the linear probe solved on cached features, whose epochs
+    change nothing, so the fix offered is another strategy, not more epochs."""
     if not isinstance(max_epochs, int) or max_epochs < 0:
         return
     trained = trained_epochs(checkpoint_path)
+    if max_epochs <= trained and probe_solved:
+        raise ResumeRefused(
+            f"Nothing to resume: the run {source} is the linear probe solved on cached "
+            f"features, complete after its {trained} epoch(s); more epochs would change "
+            "nothing. Fix: to train on from it, start a new run with strategy=lp_ft (every "
+            "layer fine-tunes from the probe) or strategy.cache_features=false (the head "
+            "trains on by SGD over augmented images)."
+        )
     if max_epochs <= trained:
         raise ResumeRefused(
             f"Nothing to resume: the run {source} has trained {trained} epoch(s) and this "

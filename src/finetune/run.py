@@ -162,7 +162,12 @@ def find_resume_checkpoint(
     if resume_from:
         resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name, auto_lr)
         resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
-        resume.check_epochs(resume_from, cfg.trainer.get("max_epochs"), Path(resume_from))
+        resume.check_epochs(
+            resume_from,
+            cfg.trainer.get("max_epochs"),
+            Path(resume_from),
+            probe_solved=training_regime(cfg) == "probe",
+        )
     return resume_from
 
 
