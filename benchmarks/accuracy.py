@@ -122,8 +122,9 @@ def seeds(strategy: str) -> tuple[str, ...]:
 
 
 FLOWERS_PROBE, WARM = "flowers102/last_layer_noaug", "hymenoptera/last_layer_noaug/warm"
-# Issue 14's table. Training time is `run_seconds` (all of train(), so a first phase outside
-# `fit` counts too); "no slower than today" is the fit time of docs/strategies.md's results
+# Issue 14's table. Flowers102's training time is `run_seconds` (all of train(), so a first
+# phase outside `fit` counts too); "no slower than today" compares `fit_seconds` with the fit
+# time of docs/strategies.md's results
 # (measured 2026-11-28; lp_ft against today's full fine-tune); the warm run's ratio includes
 # process start, so it compares wall seconds.
 TARGETS = (

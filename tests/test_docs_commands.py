@@ -119,3 +119,21 @@ def test_the_extraction_finds_keys_behind_placeholders_and_catches_a_typo():
     for typo in commands[2:]:
         with pytest.raises(ConfigError):
             check_command_line(typo)
+
+
+def test_the_groups_table_lists_every_option_of_every_group():
+    """docs/configuration.md's Groups table names each file of each `conf/<group>/`
+    (`efficientnet_lite0/1/2` stands for three)."""
+    rows = {}
+    for line in (REPO / "docs" / "configuration.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.split("|")]
+        if len(cells) > 3 and re.fullmatch(r"`\w+`", cells[1]):
+            named = set()
+            for option in re.findall(r"`([\w/]+)`", cells[2]):
+                stem, *more = option.split("/")
+                named |= {stem, *(stem[: -len(m)] + m for m in more)}
+            rows.setdefault(cells[1].strip("`"), named)
+    assert {"model", "strategy", "data", "augment", "optim", "trainer"} <= set(rows)
+    for group, named in rows.items():
+        options = {path.stem for path in (REPO / "conf" / group).glob("*.yaml")}
+        assert options <= named, f"{group}: {sorted(options - named)} not in the table"
