@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config, folder_overrides, make_class_folders, run_train
 from finetune.errors import FinetuneError
@@ -221,6 +222,40 @@ def test_two_processes_solve_the_same_probe_as_one(tmp_path):
     assert two["probe_l2"] == one["probe_l2"]
     assert two["val/acc"] == pytest.approx(one["val/acc"]) == pytest.approx(one["probe_val_acc"])
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+
+
+@pytest.mark.slow  # two processes
+def test_lp_ft_on_two_processes_keeps_its_validated_probe_once(tmp_path):
+    """The probe's validation before the first step runs in both processes (one share of the
+    val images each, gathered), and both keep the same file; an lr that wrecks the network
+    leaves the probe the best."""
+    root = tmp_path / "photos"
+    for split, counts in SPLIT_COUNTS.items():
+        make_class_folders(root / split, counts, seed=len(split))
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *folder_overrides(root),
+        "data.eval_batch_size=4",
+        "strategy=lp_ft",
+        "optim.optimizer.lr=10",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("The linear probe (val/acc") == 1
+    assert "The linear probe (val/acc" not in (run_dir / "train_ddp_process_1.log").read_text()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == -1
+    kept = [p.name for p in (run_dir / "checkpoints").iterdir()]
+    assert sorted(kept) == sorted(["last.ckpt", Path(metrics["best_checkpoint"]).name])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    probe_acc = events.Scalars("val/acc")[0]
+    assert probe_acc.step == 0
+    assert metrics["val/acc"] == pytest.approx(probe_acc.value, abs=1e-6)
 
 
 def test_an_evaluation_split_smaller_than_the_processes_is_refused(record_fault):

@@ -215,7 +215,13 @@ def test_augmented_views_are_the_training_presets_seeded_draws(make_cfg):
 def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, tmp_path, caplog):
     solved = train(make_cfg("strategy=last_layer", "augment=none"))
     # A rate that wrecks the head: its epoch is worse on val than the probe it started from.
-    cfg = make_cfg("strategy=last_layer", "strategy.cache_features=false", "optim.optimizer.lr=10")
+    # Label smoothing: the validation's loss is not the probe solve's plain cross-entropy.
+    cfg = make_cfg(
+        "strategy=last_layer",
+        "strategy.cache_features=false",
+        "optim.optimizer.lr=10",
+        "optim.label_smoothing=0.1",
+    )
     cfg.run_dir = str(tmp_path / "sgd")
     with caplog.at_level(logging.INFO, logger="finetune.run"):
         trained = train(cfg)
@@ -228,26 +234,31 @@ def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, t
     last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     trained_head = checkpoint_head(last)
     assert any(not torch.equal(trained_head[n], t) for n, t in solved_head.items())
-    # The probe competed for the best checkpoint and won: the run returns it, not its epoch.
-    epoch = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"))
-    epoch.Reload()
-    epoch_val = {tag: epoch.Scalars(tag)[0].value for tag in ("val/acc", "val/loss")}
-    assert (epoch_val["val/acc"], -epoch_val["val/loss"]) < (
-        trained["probe_val_acc"],
-        -trained["probe_val_loss"],
+    # The probe is validated before the first step as every epoch is (step 0 of the val
+    # curves), competes for the best checkpoint and wins: the run returns it, not its epoch.
+    events = EventAccumulator(str(Path(cfg.run_dir) / "tensorboard"))
+    events.Reload()
+    (probe_acc, epoch_acc), (probe_loss, epoch_loss) = (
+        [point.value for point in events.Scalars(tag)] for tag in ("val/acc", "val/loss")
     )
+    assert events.Scalars("val/acc")[0].step == 0
+    assert (epoch_acc, -epoch_loss) < (probe_acc, -probe_loss)
     assert trained["best_epoch"] == -1
     # every epoch's time, though the best checkpoint (whose state the evaluation restores)
     # was saved before any
     assert len(trained["train_epoch_seconds"]) == trained["epochs"] == 1
-    assert Path(trained["best_checkpoint"]).name.startswith("probe-val_acc")
-    assert sorted(p.name for p in last.parent.iterdir()) == sorted(
-        ["last.ckpt", Path(trained["best_checkpoint"]).name]
-    )
+    best = Path(trained["best_checkpoint"])
+    assert best.name == f"probe-val_acc{probe_acc:.4f}.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir()) == sorted(["last.ckpt", best.name])
     for name, tensor in solved_head.items():
-        torch.testing.assert_close(checkpoint_head(trained["best_checkpoint"])[name], tensor)
-    assert trained["val/acc"] == pytest.approx(trained["probe_val_acc"], abs=1e-6)
-    assert trained["val/loss"] == pytest.approx(trained["probe_val_loss"], rel=1e-4)
+        torch.testing.assert_close(checkpoint_head(best)[name], tensor)
+    assert trained["val/acc"] == pytest.approx(probe_acc, abs=1e-6)
+    assert trained["val/loss"] == pytest.approx(probe_loss, rel=1e-4)
+    # ranked on a tie by the smoothed loss the epochs are ranked by, not the solve's own
+    states = torch.load(best, weights_only=True)["callbacks"]
+    (ties,) = [state["tie_values"] for state in states.values() if "tie_values" in state]
+    assert ties[str(best)] == pytest.approx(probe_loss, rel=1e-4)
+    assert probe_loss > trained["probe_val_loss"] + 0.01
     assert "Best checkpoint: the linear probe, before training on" in caplog.text
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"

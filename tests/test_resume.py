@@ -372,6 +372,7 @@ def test_a_candidate_kept_before_training_is_replaced_only_by_a_better_epoch(
         monitor="val/acc",
         mode="max",
         save_top_k=1,
+        save_last=True,
     )
     offer = OfferAtStart({"val/acc": 0.5, "val/loss": 1.0})
     trainer = pl.Trainer(
@@ -388,7 +389,9 @@ def test_a_candidate_kept_before_training_is_replaced_only_by_a_better_epoch(
     assert offer.kept == str(tmp_path / "probe-val_acc0.5000.ckpt")
     # a tie (0.5 at the same val/loss) keeps the candidate, as it keeps an earlier epoch
     assert Path(keeper.best_model_path).name == best
-    assert [p.name for p in tmp_path.iterdir()] == [best]  # the loser's file is deleted
+    # the loser's file is deleted; last.ckpt is the last epoch's, never the candidate's
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([best, "last.ckpt"])
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] > 0
     saved = torch.load(keeper.best_model_path, weights_only=True)
     assert saved["global_step"] == (0 if best.startswith("probe") else 4)
     # a keeper that already holds a checkpoint (a resumed run) takes no candidate

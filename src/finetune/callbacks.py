@@ -122,9 +122,11 @@ def keep_as_candidate(
     checkpoint.best_model_path, checkpoint.best_model_score = filepath, score
     if isinstance(checkpoint, BestCheckpoint):
         checkpoint.tie_values = {filepath: float(metrics.get(checkpoint.tie_breaker, math.nan))}
-    # The stock save: BestCheckpoint's would take its tie-breaker from the trainer's metrics,
-    # which hold no validation yet.
+    # The stock save (BestCheckpoint's would take its tie-breaker from the trainer's metrics
+    # again). It is not the last checkpoint an epoch saved: save_last must not link to it.
+    last_saved = checkpoint._last_checkpoint_saved
     ModelCheckpoint._save_checkpoint(checkpoint, trainer, filepath)
+    checkpoint._last_checkpoint_saved = last_saved
     return filepath
 
 

@@ -59,7 +59,9 @@ def find_checkpoint(path: str | Path) -> Path:
         return candidate
     if candidate.is_dir():
         folder = candidate / "checkpoints" if (candidate / "checkpoints").is_dir() else candidate
-        best = sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        # without metrics.json the latest epoch's: a kept linear probe sorts before the epochs
+        kept = (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        best = sorted(kept, key=lambda p: (not p.name.startswith("probe-"), p.name))
         named = _best_named_by_metrics(candidate)
         if named is not None and folder / named in best:
             return folder / named

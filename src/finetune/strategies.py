@@ -155,18 +155,27 @@ class FreezeStrategy(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The head starts from the solved linear probe and trains on (lp_ft; last_layer on
         # images): the probe itself competes for the best checkpoint, so training on never
-        # returns a model worse on val than the one it started from. That is selection on val,
-        # as between epochs; the probe's val accuracy is that of these weights on the val split.
-        val_acc = self.probe_report.get("probe_val_acc")
-        if val_acc is None or pl_module.head_solved or trainer.global_step > 0:
+        # returns a model worse on val than the one it started from (selection on val, as
+        # between epochs). It is validated as every epoch is (Lightning's own validation loop:
+        # the same metrics, precision, limit_val_batches and processes), not by the probe's
+        # solve, whose numbers come from other arithmetic.
+        keepers = [c for c in trainer.checkpoint_callbacks if c.monitor and c.save_top_k != 0]
+        if not self.probe_report or pl_module.head_solved or not keepers:
             return
-        metrics = {"val/acc": val_acc}
-        if not pl_module.criterion.label_smoothing:  # the probe's loss is plain cross-entropy
-            metrics["val/loss"] = self.probe_report["probe_val_loss"]
-        for checkpoint in trainer.checkpoint_callbacks:
+        if trainer.global_step > 0 or trainer.fast_dev_run:  # a resume; a smoke test
+            return
+        trainer.validating = True  # as Lightning's training epoch loop runs its validation
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        self._set_eval_modes()  # the validation loop put the whole module back in train mode
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        for checkpoint in keepers:
             path = callbacks.keep_as_candidate(checkpoint, trainer, "probe", metrics)
-            if path:
-                log.info("The linear probe (val acc %.4f) is kept as %s", val_acc, path)
+            if path and trainer.is_global_zero:
+                value = metrics[checkpoint.monitor]
+                log.info(
+                    "The linear probe (%s %.4f) is kept as %s", checkpoint.monitor, value, path
+                )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning or user code may have called .train() on the whole module since setup.
