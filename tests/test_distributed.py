@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,24 @@ def overrides(root: Path) -> list[str]:
     ]
 
 
+def make_photos(tmp: Path) -> Path:
+    """Class folders of generated photos under `tmp/photos`, one per split."""
+    root = tmp / "photos"
+    for split, counts in SPLIT_COUNTS.items():
+        make_class_folders(root / split, counts, seed=len(split))
+    return root
+
+
+def train_on_two_processes(tmp: Path, *args: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """train.py with `args` on 2 DDP processes into `tmp/run`, which must succeed."""
+    run_dir = tmp / "run"
+    result = run_train(
+        *args, "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={run_dir}", cwd=tmp
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
 # The head trains on images, or on features the frozen backbone extracted once (no
 # augmentation): the first process extracts them before the second starts, which reads its file.
 FEEDS = {"images": [], "cached_features": ["augment=none"]}
@@ -57,19 +76,8 @@ FEEDS = {"images": [], "cached_features": ["augment=none"]}
 def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
     """(data folder, run dir, metrics.json) of one run with trainer.devices=2."""
     tmp = tmp_path_factory.mktemp("distributed")
-    root = tmp / "photos"
-    for split, counts in SPLIT_COUNTS.items():
-        make_class_folders(root / split, counts, seed=len(split))
-    run_dir = tmp / "run"
-    result = run_train(
-        *overrides(root),
-        *FEEDS[request.param],
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    root = make_photos(tmp)
+    run_dir, result = train_on_two_processes(tmp, *overrides(root), *FEEDS[request.param])
     second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
     # the closing line once, by rank 0 (issue 13 review: it was printed once per process)
     assert (result.stdout + result.stderr).count("Best checkpoint:") == 1
@@ -205,9 +213,7 @@ def test_one_process_lightning_evaluation_equals_the_two_process_run(two_process
 
 @pytest.mark.slow  # two processes
 def test_two_processes_solve_the_same_probe_as_one(tmp_path):
-    root = tmp_path / "photos"
-    for split, counts in SPLIT_COUNTS.items():
-        make_class_folders(root / split, counts, seed=len(split))
+    root = make_photos(tmp_path)
     probe = [*folder_overrides(root), "data.eval_batch_size=4", "augment=none"]
     results = {}
     for devices in (1, 2):
@@ -229,21 +235,9 @@ def test_lp_ft_on_two_processes_keeps_its_validated_probe_once(tmp_path):
     """The probe's validation before the first step runs in both processes (one share of the
     val images each, gathered), and both keep the same file; an lr that wrecks the network
     leaves the probe the best."""
-    root = tmp_path / "photos"
-    for split, counts in SPLIT_COUNTS.items():
-        make_class_folders(root / split, counts, seed=len(split))
-    run_dir = tmp_path / "run"
-    result = run_train(
-        *folder_overrides(root),
-        "data.eval_batch_size=4",
-        "strategy=lp_ft",
-        "optim.optimizer.lr=10",
-        "trainer.devices=2",
-        "trainer.strategy=ddp",
-        f"hydra.run.dir={run_dir}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    root = make_photos(tmp_path)
+    lp_ft = ["data.eval_batch_size=4", "strategy=lp_ft", "optim.optimizer.lr=10"]
+    run_dir, result = train_on_two_processes(tmp_path, *folder_overrides(root), *lp_ft)
     output = result.stdout + result.stderr
     assert output.count("The linear probe (val/acc") == 1
     assert "The linear probe (val/acc" not in (run_dir / "train_ddp_process_1.log").read_text()

@@ -398,6 +398,32 @@ def test_a_candidate_kept_before_training_is_replaced_only_by_a_better_epoch(
     assert callbacks.keep_as_candidate(keeper, trainer, "probe", {"val/acc": 1.0}) is None
 
 
+def test_a_moved_run_dir_keeps_its_best_checkpoint_on_resume(tmp_path):
+    """Lightning's callback forgets the kept checkpoints when its dirpath changed; a resumed
+    copy of a run would then keep a worse epoch than the run's best."""
+    first, copy = tmp_path / "first", tmp_path / "copy"
+
+    def keeper(dirpath: Path) -> callbacks.BestCheckpoint:
+        return callbacks.BestCheckpoint(
+            dirpath=dirpath, filename="epoch{epoch}", auto_insert_metric_name=False,
+            monitor="val/acc", mode="max", save_top_k=1,
+        )  # fmt: skip
+
+    ran = keeper(first)
+    trainer = pl.Trainer(
+        max_epochs=2, callbacks=[ran], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
+    )  # fmt: skip
+    trainer.fit(ScoredEpochs([0.6, 0.5]))
+    shutil.copytree(first, copy)
+    resumed = keeper(copy)
+    resumed.load_state_dict(ran.state_dict())
+    assert resumed.best_model_path == str(copy / "epoch0.ckpt") == resumed.kth_best_model_path
+    assert list(resumed.best_k_models) == [str(copy / "epoch0.ckpt")]
+    assert float(resumed.best_model_score) == pytest.approx(0.6)
+    assert list(resumed.tie_values) == [str(copy / "epoch0.ckpt")]
+
+
 # --- Ctrl-C and the closing line ------------------------------------------------------------------
 
 CTRL_C_AT_STEP = """

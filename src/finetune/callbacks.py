@@ -90,9 +90,34 @@ class BestCheckpoint(ModelCheckpoint):
         return super().state_dict() | {"tie_values": dict(self.tie_values)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_dir = state_dict.get("dirpath", self.dirpath)
+        if saved_dir and self.dirpath and saved_dir != self.dirpath:
+            # A run dir that was moved or copied: its kept checkpoints are in this dirpath now.
+            # The stock callback would forget them (and keep the old best path), so an epoch
+            # worse than the run's best would become the resumed run's best.
+            state_dict = moved_state(state_dict, saved_dir, self.dirpath)
         super().load_state_dict(state_dict)
-        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
-            self.tie_values = dict(state_dict.get("tie_values") or {})
+        self.tie_values = dict(state_dict.get("tie_values") or {})
+
+
+def moved_state(state: dict[str, Any], old_dir: str, new_dir: str) -> dict[str, Any]:
+    """A `ModelCheckpoint` state with each path under `old_dir` (best, kth, last, the kept
+    checkpoints, `BestCheckpoint`'s tie values) moved to the same place under `new_dir`."""
+
+    def move(path: Any) -> Any:
+        if not isinstance(path, str) or not path:
+            return path
+        relative = os.path.relpath(path, old_dir)
+        return path if relative.startswith("..") else os.path.join(new_dir, relative)
+
+    moved = dict(state, dirpath=new_dir)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        if key in state:
+            moved[key] = move(state[key])
+    for key in ("best_k_models", "tie_values"):
+        if isinstance(state.get(key), dict):
+            moved[key] = {move(path): value for path, value in state[key].items()}
+    return moved
 
 
 def keep_as_candidate(
