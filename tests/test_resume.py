@@ -536,6 +536,27 @@ def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_pa
     assert "efficientnet_lite0" in (new / "config.yaml").read_text()
 
 
+def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg, tmp_path):
+    from omegaconf import OmegaConf
+
+    from finetune import resume
+
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg("strategy=last_layer")))
+    # another strategy typed on the command line: its keys are not "added since the run"
+    changes = resume.config_changes(saved, make_cfg("strategy=lp_ft"))
+    assert changes["strategy.bn"][0] == resume.ABSENT
+    with pytest.raises(resume.ResumeRefused) as caught:
+        resume.check_changes(changes, tmp_path, ["strategy=lp_ft"])
+    message = str(caught.value)
+    assert "strategy.name: 'last_layer' in the run, 'lp_ft' now" in message
+    assert "made before" not in message and "defaults" not in message
+    # a cache folder elsewhere (FINETUNE_CACHE_DIR) changes nothing of the experiment
+    moved = make_cfg("strategy=last_layer", f"paths.cache_dir={tmp_path / 'elsewhere'}")
+    changes = resume.config_changes(saved, moved)
+    assert "paths.cache_dir" in changes
+    resume.check_changes(changes, tmp_path)
+
+
 def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):
     """A run's config.yaml from before strategy.augmented_views existed: last_layer with
     augmentation then trained its head by SGD, which the checkpoint cannot continue now."""

@@ -181,6 +181,7 @@ RESUMABLE_CHANGES = (
     "data.eval_batch_size",
     "data.decode_cache_mb",
     "data.cache_dir",
+    "paths.cache_dir",  # the caches hold what can be computed again
     "callbacks.progress_bar.",
     "logger.",
     "speed.",
@@ -255,20 +256,21 @@ def check_changes(
             for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
         )
         cause = f" (the overrides {' '.join(typed)} change)" if typed else ""
-        # Keys nobody typed changed because the project's defaults changed since the run:
-        # pinning the run's values resumes it as it was.
+        # Keys nobody typed changed because the project's defaults (or an environment variable
+        # they read) changed since the run: pinning the run's values resumes it as it was.
         untyped = [
             f"{k}={old}"
             for k, (old, _) in refused.items()
             if not was_typed(k) and old is not None and old != ABSENT
         ]
         hint = (
-            f" The defaults changed since the run was made: add {' '.join(untyped)} to the "
-            "command to resume with the run's values."
+            f" The defaults (or the environment variables they read) changed since the run "
+            f"was made: add {' '.join(untyped)} to the command to resume with the run's values."
             if untyped
             else ""
         )
-        added = [k for k, (old, _) in refused.items() if old == ABSENT]
+        # (a key the typed overrides brought, e.g. the keys of another strategy, is no news)
+        added = [k for k, (old, _) in refused.items() if old == ABSENT and not was_typed(k)]
         if added:
             hint += (
                 f" The run was made before {', '.join(added)} existed: its checkpoint was "
