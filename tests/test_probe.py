@@ -306,3 +306,11 @@ def test_resuming_a_finished_probe_offers_another_strategy_not_more_epochs(make_
         train(again)
     assert "strategy=lp_ft" in str(refused.value)
     assert "trainer.max_epochs=" not in str(refused.value)
+
+
+def test_a_fast_dev_run_keeps_no_probe_candidate(make_cfg):
+    """Lightning writes no checkpoint under fast_dev_run; neither does the probe's candidacy."""
+    cfg = make_cfg("strategy=lp_ft", "trainer.fast_dev_run=true")
+    metrics = train(cfg)
+    assert not (Path(cfg.run_dir) / "checkpoints").exists()
+    assert metrics["best_checkpoint"] == "" and metrics["best_epoch"] == 0
