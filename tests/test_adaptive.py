@@ -374,6 +374,7 @@ def test_a_run_logs_the_values_it_chose_and_sends_them_to_the_loggers(photos, tm
     assert "max_epochs: auto" in (run_dir / "config.yaml").read_text()  # resolved again on resume
 
 
+@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
 def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     run_dir = tmp_path / "run"
     first = auto_run(photos, run_dir)

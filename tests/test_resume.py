@@ -159,6 +159,7 @@ def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     assert untouched
 
 
+@pytest.mark.slow  # two train.py processes: CI's slow step (the default run stays under 10 min)
 def test_a_resume_on_changed_files_is_refused_not_re_split(tmp_path, record_fault):
     """val_fraction split, one training image deleted: the data module would re-split (a former
     val image then trains); the resume is refused and split.json still tells the truth."""
