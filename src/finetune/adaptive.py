@@ -194,8 +194,8 @@ def resolve(
     `num_classes` classes in `regime` (one of REGIMES), with training images augmented or not
     (`augmenting`), where `batches_per_step` batches of data.batch_size (one per process, times
     trainer.accumulate_grad_batches) make one optimizer step. Returns it and key -> {"value": v,
-    "rule": "one readable line"} for each value chosen (empty when the user set them all). Logs one block at INFO (rank 0), one line per
-    key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
+    "rule": "one readable line"} for each value chosen (empty when the user set them all).
+    Logs one block at INFO (rank 0), one line per key: key = value (rule). Raises `FinetuneError` for an unknown regime or an optimizer
     without a base rate."""
     _check_regime(regime)
     resolved = copy.deepcopy(cfg)

@@ -52,8 +52,8 @@ TTA_CHOICES = ("none", "flip")
 
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint to predict with: a `.ckpt` file as given, or for a run dir its best
-    checkpoint (`checkpoints/*.ckpt` but last.ckpt, the one `metrics.json` names when it names one),
-    else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
+    checkpoint (`checkpoints/*.ckpt` but last.ckpt, the one `metrics.json` names when it names
+    one), else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
     candidate = Path(str(path)).expanduser()
     if candidate.is_file():
         return candidate

@@ -45,8 +45,9 @@ class ProbeSolution:
     """The solved head over raw features and how it was chosen.
 
     weight: (classes, features); bias: (classes,); l2: the chosen strength; val_acc, val_loss:
-    its validation accuracy and mean cross-entropy (None without validation images); path: per grid point, the l2, its
-    validation accuracy and loss and the L-BFGS iterations it took; seconds: the whole solve.
+    its validation accuracy and mean cross-entropy (None without validation images); path:
+    per grid point, the l2, its validation accuracy and loss and the L-BFGS iterations it
+    took; seconds: the whole solve.
     """
 
     weight: torch.Tensor

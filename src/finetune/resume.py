@@ -384,7 +384,9 @@ def check_epochs(
     if not isinstance(max_epochs, int) or max_epochs < 0:
         return
     trained = trained_epochs(checkpoint_path)
-    if max_epochs <= trained and probe_solved:
+    if max_epochs > trained:
+        return
+    if probe_solved:
         raise ResumeRefused(
             f"Nothing to resume: the run {source} is the linear probe solved on cached "
             f"features, complete after its {trained} epoch(s); more epochs would change "
@@ -392,12 +394,11 @@ def check_epochs(
             "layer fine-tunes from the probe) or strategy.cache_features=false (the head "
             "trains on by SGD over augmented images)."
         )
-    if max_epochs <= trained:
-        raise ResumeRefused(
-            f"Nothing to resume: the run {source} has trained {trained} epoch(s) and this "
-            f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
-            f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
-        )
+    raise ResumeRefused(
+        f"Nothing to resume: the run {source} has trained {trained} epoch(s) and this "
+        f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
+        f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
+    )
 
 
 def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:
