@@ -156,16 +156,31 @@ def keep_as_candidate(
 
 
 class EpochTimer(pl.Callback):
-    """Seconds of each training epoch (`seconds`, a list of floats rounded to ms), for
-    metrics.json and the benchmarks. Lightning runs the epoch's validation inside the training
-    epoch; its time is subtracted. The list is kept in every checkpoint (`state_dict`), so a
-    resumed run lists every epoch, not only those since the resume."""
+    """Seconds of each training epoch (`seconds`, a list of floats rounded to ms) and of the
+    whole fit (`fit_seconds()`, from `start_fit()`: feature extraction and the probe's solve
+    included), for metrics.json and the benchmarks. Lightning runs the epoch's validation
+    inside the training epoch; its time is subtracted from the epoch's. Both are kept in every
+    checkpoint (`state_dict`), so a resumed run lists every epoch and counts the fit seconds
+    of the processes before it (up to the checkpoint it continues from), as the uninterrupted
+    run would, not only those since the resume."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        # fit seconds of the processes before a resume, up to its checkpoint's save
+        self.earlier_fit_seconds = 0.0
+        self._fit_started: float | None = None  # None: start_fit not called
         self._started: float | None = None  # None: between epochs
         self._validation_started = 0.0
         self._validation_seconds = 0.0
+
+    def start_fit(self) -> None:
+        """Start this process's fit clock (before the features are extracted)."""
+        self._fit_started = time.perf_counter()
+
+    def fit_seconds(self) -> float:
+        """Seconds of fit so far: this process's since `start_fit` and the earlier ones'."""
+        now = 0.0 if self._fit_started is None else time.perf_counter() - self._fit_started
+        return self.earlier_fit_seconds + now
 
     def state_dict(self) -> dict[str, Any]:
         # Lightning saves the epoch's checkpoint at the end of its validation, before
@@ -174,10 +189,12 @@ class EpochTimer(pl.Callback):
         if self._started is not None:
             elapsed = time.perf_counter() - self._started - self._validation_seconds
             seconds.append(round(elapsed, 3))
-        return {"seconds": seconds}
+        return {"seconds": seconds, "fit_seconds": round(self.fit_seconds(), 3)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seconds = list(state_dict.get("seconds", []))
+        # checkpoints of earlier versions kept no fit seconds: this process's alone are counted
+        self.earlier_fit_seconds = float(state_dict.get("fit_seconds", 0.0))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()

@@ -81,7 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_world_size(fitting.trainer, processes, chosen)
     if not in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
-    fit_seconds, feature_report = fit(fitting.trainer, model, datamodule, resume_from)
+    fit_seconds, feature_report = fit(fitting, model, datamodule, resume_from)
     # Described before the evaluation: validating a checkpoint restores every callback's state
     # from it, and the epoch timer of an earlier best epoch lists only the epochs before it.
     described = describe_run(cfg, model, datamodule, fitting, fit_seconds)
@@ -320,11 +320,14 @@ def solve_probe(
 
 
 def fit(
-    trainer: pl.Trainer, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
+    fitting: Fitting, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
 ) -> tuple[float, dict[str, Any]]:
     """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
-    feature extraction and the probe's solve included, and their part of metrics.json."""
-    started = time.perf_counter()
+    feature extraction and the probe's solve included (after a resume: with the seconds of
+    the processes before it, up to the checkpoint, as the uninterrupted run counts them), and
+    the feature extraction's part of metrics.json."""
+    trainer = fitting.trainer
+    fitting.epoch_timer.start_fit()
     feature_report = training_data(model, datamodule, trainer, resume_from)
     try:
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
@@ -332,7 +335,7 @@ def fit(
         if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C: the caller says how to resume
             raise KeyboardInterrupt from None
         raise
-    return time.perf_counter() - started, feature_report
+    return fitting.epoch_timer.fit_seconds(), feature_report
 
 
 def evaluate_best_checkpoint(
