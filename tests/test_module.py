@@ -389,3 +389,25 @@ def test_no_test_reaches_a_private_name_of_the_package():
         for match in private.finditer(path.read_text())
     }
     assert not found
+
+
+@pytest.mark.parametrize(
+    "overrides,bar",
+    [
+        ([], "ProgressBar"),  # the project's rich bar (callbacks/default.yaml)
+        (["callbacks.progress_bar=null"], None),  # switched off: no bar, not Lightning's own
+        (["callbacks.progress_bar=null", "trainer.enable_progress_bar=true"], "RichProgressBar"),
+        (["trainer.enable_progress_bar=false"], None),  # Lightning refused it beside the group's
+    ],
+)
+def test_callbacks_progress_bar_null_switches_the_bar_off(make_cfg, overrides, bar):
+    import pytorch_lightning as pl
+
+    from finetune import callbacks
+    from finetune.run import trainer_options
+
+    cfg = make_cfg(*overrides, fast=False)
+    options, config_callbacks = trainer_options(cfg, callbacks.instantiate_all(cfg.callbacks))
+    trainer = pl.Trainer(**options, callbacks=config_callbacks, logger=False)
+    shown = trainer.progress_bar_callback
+    assert (type(shown).__name__ if shown else None) == bar

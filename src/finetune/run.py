@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ProgressBar as LightningProgressBar
 
 from finetune import (
     adaptive,
@@ -221,21 +222,39 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
         datamodule.class_names,
         {"val": datamodule.splits.val, "test": datamodule.splits.test},
     )
+    options, config_callbacks = trainer_options(
+        cfg, callbacks.instantiate_all(cfg.get("callbacks"))
+    )
     run_callbacks = [
         model.strategy,
         epoch_timer,
         evaluation_report,
         resume.RandomState(),
-        *callbacks.instantiate_all(cfg.get("callbacks")),
+        *config_callbacks,
     ]
     loggers = callbacks.instantiate_all(cfg.get("logger"))
     trainer = pl.Trainer(
-        **_plain(cfg.trainer),
+        **options,
         callbacks=run_callbacks,
         logger=loggers or False,
         plugins=[resume.AtomicCheckpointIO()],
     )
     return Fitting(trainer, loggers, epoch_timer, evaluation_report)
+
+
+def trainer_options(cfg: DictConfig, config_callbacks: list[Any]) -> tuple[dict, list]:
+    """The Trainer's keyword arguments (`cfg.trainer`) and the config's callbacks, agreeing on
+    the progress bar: an unset `trainer.enable_progress_bar` follows the callbacks group
+    (`callbacks.progress_bar=null`: no bar, where Lightning would add its own), and
+    `trainer.enable_progress_bar=false` drops the group's bar (which Lightning refuses beside
+    it); `=true` without one in the group shows Lightning's own."""
+    options = _plain(cfg.trainer)
+    bars = [c for c in config_callbacks if isinstance(c, LightningProgressBar)]
+    if options.get("enable_progress_bar") is None:
+        options["enable_progress_bar"] = bool(bars)
+    elif not options["enable_progress_bar"]:
+        config_callbacks = [c for c in config_callbacks if c not in bars]
+    return options, config_callbacks
 
 
 def training_data(
