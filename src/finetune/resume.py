@@ -87,6 +87,21 @@ class RandomState(pl.Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+class ResumedDataOrder(pl.Callback):
+    """A resumed run's first epoch draws that epoch's data order and augmentation, not epoch
+    0's. Lightning creates the training iterator while `configure_optimizers` estimates the
+    steps (`trainer.estimated_stepping_batches`), before it restores the loops from the
+    checkpoint and before it calls the sampler's `set_epoch`; with worker processes that
+    iterator has already drawn epoch 0's first keys (Lightning issue #21938). On a resume the
+    training loader is therefore made again at the start of the first epoch, after the
+    restore, where the data module's sampler starts at the restored epoch."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fit_loop.epoch_progress.current.processed > 0:
+            # FitLoop.setup_data rebuilds the loader, its fetcher and its iterator when unset
+            trainer.fit_loop._combined_loader = None
+
+
 def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
     """`last` (this run dir's last checkpoint), a run dir (its last checkpoint) or a file."""
     if ckpt_path in (None, "", "null"):

@@ -230,6 +230,7 @@ def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule)
         epoch_timer,
         evaluation_report,
         resume.RandomState(),
+        resume.ResumedDataOrder(),
         *config_callbacks,
     ]
     loggers = callbacks.instantiate_all(cfg.get("logger"))

@@ -103,13 +103,15 @@ class FeatureDataset(Dataset):
 
 class EpochSampler(Sampler):
     """A shuffled order per epoch from its own generator seeded by `(seed, epoch)`; yields
-    `(epoch, index)`. Lightning calls `set_epoch` before every epoch. Nothing is drawn from the
-    global random generators, so data order never depends on what else used them."""
+    `(epoch, index)`. Lightning calls `set_epoch` before every epoch, but after it created the
+    first epoch's iterator, whose worker processes already drew keys: a loader made for a
+    resumed run starts at the resumed `epoch`. Nothing is drawn from the global random
+    generators, so data order never depends on what else used them."""
 
-    def __init__(self, length: int, seed: int) -> None:
+    def __init__(self, length: int, seed: int, epoch: int = 0) -> None:
         self.length = length
         self.seed = seed
-        self.epoch = 0
+        self.epoch = epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -138,6 +140,7 @@ def make_loader(
     collate_fn: Callable | None = None,
     sampler: Sampler | None = None,
     processes: int = 1,
+    first_epoch: int = 0,
 ) -> DataLoader:
     """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
     epoch), worker seeds from the loader's own generator, and a final batch of one sample
@@ -146,9 +149,10 @@ def make_loader(
 
     `processes`: how many processes train, each on its own share of `ceil(len / processes)`
     samples (Lightning's distributed sampler pads the split to equal shares): the final batch
-    of one is that of a share, not of the whole split."""
+    of one is that of a share, not of the whole split. `first_epoch`: the epoch a training
+    loader's first iteration is (a resumed run's, see `EpochSampler`)."""
     if train:
-        sampler = EpochSampler(len(dataset), seed)
+        sampler = EpochSampler(len(dataset), seed, first_epoch)
     share = -(-len(dataset) // max(processes, 1))
     return DataLoader(
         dataset,

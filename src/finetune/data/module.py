@@ -295,7 +295,15 @@ class FinetuneDataModule(pl.LightningDataModule):
             collate_fn=self.preprocessing.collate_train if images and train else None,
             sampler=None if train else self.evaluation_samplers.get(split),
             processes=self._processes().get("num_replicas", 1),
+            first_epoch=self._epoch_starting() if train else 0,
         )
+
+    def _epoch_starting(self) -> int:
+        """The epoch Lightning will pass to the training sampler's `set_epoch` next (its fit
+        loop's processed epochs): a resumed run's, which its first iterator must already use."""
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
