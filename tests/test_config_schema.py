@@ -92,6 +92,8 @@ def test_mixed_type_keys_accept_only_their_values():
         ("data.batch_size=0", ["`data.batch_size=0` is below its minimum 1", "batch_size=auto"]),
         ("data.eval_batch_size=0", ["below its minimum 1", "eval_batch_size=null"]),
         ("data.num_workers=-1", ["`data.num_workers=-1` is below its minimum 0", "num_workers=0"]),
+        # Lightning's endless -1: the schedule has no length (a traceback in configure_optimizers)
+        ("trainer.max_epochs=-1", ["`trainer.max_epochs=-1` is below its minimum 1", "=auto"]),
     ],
 )
 def test_keys_with_fixed_values_refuse_another(line, expected):

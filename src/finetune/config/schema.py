@@ -328,8 +328,9 @@ class TrainerConfig:
     devices: Any = field(default="auto", metadata=one_of(types=(int, list, str)))
     num_nodes: int = 1
     precision: Any = field(default=None, metadata=one_of(*PRECISIONS))
-    # conf/trainer/default.yaml: auto (finetune.adaptive); null = Lightning's default
-    max_epochs: Any = field(default=None, metadata=one_of("auto", None, types=(int,)))
+    # conf/trainer/default.yaml: auto (finetune.adaptive); null = Lightning's default. At
+    # least 1: the learning-rate schedule needs its length (Lightning's -1, endless, has none)
+    max_epochs: Any = field(default=None, metadata=one_of("auto", None, types=(int,), minimum=1))
     min_epochs: int | None = None
     max_steps: int = -1
     max_time: str | None = None  # DD:HH:MM:SS
