@@ -97,6 +97,7 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
     # fit_seconds counts the first process's fit too (up to its checkpoint), not only the resume's
     assert metrics["fit_seconds"] > first["fit_seconds"] + metrics["train_epoch_seconds"][1] - 0.5
+    assert metrics["run_seconds"] > metrics["fit_seconds"]  # the run holds its fit
 
 
 @pytest.mark.parametrize(

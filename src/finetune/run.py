@@ -86,12 +86,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # Described before the evaluation: validating a checkpoint restores every callback's state
     # from it, and the epoch timer of an earlier best epoch lists only the epochs before it.
     described = describe_run(cfg, model, datamodule, fitting, fit_seconds)
+    earlier_seconds = fitting.epoch_timer.earlier_fit_seconds  # a resume's earlier processes
     metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= described | feature_report
     metrics |= model.strategy.probe_report
     metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
-    # Everything of train() but writing the results: what the benchmarks call work seconds.
-    metrics["run_seconds"] = round(time.perf_counter() - run_started, 2)
+    # Everything of train() but writing the results: what the benchmarks call work seconds;
+    # after a resume, with the fit of the processes before it (as fit_seconds counts them).
+    run_seconds = time.perf_counter() - run_started + earlier_seconds
+    metrics["run_seconds"] = round(run_seconds, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers)
     if fitting.trainer.is_global_zero:  # one closing line, not one per process
         log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
