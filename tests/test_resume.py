@@ -428,6 +428,46 @@ def test_a_moved_run_dir_keeps_its_best_checkpoint_on_resume(tmp_path):
     assert list(resumed.tie_values) == [str(copy / "epoch0.ckpt")]
 
 
+def test_a_resume_into_a_new_run_dir_copies_the_kept_best_and_leaves_the_old_run_alone(tmp_path):
+    """`ckpt_path=<run> hydra.run.dir=<new>`: the new run holds the best so far (the evaluation
+    read a path in the new dir that did not exist: FileNotFoundError), and a better epoch
+    replaces the copy, never the other run's file."""
+    first, new = tmp_path / "first", tmp_path / "new"
+
+    def keeper(dirpath: Path) -> callbacks.BestCheckpoint:
+        return callbacks.BestCheckpoint(
+            dirpath=dirpath, filename="epoch{epoch}", auto_insert_metric_name=False,
+            monitor="val/acc", mode="max", save_top_k=1,
+        )  # fmt: skip
+
+    def trainer(keeper: callbacks.BestCheckpoint, epochs: int) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=epochs, callbacks=[keeper], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
+        )  # fmt: skip
+
+    ran = keeper(first)
+    trainer(ran, 2).fit(ScoredEpochs([0.6, 0.5, 0.7]))
+    state, before = ran.state_dict(), sorted(p.name for p in first.iterdir())
+    resumed = keeper(new)
+    resumed.load_state_dict(state)
+    assert resumed.best_model_path == str(new / "epoch0.ckpt")
+    assert (new / "epoch0.ckpt").read_bytes() == (first / "epoch0.ckpt").read_bytes()
+    # gone from both places: the ranking starts afresh instead of naming a missing file
+    (new / "epoch0.ckpt").unlink()
+    shutil.move(first / "epoch0.ckpt", tmp_path / "elsewhere.ckpt")
+    afresh = keeper(tmp_path / "third")
+    afresh.load_state_dict(state)
+    assert afresh.best_model_path == "" and afresh.best_k_models == {}
+    shutil.move(tmp_path / "elsewhere.ckpt", first / "epoch0.ckpt")
+    # a resumed fit whose epoch 2 beats the copy deletes the copy, not the first run's file
+    resumed = keeper(new)
+    trainer(resumed, 3).fit(ScoredEpochs([0.6, 0.5, 0.7]), ckpt_path=str(first / "epoch0.ckpt"))
+    assert Path(resumed.best_model_path) == new / "epoch2.ckpt"
+    assert sorted(p.name for p in new.iterdir()) == ["epoch2.ckpt"]
+    assert sorted(p.name for p in first.iterdir()) == before
+
+
 # --- Ctrl-C and the closing line ------------------------------------------------------------------
 
 CTRL_C_AT_STEP = """

@@ -4,16 +4,24 @@ config's callback and logger groups (`conf/callbacks/*.yaml`, `conf/logger/*.yam
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import shutil
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.utilities.rank_zero import rank_zero_only  # rank set by Lightning
+
+from finetune.atomic import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_all(group_cfg: DictConfig | None) -> list[Any]:
@@ -92,12 +100,51 @@ class BestCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_dir = state_dict.get("dirpath", self.dirpath)
         if saved_dir and self.dirpath and saved_dir != self.dirpath:
-            # A run dir that was moved or copied: its kept checkpoints are in this dirpath now.
-            # The stock callback would forget them (and keep the old best path), so an epoch
-            # worse than the run's best would become the resumed run's best.
-            state_dict = moved_state(state_dict, saved_dir, self.dirpath)
+            # The stock callback would forget the kept checkpoints (and keep the old best
+            # path), so an epoch worse than the run's best would become the resumed run's best.
+            # A run dir that was moved or copied: they are in this dirpath now. A resume into
+            # a new run dir: they are copied here, so that this run holds its best and never
+            # deletes a file of the run it continues.
+            if bring_kept_checkpoints(state_dict, saved_dir, self.dirpath):
+                state_dict = moved_state(state_dict, saved_dir, self.dirpath)
+            else:
+                state_dict = forgotten_state(state_dict, self.dirpath)
         super().load_state_dict(state_dict)
         self.tie_values = dict(state_dict.get("tie_values") or {})
+
+
+def bring_kept_checkpoints(state: dict[str, Any], old_dir: str, new_dir: str) -> bool:
+    """Whether every checkpoint a `ModelCheckpoint` state keeps (`best_k_models`) is in
+    `new_dir` at its place under `old_dir`, after copying there (on rank 0) those still only
+    in `old_dir`. False when one is in neither: the ranking cannot be continued."""
+    for path in state.get("best_k_models") or {}:
+        moved = Path(new_dir) / os.path.relpath(path, old_dir)
+        if moved.is_file():
+            continue
+        if not Path(path).is_file() or os.path.relpath(path, old_dir).startswith(".."):
+            log.warning(
+                "The checkpoint %s that the run kept as its best is gone: the resumed run ranks "
+                "its epochs afresh.",
+                path,
+            )
+            return False
+        if rank_zero_only.rank == 0:
+            moved.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(moved, lambda out, source=path: _copy_into(source, out))
+    return True
+
+
+def _copy_into(source: str, out: IO[bytes]) -> None:
+    with open(source, "rb") as file:
+        shutil.copyfileobj(file, out)
+
+
+def forgotten_state(state: dict[str, Any], new_dir: str) -> dict[str, Any]:
+    """A `ModelCheckpoint` state that keeps no checkpoint, in `new_dir` (what the stock
+    callback loads when its dirpath changed, without the old best path)."""
+    kept = ("best_k_models", "tie_values", "kth_best_model_path", "kth_value")
+    forgotten = {k: v for k, v in state.items() if k not in kept} | {"dirpath": new_dir}
+    return forgotten | {"best_model_path": "", "best_model_score": None, "last_model_path": ""}
 
 
 def moved_state(state: dict[str, Any], old_dir: str, new_dir: str) -> dict[str, Any]:
