@@ -601,6 +601,27 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
     resume.check_changes(changes, tmp_path)
 
 
+def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_path):
+    """`callbacks.progress_bar=null` replaces the bar's subtree by null: the key itself changes,
+    not only keys under the resumable prefix `callbacks.progress_bar.`."""
+    from omegaconf import OmegaConf
+
+    from finetune import resume
+
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg(fast=False)))
+    for off in (
+        "callbacks.progress_bar=null",
+        "logger=csv",
+        "callbacks.progress_bar.metrics_every=5",
+    ):
+        changes = resume.config_changes(saved, make_cfg(off, fast=False))
+        assert changes, off
+        resume.check_changes(changes, tmp_path, [off])  # not refused
+    changes = resume.config_changes(saved, make_cfg("callbacks.lr_monitor=null", fast=False))
+    with pytest.raises(resume.ResumeRefused, match="callbacks.lr_monitor"):
+        resume.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
+
+
 def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):
     """A run's config.yaml from before strategy.augmented_views existed: last_layer with
     augmentation then trained its head by SGD, which the checkpoint cannot continue now."""

@@ -259,7 +259,11 @@ def check_changes(
     the keys in the `typed` overrides first, and the overrides that caused them."""
 
     def allowed(key: str) -> bool:
-        return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES)
+        # a subtree prefix covers the key itself too: callbacks.progress_bar=null
+        return any(
+            key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1]))
+            for k in RESUMABLE_CHANGES
+        )
 
     def was_typed(key: str) -> bool:
         return any(key == t or key.startswith(f"{t}.") for t in map(_key, typed))
