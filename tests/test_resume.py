@@ -601,6 +601,29 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
     resume.check_changes(changes, tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (
+            ["hydra.run.dir={tmp}/gone", "ckpt_path=last"],
+            "No checkpoint to resume from at {tmp}/gone",
+        ),
+        (["ckpt_path=last"], "ckpt_path=last resumes the run in hydra.run.dir, and none was given"),
+        (["hydra.run.dir={tmp}/new", "ckpt_path={tmp}/gone.ckpt"], "at {tmp}/gone.ckpt"),
+        (["hydra.run.dir={tmp}/new", "ckpt_path={tmp}/gone"], "at {tmp}/gone."),
+    ],
+)
+def test_a_resume_of_nothing_is_refused_before_any_run_dir_or_data(tmp_path, args, named):
+    """It named the data instead (a download failure for the default hymenoptera) and left a
+    failed run dir (config, classes, split, failure.json) where it was pointed."""
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    result = run_train(*args, "paths.data_root=/nonexistent", cwd=tmp_path)
+    message = result.stdout + result.stderr
+    assert result.returncode == 1 and named.format(tmp=tmp_path) in message, message[-2000:]
+    assert "Traceback" not in message and "hymenoptera" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, no outputs/
+
+
 def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_path):
     """`callbacks.progress_bar=null` replaces the bar's subtree by null: the key itself changes,
     not only keys under the resumable prefix `callbacks.progress_bar.`."""
@@ -618,7 +641,7 @@ def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_pat
         assert changes, off
         resume.check_changes(changes, tmp_path, [off])  # not refused
     changes = resume.config_changes(saved, make_cfg("callbacks.lr_monitor=null", fast=False))
-    with pytest.raises(resume.ResumeRefused, match="callbacks.lr_monitor"):
+    with pytest.raises(resume.ResumeRefused, match=r"callbacks\.lr_monitor"):
         resume.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
 
 

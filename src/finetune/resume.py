@@ -339,6 +339,14 @@ def command_line(argv: Sequence[str]) -> list[str]:
     run_dir = Path(str(given["hydra.run.dir"])) if "hydra.run.dir" in given else None
     ckpt_path = given.get("ckpt_path")
     source = source_run_dir(ckpt_path, run_dir or Path.cwd() / "_no_run_dir")
+    if source is None and ckpt_path not in (None, "", "null"):
+        # refused here, before Hydra makes a run dir and the data is listed (or downloaded)
+        if ckpt_path == "last" and run_dir is None:
+            raise ResumeRefused(
+                "ckpt_path=last resumes the run in hydra.run.dir, and none was given. Fix: add "
+                "hydra.run.dir=outputs/runs/<run> (the interrupted run's folder)."
+            )
+        resolve_checkpoint(ckpt_path, run_dir or Path.cwd())
     if source is None or not (source / SAVED_OVERRIDES).is_file():
         return list(argv)
     saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
