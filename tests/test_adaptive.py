@@ -415,3 +415,15 @@ def test_more_epochs_for_the_solved_probe_are_warned_about(photos, tmp_path):
     result = auto_run(photos, tmp_path / "run", "trainer.max_epochs=2")
     assert result.returncode == 0
     assert "with the solved linear probe" in result.stdout + result.stderr
+
+
+def test_the_printed_rules_say_when_a_count_was_clamped_and_when_the_lr_is_unused():
+    """Hymenoptera's 122 images per class want 2 epochs, and the run trains 10: the rule
+    said "= 2, within [10, 30]"; the probe's lr (its epoch steps at 0) read as if it trained."""
+    clamped = adaptive.auto_max_epochs("finetune", 244, 2).rule
+    assert "= 2, clamped to [10, 30]" in clamped
+    assert "= 20, within [10, 30]" in adaptive.auto_max_epochs("finetune", 1020, 102).rule
+    assert "= 1, clamped to [5, 15]" in adaptive.auto_views("probe", True, 244, 2).rule
+    probe = adaptive.auto_lr("torch.optim.SGD", "probe", 32).rule
+    assert "unused" in probe and "learning rate 0" in probe
+    assert "unused" not in adaptive.auto_lr("torch.optim.SGD", "head", 32).rule

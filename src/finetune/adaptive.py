@@ -118,8 +118,15 @@ def auto_max_epochs(regime: str, train_images: int, num_classes: int) -> Choice:
     return Choice(
         min(max(wanted, low), high),
         f"each class's images about {presentations} times: ceil({presentations} / "
-        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}] ({regime})",
+        f"{per_class:.1f} images per class) = {wanted}{_range(wanted, low, high)} ({regime})",
     )
+
+
+def _range(wanted: int, low: int, high: int) -> str:
+    """How a rule's count sits in its allowed range, for the printed rule."""
+    if low <= wanted <= high:
+        return f", within [{low}, {high}]"
+    return f", clamped to [{low}, {high}]"
 
 
 def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: int) -> Choice:
@@ -144,7 +151,7 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
     low, high = VIEW_RANGE
     rule = (
         f"each class's images about {VIEW_PRESENTATIONS} times: ceil({VIEW_PRESENTATIONS} / "
-        f"{per_class:.1f} images per class) = {wanted}, within [{low}, {high}]"
+        f"{per_class:.1f} images per class) = {wanted}{_range(wanted, low, high)}"
     )
     views = min(max(wanted, low), high)
     fitting = max(MAX_PROBE_ROWS // max(train_images, 1) - 1, 0)
@@ -173,11 +180,13 @@ def auto_lr(optimizer: str, regime: str, batch_size: int, batches_per_step: int 
     batch = str(batch_size)
     if batches_per_step > 1:
         batch = f"{batch_size} x {batches_per_step} (processes x gradient accumulation)"
-    return Choice(
-        value,
+    rule = (
         f"{name} base {base:g} ({regime}) x batch {batch} / {REFERENCE_BATCH_SIZE}, "
-        "linear scaling (Goyal et al. 2017)",
+        "linear scaling (Goyal et al. 2017)"
     )
+    if regime == "probe":  # the optimizer exists (clipping, AMP, logging work as in any run)
+        rule += "; unused: the probe is solved by L-BFGS and its epoch steps at learning rate 0"
+    return Choice(value, rule)
 
 
 def resolve(
