@@ -645,6 +645,31 @@ def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_pat
         resume.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
 
 
+def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_path):
+    """paths.data_root=... changes data.root (${paths.data_root}): the refusal said that the
+    project's defaults had changed since the run and to pin data.root."""
+    from omegaconf import OmegaConf, open_dict
+
+    from finetune import resume
+    from finetune.config import check_overrides
+
+    run_dir, saved = tmp_path / "run", ["data=synthetic", f"paths.data_root={tmp_path / 'a'}"]
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    cfg = check_overrides([*saved, f"hydra.run.dir={run_dir}"])
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+        cfg.run_dir = str(run_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    moved = f"paths.data_root={tmp_path / 'b'}"
+    with pytest.raises(resume.ResumeRefused) as caught:
+        resume.command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last", moved])
+    message = str(caught.value)
+    assert f"data.root: '{tmp_path / 'a'}' in the run, '{tmp_path / 'b'}' now" in message
+    assert f"the overrides {moved} change" in message
+    assert "defaults" not in message and "add data.root" not in message
+
+
 def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):
     """A run's config.yaml from before strategy.augmented_views existed: last_layer with
     augmentation then trained its head by SGD, which the checkpoint cannot continue now."""

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -253,10 +253,15 @@ def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, A
 
 
 def check_changes(
-    changes: dict[str, tuple[Any, Any]], source: Path, typed: Sequence[str] = ()
+    changes: dict[str, tuple[Any, Any]],
+    source: Path,
+    typed: Sequence[str] = (),
+    typed_changes: Collection[str] = (),
 ) -> None:
     """`ResumeRefused` naming every change the checkpoint of `source` cannot follow, those of
-    the keys in the `typed` overrides first, and the overrides that caused them."""
+    the keys in the `typed` overrides (or in `typed_changes`, the keys they change through
+    interpolations: paths.data_root changes data.root) first, and the overrides that caused
+    them."""
 
     def allowed(key: str) -> bool:
         # a subtree prefix covers the key itself too: callbacks.progress_bar=null
@@ -266,7 +271,8 @@ def check_changes(
         )
 
     def was_typed(key: str) -> bool:
-        return any(key == t or key.startswith(f"{t}.") for t in map(_key, typed))
+        keys = [*map(_key, typed), *typed_changes]
+        return any(key == t or key.startswith(f"{t}.") for t in keys)
 
     refused = {key: values for key, values in changes.items() if not allowed(key)}
     if refused:
@@ -365,13 +371,40 @@ def command_line(argv: Sequence[str]) -> list[str]:
     except HydraException:  # Hydra says it again, in its words, as it starts
         return list(argv)
     typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
-    check_changes(config_changes(OmegaConf.load(source / "config.yaml"), cfg), source, typed)
+    changes = config_changes(OmegaConf.load(source / "config.yaml"), cfg)
+    check_changes(changes, source, typed, _changed_by(typed, kept + tail, cfg, check_overrides))
     checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
     from finetune.run import training_regime  # run imports this module
 
     solved = training_regime(cfg) == "probe"
     check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source, probe_solved=solved)
     return kept + tail
+
+
+def _changed_by(typed: list[str], overrides: list[str], cfg: DictConfig, compose: Any) -> set[str]:
+    """The keys of `cfg` (composed from `overrides`) that the `typed` ones change, through
+    interpolations too; empty when the config does not compose without them."""
+    from hydra.errors import HydraException
+
+    from finetune.config import ConfigError
+    from finetune.rundir import flatten
+
+    if not typed:
+        return set()
+    try:
+        without = compose([line for line in overrides if line not in typed])
+    except (ConfigError, HydraException):
+        return set()
+
+    def values(config: DictConfig) -> dict[str, Any]:
+        config = config.copy()
+        with open_dict(config):
+            config.pop("hydra", None)
+            config.run_dir = ""  # ${run_dir} resolves alike in both
+        return flatten(OmegaConf.to_container(config, resolve=True))
+
+    before, now = values(without), values(cfg)
+    return {key for key in {*before, *now} if before.get(key, ABSENT) != now.get(key, ABSENT)}
 
 
 def _fitting(saved: list[str], new: list[str], compose: Any) -> list[str]:
