@@ -71,6 +71,26 @@ def test_summary_can_be_run_by_hand_on_a_sweep_folder(tmp_path):
     assert "did not finish" in rows[1]["error"]
 
 
+def test_a_run_that_left_a_swept_key_at_its_default_shows_the_value_it_ran_with(tmp_path):
+    """Compared with runs that typed them, a default run's strategy and epochs were blank."""
+    fake_run(tmp_path, "0", [], {"val/acc": 0.9, "strategy": "last_layer"})
+    (tmp_path / "0" / ".hydra" / "hydra.yaml").write_text(
+        yaml.safe_dump({"hydra": {"runtime": {"choices": {"strategy": "last_layer"}}}})
+    )
+    (tmp_path / "0" / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": "auto"}}))
+    fake_run(tmp_path, "1", ["strategy=full", "trainer.max_epochs=2"], {"val/acc": 0.8})
+    rows = summary.write_summary(tmp_path)
+    assert [row["overrides"] for row in rows] == [
+        {"strategy": "last_layer", "trainer.max_epochs": "auto"},
+        {"strategy": "full", "trainer.max_epochs": "2"},
+    ]
+    table = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["strategy"], r["trainer.max_epochs"]) for r in table] == [
+        ("last_layer", "auto"),
+        ("full", "2"),
+    ]
+
+
 def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(

@@ -80,7 +80,40 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "error": failure.get("error", "no metrics.json (the run did not finish)"),
             }
         rows.append(row)
+    # A run that left a key at its default shows the value it ran with, not a blank cell: a
+    # sweep `strategy=last_layer,full` next to a run of the default strategy reads right.
+    keys = dict.fromkeys(key for row in rows for key in row["overrides"])
+    for row in rows:
+        for key in keys:
+            if key not in row["overrides"]:
+                value = _run_value(Path(sweep_dir) / row["job"], key)
+                if value is not None:
+                    row["overrides"][key] = value
     return rows
+
+
+def _run_value(job: Path, key: str) -> str | None:
+    """The value `key` had in the run of `job` (a config group's option, from Hydra's
+    `.hydra/hydra.yaml`, else the dotted key of `config.yaml`), as an override writes it; None
+    when the run did not record it."""
+    hydra_file, config_file = job / ".hydra" / "hydra.yaml", job / "config.yaml"
+    if hydra_file.is_file():
+        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
+        choice = (choices.get("runtime") or {}).get("choices", {}).get(key)
+        if choice is not None:
+            return str(choice)
+    if config_file.is_file():
+        node: Any = yaml.safe_load(config_file.read_text())
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return (
+            None
+            if isinstance(node, dict | list)
+            else yaml.safe_dump(node).removesuffix("\n...\n").strip()
+        )
+    return None
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
