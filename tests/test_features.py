@@ -49,6 +49,9 @@ def test_cached_run_trains_the_same_head_as_the_uncached_run(make_cfg, tmp_path)
     uncached = train(uncached_cfg)
 
     assert cached["feature_cache"] == "miss" and uncached["feature_cache"] == "off"
+    # metrics.json has the same keys whatever the strategy (full, lp_ft: none served)
+    assert cached["splits_served_as_features"] == ["train", "val"]
+    assert uncached["splits_served_as_features"] == []
     cached_head, uncached_head = final_head(tmp_path / "cached"), final_head(tmp_path / "uncached")
     assert cached_head.keys() == uncached_head.keys() and cached_head
     for name, tensor in cached_head.items():

@@ -645,22 +645,30 @@ def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_pat
         resume.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
 
 
-def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_path):
-    """paths.data_root=... changes data.root (${paths.data_root}): the refusal said that the
-    project's defaults had changed since the run and to pin data.root."""
+def saved_run(run_dir: Path, overrides: list[str]) -> Path:
+    """A run dir as train.py leaves it for a resume's command line: .hydra/overrides.yaml and
+    the resolved config.yaml (no checkpoint: the command line refuses before it needs one)."""
     from omegaconf import OmegaConf, open_dict
 
-    from finetune import resume
     from finetune.config import check_overrides
 
-    run_dir, saved = tmp_path / "run", ["data=synthetic", f"paths.data_root={tmp_path / 'a'}"]
     (run_dir / ".hydra").mkdir(parents=True)
-    (run_dir / ".hydra" / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-    cfg = check_overrides([*saved, f"hydra.run.dir={run_dir}"])
+    text = OmegaConf.to_yaml(OmegaConf.create(overrides))
+    (run_dir / ".hydra" / "overrides.yaml").write_text(text)
+    cfg = check_overrides([*overrides, f"hydra.run.dir={run_dir}"])
     with open_dict(cfg):
         cfg.pop("hydra", None)
         cfg.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return run_dir
+
+
+def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_path):
+    """paths.data_root=... changes data.root (${paths.data_root}): the refusal said that the
+    project's defaults had changed since the run and to pin data.root."""
+    from finetune import resume
+
+    run_dir = saved_run(tmp_path / "run", ["data=synthetic", f"paths.data_root={tmp_path / 'a'}"])
     moved = f"paths.data_root={tmp_path / 'b'}"
     with pytest.raises(resume.ResumeRefused) as caught:
         resume.command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last", moved])
@@ -668,6 +676,20 @@ def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_pat
     assert f"data.root: '{tmp_path / 'a'}' in the run, '{tmp_path / 'b'}' now" in message
     assert f"the overrides {moved} change" in message
     assert "defaults" not in message and "add data.root" not in message
+
+
+def test_a_wrong_value_typed_on_a_resume_is_checked_against_the_runs_config(tmp_path):
+    """strategy.bn=froze on a strategy=full run was explained with the default strategy's keys
+    (`strategy=last_layer` has no `bn`), as if the run's own overrides had been dropped."""
+    from finetune import resume
+    from finetune.config import ConfigError
+
+    run_dir = saved_run(tmp_path / "run", ["data=synthetic", "strategy=full"])
+    with pytest.raises(ConfigError) as caught:
+        resume.command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last", "strategy.bn=froze"])
+    message = str(caught.value)
+    assert "`strategy.bn=froze` is not one of: train, train_affine, frozen" in message
+    assert "last_layer" not in message
 
 
 def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):

@@ -365,9 +365,13 @@ def command_line(argv: Sequence[str]) -> list[str]:
     try:
         try:
             cfg = check_overrides(kept + tail)
-        except (ConfigError, HydraException):  # a saved override the new ones exclude (e.g.
-            kept = _fitting(kept, tail, check_overrides)  # data.synthetic.* with data=imagefolder)
-            cfg = check_overrides(kept + tail)
+        except (ConfigError, HydraException) as error:  # a saved override the new ones exclude
+            fitting = _fitting(kept, tail, check_overrides)  # (data.synthetic.* with data=...)
+            try:
+                cfg = check_overrides(fitting + tail)
+            except (ConfigError, HydraException):  # a wrong new value: said of the run's config
+                raise error from None
+            kept = fitting
     except HydraException:  # Hydra says it again, in its words, as it starts
         return list(argv)
     typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]

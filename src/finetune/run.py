@@ -275,7 +275,7 @@ def training_data(
     fit, and its forward pass there costs what an extraction would. Returns the feature-cache
     and probe part of metrics.json."""
     if not (model.module.inputs_are_features or model.strategy.head_from_probe):
-        return {"feature_cache": "off"}
+        return {"feature_cache": "off", "splits_served_as_features": []}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
         extracted, report = features.cached_features(
             datamodule,
