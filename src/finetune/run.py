@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -342,6 +343,10 @@ def solve_probe(
     return solution.report() | {"probe_augmented_views": view_count}
 
 
+# Lightning's warnings that a resume makes true and harmless.
+RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed")
+
+
 def fit(
     fitting: Fitting, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
 ) -> tuple[float, dict[str, Any]]:
@@ -353,7 +358,13 @@ def fit(
     fitting.epoch_timer.start_fit()
     feature_report = training_data(model, datamodule, trainer, resume_from)
     try:
-        trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
+        with warnings.catch_warnings():
+            if resume_from:
+                # A resume finds its own checkpoints there; BestCheckpoint moves or copies its
+                # kept ones (the stock last-checkpoint callback rewrites last.ckpt each epoch).
+                for message in RESUME_WARNINGS:
+                    warnings.filterwarnings("ignore", message=message)
+            trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
     except SystemExit:
         if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C: the caller says how to resume
             raise KeyboardInterrupt from None
