@@ -616,13 +616,22 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
         (["hydra.run.dir={tmp}/new", "ckpt_path={tmp}/gone"], "at {tmp}/gone."),
     ],
 )
-def test_a_resume_of_nothing_is_refused_before_any_run_dir_or_data(tmp_path, args, named):
+def test_a_resume_of_nothing_is_refused_on_the_command_line(tmp_path, args, named):
     """It named the data instead (a download failure for the default hymenoptera) and left a
     failed run dir (config, classes, split, failure.json) where it was pointed."""
-    args = [arg.format(tmp=tmp_path) for arg in args]
-    result = run_train(*args, "paths.data_root=/nonexistent", cwd=tmp_path)
+    from finetune import resume
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError) as caught:
+        resume.command_line([arg.format(tmp=tmp_path) for arg in args])
+    assert named.format(tmp=tmp_path) in str(caught.value)
+
+
+def test_train_py_refuses_a_resume_of_nothing_before_any_run_dir_or_data(tmp_path):
+    args = [f"hydra.run.dir={tmp_path}/gone", "ckpt_path=last", "paths.data_root=/nonexistent"]
+    result = run_train(*args, cwd=tmp_path)
     message = result.stdout + result.stderr
-    assert result.returncode == 1 and named.format(tmp=tmp_path) in message, message[-2000:]
+    assert result.returncode == 1 and f"No checkpoint to resume from at {tmp_path}/gone" in message
     assert "Traceback" not in message and "hymenoptera" not in message
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run dir, no outputs/
 

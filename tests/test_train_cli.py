@@ -65,6 +65,7 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     assert torch.equal(classifier.state_dict()[head], saved[head])
 
 
+@pytest.mark.slow  # two train.py jobs (17 s): CI's slow step; the default run stays < 10 min
 def test_a_two_value_multirun_writes_two_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_train(

@@ -94,6 +94,7 @@ def test_a_failed_download_leaves_no_data_root_behind(
     assert handled, str(second.value)
 
 
+@pytest.mark.slow  # a train.py run (15 s): CI's slow step; the default run stays < 10 min
 def test_a_data_root_with_a_tilde_works_as_typed(tmp_path):
     """`data.root=~/photos` through train.py, with HOME and the default cache folder there."""
     home = tmp_path / "home"
