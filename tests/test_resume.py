@@ -405,25 +405,29 @@ def test_a_candidate_kept_before_training_is_replaced_only_by_a_better_epoch(
     assert callbacks.keep_as_candidate(keeper, trainer, "probe", {"val/acc": 1.0}) is None
 
 
+def best_keeper(dirpath: Path) -> callbacks.BestCheckpoint:
+    """The best-by-val/acc keeper of one checkpoint, files named epoch<e>.ckpt."""
+    return callbacks.BestCheckpoint(
+        dirpath=dirpath, filename="epoch{epoch}", auto_insert_metric_name=False,
+        monitor="val/acc", mode="max", save_top_k=1,
+    )  # fmt: skip
+
+
+def small_trainer(kept_by: callbacks.BestCheckpoint, epochs: int) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs, callbacks=[kept_by], logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
+    )  # fmt: skip
+
+
 def test_a_moved_run_dir_keeps_its_best_checkpoint_on_resume(tmp_path):
     """Lightning's callback forgets the kept checkpoints when its dirpath changed; a resumed
     copy of a run would then keep a worse epoch than the run's best."""
     first, copy = tmp_path / "first", tmp_path / "copy"
-
-    def keeper(dirpath: Path) -> callbacks.BestCheckpoint:
-        return callbacks.BestCheckpoint(
-            dirpath=dirpath, filename="epoch{epoch}", auto_insert_metric_name=False,
-            monitor="val/acc", mode="max", save_top_k=1,
-        )  # fmt: skip
-
-    ran = keeper(first)
-    trainer = pl.Trainer(
-        max_epochs=2, callbacks=[ran], logger=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
-    )  # fmt: skip
-    trainer.fit(ScoredEpochs([0.6, 0.5]))
+    ran = best_keeper(first)
+    small_trainer(ran, 2).fit(ScoredEpochs([0.6, 0.5]))
     shutil.copytree(first, copy)
-    resumed = keeper(copy)
+    resumed = best_keeper(copy)
     resumed.load_state_dict(ran.state_dict())
     assert resumed.best_model_path == str(copy / "epoch0.ckpt") == resumed.kth_best_model_path
     assert list(resumed.best_k_models) == [str(copy / "epoch0.ckpt")]
@@ -436,36 +440,25 @@ def test_a_resume_into_a_new_run_dir_copies_the_kept_best_and_leaves_the_old_run
     read a path in the new dir that did not exist: FileNotFoundError), and a better epoch
     replaces the copy, never the other run's file."""
     first, new = tmp_path / "first", tmp_path / "new"
-
-    def keeper(dirpath: Path) -> callbacks.BestCheckpoint:
-        return callbacks.BestCheckpoint(
-            dirpath=dirpath, filename="epoch{epoch}", auto_insert_metric_name=False,
-            monitor="val/acc", mode="max", save_top_k=1,
-        )  # fmt: skip
-
-    def trainer(keeper: callbacks.BestCheckpoint, epochs: int) -> pl.Trainer:
-        return pl.Trainer(
-            max_epochs=epochs, callbacks=[keeper], logger=False, enable_progress_bar=False,
-            enable_model_summary=False, limit_train_batches=2, limit_val_batches=1,
-        )  # fmt: skip
-
-    ran = keeper(first)
-    trainer(ran, 2).fit(ScoredEpochs([0.6, 0.5, 0.7]))
+    ran = best_keeper(first)
+    small_trainer(ran, 2).fit(ScoredEpochs([0.6, 0.5, 0.7]))
     state, before = ran.state_dict(), sorted(p.name for p in first.iterdir())
-    resumed = keeper(new)
+    resumed = best_keeper(new)
     resumed.load_state_dict(state)
     assert resumed.best_model_path == str(new / "epoch0.ckpt")
     assert (new / "epoch0.ckpt").read_bytes() == (first / "epoch0.ckpt").read_bytes()
     # gone from both places: the ranking starts afresh instead of naming a missing file
     (new / "epoch0.ckpt").unlink()
     shutil.move(first / "epoch0.ckpt", tmp_path / "elsewhere.ckpt")
-    afresh = keeper(tmp_path / "third")
+    afresh = best_keeper(tmp_path / "third")
     afresh.load_state_dict(state)
     assert afresh.best_model_path == "" and afresh.best_k_models == {}
     shutil.move(tmp_path / "elsewhere.ckpt", first / "epoch0.ckpt")
     # a resumed fit whose epoch 2 beats the copy deletes the copy, not the first run's file
-    resumed = keeper(new)
-    trainer(resumed, 3).fit(ScoredEpochs([0.6, 0.5, 0.7]), ckpt_path=str(first / "epoch0.ckpt"))
+    resumed = best_keeper(new)
+    small_trainer(resumed, 3).fit(
+        ScoredEpochs([0.6, 0.5, 0.7]), ckpt_path=str(first / "epoch0.ckpt")
+    )
     assert Path(resumed.best_model_path) == new / "epoch2.ckpt"
     assert sorted(p.name for p in new.iterdir()) == ["epoch2.ckpt"]
     assert sorted(p.name for p in first.iterdir()) == before
