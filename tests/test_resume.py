@@ -549,6 +549,42 @@ def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_p
     assert file_hashes(run_dir) == before
 
 
+CTRL_C_IN_EVALUATION = """
+import os, signal
+from finetune.module import ClassifierModule
+
+def on_validation_start(self):
+    if self.trainer.state.fn == "validate":  # the best checkpoint's evaluation, after fit
+        os.kill(os.getpid(), signal.SIGINT)
+
+ClassifierModule.on_validation_start = on_validation_start
+"""
+
+
+@pytest.mark.slow  # two train.py runs: CI's slow step
+def test_ctrl_c_after_the_last_epoch_is_continued_by_the_command_it_prints(tmp_path, record_fault):
+    """Ctrl-C in the final evaluation exited 1 without the continue command (Lightning's
+    exit(1) there was not read as Ctrl-C), and a resume of a run that trained all its epochs
+    was refused as "nothing to resume": the run could not be finished at its own length."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_IN_EVALUATION))
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    run_dir = tmp_path / "run"
+    options = [*FAST_OVERRIDES, "strategy=full", f"data.root={tmp_path / 'data'}"]
+    result = run_train(*options, f"hydra.run.dir={run_dir}", env=env)
+    message = result.stdout + result.stderr
+    found = re.search(r"Continue it with: (.+)$", message, re.MULTILINE)
+    assert result.returncode == 130 and found, message[-3000:]
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "failure.json").exists()
+    continued = run_train(*shlex.split(found.group(1))[2:])
+    record_fault(continued.returncode == 0 and (run_dir / "metrics.json").is_file())
+    assert continued.returncode == 0, (continued.stdout + continued.stderr)[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["best_epoch"] == 0
+
+
 def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, caplog):
     cfg = make_cfg(
         "callbacks.model_checkpoint=null",

@@ -450,6 +450,8 @@ def check_epochs(
     trained = trained_epochs(checkpoint_path)
     if max_epochs > trained:
         return
+    if max_epochs == trained and _unfinished(source):
+        return  # stopped (Ctrl-C) after its last epoch, before its results: the resume ends it
     if probe_solved:
         raise ResumeRefused(
             f"Nothing to resume: the run {source} is the linear probe solved on cached "
@@ -463,6 +465,15 @@ def check_epochs(
         f"config asks for trainer.max_epochs={max_epochs}. Fix: to train it longer, add "
         f"trainer.max_epochs=N with N > {trained} (e.g. trainer.max_epochs={trained + 1})."
     )
+
+
+def _unfinished(source: Path) -> bool:
+    """Whether `source` (a run dir, or a checkpoint in a run's checkpoints/) is a run that has
+    not written its results (metrics.json)."""
+    from finetune.rundir import METRICS_FILE
+
+    run = source.parent.parent if source.parent.name == "checkpoints" else source
+    return run.is_dir() and (run / "config.yaml").is_file() and not (run / METRICS_FILE).is_file()
 
 
 def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:

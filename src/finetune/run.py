@@ -7,9 +7,11 @@ written by `finetune.rundir`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,7 +90,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # from it, and the epoch timer of an earlier best epoch lists only the epochs before it.
     described = describe_run(cfg, model, datamodule, fitting, fit_seconds)
     earlier_seconds = fitting.epoch_timer.earlier_fit_seconds  # a resume's earlier processes
-    metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
+    with ctrl_c_as_interrupt(fitting.trainer):
+        metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= described | feature_report
     metrics |= model.strategy.probe_report
     metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
@@ -357,19 +360,27 @@ def fit(
     trainer = fitting.trainer
     fitting.epoch_timer.start_fit()
     feature_report = training_data(model, datamodule, trainer, resume_from)
-    try:
-        with warnings.catch_warnings():
-            if resume_from:
-                # A resume finds its own checkpoints there; BestCheckpoint moves or copies its
-                # kept ones (the stock last-checkpoint callback rewrites last.ckpt each epoch).
-                for message in RESUME_WARNINGS:
-                    warnings.filterwarnings("ignore", message=message)
-            trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
-    except SystemExit:
-        if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C: the caller says how to resume
-            raise KeyboardInterrupt from None
-        raise
+    with ctrl_c_as_interrupt(trainer), warnings.catch_warnings():
+        if resume_from:
+            # A resume finds its own checkpoints there; BestCheckpoint moves or copies its
+            # kept ones (the stock last-checkpoint callback rewrites last.ckpt each epoch).
+            for message in RESUME_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+        trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
     return fitting.epoch_timer.fit_seconds(), feature_report
+
+
+@contextlib.contextmanager
+def ctrl_c_as_interrupt(trainer: pl.Trainer) -> Iterator[None]:
+    """Raise KeyboardInterrupt (the caller prints how to continue the run) where Lightning
+    ends a Ctrl-C in `fit`, `validate` or `test` with exit(1), or with an error of its own
+    shutdown (a callback's on_exception after the loaders were torn down)."""
+    try:
+        yield
+    except (SystemExit, Exception) as error:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from error
+        raise
 
 
 def evaluate_best_checkpoint(
