@@ -374,11 +374,19 @@ def fit(
 def ctrl_c_as_interrupt(trainer: pl.Trainer) -> Iterator[None]:
     """Raise KeyboardInterrupt (the caller prints how to continue the run) where Lightning
     ends a Ctrl-C in `fit`, `validate` or `test` with exit(1), or with an error of its own
-    shutdown (a callback's on_exception after the loaders were torn down)."""
+    shutdown raised while handling it (a callback's on_exception after the loaders were torn
+    down). Any other error stays itself (Lightning marks the trainer interrupted for all)."""
     try:
         yield
-    except (SystemExit, Exception) as error:
-        if trainer.interrupted:
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is not None:
             raise KeyboardInterrupt from error
         raise
 
