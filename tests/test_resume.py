@@ -482,13 +482,19 @@ ClassifierModule.training_step = training_step
 """
 
 
-@pytest.mark.slow  # a run, an interrupt and its continuation: CI's slow step
-def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, record_fault):
+def hooked_env(tmp_path: Path, code: str) -> dict[str, str]:
+    """A train.py environment whose interpreter first runs `code` (as a sitecustomize)."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_AT_STEP))
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(code))
     env = subprocess_env()
     env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    return env
+
+
+@pytest.mark.slow  # a run, an interrupt and its continuation: CI's slow step
+def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, record_fault):
+    env = hooked_env(tmp_path, CTRL_C_AT_STEP)
     run_dir = tmp_path / "run"
     result = run_train(
         *FAST_OVERRIDES, "strategy=full", "trainer.max_epochs=3", f"data.root={tmp_path / 'data'}",
@@ -525,11 +531,7 @@ def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_p
     """A 1-epoch run resumed with trainer.max_epochs=40, stopped in its 3rd epoch: the printed
     command carries trainer.max_epochs=40; without it the run would ask for 1 epoch and is
     refused with the fix, every file unchanged."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_AT_STEP))
-    env = subprocess_env()
-    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    env = hooked_env(tmp_path, CTRL_C_AT_STEP)
     env["CTRL_C_STEP"] = "7"  # 3 steps per epoch: in the 3rd epoch, 2 epochs trained
     run_dir = copy_run(one_epoch_run, tmp_path)
     result = run_train(
@@ -566,11 +568,7 @@ def test_ctrl_c_after_the_last_epoch_is_continued_by_the_command_it_prints(tmp_p
     """Ctrl-C in the final evaluation exited 1 without the continue command (Lightning's
     exit(1) there was not read as Ctrl-C), and a resume of a run that trained all its epochs
     was refused as "nothing to resume": the run could not be finished at its own length."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(CTRL_C_IN_EVALUATION))
-    env = subprocess_env()
-    env["PYTHONPATH"] = f"{hook}:{env.get('PYTHONPATH', '')}"
+    env = hooked_env(tmp_path, CTRL_C_IN_EVALUATION)
     run_dir = tmp_path / "run"
     options = [*FAST_OVERRIDES, "strategy=full", f"data.root={tmp_path / 'data'}"]
     result = run_train(*options, f"hydra.run.dir={run_dir}", env=env)
