@@ -239,17 +239,22 @@ def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, A
     """Dotted key -> (saved value, value now) for every value of `cfg` that differs from the
     run's `saved` config (both resolved; `run_dir`, `ckpt_path` and `hydra` not compared); a
     key the saved config lacks has the saved value ABSENT."""
+    now = _flat(cfg, str(saved.run_dir))  # ${run_dir} resolves alike in both
+    before = _flat(saved, str(saved.run_dir))
+    keys = [k for k in {**before, **now} if k.split(".")[0] not in _NOT_COMPARED]
+    changed = [k for k in keys if k not in before or before[k] != now.get(k)]
+    return {k: (before.get(k, ABSENT), now.get(k)) for k in changed}
+
+
+def _flat(cfg: DictConfig, run_dir: str) -> dict[str, Any]:
+    """`cfg` resolved and flattened to dotted keys, without `hydra`, at `run_dir`."""
     from finetune.rundir import flatten
 
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)
-        cfg.run_dir = str(saved.run_dir)  # ${run_dir} resolves alike in both
-    now = flatten(OmegaConf.to_container(cfg, resolve=True))
-    before = flatten(OmegaConf.to_container(saved, resolve=True))
-    keys = [k for k in {**before, **now} if k.split(".")[0] not in _NOT_COMPARED]
-    changed = [k for k in keys if k not in before or before[k] != now.get(k)]
-    return {k: (before.get(k, ABSENT), now.get(k)) for k in changed}
+        cfg.run_dir = run_dir
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 def check_changes(
@@ -391,7 +396,6 @@ def _changed_by(typed: list[str], overrides: list[str], cfg: DictConfig, compose
     from hydra.errors import HydraException
 
     from finetune.config import ConfigError
-    from finetune.rundir import flatten
 
     if not typed:
         return set()
@@ -399,15 +403,7 @@ def _changed_by(typed: list[str], overrides: list[str], cfg: DictConfig, compose
         without = compose([line for line in overrides if line not in typed])
     except (ConfigError, HydraException):
         return set()
-
-    def values(config: DictConfig) -> dict[str, Any]:
-        config = config.copy()
-        with open_dict(config):
-            config.pop("hydra", None)
-            config.run_dir = ""  # ${run_dir} resolves alike in both
-        return flatten(OmegaConf.to_container(config, resolve=True))
-
-    before, now = values(without), values(cfg)
+    before, now = _flat(without, ""), _flat(cfg, "")
     return {key for key in {*before, *now} if before.get(key, ABSENT) != now.get(key, ABSENT)}
 
 
@@ -472,8 +468,8 @@ def _unfinished(source: Path) -> bool:
     not written its results (metrics.json)."""
     from finetune.rundir import METRICS_FILE
 
-    run = source.parent.parent if source.parent.name == "checkpoints" else source
-    return run.is_dir() and (run / "config.yaml").is_file() and not (run / METRICS_FILE).is_file()
+    run = source_run_dir(str(source), source)
+    return run is not None and not (run / METRICS_FILE).is_file()
 
 
 def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:

@@ -84,36 +84,35 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
     # sweep `strategy=last_layer,full` next to a run of the default strategy reads right.
     keys = dict.fromkeys(key for row in rows for key in row["overrides"])
     for row in rows:
-        for key in keys:
-            if key not in row["overrides"]:
-                value = _run_value(Path(sweep_dir) / row["job"], key)
-                if value is not None:
-                    row["overrides"][key] = value
+        missing = [key for key in keys if key not in row["overrides"]]
+        if missing:
+            recorded = _run_values(Path(sweep_dir) / row["job"], missing)
+            row["overrides"] |= {key: value for key, value in recorded.items() if value is not None}
     return rows
 
 
-def _run_value(job: Path, key: str) -> str | None:
-    """The value `key` had in the run of `job` (a config group's option, from Hydra's
+def _run_values(job: Path, keys: list[str]) -> dict[str, str | None]:
+    """The value each key had in the run of `job` (a config group's option, from Hydra's
     `.hydra/hydra.yaml`, else the dotted key of `config.yaml`), as an override writes it; None
-    when the run did not record it."""
+    when the run did not record it. Each file is read once."""
     hydra_file, config_file = job / ".hydra" / "hydra.yaml", job / "config.yaml"
-    if hydra_file.is_file():
-        choices = (yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {})
-        choice = (choices.get("runtime") or {}).get("choices", {}).get(key)
-        if choice is not None:
-            return str(choice)
-    if config_file.is_file():
-        node: Any = yaml.safe_load(config_file.read_text())
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return (
-            None
-            if isinstance(node, dict | list)
-            else yaml.safe_dump(node).removesuffix("\n...\n").strip()
-        )
-    return None
+    hydra = yaml.safe_load(hydra_file.read_text()) if hydra_file.is_file() else None
+    choices = (((hydra or {}).get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    return {key: _value_of(key, choices, config) for key in keys}
+
+
+def _value_of(key: str, choices: dict[str, Any], config: Any) -> str | None:
+    if choices.get(key) is not None:
+        return str(choices[key])
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, dict | list):
+        return None
+    return yaml.safe_dump(node).removesuffix("\n...\n").strip()
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
