@@ -71,6 +71,10 @@ if __name__ == "__main__":
     resuming = any(arg.lstrip("+").startswith("ckpt_path=") for arg in argv)
     try:
         if resuming:  # the run's own overrides first (resume imports torch: only when needed)
+            # Lightning, imported while the root logger has no handler, gives its loggers a
+            # console handler of their own and stops them propagating: its lines would miss the
+            # log prefix and train.log. Hydra replaces this handler when it sets up logging.
+            logging.getLogger().addHandler(logging.NullHandler())
             from finetune import resume
 
             argv = resume.command_line(argv)

@@ -88,9 +88,13 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert unchanged and continued
     assert not (run_dir / "failure.json").exists()
     assert "trainer.max_epochs changed from 1 to 2" in log
+    # Lightning's own lines of the resumed process go to train.log too, with the log prefix
+    resumed_log = log[log.index("trainer.max_epochs changed from 1 to 2") :]
+    assert "][pytorch_lightning.utilities.rank_zero][INFO] - Restored all states" in resumed_log
     # the copy resumes with its checkpoints where they are: Lightning's warnings say otherwise
     warned = result.stdout + result.stderr
     assert "exists and is not empty" not in warned and "dirpath has changed" not in warned
+    assert "LeafSpec" not in warned  # Lightning's deprecated torch call, printed on restore
     # the epoch trained before the resume is timed too (EpochTimer's list is in the checkpoint)
     first = json.loads((one_epoch_run / "run" / "metrics.json").read_text())
     assert len(metrics["train_epoch_seconds"]) == 2

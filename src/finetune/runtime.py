@@ -24,6 +24,9 @@ def prepare(cfg: DictConfig) -> Path:
     """
     # Frozen parts of the network are in eval mode on purpose (see strategies.py).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # Lightning's own pytree helper uses a torch API that this torch deprecates: nothing the
+    # user can act on, printed at every checkpoint restore.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     keep_freed_memory_in_process()
     check_devices(cfg.trainer)
     run_dir = Path(cfg.run_dir)
