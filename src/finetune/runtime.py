@@ -27,6 +27,9 @@ def prepare(cfg: DictConfig) -> Path:
     # Lightning's own pytree helper uses a torch API that this torch deprecates: nothing the
     # user can act on, printed at every checkpoint restore.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Lightning counts log_every_n_steps across epochs, so an epoch of fewer batches still
+    # logs; its warning that the epoch is shorter than the interval would only alarm.
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
     keep_freed_memory_in_process()
     check_devices(cfg.trainer)
     run_dir = Path(cfg.run_dir)
