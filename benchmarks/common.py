@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,6 +29,8 @@ def emit(record: dict[str, Any]) -> None:
 def run_measured(command: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `command` from the repository root; wall seconds, peak resident memory (MB) of its
     largest process, and its last JSON line (if it printed one)."""
+    # A benchmark stopped by SIGTERM (kill, a job scheduler) exits through `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.perf_counter()
     process = subprocess.Popen(
         command,
@@ -35,9 +39,20 @@ def run_measured(command: list[str], env: dict[str, str] | None = None) -> dict[
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: the command with its loader workers
     )
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    finished = False
+    try:
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        finished = True
+    finally:
+        # A stopped benchmark stops its command too: a training left running would go on
+        # sharing the CPU with every later measurement.
+        if not finished:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     wall = time.perf_counter() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:

@@ -4,8 +4,12 @@ tiny end-to-end run (a generated hymenoptera folder, one epoch) through real tra
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -269,3 +273,37 @@ def test_a_tiny_run_prints_a_line_per_run_a_summary_and_merges_into_the_page(tmp
     assert "| hymenoptera/last_layer_noaug/warm | last_layer | none | 42 |" in page
     assert "| flowers102/full |" in page
     assert str(data) not in page and "--data-root DATA_ROOT" in page
+
+
+def test_a_benchmark_stopped_by_sigterm_stops_the_run_it_measures(tmp_path):
+    """A killed benchmark must not leave its training behind: it would share the CPU with
+    every later measurement."""
+    pid_file = tmp_path / "child.pid"
+    child = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import common; "
+            f"common.run_measured([sys.executable, '-c', {child!r}])",
+        ],
+        env=subprocess_env(),
+    )
+    for _ in range(300):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    parent.terminate()
+    exit_code = parent.wait(timeout=30)
+    for _ in range(100):  # gone, or a zombie waiting for a reaper that is not the benchmark
+        status = Path(f"/proc/{child_pid}/status")
+        if not status.is_file() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the measured command outlived the benchmark")
+    assert exit_code == 128 + signal.SIGTERM
