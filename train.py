@@ -54,7 +54,9 @@ def main(cfg: DictConfig) -> float | None:
             # error): log it and leave failure.json for the sweep summary. The Optuna sweeper
             # records the None objective as a failed trial (hparams_search/optuna.yaml allows
             # any failure rate).
-            log.exception("This run failed; the sweep goes on: %s", error)
+            # A FinetuneError is the whole story (no traceback), as in a single run.
+            report = log.error if isinstance(error, FinetuneError) else log.exception
+            report("This run failed; the sweep goes on: %s", error)
             return None
         if isinstance(error, FinetuneError):
             log.error("%s", error)

@@ -94,6 +94,17 @@ def test_mixed_type_keys_accept_only_their_values():
         ("data.num_workers=-1", ["`data.num_workers=-1` is below its minimum 0", "num_workers=0"]),
         # Lightning's endless -1: the schedule has no length (a traceback in configure_optimizers)
         ("trainer.max_epochs=-1", ["`trainer.max_epochs=-1` is below its minimum 1", "=auto"]),
+        # values out of range: refused before the run dir exists, not by torch mid-run
+        ("data.augment.crop_scale=[1.0,0.2]", ["0 < lo <= hi <= 1", "crop_scale=[0.08,1.0]"]),
+        ("data.augment.crop_scale=[0.0,1.0]", ["0 < lo <= hi <= 1"]),
+        ("data.augment.crop_scale=[0.5]", ["must be [lo, hi]"]),
+        ("data.augment.random_erasing=1.5", ["is above its maximum 1", "random_erasing=0"]),
+        ("data.augment.color_jitter=-0.5", ["is below its minimum 0"]),
+        ("data.train_fraction=0", ["`data.train_fraction=0.0` must be above 0", "=1.0"]),
+        ("data.train_fraction=1.5", ["is above its maximum 1"]),
+        ("data.val_fraction=1.5", ["must be below 1", "val_fraction=0.2"]),
+        ("data.val_fraction=0", ["must be above 0"]),
+        ("strategy=top_k strategy.k=-1", ["`strategy.k=-1` is below its minimum 0"]),
     ],
 )
 def test_keys_with_fixed_values_refuse_another(line, expected):

@@ -5,6 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 from finetune import backbones
+from finetune.errors import FinetuneError
 from finetune.run import train
 
 
@@ -308,3 +309,8 @@ def test_cache_features_true_needs_a_frozen_backbone():
 
     with pytest.raises(FinetuneError, match="strategy=last_layer"):
         strategies.caches_features(strategies.build({"name": "full"}), True, False)
+
+
+def test_top_k_refuses_more_blocks_than_the_network_has(make_cfg):
+    with pytest.raises(FinetuneError, match=r"strategy.k=100 asks for more blocks than the 8 "):
+        train(make_cfg("strategy=top_k", "strategy.k=100"))

@@ -222,6 +222,13 @@ class TopK(FreezeStrategy):
         self.k = int(k)
 
     def trainable_names(self, network: Network) -> set[str]:
+        blocks = len(network.blocks())
+        if self.k > blocks:  # top_blocks would take them all: strategy=full under another name
+            raise FinetuneError(
+                f"strategy.k={self.k} asks for more blocks than the {blocks} that {network.name} "
+                f"has below its head. Fix: strategy.k={blocks} or less (strategy.k={blocks} "
+                "trains every block, as strategy=full does)."
+            )
         return top_blocks(network, self.k)
 
 

@@ -164,14 +164,12 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
         value = list(value)
     if any(type(value) is type(a) and value == a for a in values):
         return
+    if allowed.get("scale_range"):
+        _check_scale_range(full_key, value)
+        return
     if types and isinstance(value, types) and (bool in types or not isinstance(value, bool)):
-        minimum = allowed.get("minimum")
-        if minimum is None or value >= minimum:
-            return
-        raise ConfigError(
-            f"Config key `{full_key}={_show(value)}` is below its minimum {_show(minimum)}. "
-            f"Fix: e.g. {full_key}={_show(values[0]) if values else _show(minimum)}."
-        )
+        _check_range(full_key, value, allowed)
+        return
     named = list(dict.fromkeys(_show(a) for a in values))  # 64 and "64" read the same
     shown = named + [f"any {t.__name__}" for t in types]
     message = f"`{full_key}={_show(value)}` is not one of: {', '.join(shown)}."
@@ -182,6 +180,42 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
     if closest:
         message += f" Did you mean `{closest[0]}`?"
     raise ConfigError(f"{message} Fix: e.g. {full_key}={example}.")
+
+
+def _check_range(full_key: str, value: float, allowed: dict[str, Any]) -> None:
+    """`ConfigError` unless `value` is within the metadata's minimum, maximum and `above`."""
+    bounds = ("minimum", "maximum", "above", "below")
+    minimum, maximum, above, below = (allowed.get(k) for k in bounds)
+    if minimum is not None and value < minimum:
+        wrong = f"is below its minimum {_show(minimum)}"
+    elif above is not None and value <= above:
+        wrong = f"must be above {_show(above)}"
+    elif maximum is not None and value > maximum:
+        wrong = f"is above its maximum {_show(maximum)}"
+    elif below is not None and value >= below:
+        wrong = f"must be below {_show(below)}"
+    else:
+        return
+    values = allowed["choices"]
+    example = allowed.get("example")
+    if example is None:
+        example = values[0] if values else minimum if minimum is not None else maximum
+    raise ConfigError(
+        f"Config key `{full_key}={_show(value)}` {wrong}. Fix: e.g. {full_key}={_show(example)}."
+    )
+
+
+def _check_scale_range(full_key: str, value: Any) -> None:
+    """`ConfigError` unless `value` is `[lo, hi]` with 0 < lo <= hi <= 1 (an area share)."""
+    numbers = isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+    if numbers and len(value) == 2 and 0 < value[0] <= value[1] <= 1:
+        return
+    raise ConfigError(
+        f"Config key `{full_key}={_show(value)}` must be [lo, hi] with 0 < lo <= hi <= 1 (the "
+        f"share of the image a random crop covers). Fix: e.g. {full_key}=[0.08,1.0]."
+    )
 
 
 # ---------------------------------------------------------------------------------------------

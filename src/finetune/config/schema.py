@@ -63,12 +63,27 @@ PRECISIONS = (
 
 
 def one_of(
-    *values: Any, types: tuple[type, ...] = (), minimum: float | None = None
+    *values: Any,
+    types: tuple[type, ...] = (),
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    example: Any = None,
 ) -> dict[str, Any]:
     """Field metadata: the value must be one of `values` (compared with its type: `True` is not
     `1`) or an instance of one of `types` (a `bool` is not an `int` here), and an instance of
-    `types` must be >= `minimum` when given. `list` means a list."""
-    return {"choices": values, "types": types, "minimum": minimum}
+    `types` must be >= `minimum`, <= `maximum`, > `above` and < `below` when given. `list`
+    means a list. `example`: the value a message suggests (else the first bound given)."""
+    bounds = {"minimum": minimum, "maximum": maximum, "above": above, "below": below}
+    return {"choices": values, "types": types, "example": example} | bounds
+
+
+# A probability or a share of a split.
+PROBABILITY = one_of(types=(float, int), minimum=0, maximum=1)
+FRACTION = one_of(types=(float, int), above=0, maximum=1, example=1.0)
+# RandomResizedCrop's scale range: [lo, hi] with 0 < lo <= hi <= 1 (an area share).
+CROP_SCALE = {"choices": (), "types": (list,), "scale_range": True}
 
 
 # Keys that a rule of finetune.adaptive fills in from the data when left at `auto`.
@@ -136,7 +151,8 @@ class BackboneTrainsConfig(StrategyConfig):
 @dataclass
 class TopKConfig(BackboneTrainsConfig):
     name: str = "top_k"
-    k: int = 2  # how many of the top blocks train besides the head
+    # how many of the top blocks train besides the head
+    k: int = field(default=2, metadata=one_of(types=(int,), minimum=0))
 
 
 # Stems of the supported families: resnet, efficientnet/timm, mobilenet, vit, densenet.
@@ -194,11 +210,12 @@ class ScratchConfig(StrategyConfig):
 @dataclass
 class AugmentConfig:
     random_resized_crop: bool = True
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata=CROP_SCALE)
     hflip: bool = True
-    color_jitter: float = 0.0  # strength for brightness/contrast/saturation, 0 = off
+    # strength for brightness/contrast/saturation, 0 = off
+    color_jitter: float = field(default=0.0, metadata=one_of(types=(float, int), minimum=0))
     auto_augment: str = field(default="none", metadata=one_of(*AUTO_AUGMENT_POLICIES))
-    random_erasing: float = 0.0  # probability, 0 = off
+    random_erasing: float = field(default=0.0, metadata=PROBABILITY)  # probability, 0 = off
 
 
 @dataclass
@@ -221,7 +238,10 @@ class DataConfig:
     num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))
     pin_memory: bool = True  # only takes effect with CUDA
     persistent_workers: bool = True
-    val_fraction: float = 0.2  # imagefolder without val/: stratified share of each class
+    # imagefolder without val/: stratified share of each class
+    val_fraction: float = field(
+        default=0.2, metadata=one_of(types=(float,), above=0, below=1, example=0.2)
+    )
     split_seed: int = 0
     # verified-image records and cached features; null = paths.cache_dir's default
     cache_dir: str | None = II("paths.cache_dir")
@@ -229,7 +249,8 @@ class DataConfig:
     # crop, flip, normalise (and erase) batches on the device: auto = on a GPU;
     # normalise = only normalise (and erase) there, crops in the loader workers
     device_transforms: Any = field(default="auto", metadata=one_of(*DEVICE_TRANSFORMS))
-    train_fraction: float = 1.0  # a stratified, seeded subset of the training split
+    # a stratified, seeded subset of the training split
+    train_fraction: float = field(default=1.0, metadata=FRACTION)
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
     skip_corrupt: bool = False  # unreadable images: false = name them all and stop
