@@ -144,6 +144,24 @@ def test_missing_imagefolder_root_is_a_clear_error(tmp_path):
         datamodule("imagefolder", tmp_path / "photos", prepare=False).prepare_data()
 
 
+@pytest.mark.parametrize("layout", ["train_val", "class_folders"])
+def test_a_single_class_folder_is_refused_and_a_root_one_level_too_high_named(tmp_path, layout):
+    photos = tmp_path / "photos"
+    for split in ("train", "val"):
+        make_class_folders(photos / "mydata" / split, {"ants": 3, "bees": 3})
+    root = photos if layout == "class_folders" else tmp_path / "nested"
+    if layout == "train_val":  # root/train holds one class folder: mydata
+        make_class_folders(root / "train" / "mydata", {"ants": 3})
+        make_class_folders(root / "val" / "mydata", {"ants": 3})
+    with pytest.raises(DataUnavailableError, match="Only one class folder") as caught:
+        datamodule("imagefolder", root, prepare=False).prepare_data()
+    message = str(caught.value)
+    if layout == "class_folders":
+        assert f"Fix: data.root={photos / 'mydata'} (it holds train/ and val/)" in message
+    else:
+        assert "Fix: add a sub-folder of images for each other class" in message
+
+
 def test_flowers102_absent_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataUnavailableError, match="flowers-102"):
         datamodule("flowers102", tmp_path, prepare=False, download=False).prepare_data()

@@ -108,9 +108,27 @@ def _class_folders(folder: Path) -> list[str]:
     return class_names
 
 
+def _two_or_more(folder: Path, class_names: list[str]) -> list[str]:
+    """`class_names` as they are; raises `DataUnavailableError` for a single class folder, the
+    usual sign of a data.root one level too high (its one "class" holds train/ and val/)."""
+    if len(class_names) >= 2:
+        return class_names
+    only = folder / class_names[0]
+    nested = [name for name in ("train", "val") if (only / name).is_dir()]
+    fix = (
+        f"Fix: data.root={only} (it holds {' and '.join(f'{n}/' for n in nested)})."
+        if nested
+        else f"Fix: add a sub-folder of images for each other class beside {only}."
+    )
+    raise DataUnavailableError(
+        f"Only one class folder in {folder} ({class_names[0]}): a classifier needs two or "
+        f"more. {fix}"
+    )
+
+
 def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
     """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
-    class_names = _class_folders(root / "train")
+    class_names = _two_or_more(root / "train", _class_folders(root / "train"))
     train = _folder_samples(root / "train", class_names)
     splits = {"val": None, "test": None}
     for split in splits:
@@ -270,7 +288,7 @@ def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
         )
     if (root / "train").is_dir():
         return _split_folders(root, options.val_fraction, options.split_seed)
-    class_names = _class_folders(root)
+    class_names = _two_or_more(root, _class_folders(root))
     samples = _folder_samples(root, class_names)
     train, val = stratified_split(samples, options.val_fraction, options.split_seed)
     return require_images(DatasetSplits(class_names, train, val), root)
