@@ -274,3 +274,14 @@ def test_the_config_files_point_at_schemas_and_files_that_exist():
             assert f"finetune.config.schema.{name}" in text and hasattr(schema, name), path
         for source in re.findall(r"src/finetune/[\w/]+\.py", text):
             assert (REPO / source).is_file(), (path, source)
+
+
+def test_a_run_or_sweep_dir_that_cannot_be_made_is_refused_before_hydra_makes_it(tmp_path):
+    a_file = tmp_path / "train.log"
+    a_file.write_text("")
+    message = refusal(f"hydra.run.dir={a_file}/run")
+    assert f"{a_file} is a file, not a folder" in message and "hydra.run.dir=..." in message
+    assert "no folder can be made in /proc" in refusal("hydra.run.dir=/proc/nope")
+    assert "hydra.sweep.dir=..." in refusal(f"-m hydra.sweep.dir={a_file}/sweep seed=1,2")
+    check_command_line([f"hydra.run.dir={tmp_path}/new/run"])  # creatable: accepted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.log"]  # and nothing made

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import os
 import re
+import tempfile
 import typing
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -85,6 +86,29 @@ def check_command_line(
             if strict:
                 raise
             return
+    for override in overrides:
+        if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
+            _check_creatable(override.key_or_group, override.value())
+
+
+def _check_creatable(key: str, value: Any) -> None:
+    """`ConfigError` when the folder `value` given to `key` could not be created or written:
+    Hydra creates it before the run starts, with a traceback for a folder it cannot make."""
+    if not isinstance(value, str) or "${" in value:
+        return  # a sweep, or resolved by Hydra later (${now:...}): the run checks it
+    folder = Path(value).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        reason = f"{existing} is a file, not a folder"
+    else:
+        try:  # a folder made and removed at once: os.access says yes to root everywhere
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".finetune-check-"))
+            return
+        except OSError as error:
+            reason = f"no folder can be made in {existing} ({error.strerror})"
+    raise ConfigError(
+        f"Cannot create `{key}={value}`: {reason}. Fix: choose a writable folder with {key}=..."
+    )
 
 
 def check_overrides(
