@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import expand_home
+from finetune.config import check_command_line, expand_home
 from finetune.errors import FinetuneError
 from finetune.predict import run
 
@@ -32,4 +32,9 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv[1:] = expand_home(sys.argv[1:])  # `inputs=~/photos` as typed
+    try:  # a wrong key, value or type: one message, before the model loads
+        check_command_line(sys.argv[1:], config_name="predict")
+    except FinetuneError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import ExifTags, Image
 
 from conftest import (
@@ -24,8 +25,9 @@ from conftest import (
     subprocess_env,
     train_tiny,
 )
-from finetune.errors import UnknownNameError
+from finetune.errors import FinetuneError, UnknownNameError
 from finetune.export import export_model, load_exported
+from finetune.export import run as export_run
 from finetune.predict import load_predictor
 
 STANDALONE = REPO / "examples" / "onnx_predict.py"
@@ -203,3 +205,22 @@ def read_csv_text(text: str) -> list[dict[str, str]]:
     import io
 
     return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "message"),
+    [
+        ("ants.pt", "onnx", r"extension of torchscript files, .* Fix: output=.*ants\.onnx, or"),
+        ("ts.onnx", "torchscript", r"format=torchscript writes \.pt\. Fix: output=.*ts\.pt"),
+        ("m.pt2", "onnx", r"extension of exported_program files"),
+        ("folder", "onnx", r"is a folder; .* Fix: output=.*folder/model\.onnx"),
+    ],
+)
+def test_an_output_of_another_format_or_a_folder_is_refused_before_loading(
+    name, fmt, message, tmp_path
+):
+    (tmp_path / "folder").mkdir()
+    output = str(tmp_path / name)
+    cfg = OmegaConf.create({"ckpt": "nowhere", "format": fmt, "output": output, "check": True})
+    with pytest.raises(FinetuneError, match=message):
+        export_run(cfg, tmp_path)

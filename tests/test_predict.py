@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, make_class_folders, read_csv, real_photos, run_entry
+from conftest import make_class_folders, read_csv, real_photos, run_entry
 from finetune.data import ImageListDataset
 from finetune.errors import FinetuneError
 from finetune.predict import (
@@ -139,22 +139,45 @@ def test_predict_finds_in_a_folder_exactly_the_images_training_would(tmp_path):
 
 
 def predict_cfg(**values):
-    """conf/predict.yaml as Hydra composes it (without its hydra section), with `values` set."""
-    cfg = OmegaConf.load(REPO / "conf" / "predict.yaml")
-    del cfg["hydra"]
+    """conf/predict.yaml's keys as Hydra composes them (its schema), with `values` set."""
+    from finetune.config.schema import PredictConfig
+
+    cfg = OmegaConf.structured(PredictConfig)
     for key, value in values.items():
         cfg[key] = value
     return cfg
 
 
-@pytest.mark.parametrize("script", ["predict.py", "export.py"])
-def test_leaving_out_ckpt_is_one_line_with_an_example(script, tmp_path):
-    result = run_entry(script, f"hydra.run.dir={tmp_path}")
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("predict.py", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
+        ("export.py", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
+        ("predict.py", ["ckpt=r", "inputs=p", "topk=2"], "Did you mean `top_k`?"),
+        ("predict.py", ["ckpt=r", "inputs=p", "+topk=2"], "cannot be added with `+`"),
+        ("predict.py", ["ckpt=r", "inputs=p", "batch_size=abc"], "`batch_size`: it takes int"),
+        ("predict.py", ["ckpt=r", "inputs=p", "batch_size=0"], "below its minimum 1"),
+        ("predict.py", ["ckpt=r", "inputs=p", "num_workers=-1"], "below its minimum 0"),
+        ("predict.py", ["ckpt=r", "inputs=p", "tta=flp"], "Did you mean `flip`?"),
+        ("export.py", ["ckpt=r", "opset=5"], "`opset=5` is below its minimum 7"),
+        ("export.py", ["ckpt=r", "chek=false"], "Did you mean `check`?"),
+        ("export.py", ["ckpt=r", "format=tflite"], "not one of: onnx, torchscript"),
+    ],
+)
+def test_a_wrong_setting_is_one_line_before_anything_loads(script, args, message, tmp_path):
+    result = run_entry(script, *args, f"hydra.run.dir={tmp_path}/out")
     assert result.returncode == 1
     output = result.stdout + result.stderr
-    errors = [line for line in output.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and "ckpt is not set" in errors[0], output[-3000:]
-    assert f"python {script} ckpt=" in errors[0] and "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+    assert "Traceback" not in output and not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(tmp_path):
+    cfg = OmegaConf.create({"ckpt": "nowhere", "inputs": "x", "top_k": 3, "tta": "none"})
+    cfg.output = str(tmp_path)
+    with pytest.raises(FinetuneError, match=r"is a folder; .* Fix: output=.*predictions\.csv"):
+        predict_run(cfg, tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -216,15 +216,33 @@ def check_export(model: nn.Module, path: Path, fmt: str, spec: InputSpec) -> flo
     return diff
 
 
+def check_output(path: Path, fmt: str) -> None:
+    """`FinetuneError` when `path` is a folder or ends with another format's extension (a
+    loader picks its reader by the extension)."""
+    if path.is_dir():
+        raise FinetuneError(
+            f"output={path} is a folder; output names the model file to write. Fix: "
+            f"output={path / ('model' + FORMATS[fmt])}"
+        )
+    other = {ext: name for name, ext in FORMATS.items() if name != fmt}
+    if path.suffix in other:
+        raise FinetuneError(
+            f"output={path} ends with {path.suffix}, the extension of {other[path.suffix]} "
+            f"files, but format={fmt} writes {FORMATS[fmt]}. Fix: "
+            f"output={path.with_suffix(FORMATS[fmt])}, or format={other[path.suffix]}."
+        )
+
+
 def run(cfg: Any, output_dir: Path) -> Exported:
     """`python export.py`: load the checkpoint, export, print where the files are."""
     require(cfg, ["ckpt"], "python export.py ckpt=outputs/runs/<run> format=onnx")
     fmt = str(cfg.format)
     if fmt not in FORMATS:
         raise unknown_name("export format", fmt, list(FORMATS))
-    model, spec, class_names = load_model(cfg.ckpt)
     wanted = cfg.get("output")
     path = Path(str(wanted)).expanduser() if wanted else output_dir / f"model{FORMATS[fmt]}"
+    check_output(path, fmt)
+    model, spec, class_names = load_model(cfg.ckpt)
     exported = export_model(
         model, spec, class_names, fmt, path, int(cfg.get("opset", 17)), bool(cfg.check)
     )

@@ -324,6 +324,12 @@ def check_settings(cfg: Any) -> None:
     """The settings of `python predict.py`, checked before the model is loaded."""
     require(cfg, ["ckpt", "inputs"], PREDICT_EXAMPLE)
     _check_tta(str(cfg.tta))
+    wanted = cfg.get("output")
+    if wanted and Path(str(wanted)).expanduser().is_dir():
+        raise FinetuneError(
+            f"output={wanted} is a folder; output names the CSV file to write. Fix: "
+            f"output={Path(str(wanted)) / 'predictions.csv'}"
+        )
     if int(cfg.top_k) < 1:
         raise FinetuneError(
             f"top_k={cfg.top_k}: at least one class is shown per image. Fix: top_k=1 or more "

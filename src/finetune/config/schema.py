@@ -420,6 +420,39 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
+# ---------------------------------------------------------------------------------------------
+# predict.py and export.py: their own primary configs (conf/predict.yaml, conf/export.yaml)
+
+TTA_MODES = ("none", "flip")
+EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")  # finetune.export.FORMATS
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
+    # a file, a folder (searched recursively), a glob ('photos/*.jpg'), or a list [a.jpg,b/]
+    inputs: Any = MISSING
+    # classes shown and written per image (at most the number of classes)
+    top_k: int = field(default=3, metadata=one_of(types=(int,), minimum=1))
+    # none | flip: average the probabilities of the image and its mirror image
+    tta: str = field(default="none", metadata=one_of(*TTA_MODES))
+    batch_size: int = field(default=64, metadata=one_of(types=(int,), minimum=1))
+    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
+    output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
+    # onnx (model.onnx) | torchscript (model.pt) | exported_program (model.pt2)
+    format: str = field(default="onnx", metadata=one_of(*EXPORT_FORMATS))
+    output: str | None = None  # the model file to write; null = model.<ext> in the Hydra run dir
+    # ONNX opset version (torch.onnx exports 7 to 23)
+    opset: int = field(default=17, metadata=one_of(types=(int,), minimum=7))
+    check: bool = True  # run the written file once and compare it with PyTorch (max |diff|)
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"base_model": ModelConfig},
     "strategy": {
@@ -451,6 +484,8 @@ def register() -> None:
     `<group>/base_<option>` for the option files."""
     store = ConfigStore.instance()
     store.store(name="base_config", node=Config)
+    store.store(name="base_predict", node=PredictConfig)
+    store.store(name="base_export", node=ExportConfig)
     for group, schemas in SCHEMAS.items():
         for name, schema in schemas.items():
             store.store(group=group, name=name, node=schema)
