@@ -71,6 +71,26 @@ def test_summary_can_be_run_by_hand_on_a_sweep_folder(tmp_path):
     assert "did not finish" in rows[1]["error"]
 
 
+@pytest.mark.parametrize(
+    ("folder", "message"),
+    [("missing", "does not exist"), ("run", "is a single run, not a sweep"), ("empty", "holds no")],
+)
+def test_summary_by_hand_on_a_folder_that_is_no_sweep_is_one_line(tmp_path, folder, message):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.summary", str(tmp_path / folder)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (
+        message in result.stderr
+        and "Fix: give the folder of a `train.py -m` sweep" in result.stderr
+    )
+    assert not list((tmp_path / "run").glob("summary.*"))
+
+
 def test_a_run_that_left_a_swept_key_at_its_default_shows_the_value_it_ran_with(tmp_path):
     """Compared with runs that typed them, a default run's strategy and epochs were blank."""
     fake_run(tmp_path, "0", [], {"val/acc": 0.9, "strategy": "last_layer"})

@@ -322,8 +322,18 @@ def main() -> None:
     parser.add_argument("sweep_dir", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = write_summary(args.sweep_dir)
-    print(f"{len(rows)} runs summarised in {args.sweep_dir}/summary.{{csv,md,png}}")
+    sweep = args.sweep_dir
+    if not sweep.is_dir() or not _job_dirs(sweep):
+        what = "does not exist" if not sweep.exists() else "holds no sweep jobs"
+        if sweep.is_dir() and (sweep / ".hydra").is_dir():
+            what = "is a single run, not a sweep (its metrics.json is its summary)"
+        parser.exit(
+            1,
+            f"Error: {sweep} {what}. Fix: give the folder of a `train.py -m` sweep (its "
+            "numbered job folders 0/, 1/, ...), e.g. outputs/multirun/<date>_<time>.\n",
+        )
+    rows = write_summary(sweep)
+    print(f"{len(rows)} runs summarised in {sweep}/summary.{{csv,md,png}}")
 
 
 if __name__ == "__main__":
