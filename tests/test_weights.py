@@ -358,6 +358,23 @@ def test_a_whole_pickled_model_is_refused_as_such(tmp_path, record_fault):
     assert handled and ".state_dict()" in message, message
 
 
+@pytest.mark.parametrize("content", [b"[2026-11-30][finetune][INFO] - a log line\n", b""])
+def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path, content):
+    (tmp_path / "train.log").write_bytes(content)
+    with pytest.raises(FinetuneError) as error:
+        load_file(tmp_path / "train.log")
+    message = str(error.value)
+    assert "train.log is not a weights file" in message and "pickled" not in message, message
+
+
+def test_a_truncated_torch_file_is_named_as_damaged(tmp_path):
+    torch.save({"weight": torch.ones(64, 64)}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "half.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(FinetuneError, match=r"half\.pth is not a weights file: .* damaged"):
+        load_file(tmp_path / "half.pth")
+
+
 def test_a_file_without_a_state_dict_names_what_it_holds(tmp_path, record_fault):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "nothing.pth")
     with pytest.raises(FinetuneError) as error:

@@ -106,10 +106,29 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise FinetuneError(_refusal(path)) from error
+    except (EOFError, OSError, RuntimeError) as error:  # empty, or a damaged zip archive
+        unreadable = (FileNotFoundError, PermissionError, IsADirectoryError)
+        if isinstance(error, unreadable) or (
+            isinstance(error, RuntimeError) and "PytorchStreamReader" not in str(error)
+        ):
+            raise
+        raise FinetuneError(_not_weights(path, "it ends before its data")) from error
+
+
+def _not_weights(path: Path, why: str) -> str:
+    return (
+        f"{path} is not a weights file: {why}; it may be damaged or another kind of file. "
+        "Fix: model.weights=... a .pth, .pt, .ckpt or .safetensors file."
+    )
 
 
 def _refusal(path: Path) -> str:
-    """Why a file that needs pickled code is refused, and how to re-save it."""
+    """Why a file that needs pickled code is refused, and how to re-save it; or that it is no
+    torch file at all (neither torch.save's zip archive nor a legacy pickle)."""
+    with path.open("rb") as handle:
+        pickled = handle.read(1) == b"\x80"  # a pickle's PROTO opcode: torch's legacy format
+    if not pickled and not zipfile.is_zipfile(path):
+        return _not_weights(path, "neither a torch checkpoint (torch.save) nor safetensors")
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # an unreadable archive: name nothing
