@@ -285,3 +285,11 @@ def test_a_run_or_sweep_dir_that_cannot_be_made_is_refused_before_hydra_makes_it
     assert "hydra.sweep.dir=..." in refusal(f"-m hydra.sweep.dir={a_file}/sweep seed=1,2")
     check_command_line([f"hydra.run.dir={tmp_path}/new/run"])  # creatable: accepted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train.log"]  # and nothing made
+
+
+def test_an_entry_of_another_callbacks_option_names_that_option():
+    message = refusal("callbacks.early_stopping.patience=3")
+    assert "`early_stopping` is an entry of callbacks=early_stopping" in message
+    assert "Fix: add callbacks=early_stopping to the command line." in message
+    assert "+callbacks" not in message  # not: add a new entry
+    assert "+callbacks.my_cb=..." in refusal("callbacks.my_cb.x=3")  # a new entry: as before

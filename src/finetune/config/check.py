@@ -333,8 +333,26 @@ def _unknown_key(full_key: str, siblings: list[str], choices: dict[str, Any]) ->
     elif elsewhere:
         message += f" {elsewhere}"
     if parent in ("callbacks", "logger"):
-        message += f" A new {parent} entry is added with `+{full_key}=...` as a _target_ map."
+        owners = _entry_in_option_files(parent, name, choices.get(parent))
+        if owners:
+            message += (
+                f" `{name}` is an entry of {', '.join(f'{parent}={o}' for o in owners)}. "
+                f"Fix: add {parent}={owners[0]} to the command line."
+            )
+        else:
+            message += f" A new {parent} entry is added with `+{full_key}=...` as a _target_ map."
     return ConfigError(message)
+
+
+def _entry_in_option_files(group: str, name: str, chosen: Any) -> list[str]:
+    """The options of `group` (conf/<group>/*.yaml, no schema) other than `chosen` whose file
+    has a top-level entry `name`, e.g. callbacks=early_stopping for `early_stopping`."""
+    owners = []
+    for option_file in sorted((CONF_DIR / group).glob("*.yaml")):
+        entries = OmegaConf.load(option_file)
+        if option_file.stem != chosen and isinstance(entries, DictConfig) and name in entries:
+            owners.append(option_file.stem)
+    return owners
 
 
 def _in_other_options(group: str, name: str, chosen: Any) -> str | None:
