@@ -285,7 +285,9 @@ def check_changes(
             f"{k}: {old!r} in the run, {new!r} now"
             for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
         )
-        cause = f" (the overrides {' '.join(typed)} change)" if typed else ""
+        # the typed overrides a resume could not follow (print_config=false it can)
+        guilty = [line for line in typed if not allowed(_key(line))] or list(typed)
+        cause = f" (the overrides {' '.join(guilty)} change)" if guilty else ""
         # Keys nobody typed changed because the project's defaults (or an environment variable
         # they read) changed since the run: pinning the run's values resumes it as it was.
         untyped = [
