@@ -162,6 +162,24 @@ def test_a_single_class_folder_is_refused_and_a_root_one_level_too_high_named(tm
         assert "Fix: add a sub-folder of images for each other class" in message
 
 
+def test_what_a_folder_scan_leaves_out_is_named(tmp_path, caplog):
+    photos = tmp_path / "photos"
+    make_class_folders(photos, {"ants": 6, "bees": 6, "wasps": 1})
+    make_class_folders(tmp_path / "loose", {"x": 1})
+    (tmp_path / "loose" / "x" / "x_0.jpg").rename(photos / "loose1.jpg")  # beside the classes
+    (photos / "ants" / "pal.gif").write_bytes(b"GIF89a")
+    with caplog.at_level("WARNING", logger="finetune.data.layouts"):
+        dm = datamodule("imagefolder", photos, prepare=False)
+        dm.prepare_data()
+    warned = caplog.text
+    assert f"1 image(s) directly in {photos} belong to no class folder" in warned
+    assert "loose1.jpg" in warned
+    assert "Left out 1 file(s) of an image type the loader does not read" in warned
+    assert "ants/pal.gif" in warned
+    assert "Class(es) wasps have too few images to keep one for val" in warned
+    assert dm.splits.sizes()["train"] + dm.splits.sizes()["val"] == 13  # as before: left out
+
+
 def test_flowers102_absent_offline_is_a_clear_error(tmp_path):
     with pytest.raises(DataUnavailableError, match="flowers-102"):
         datamodule("flowers102", tmp_path, prepare=False, download=False).prepare_data()

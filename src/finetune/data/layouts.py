@@ -71,6 +71,50 @@ def images_under(folder: Path) -> list[Path]:
     return found
 
 
+# Image types the loader does not read (torchvision's ImageFolder leaves them out too): named
+# when a class folder holds some, not skipped in silence.
+UNREAD_IMAGE_TYPES = (".gif", ".heic", ".heif", ".avif", ".jfif", ".jxl", ".svg")
+
+
+def _report_left_out(folder: Path, class_names: list[str]) -> None:
+    """Log what a scan of `folder`'s class folders leaves out: images lying directly in
+    `folder` (no class) and files of an image type the loader does not read."""
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if loose:
+        log.warning(
+            "%d image(s) directly in %s belong to no class folder and are left out (e.g. %s). "
+            "Fix: move them into the folder of their class.",
+            len(loose),
+            folder,
+            ", ".join(loose[:3]),
+        )
+    unread = [
+        path
+        for name in class_names
+        for path in sorted((folder / name).rglob("*"))
+        if path.suffix.lower() in UNREAD_IMAGE_TYPES and not path.name.startswith(".")
+    ]
+    if unread:
+        log.warning(
+            "Left out %d file(s) of an image type the loader does not read (it reads %s), "
+            "e.g. %s. Fix: convert them to .jpg or .png.",
+            len(unread),
+            ", ".join(IMG_EXTENSIONS),
+            ", ".join(str(p.relative_to(folder)) for p in unread[:3]),
+        )
+
+
+def _report_classes_without_val(class_names: list[str], val: list[Sample]) -> None:
+    """Log the classes that a split of too few images leaves without a val image."""
+    missing = sorted(set(class_names) - {class_names[label] for _, label in val})
+    if missing:
+        log.warning(
+            "Class(es) %s have too few images to keep one for val: they train, but their val "
+            "accuracy is not measured (val/acc_per_class is null). Fix: add images of them.",
+            ", ".join(missing),
+        )
+
+
 def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
     """Image files under `folder/<class>/` (recursively), labelled by position in
     `class_names`. A class folder without images is an error naming that folder."""
@@ -130,6 +174,7 @@ def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
     """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
     class_names = _two_or_more(root / "train", _class_folders(root / "train"))
     train = _folder_samples(root / "train", class_names)
+    _report_left_out(root / "train", class_names)
     splits = {"val": None, "test": None}
     for split in splits:
         if not (root / split).is_dir():
@@ -143,6 +188,7 @@ def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
         splits[split] = _folder_samples(root / split, class_names)
     if splits["val"] is None:
         train, splits["val"] = stratified_split(train, val_fraction, seed)
+        _report_classes_without_val(class_names, splits["val"])
     return require_images(DatasetSplits(class_names, train, splits["val"], splits["test"]), root)
 
 
@@ -290,7 +336,9 @@ def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
         return _split_folders(root, options.val_fraction, options.split_seed)
     class_names = _two_or_more(root, _class_folders(root))
     samples = _folder_samples(root, class_names)
+    _report_left_out(root, class_names)
     train, val = stratified_split(samples, options.val_fraction, options.split_seed)
+    _report_classes_without_val(class_names, val)
     return require_images(DatasetSplits(class_names, train, val), root)
 
 
