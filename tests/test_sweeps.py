@@ -248,3 +248,13 @@ def test_summary_png_is_written_atomically(tmp_path, monkeypatch):
         summary.plot(rows, tmp_path / "summary.png")
     assert (tmp_path / "summary.png").read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.png"]
+
+
+def test_learning_curves_only_when_the_training_fraction_varies():
+    def rows(*fractions):
+        return [{"overrides": {"data.train_fraction": f, "strategy": s}} for f, s in fractions]
+
+    assert summary.shows_learning_curves(rows(("0.25", "full"), ("1.0", "full")))
+    # one fraction for every run, strategies swept: bars per strategy, not a one-point curve
+    assert not summary.shows_learning_curves(rows(("0.25", "full"), ("0.25", "last_layer")))
+    assert not summary.shows_learning_curves([{"overrides": {"strategy": "full"}}])

@@ -250,6 +250,11 @@ def _mean_std(entry: dict[str, Any], column: str) -> str:
     return "" if mean is None else f"{mean:.4f} +- {entry[f'{column}_std']:.4f}"
 
 
+def shows_learning_curves(rows: list[dict[str, Any]]) -> bool:
+    """Whether the sweep varies `data.train_fraction` (one fraction for all is no curve)."""
+    return len({row["overrides"].get("data.train_fraction") for row in rows}) > 1
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Learning curves when `data.train_fraction` is swept, else bars per strategy and model."""
     import matplotlib
@@ -259,7 +264,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     table = [e for e in aggregate(rows) if e["val_acc_mean"] is not None]
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    if any("data.train_fraction" in row["overrides"] for row in rows):
+    if shows_learning_curves(rows):
         curves: dict[str, list[tuple[int, float, float]]] = {}
         for entry in table:
             label = " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k))
