@@ -205,16 +205,13 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
         + (" ".join(f"`{k}={v}`" for k, v in fixed_overrides(rows).items()) or "none"),
         "",
         _markdown_table(
-            ["job", "status", *keys, "val acc", "test acc", "trainable params", "fit s", "error"],
+            ["job", "status", *keys, *(c.replace("_", " ") for c in METRIC_COLUMNS), "error"],
             [
                 [
                     row["job"],
                     row["status"],
                     *(row["overrides"].get(key, "") for key in keys),
-                    _fmt(row.get("val_acc")),
-                    _fmt(row.get("test_acc")),
-                    _fmt(row.get("trainable_params")),
-                    _fmt(row.get("fit_seconds")),
+                    *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
                     row.get("error", "")[:200],
                 ]
                 for row in rows
