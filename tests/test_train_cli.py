@@ -35,6 +35,7 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # Lightning logs every n steps across epochs: its warning that an epoch is shorter is noise
     assert "smaller than the logging interval" not in result.stdout + result.stderr
+    assert "litlogger" not in result.stdout + result.stderr  # Lightning's advertisement
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics) >= REQUIRED_METRICS
     assert 0.0 <= metrics["val/acc"] <= 1.0

@@ -4,6 +4,7 @@ dir, the seed. Nothing here changes what is learned."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 import warnings
@@ -30,12 +31,18 @@ def prepare(cfg: DictConfig) -> Path:
     # Lightning counts log_every_n_steps across epochs, so an epoch of fewer batches still
     # logs; its warning that the epoch is shorter than the interval would only alarm.
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+    # Lightning's advertisement for its cloud logger, printed by every Trainer.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_litlogger_tip)
     keep_freed_memory_in_process()
     check_devices(cfg.trainer)
     run_dir = Path(cfg.run_dir)
     require_writable(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     return run_dir
+
+
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
 
 
 def keep_freed_memory_in_process() -> None:
