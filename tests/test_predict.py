@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import make_class_folders, read_csv, real_photos, run_entry
+from finetune.config import ConfigError, check_command_line
 from finetune.data import ImageListDataset
 from finetune.errors import FinetuneError
 from finetune.predict import (
@@ -151,20 +153,31 @@ def predict_cfg(**values):
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
-        ("predict.py", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
-        ("export.py", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
-        ("predict.py", ["ckpt=r", "inputs=p", "topk=2"], "Did you mean `top_k`?"),
-        ("predict.py", ["ckpt=r", "inputs=p", "+topk=2"], "cannot be added with `+`"),
-        ("predict.py", ["ckpt=r", "inputs=p", "batch_size=abc"], "`batch_size`: it takes int"),
-        ("predict.py", ["ckpt=r", "inputs=p", "batch_size=0"], "below its minimum 1"),
-        ("predict.py", ["ckpt=r", "inputs=p", "num_workers=-1"], "below its minimum 0"),
-        ("predict.py", ["ckpt=r", "inputs=p", "tta=flp"], "Did you mean `flip`?"),
-        ("export.py", ["ckpt=r", "opset=5"], "`opset=5` is below its minimum 7"),
-        ("export.py", ["ckpt=r", "chek=false"], "Did you mean `check`?"),
-        ("export.py", ["ckpt=r", "format=tflite"], "not one of: onnx, torchscript"),
+        ("predict", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
+        ("export", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
+        ("predict", ["ckpt=r", "inputs=p", "+topk=2"], "cannot be added with `+`"),
+        ("predict", ["ckpt=r", "inputs=p", "batch_size=abc"], "`batch_size`: it takes int"),
+        ("predict", ["ckpt=r", "inputs=p", "batch_size=0"], "below its minimum 1"),
+        ("predict", ["ckpt=r", "inputs=p", "num_workers=-1"], "below its minimum 0"),
+        ("predict", ["ckpt=r", "inputs=p", "tta=flp"], "Did you mean `flip`?"),
+        ("export", ["ckpt=r", "opset=5"], "`opset=5` is below its minimum 7"),
+        ("export", ["ckpt=r", "chek=false"], "Did you mean `check`?"),
+        ("export", ["ckpt=r", "format=tflite"], "not one of: onnx, torchscript"),
     ],
 )
-def test_a_wrong_setting_is_one_line_before_anything_loads(script, args, message, tmp_path):
+def test_a_wrong_setting_of_predict_or_export_is_refused_with_its_fix(script, args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_command_line(args, config_name=script)
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("predict.py", ["ckpt=r", "inputs=p", "topk=2"], "Did you mean `top_k`?"),
+        ("export.py", [], "Config key `ckpt` has no value. Fix: add ckpt=..."),
+    ],
+)
+def test_the_scripts_print_that_one_line_before_anything_loads(script, args, message, tmp_path):
     result = run_entry(script, *args, f"hydra.run.dir={tmp_path}/out")
     assert result.returncode == 1
     output = result.stdout + result.stderr
