@@ -104,7 +104,7 @@ def test_mixed_type_keys_accept_only_their_values():
         ("data.train_fraction=1.5", ["is above its maximum 1"]),
         ("data.val_fraction=1.5", ["must be below 1", "val_fraction=0.2"]),
         ("data.val_fraction=0", ["must be above 0"]),
-        ("strategy=top_k strategy.k=-1", ["`strategy.k=-1` is below its minimum 0"]),
+        ("strategy=top_k strategy.k=-1", ["`strategy.k=-1` is below its minimum 0", "k=2"]),
     ],
 )
 def test_keys_with_fixed_values_refuse_another(line, expected):

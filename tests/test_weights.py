@@ -358,7 +358,9 @@ def test_a_whole_pickled_model_is_refused_as_such(tmp_path, record_fault):
     assert handled and ".state_dict()" in message, message
 
 
-@pytest.mark.parametrize("content", [b"[2026-11-30][finetune][INFO] - a log line\n", b""])
+@pytest.mark.parametrize(
+    "content", [b"[2026-11-30][finetune][INFO] - a log line\n", b"hello\n", b""]
+)
 def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path, content):
     (tmp_path / "train.log").write_bytes(content)
     with pytest.raises(FinetuneError) as error:

@@ -101,6 +101,10 @@ def read_weights(path: str | Path) -> WeightsFile:
 
 
 def _torch_load(path: Path) -> Any:
+    if not _is_torch_file(path):  # torch's reader would misread any other bytes as opcodes
+        raise FinetuneError(
+            _not_weights(path, "neither a torch checkpoint (torch.save) nor safetensors")
+        )
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -115,6 +119,13 @@ def _torch_load(path: Path) -> Any:
         raise FinetuneError(_not_weights(path, "it ends before its data")) from error
 
 
+def _is_torch_file(path: Path) -> bool:
+    """torch.save's zip archive, or its legacy format: a pickle (PROTO opcode first)."""
+    with path.open("rb") as handle:
+        pickled = handle.read(1) == b"\x80"
+    return pickled or zipfile.is_zipfile(path)
+
+
 def _not_weights(path: Path, why: str) -> str:
     return (
         f"{path} is not a weights file: {why}; it may be damaged or another kind of file. "
@@ -123,12 +134,7 @@ def _not_weights(path: Path, why: str) -> str:
 
 
 def _refusal(path: Path) -> str:
-    """Why a file that needs pickled code is refused, and how to re-save it; or that it is no
-    torch file at all (neither torch.save's zip archive nor a legacy pickle)."""
-    with path.open("rb") as handle:
-        pickled = handle.read(1) == b"\x80"  # a pickle's PROTO opcode: torch's legacy format
-    if not pickled and not zipfile.is_zipfile(path):
-        return _not_weights(path, "neither a torch checkpoint (torch.save) nor safetensors")
+    """Why a file that needs pickled code is refused, and how to re-save it."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:  # an unreadable archive: name nothing

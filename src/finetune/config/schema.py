@@ -152,7 +152,7 @@ class BackboneTrainsConfig(StrategyConfig):
 class TopKConfig(BackboneTrainsConfig):
     name: str = "top_k"
     # how many of the top blocks train besides the head
-    k: int = field(default=2, metadata=one_of(types=(int,), minimum=0))
+    k: int = field(default=2, metadata=one_of(types=(int,), minimum=0, example=2))
 
 
 # Stems of the supported families: resnet, efficientnet/timm, mobilenet, vit, densenet.
