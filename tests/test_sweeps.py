@@ -117,6 +117,7 @@ def test_a_run_that_left_a_swept_key_at_its_default_shows_the_value_it_ran_with(
     ]
 
 
+@pytest.mark.slow  # four jobs (21 s); test_faults' failing sweep job covers it in the default run
 def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(
