@@ -207,7 +207,8 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
 
 
 def _check_range(full_key: str, value: float, allowed: dict[str, Any]) -> None:
-    """`ConfigError` unless `value` is within the metadata's minimum, maximum and `above`."""
+    """`ConfigError` unless `value` is within the metadata's `minimum`, `maximum`, `above` and
+    `below`."""
     bounds = ("minimum", "maximum", "above", "below")
     minimum, maximum, above, below = (allowed.get(k) for k in bounds)
     if minimum is not None and value < minimum:
