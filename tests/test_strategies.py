@@ -314,3 +314,25 @@ def test_cache_features_true_needs_a_frozen_backbone():
 def test_top_k_refuses_more_blocks_than_the_network_has(make_cfg):
     with pytest.raises(FinetuneError, match=r"strategy.k=100 asks for more blocks than the 8 "):
         train(make_cfg("strategy=top_k", "strategy.k=100"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "zero"),
+    [
+        (["strategy=full"], True),
+        (["strategy=top_k"], True),
+        (["strategy=scratch"], True),
+        (["strategy=last_layer", "strategy.head_init=random", "strategy.augmented_views=0"], False),
+    ],
+)
+def test_a_head_the_optimizer_trains_from_the_start_starts_at_zero(
+    make_cfg, tmp_path, overrides, zero
+):
+    # BiT's zero head: the first steps send no random gradients into the pretrained features;
+    # head_init=random keeps nn.Linear's random draw, as its name says
+    from finetune import run
+
+    cfg = make_cfg(*overrides, "model=resnet18", "model.weights=none")
+    head = run.build_model(cfg, run.build_data(cfg, tmp_path / "run")).network.get_classifier()
+    starts_at_zero = int(head.weight.count_nonzero()) + int(head.bias.count_nonzero()) == 0
+    assert starts_at_zero is zero

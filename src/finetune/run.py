@@ -202,6 +202,7 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
     network = backbones.build(
         cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
     )
+    strategy.init_head(network)
     speed = runtime.speed_switches(cfg, network)
     module = ClassifierModule(
         class_names=datamodule.class_names,

@@ -95,6 +95,13 @@ class FreezeStrategy(pl.Callback):
     STATE: ClassVar[tuple[str, ...]] = ()
     # True: the head starts from the linear probe solved on cached features (finetune.probe)
     head_from_probe: bool = False
+    # True: the new head starts at zero, as in BiT (Kolesnikov et al. 2020, "Big Transfer
+    # (BiT): General Visual Representation Learning"): its first steps send no random
+    # gradients into the features beneath it, which a random head's do (Kumar et al. 2022).
+    # Measured with efficientnet_lite0, full, against nn.Linear's random initialisation:
+    # hymenoptera val acc 0.9520 against 0.9455 (mean of seeds 0-2); Flowers102 0.9196 against
+    # 0.9206 at the end, ahead on the way (0.466 against 0.309 after epoch 0).
+    zero_head: ClassVar[bool] = True
     # Keys of this strategy's config that the run reads, not the strategy.
     RUN_KEYS: ClassVar[tuple[str, ...]] = ()
 
@@ -118,6 +125,13 @@ class FreezeStrategy(pl.Callback):
     def trainable_names(self, network: Network) -> set[str]:
         """Backbone parameter names (as `network.net` names them) that train besides the head."""
         raise NotImplementedError
+
+    def init_head(self, network: Network) -> None:
+        """Start the new head at zero when `zero_head` (else it keeps `nn.Linear`'s random
+        initialisation, `finetune.backbones.build`)."""
+        if self.zero_head:
+            nn.init.zeros_(network.get_classifier().weight)
+            nn.init.zeros_(network.get_classifier().bias)
 
     def apply(self, network: Network) -> dict[str, int]:
         """Freeze `network` per this strategy; returns the parameter counts."""
@@ -196,6 +210,8 @@ class LastLayer(FreezeStrategy):
 
     name = "last_layer"
     trains_backbone = False
+    # the head is the solved probe, or random as strategy.head_init=random says
+    zero_head = False
     RUN_KEYS = ("cache_features", "augmented_views")
 
     def __init__(self, head_init: str = LastLayerConfig.head_init) -> None:
