@@ -756,3 +756,16 @@ def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp
     assert "made before strategy.augmented_views existed" in message
     assert "add strategy.augmented_views" not in message  # no value of the run to pin
     assert "model.weights=" in message  # the way out: a new run from its weights
+
+
+def test_the_final_numbers_of_a_resumed_run_sit_at_its_last_step_in_tensorboard(make_cfg, tmp_path):
+    # Both processes log final/*; a point at step 0 for each left two values at one step, and
+    # TensorBoard's chart showed whichever it read first
+    train(make_cfg("strategy=full", "trainer.max_epochs=1"))
+    metrics = train(make_cfg("strategy=full", "trainer.max_epochs=2", "ckpt_path=last"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    points = events.Scalars("final/val_acc")
+    assert len(points) == 2
+    assert points[0].step < points[1].step
+    assert points[1].value == pytest.approx(metrics["val/acc"])

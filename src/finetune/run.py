@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # after a resume, with the fit of the processes before it (as fit_seconds counts them).
     run_seconds = time.perf_counter() - run_started + earlier_seconds
     metrics["run_seconds"] = round(run_seconds, 2)
-    rundir.save_results(run_dir, metrics, cfg, fitting.loggers)
+    rundir.save_results(run_dir, metrics, cfg, fitting.loggers, fitting.trainer.global_step)
     if fitting.trainer.is_global_zero:  # one closing line, not one per process
         log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics

@@ -95,10 +95,12 @@ def save_weights_report(run_dir: Path, report: Any, loggers: list[Any]) -> None:
 
 
 @rank_zero_only
-def save_results(run_dir: Path, metrics: dict[str, Any], cfg: DictConfig, loggers: list) -> None:
+def save_results(
+    run_dir: Path, metrics: dict[str, Any], cfg: DictConfig, loggers: list, step: int = 0
+) -> None:
     """metrics.json, then the final hparams in every logger (see `log_final_hparams`)."""
     write_json(run_dir / METRICS_FILE, metrics)
-    log_final_hparams(loggers, cfg, metrics)
+    log_final_hparams(loggers, cfg, metrics, step)
 
 
 def save_failure(run_dir: Path, error: BaseException) -> None:
@@ -108,10 +110,13 @@ def save_failure(run_dir: Path, error: BaseException) -> None:
         write_json(run_dir / FAILURE_FILE, {"error": f"{type(error).__name__}: {error}"})
 
 
-def log_final_hparams(loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any]) -> None:
+def log_final_hparams(
+    loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any], step: int = 0
+) -> None:
     """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
     runs of a sweep by their results (not by a placeholder hp_metric). The final numbers are
-    the float metrics with a stage (`val/acc` -> `final/val_acc`)."""
+    the float metrics with a stage (`val/acc` -> `final/val_acc`), at the run's last optimizer
+    `step`: a resume that trains on logs its own at a later step, not a second value at 0."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     experiment = {key: cfg[key] for key in HPARAM_GROUPS if key in cfg}
@@ -126,7 +131,7 @@ def log_final_hparams(loggers: list[Any], cfg: DictConfig, metrics: dict[str, An
     }
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=final)
+            logger.log_hyperparams(params, metrics=final, step=step)
         else:
             logger.log_hyperparams(params)
         logger.save()
