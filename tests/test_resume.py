@@ -758,6 +758,7 @@ def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp
     assert "model.weights=" in message  # the way out: a new run from its weights
 
 
+@pytest.mark.slow  # two trainings (about 45 s); the default run stays within its 10 minutes
 def test_the_final_numbers_of_a_resumed_run_sit_at_its_last_step_in_tensorboard(make_cfg, tmp_path):
     # Both processes log final/*; a point at step 0 for each left two values at one step, and
     # TensorBoard's chart showed whichever it read first
