@@ -770,3 +770,31 @@ def test_the_final_numbers_of_a_resumed_run_sit_at_its_last_step_in_tensorboard(
     assert len(points) == 2
     assert points[0].step < points[1].step
     assert points[1].value == pytest.approx(metrics["val/acc"])
+
+
+@pytest.mark.slow  # four trainings
+@pytest.mark.parametrize(
+    ("options", "extracts_on_resume"),
+    [
+        (["strategy=lp_ft"], False),  # the checkpoint holds the solved head
+        (["strategy=last_layer", "strategy.head_init=random", "augment=none"], True),
+    ],
+)
+def test_a_resumed_run_reports_the_feature_cache_of_the_run_it_continues(
+    make_cfg, monkeypatch, tmp_path, options, extracts_on_resume
+):
+    from finetune import features
+
+    features.clear_memory_cache()  # no other test's features, in memory or on disk
+    options = [*options, f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = train(make_cfg(*options, "trainer.max_epochs=1"))
+    assert first["feature_cache"] == "miss"
+    calls = []
+    extract = features.cached_features
+    monkeypatch.setattr(
+        features, "cached_features", lambda *a, **k: calls.append(1) or extract(*a, **k)
+    )
+    resumed = train(make_cfg(*options, "trainer.max_epochs=2", "ckpt_path=last"))
+    assert bool(calls) is extracts_on_resume
+    keys = ("feature_cache", "feature_cache_file", "feature_cache_seconds")
+    assert {k: resumed[k] for k in keys} == {k: first[k] for k in keys}

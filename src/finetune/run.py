@@ -279,7 +279,12 @@ def training_data(
     serve the features the fit uses. The test split stays images: it is evaluated once, after
     fit, and its forward pass there costs what an extraction would. Returns the feature-cache
     and probe part of metrics.json."""
-    if not (model.module.inputs_are_features or model.strategy.head_from_probe):
+    # A resumed lp_ft needs none: the checkpoint holds the solved head and the probe's report,
+    # and the fit trains on images (the features were only the probe's).
+    resumed_on_images = resume_from is not None and not model.module.inputs_are_features
+    if resumed_on_images or not (
+        model.module.inputs_are_features or model.strategy.head_from_probe
+    ):
         return {"feature_cache": "off", "splits_served_as_features": []}
     with build_once(datamodule.cache_dir, "features"):  # extracted once, read by the rest
         extracted, report = features.cached_features(
@@ -357,10 +362,12 @@ def fit(
     """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
     feature extraction and the probe's solve included (after a resume: with the seconds of
     the processes before it, up to the checkpoint, as the uninterrupted run counts them), and
-    the feature extraction's part of metrics.json."""
+    the feature extraction's part of metrics.json (after a resume: the first process's)."""
     trainer = fitting.trainer
     fitting.epoch_timer.start_fit()
     feature_report = training_data(model, datamodule, trainer, resume_from)
+    if resume_from is None:  # a resume restores the first process's from the checkpoint
+        model.strategy.feature_report = feature_report
     with ctrl_c_as_interrupt(trainer), warnings.catch_warnings():
         if resume_from:
             # A resume finds its own checkpoints there; BestCheckpoint moves or copies its
@@ -368,7 +375,8 @@ def fit(
             for message in RESUME_WARNINGS:
                 warnings.filterwarnings("ignore", message=message)
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
-    return fitting.epoch_timer.fit_seconds(), feature_report
+    # a checkpoint of an older version has none: this process's report then
+    return fitting.epoch_timer.fit_seconds(), model.strategy.feature_report or feature_report
 
 
 @contextlib.contextmanager

@@ -115,6 +115,9 @@ class FreezeStrategy(pl.Callback):
         # How the head was solved before fit (finetune.probe's report), kept in checkpoints so
         # that a resumed run reports it as the uninterrupted run does.
         self.probe_report: dict[str, Any] = {}
+        # What the feature cache did for the run (metrics.json's feature_cache*), kept in
+        # checkpoints for the same reason: a resume reads the file the first process wrote.
+        self.feature_report: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -196,13 +199,15 @@ class FreezeStrategy(pl.Callback):
         self._set_eval_modes()
 
     def state_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in self.STATE} | {"probe_report": self.probe_report}
+        reports = {"probe_report": self.probe_report, "feature_report": self.feature_report}
+        return {key: getattr(self, key) for key in self.STATE} | reports
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in self.STATE:
             if key in state_dict:
                 setattr(self, key, type(getattr(self, key))(state_dict[key]))
         self.probe_report = dict(state_dict.get("probe_report") or {})
+        self.feature_report = dict(state_dict.get("feature_report") or {})
 
 
 class LastLayer(FreezeStrategy):
