@@ -293,3 +293,18 @@ def test_an_entry_of_another_callbacks_option_names_that_option():
     assert "Fix: add callbacks=early_stopping to the command line." in message
     assert "+callbacks" not in message  # not: add a new entry
     assert "+callbacks.my_cb=..." in refusal("callbacks.my_cb.x=3")  # a new entry: as before
+
+
+@pytest.mark.parametrize(
+    ("line", "regime"),
+    [
+        ("debug=overfit", "finetune"),  # was last_layer's probe: lr 0, the loss stayed flat
+        ("debug=overfit strategy=lp_ft", "from_probe"),  # the command line still chooses
+    ],
+)
+def test_debug_overfit_trains_by_the_optimizer(make_cfg, line, regime):
+    """debug=overfit asks whether the model can fit one batch: its loss must be able to fall,
+    so the optimizer must train (the default last_layer's head is the solved probe)."""
+    from finetune.run import training_regime
+
+    assert training_regime(make_cfg(*shlex.split(line))) == regime
