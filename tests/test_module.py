@@ -411,3 +411,26 @@ def test_callbacks_progress_bar_null_switches_the_bar_off(make_cfg, overrides, b
     trainer = pl.Trainer(**options, callbacks=config_callbacks, logger=False)
     shown = trainer.progress_bar_callback
     assert (type(shown).__name__ if shown else None) == bar
+
+
+@pytest.mark.parametrize("inputs_are_features", [False, True], ids=["images", "cached-features"])
+def test_the_model_summary_counts_the_flops_of_what_the_run_feeds(inputs_are_features):
+    """Lightning's summary printed "Total FLOPs: 0" for every run: it counts by a forward pass of
+    `example_input_array`, which the module did not have. ResNet-18 at 224 px is 1.8 GMACs
+    (torchvision's weights table), 2 FLOPs each; on cached features only the head runs."""
+    from pytorch_lightning.utilities.model_summary import ModelSummary
+
+    network = backbones.build(RESNET18, 3, pretrained=False)
+    module = ClassifierModule(
+        ["a", "b", "c"],
+        RESNET18,
+        SGD,
+        COSINE,
+        network=network,
+        inputs_are_features=inputs_are_features,
+    )
+    flops = ModelSummary(module).total_flops
+    if inputs_are_features:
+        assert flops == 2 * 512 * 3  # the head's (1, 512) x (512, 3) product
+    else:
+        assert 3.5e9 < flops < 3.8e9

@@ -93,6 +93,15 @@ class ClassifierModule(pl.LightningModule):
         self.class_names = list(class_names)
         self.inputs_are_features = inputs_are_features
         self.channels_last = channels_last
+        # One input of what this run feeds the network, for Lightning's model summary: it
+        # counts FLOPs (and layer in/out sizes) by a forward pass of it; without one it prints
+        # "Total FLOPs: 0". (1, D) cached features reach the head alone.
+        crop = network.input_spec.crop_size
+        self.example_input_array = (
+            torch.zeros(1, network.get_classifier().in_features)
+            if inputs_are_features
+            else torch.zeros(1, 3, crop, crop)
+        )
         if channels_last:
             self.network.to(memory_format=torch.channels_last)
         # Parameter name (as `network.net` names it) -> its rate as a multiple of the base rate.

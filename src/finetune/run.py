@@ -218,6 +218,8 @@ def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
+        # the model summary's example forward would compile a graph for batch 1 first
+        module.example_input_array = None
     views = int(cfg.strategy.get("augmented_views") or 0)  # adaptive.resolve checked it
     return Model(strategy, network, module, speed, views)
 
