@@ -179,3 +179,31 @@ def test_a_run_of_six_classes_reports_top5_ranking_and_pairs(make_cfg, tmp_path)
     assert {k: v for k, v in metrics.items() if "/" in k} == {
         k: v for k, v in on_disk.items() if "/" in k
     }
+
+
+def test_debug_overfit_fits_a_batch_of_several_classes_and_says_its_numbers_are_partial(
+    make_cfg, tmp_path, monkeypatch, caplog
+):
+    """The helper's case: the splits list images class by class and Lightning overfits the first
+    batches in loader order, so debug=overfit fitted a batch of ants (a bias fits it) and
+    reported val/acc 1.0 from 64 images of one class, as if it were the split's accuracy."""
+    from finetune.module import ClassifierModule
+
+    for split in ("train", "val"):
+        make_class_folders(tmp_path / "photos" / split, {"a": 8, "b": 8}, seed=len(split))
+    trained_labels = []
+    step = ClassifierModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        trained_labels.append(set(batch[1].tolist()))
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", recording_step)
+    overrides = [*folder_overrides(tmp_path / "photos"), "debug=overfit", "trainer.max_epochs=2"]
+    metrics = train(make_cfg(*overrides, fast=False))
+    assert trained_labels and all(labels == {0, 1} for labels in trained_labels)
+    assert len({frozenset(labels) for labels in trained_labels}) == 1
+    rows = [sum(row) for row in metrics["val/confusion_matrix"]]
+    assert metrics["val/images"] == sum(rows) == 8 and min(rows) > 0  # one val batch, both classes
+    assert metrics["split_sizes"]["val"] == 16
+    assert "val/acc" in caplog.text and "on 8 of 16 images" in caplog.text

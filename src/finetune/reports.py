@@ -47,12 +47,15 @@ EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
 def stage_results(stage: str, matrix: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
     """The metrics.json entries of one evaluated `stage` ("val" or "test") from its confusion
-    `matrix` `(classes, classes)`: `<stage>/confusion_matrix` (nested lists),
+    `matrix` `(classes, classes)`: `<stage>/images` (how many images every number of the stage
+    covers: fewer than the split under `trainer.limit_*_batches`), `<stage>/confusion_matrix`
+    (nested lists),
     `<stage>/acc_per_class` (name -> accuracy or None, label order),
     `<stage>/acc_per_class_sorted` (`finetune.confusion.class_ranking`: worst first) and
     `<stage>/confused_pairs` (`finetune.confusion.confused_pairs`: most frequent first)."""
     accuracy = per_class_accuracy(matrix)
     return {
+        f"{stage}/images": int(matrix.sum()),
         f"{stage}/confusion_matrix": matrix.tolist(),
         f"{stage}/acc_per_class": dict(zip(class_names, accuracy, strict=True)),
         f"{stage}/acc_per_class_sorted": class_ranking(matrix, class_names),

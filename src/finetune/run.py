@@ -101,6 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["run_seconds"] = round(run_seconds, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers, fitting.trainer.global_step)
     if fitting.trainer.is_global_zero:  # one closing line, not one per process
+        warn_partial_evaluations(metrics)
         log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
     return metrics
 
@@ -445,14 +446,46 @@ def _stage_metrics(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def best_checkpoint_line(metrics: dict[str, Any]) -> str:
-    """One line: the best checkpoint's epoch and its val (and test) accuracy."""
+    """One line: the best checkpoint's epoch and its val (and test) accuracy, with the number
+    of images it covers when that is not the whole split (`partial_evaluations`)."""
+    partial = partial_evaluations(metrics)
     numbers = ", ".join(
-        f"{name} {metrics[name]:.4f}" for name in ("val/acc", "test/acc") if name in metrics
+        f"{stage}/acc {metrics[f'{stage}/acc']:.4f}{partial.get(stage, '')}"
+        for stage in ("val", "test")
+        if f"{stage}/acc" in metrics
     )
     what = "Best checkpoint" if metrics.get("best_checkpoint") else "Final weights (no checkpoint)"
     epoch = metrics.get("best_epoch")
     when = "the linear probe, before training on" if epoch == -1 else f"epoch {epoch}"
     return f"{what}: {when}, {numbers}."
+
+
+def partial_evaluations(metrics: dict[str, Any]) -> dict[str, str]:
+    """Stage -> " on N of M images" for each evaluated stage whose numbers cover fewer images
+    than its split holds (`trainer.limit_val_batches` / `limit_test_batches`, `overfit_batches`,
+    `fast_dev_run`: a smoke test's numbers, not the split's accuracy)."""
+    sizes = metrics.get("split_sizes") or {}
+    partial = {}
+    for stage in ("val", "test"):
+        images, size = metrics.get(f"{stage}/images"), sizes.get(stage)
+        if images is not None and size is not None and images < size:
+            partial[stage] = f" on {images} of {size} images"
+    return partial
+
+
+def warn_partial_evaluations(metrics: dict[str, Any]) -> None:
+    for stage, images in partial_evaluations(metrics).items():
+        log.warning(
+            "The %s numbers cover only some of its images (%s/acc%s): the trainer's "
+            "limit_%s_batches, overfit_batches or fast_dev_run cut the evaluation. They are "
+            "a smoke test's, not the %s split's accuracy; without those options every image "
+            "counts.",
+            stage,
+            stage,
+            images,
+            stage,
+            stage,
+        )
 
 
 def describe_run(

@@ -142,16 +142,17 @@ def make_loader(
     processes: int = 1,
     first_epoch: int = 0,
 ) -> DataLoader:
-    """The one loader recipe. Training: an `EpochSampler` (seeded order and augmentation per
-    epoch), worker seeds from the loader's own generator, and a final batch of one sample
-    (which breaks BatchNorm in training mode) dropped, only in that case. Evaluation: the
-    dataset's order, or `sampler`'s (`evaluation_sampler`, with several processes).
+    """The one loader recipe. Training: `sampler`, else an `EpochSampler` (seeded order and
+    augmentation per epoch), worker seeds from the loader's own generator, and a final batch
+    of one sample (which breaks BatchNorm in training mode) dropped, only in that case.
+    Evaluation: the dataset's order, or `sampler`'s (`evaluation_sampler`, with several
+    processes).
 
     `processes`: how many processes train, each on its own share of `ceil(len / processes)`
     samples (Lightning's distributed sampler pads the split to equal shares): the final batch
     of one is that of a share, not of the whole split. `first_epoch`: the epoch a training
     loader's first iteration is (a resumed run's, see `EpochSampler`)."""
-    if train:
+    if train and sampler is None:
         sampler = EpochSampler(len(dataset), seed, first_epoch)
     share = -(-len(dataset) // max(processes, 1))
     return DataLoader(

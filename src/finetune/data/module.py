@@ -12,6 +12,7 @@ sizes, order and last-batch rule.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
@@ -284,8 +285,13 @@ class FinetuneDataModule(pl.LightningDataModule):
             raise FinetuneError(f"Dataset {self.dataset} has no {split} split; evaluate on val.")
         # features are in memory: workers only add start-up
         images = split not in (self.features or {})
+        dataset = self.datasets[split]
+        sampler = None if train else self.evaluation_samplers.get(split)
+        if self._overfitting():
+            dataset = self._mixed_order(dataset, split)
+            sampler = SequentialSampler(dataset)  # Lightning keeps a sequential one as it is
         return make_loader(
-            self.datasets[split],
+            dataset,
             self.batch_size if train else self.eval_batch_size,
             train,
             num_workers=self.num_workers if images else 0,
@@ -293,10 +299,31 @@ class FinetuneDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and images,
             seed=self.shuffle_seed,
             collate_fn=self.preprocessing.collate_train if images and train else None,
-            sampler=None if train else self.evaluation_samplers.get(split),
+            sampler=sampler,
             processes=self._processes().get("num_replicas", 1),
             first_epoch=self._epoch_starting() if train else 0,
         )
+
+    def _overfitting(self) -> bool:
+        """Whether the trainer overfits a few batches (`trainer.overfit_batches`, debug=overfit)
+        in one process: Lightning then takes the first batches of each split in loader order."""
+        trainer = getattr(self, "trainer", None)
+        one_process = self._processes().get("num_replicas", 1) <= 1
+        return trainer is not None and trainer.overfit_batches > 0 and one_process
+
+    def _mixed_order(self, dataset: Dataset, split: str) -> Dataset:
+        """`dataset` (the images or features of `split`) with its classes taken in turn, each
+        class's images in a seeded order (`data.shuffle_seed`), the same every epoch. The splits
+        list their images class by class, so the first batches of the listed order (or, by
+        chance, of a plain shuffle) would hold one class, which a bias alone fits: an
+        overfitting check that cannot fail. In turns, a batch holds min(batch, classes) of them."""
+        labels = [label for _, label in self.splits.named()[split]]
+        generator = torch.Generator().manual_seed(self.shuffle_seed)
+        by_class: dict[int, list[int]] = {}
+        for index in torch.randperm(len(labels), generator=generator).tolist():
+            by_class.setdefault(labels[index], []).append(index)
+        turns = itertools.zip_longest(*by_class.values())
+        return Subset(dataset, [index for turn in turns for index in turn if index is not None])
 
     def _epoch_starting(self) -> int:
         """The epoch Lightning will pass to the training sampler's `set_epoch` next (its fit
