@@ -81,6 +81,8 @@ if __name__ == "__main__":
 
             argv = resume.command_line(argv)
         config.check_command_line(argv)
+        if not resuming:  # before Hydra rewrites the folder's .hydra/ and log
+            config.check_new_run_dir(argv)
     except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)

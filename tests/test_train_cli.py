@@ -197,3 +197,23 @@ def test_two_devices_run_as_two_ranks_and_write_one_run_dir(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["val/acc"] <= 1.0
     assert not (tmp_path / "outputs").exists()  # the second rank made no run dir of its own
+
+
+@pytest.mark.parametrize("held", ["metrics.json", "checkpoints/last.ckpt"])
+def test_a_new_run_in_a_run_dir_that_holds_a_run_is_refused_before_anything_is_written(
+    tmp_path, held
+):
+    """The helper's case: a new run in a finished run's folder mixed the two runs' checkpoints
+    and TensorBoard events, replaced its results, and Hydra rewrote the .hydra/ overrides that a
+    resume of the old run reads."""
+    run_dir = tmp_path / "run"
+    (run_dir / held).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / held).write_text("{}")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- strategy=full\n")
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    result = run_train("data=synthetic", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    assert "already holds a run" in result.stderr and "ckpt_path=last" in result.stderr
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == "- strategy=full\n"

@@ -91,6 +91,37 @@ def check_command_line(
             _check_creatable(override.key_or_group, override.value())
 
 
+def check_new_run_dir(argv: Sequence[str]) -> None:
+    """`ConfigError` when `python train.py ARGV` (a new run, not a resume: no `ckpt_path`) names
+    a `hydra.run.dir` that already holds a run's results or checkpoints. Hydra would rewrite its
+    `.hydra/` (the overrides a resume reads) and append to its log, and the new run would mix
+    its checkpoints and TensorBoard events with the old run's and replace its metrics.json.
+    A run dir with only a failed run's files (failure.json, a log) may be reused."""
+    args = get_args_parser().parse_args(list(argv))
+    if args.multirun:  # jobs go to hydra.sweep.dir/<n>
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException:
+        return  # Hydra's own message explains a malformed override
+    given = {o.key_or_group: o.value() for o in overrides if not o.is_sweep_override()}
+    run_dir = given.get("hydra.run.dir")
+    if "ckpt_path" in given or not isinstance(run_dir, str) or "${" in run_dir:
+        return
+    folder = Path(run_dir).expanduser()
+    held = [name for name in ("metrics.json",) if (folder / name).is_file()]
+    checkpoints = sorted((folder / "checkpoints").glob("*.ckpt"))
+    if checkpoints:
+        held.append(f"{len(checkpoints)} checkpoint(s)")
+    if held:
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} already holds a run ({', '.join(held)}); a new run there "
+            "would mix its checkpoints and TensorBoard events with that run's and replace its "
+            "results. Fix: choose a new hydra.run.dir, continue that run with ckpt_path=last, "
+            "or delete the folder first."
+        )
+
+
 def _check_creatable(key: str, value: Any) -> None:
     """`ConfigError` when the folder `value` given to `key` could not be created or written:
     Hydra creates it before the run starts, with a traceback for a folder it cannot make."""
