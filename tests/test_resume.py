@@ -692,8 +692,9 @@ def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_pat
 
 
 def saved_run(run_dir: Path, overrides: list[str]) -> Path:
-    """A run dir as train.py leaves it for a resume's command line: .hydra/overrides.yaml and
-    the resolved config.yaml (no checkpoint: the command line refuses before it needs one)."""
+    """A run dir as train.py leaves it for a resume's command line: .hydra/overrides.yaml, the
+    resolved config.yaml, and a checkpoints/last.ckpt that exists (a missing one is refused
+    first) but holds nothing: the command line refuses before it reads one."""
     from omegaconf import OmegaConf, open_dict
 
     from finetune.config import check_overrides
@@ -706,6 +707,8 @@ def saved_run(run_dir: Path, overrides: list[str]) -> Path:
         cfg.pop("hydra", None)
         cfg.run_dir = str(run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "last.ckpt").touch()
     return run_dir
 
 
@@ -798,3 +801,25 @@ def test_a_resumed_run_reports_the_feature_cache_of_the_run_it_continues(
     assert bool(calls) is extracts_on_resume
     keys = ("feature_cache", "feature_cache_file", "feature_cache_seconds")
     assert {k: resumed[k] for k in keys} == {k: first[k] for k in keys}
+
+
+def test_resuming_a_run_that_failed_before_its_first_checkpoint_says_so_whatever_the_overrides(
+    tmp_path,
+):
+    """The helper's case: the resume of a run that had failed on its weights blamed the new
+    overrides ("Cannot resume ... model.weights ...") and offered a last.ckpt that does not
+    exist as the weights of a new run."""
+    run_dir = tmp_path / "run"
+    options = ["data=synthetic", f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
+    failed = run_train(*options, "model=efficientnet_lite0", "model.weights=/nonexistent/w.pth")
+    assert failed.returncode == 1 and (run_dir / "failure.json").is_file()
+    resumed = run_train(
+        *options, "model=efficientnet_lite0", "model.weights=DEFAULT", "ckpt_path=last"
+    )
+    assert resumed.returncode == 1
+    assert "No checkpoint to resume from" in resumed.stderr and "failed before" in resumed.stderr
+    assert "Cannot resume" not in resumed.stderr
+    again = run_train(
+        *options, "model=efficientnet_lite0", "--cfg", "job"
+    )  # the folder may be reused
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -116,6 +116,12 @@ def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
             if ckpt_path == "last"
             else "point ckpt_path at a .ckpt file or at a run dir with checkpoints/last.ckpt"
         )
+        failure = candidate.parent.parent / "failure.json"
+        if candidate.name == "last.ckpt" and failure.is_file():
+            hint = (
+                f"that run failed before its first checkpoint ({failure} says why); run it "
+                "again without ckpt_path"
+            )
         raise FinetuneError(f"No checkpoint to resume from at {candidate}. Fix: {hint}.")
     return str(candidate)
 
@@ -362,6 +368,9 @@ def command_line(argv: Sequence[str]) -> list[str]:
         resolve_checkpoint(ckpt_path, run_dir or Path.cwd())
     if source is None or not (source / SAVED_OVERRIDES).is_file():
         return list(argv)
+    # first: a run without a checkpoint (it failed before one) has nothing to resume, whatever
+    # the overrides say (the config check below would blame them and name the missing file)
+    checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
     saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
     keys = {*given, "ckpt_path"}
     kept = [line for line in saved if _key(line) not in keys]
@@ -384,7 +393,6 @@ def command_line(argv: Sequence[str]) -> list[str]:
     typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
     changes = config_changes(OmegaConf.load(source / "config.yaml"), cfg)
     check_changes(changes, source, typed, _changed_by(typed, kept + tail, cfg, check_overrides))
-    checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
     from finetune.run import training_regime  # run imports this module
 
     solved = training_regime(cfg) == "probe"
