@@ -212,7 +212,8 @@ def test_a_new_run_in_a_run_dir_that_holds_a_run_is_refused_before_anything_is_w
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("- strategy=full\n")
     before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    result = run_train("data=synthetic", f"hydra.run.dir={run_dir}")
+    data_root = f"data.root={tmp_path / 'data'}"  # without the check it would train
+    result = run_train("data=synthetic", data_root, f"hydra.run.dir={run_dir}")
     assert result.returncode == 1
     assert "already holds a run" in result.stderr and "ckpt_path=last" in result.stderr
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
