@@ -252,7 +252,9 @@ def test_a_value_the_user_set_is_kept(auto_cfg):
     assert "max_steps=300" in chosen["trainer.max_epochs"]["rule"]
 
 
-def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
+def test_resolve_logs_one_line_per_chosen_key_and_per_key_kept_as_given(auto_cfg, caplog):
+    """The fresh-user case: a key set on the command line vanished from the printed rules, so
+    nothing said whether the rule or the user had chosen it."""
     with caplog.at_level("INFO", logger="finetune.adaptive"):
         adaptive.resolve(
             auto_cfg("trainer.max_epochs=4", "strategy.augmented_views=0"), 244, 2, "head"
@@ -265,6 +267,8 @@ def test_resolve_logs_one_line_per_chosen_key(auto_cfg, caplog):
         "optimizer steps, at least 8)",
         "  optim.optimizer.lr = 0.01 (SGD base 0.01 (head) x batch 32 / 32, linear scaling "
         "(Goyal et al. 2017))",
+        "  trainer.max_epochs = 4 (set, kept as given)",
+        "  strategy.augmented_views = 0 (set, kept as given)",
     ]
     caplog.clear()
     all_set = auto_cfg(

@@ -235,7 +235,18 @@ def resolve(
         )
     elif views is not None:
         _check_views(int(views), regime, augmenting)
-    _log_block(chosen, train_images, num_classes, regime)
+    keys = (
+        "data.batch_size",
+        "trainer.max_epochs",
+        "optim.optimizer.lr",
+        "strategy.augmented_views",
+    )
+    given = {
+        key: OmegaConf.select(cfg, key)
+        for key in keys
+        if key not in chosen and OmegaConf.select(cfg, key) is not None
+    }
+    _log_block(chosen, given, train_images, num_classes, regime)
     epochs = resolved.trainer.get("max_epochs")
     if regime == "probe" and epochs != PROBE_EPOCHS:
         log.warning(
@@ -254,10 +265,14 @@ def metrics_entry(chosen: dict[str, Any]) -> dict[str, Any]:
 
 
 @rank_zero_only
-def _log_block(chosen: dict[str, Any], train_images: int, num_classes: int, regime: str) -> None:
+def _log_block(
+    chosen: dict[str, Any], given: dict[str, Any], train_images: int, num_classes: int, regime: str
+) -> None:
+    """The rules' choices, and the keys of the rules the user set (kept as given)."""
     if not chosen:
         return
     lines = [f"  {key} = {choice['value']} ({choice['rule']})" for key, choice in chosen.items()]
+    lines += [f"  {key} = {value} (set, kept as given)" for key, value in given.items()]
     log.info(
         "Data-adaptive defaults for %d training images of %d classes (regime %s; "
         "docs/configuration.md, override any on the command line):\n%s",
