@@ -80,9 +80,8 @@ if __name__ == "__main__":
             from finetune import resume
 
             argv = resume.command_line(argv)
-        config.check_command_line(argv)
-        if not resuming:  # before Hydra rewrites the folder's .hydra/ and log
-            config.check_new_run_dir(argv)
+        # a new run in a used run dir: refused before Hydra rewrites its .hydra/ and log
+        config.check_command_line(argv, new_run=not resuming)
     except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)

@@ -39,6 +39,13 @@ from finetune.errors import FinetuneError
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+# The keys whose `auto` the rules below resolve.
+RULED_KEYS = (
+    "data.batch_size",
+    "trainer.max_epochs",
+    "optim.optimizer.lr",
+    "strategy.augmented_views",
+)
 
 # data.batch_size: enough optimizer steps per epoch for small data, batches large enough for
 # BatchNorm statistics and a stable gradient.
@@ -235,17 +242,8 @@ def resolve(
         )
     elif views is not None:
         _check_views(int(views), regime, augmenting)
-    keys = (
-        "data.batch_size",
-        "trainer.max_epochs",
-        "optim.optimizer.lr",
-        "strategy.augmented_views",
-    )
-    given = {
-        key: OmegaConf.select(cfg, key)
-        for key in keys
-        if key not in chosen and OmegaConf.select(cfg, key) is not None
-    }
+    given = {key: OmegaConf.select(cfg, key) for key in RULED_KEYS if key not in chosen}
+    given = {key: value for key, value in given.items() if value is not None}
     _log_block(chosen, given, train_images, num_classes, regime)
     epochs = resolved.trainer.get("max_epochs")
     if regime == "probe" and epochs != PROBE_EPOCHS:

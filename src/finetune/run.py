@@ -476,15 +476,10 @@ def partial_evaluations(metrics: dict[str, Any]) -> dict[str, str]:
 def warn_partial_evaluations(metrics: dict[str, Any]) -> None:
     for stage, images in partial_evaluations(metrics).items():
         log.warning(
-            "The %s numbers cover only some of its images (%s/acc%s): the trainer's "
-            "limit_%s_batches, overfit_batches or fast_dev_run cut the evaluation. They are "
-            "a smoke test's, not the %s split's accuracy; without those options every image "
-            "counts.",
-            stage,
-            stage,
-            images,
-            stage,
-            stage,
+            f"The {stage} numbers cover only some of its images ({stage}/acc{images}): the "
+            f"trainer's limit_{stage}_batches, overfit_batches or fast_dev_run cut the "
+            f"evaluation. They are a smoke test's, not the {stage} split's accuracy; without "
+            "those options every image counts."
         )
 
 

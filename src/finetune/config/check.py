@@ -59,9 +59,11 @@ def check_command_line(
     config_name: str = "config",
     *,
     strict: bool = False,
+    new_run: bool = False,
 ) -> None:
     """Compose what `python train.py ARGV` composes, with each value of each sweep, and raise
-    `ConfigError` for the first unknown key, unknown option or wrong type.
+    `ConfigError` for the first unknown key, unknown option or wrong type; with `new_run` (a
+    training run that resumes nothing), also for a `hydra.run.dir` that holds a run already.
 
     Leaves to Hydra what it explains well itself (help, a malformed override, another config
     dir): those return without a check. `strict` (the docs test): Hydra's own errors raise
@@ -89,28 +91,21 @@ def check_command_line(
     for override in overrides:
         if override.key_or_group in ("hydra.run.dir", "hydra.sweep.dir"):
             _check_creatable(override.key_or_group, override.value())
+        if new_run and not args.multirun and override.key_or_group == "hydra.run.dir":
+            _check_new_run_dir(override.value())
 
 
-def check_new_run_dir(argv: Sequence[str]) -> None:
-    """`ConfigError` when `python train.py ARGV` (a new run, not a resume: no `ckpt_path`) names
-    a `hydra.run.dir` that already holds a run's results or checkpoints. Hydra would rewrite its
-    `.hydra/` (the overrides a resume reads) and append to its log, and the new run would mix
-    its checkpoints and TensorBoard events with the old run's and replace its metrics.json.
-    A run dir with only a failed run's files (failure.json, a log) may be reused."""
-    args = get_args_parser().parse_args(list(argv))
-    if args.multirun:  # jobs go to hydra.sweep.dir/<n>
-        return
-    try:
-        overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except HydraException:
-        return  # Hydra's own message explains a malformed override
-    given = {o.key_or_group: o.value() for o in overrides if not o.is_sweep_override()}
-    run_dir = given.get("hydra.run.dir")
-    if "ckpt_path" in given or not isinstance(run_dir, str) or "${" in run_dir:
+def _check_new_run_dir(run_dir: Any) -> None:
+    """`ConfigError` when the folder `run_dir` of a new run (not a resume) already holds a run's
+    results or checkpoints. Hydra would rewrite its `.hydra/` (the overrides a resume reads) and
+    append to its log, and the new run would mix its checkpoints and TensorBoard events with the
+    old run's and replace its metrics.json. A folder with only a failed run's files
+    (failure.json, a log) may be reused."""
+    if not isinstance(run_dir, str) or "${" in run_dir:
         return
     folder = Path(run_dir).expanduser()
-    held = [name for name in ("metrics.json",) if (folder / name).is_file()]
-    checkpoints = sorted((folder / "checkpoints").glob("*.ckpt"))
+    held = ["metrics.json"] if (folder / "metrics.json").is_file() else []
+    checkpoints = list((folder / "checkpoints").glob("*.ckpt"))
     if checkpoints:
         held.append(f"{len(checkpoints)} checkpoint(s)")
     if held:
