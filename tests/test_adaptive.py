@@ -351,7 +351,9 @@ def auto_run(root: Path, run_dir: Path, *overrides: str):
 
 
 def chosen_lines(output: str) -> dict[str, str]:
-    return dict(re.findall(r"^\s+((?:data|trainer|optim)\.[\w.]+) = (\S+) \(", output, re.M))
+    """The keys the rules chose, from the printed block (not those the user set and kept)."""
+    pattern = r"^\s+((?:data|trainer|optim)\.[\w.]+) = (\S+) \((?!set, kept as given)"
+    return dict(re.findall(pattern, output, re.M))
 
 
 @pytest.fixture(scope="module")
@@ -392,6 +394,7 @@ def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     output = longer.stdout + longer.stderr
     assert longer.returncode == 0, output[-3000:]
     assert chosen_lines(output) == {"data.batch_size": "8", "optim.optimizer.lr": "0.0025"}
+    assert "  trainer.max_epochs = 2 (set, kept as given)" in output
     assert "trainer.max_epochs changed from 'auto' to 2" in output
     assert "data.batch_size changed" not in output
 
