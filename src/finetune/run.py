@@ -474,6 +474,8 @@ def partial_evaluations(metrics: dict[str, Any]) -> dict[str, str]:
 
 
 def warn_partial_evaluations(metrics: dict[str, Any]) -> None:
+    """Log one warning per stage of `partial_evaluations(metrics)`: its numbers are a smoke
+    test's, not the split's."""
     for stage, images in partial_evaluations(metrics).items():
         log.warning(
             f"The {stage} numbers cover only some of its images ({stage}/acc{images}): the "
