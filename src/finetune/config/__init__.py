@@ -1,16 +1,12 @@
-"""The config: the schema of every key (`schema`) and the check that refuses a wrong key, option
-or type with one message (`check`). Importing this package registers the schema in Hydra's
-ConfigStore, which conf/ needs before it composes."""
+"""The config: the schema of every key (`schema`; allowed values and ranges in `values`) and the
+checks that refuse a wrong key, option or type with one message (`check` for a command line,
+`validate` for a config, `messages` for what they say). Importing this package registers the
+schema in Hydra's ConfigStore, which conf/ needs before it composes."""
 
-from finetune.config.check import (
-    CONF_DIR,
-    ConfigError,
-    check_command_line,
-    check_overrides,
-    expand_home,
-    validate,
-)
+from finetune.config.check import check_command_line, check_overrides, expand_home
+from finetune.config.messages import CONF_DIR, ConfigError
 from finetune.config.schema import SCHEMAS, register
+from finetune.config.validate import check_fields, validate
 
 register()
 
@@ -19,6 +15,7 @@ __all__ = [
     "SCHEMAS",
     "ConfigError",
     "check_command_line",
+    "check_fields",
     "check_overrides",
     "expand_home",
     "register",

@@ -6,7 +6,9 @@ The YAML options in conf/ extend their schema (Hydra's "extending configs" patte
 free-form maps of `_target_` entries.
 
 A new key goes into the dataclass of its group, with its type, default and a comment; the YAML
-option files change only when an option needs another value.
+option files change only when an option needs another value. A key's allowed values or range
+that code elsewhere reads go into `finetune.config.values`; predict.py's and export.py's
+schemas are in `finetune.config.commands`.
 """
 
 from __future__ import annotations
@@ -17,89 +19,28 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING
 
-# The allowed values of every key with a fixed set of them live here, and nowhere else: the
-# code that uses a value imports its tuple from this module. A field lists them in its metadata
-# (`one_of`); a key of mixed type (OmegaConf 2.3 has no Union) is `Any` with its values and/or
-# types there. `finetune.config.validate` checks them all before anything runs.
-
-# What BatchNorm layers inside the trainable part do (frozen parts are always in eval mode):
-#   train:        batch statistics in training, running statistics and affine parameters update;
-#   train_affine: eval mode (running statistics fixed), affine parameters train;
-#   frozen:       eval mode and affine parameters frozen too.
-BN_POLICIES = ("train", "train_affine", "frozen")
-AUTO_TRUE_FALSE = ("auto", True, False)
-AUTO_AUGMENT_POLICIES = ("none", "trivialaugment", "randaugment")
-DEVICE_TRANSFORMS = ("auto", "normalise", True, False)
-SCHEDULERS = ("cosine", "step", "constant")
-# Where a new head starts: probe = the linear probe solved on cached features (finetune.probe),
-# random = nn.Linear's initialisation.
-HEAD_INITS = ("probe", "random")
-# How a run trains (finetune.strategies.training_regime), which the data-adaptive defaults read.
-REGIMES = ("probe", "head", "finetune", "from_probe")
-# finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
-# torch, which checking a command line must not import); tests keep their names equal to these.
-MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
-DATASETS = ("hymenoptera", "flowers102", "imagefolder", "synthetic")
-# Lightning's accepted `precision` values (lightning_fabric.connector._PRECISION_INPUT; a test
-# keeps them equal).
-PRECISIONS = (
-    None,
-    64,
-    32,
-    16,
-    "64",
-    "32",
-    "16",
-    "bf16",
-    "transformer-engine",
-    "transformer-engine-float16",
-    "16-true",
-    "16-mixed",
-    "bf16-true",
-    "bf16-mixed",
-    "32-true",
-    "64-true",
+from finetune.config.commands import ExportConfig, PredictConfig
+from finetune.config.values import (
+    AUTO_AUGMENT_POLICIES,
+    AUTO_OR_COUNT,
+    AUTO_OR_NUMBER,
+    AUTO_OR_POSITIVE_INT,
+    AUTO_TRUE_FALSE,
+    BN_POLICIES,
+    CROP_SCALE,
+    DATASETS,
+    DEVICE_TRANSFORMS,
+    FRACTION,
+    HEAD_INITS,
+    MIN_LOADED_FRACTION,
+    MODEL_SOURCES,
+    PRECISIONS,
+    PROBABILITY,
+    PROJECT_CACHE_DIR,
+    REGIMES,  # noqa: F401 - importable from here too
+    SCHEDULERS,
+    one_of,
 )
-
-
-def one_of(
-    *values: Any,
-    types: tuple[type, ...] = (),
-    minimum: float | None = None,
-    maximum: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    example: Any = None,
-) -> dict[str, Any]:
-    """Field metadata: the value must be one of `values` (compared with its type: `True` is not
-    `1`) or an instance of one of `types` (a `bool` is not an `int` here), and an instance of
-    `types` must be >= `minimum`, <= `maximum`, > `above` and < `below` when given. `list`
-    means a list. `example`: the value a message suggests (else the first bound given)."""
-    bounds = {"minimum": minimum, "maximum": maximum, "above": above, "below": below}
-    return {"choices": values, "types": types, "example": example} | bounds
-
-
-# A probability or a share of a split.
-PROBABILITY = one_of(types=(float, int), minimum=0, maximum=1)
-FRACTION = one_of(types=(float, int), above=0, maximum=1, example=1.0)
-# RandomResizedCrop's scale range: [lo, hi] with 0 < lo <= hi <= 1 (an area share).
-CROP_SCALE = {"choices": (), "types": (list,), "scale_range": True}
-
-
-# Keys that a rule of finetune.adaptive fills in from the data when left at `auto`.
-AUTO_OR_COUNT = one_of("auto", types=(int,), minimum=0)
-AUTO_OR_POSITIVE_INT = one_of("auto", types=(int,), minimum=1)
-AUTO_OR_NUMBER = one_of("auto", types=(float, int))
-
-
-# Below this share of loaded layers, pretrained weights did not fit the network (a wrong file, a
-# naming nobody maps): a run would train from random weights it did not ask for. Every loader
-# with a head that does not fit still loads all but one layer, far above it.
-MIN_LOADED_FRACTION = 0.5
-
-# The project's cache folder: $FINETUNE_CACHE_DIR, else finetune-lab in the user's cache folder.
-PROJECT_CACHE_DIR = "${oc.env:FINETUNE_CACHE_DIR,${oc.env:XDG_CACHE_HOME,'~/.cache'}/finetune-lab}"
-
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -418,39 +359,6 @@ class Config:
     ckpt_path: str | None = None
     print_config: bool = True
     speed: SpeedConfig = field(default_factory=SpeedConfig)
-
-
-# ---------------------------------------------------------------------------------------------
-# predict.py and export.py: their own primary configs (conf/predict.yaml, conf/export.yaml)
-
-TTA_MODES = ("none", "flip")
-EXPORT_FORMATS = ("onnx", "torchscript", "exported_program")  # finetune.export.FORMATS
-
-
-@dataclass
-class PredictConfig:
-    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
-    # a file, a folder (searched recursively), a glob ('photos/*.jpg'), or a list [a.jpg,b/]
-    inputs: Any = MISSING
-    # classes shown and written per image (at most the number of classes)
-    top_k: int = field(default=3, metadata=one_of(types=(int,), minimum=1))
-    # none | flip: average the probabilities of the image and its mirror image
-    tta: str = field(default="none", metadata=one_of(*TTA_MODES))
-    batch_size: int = field(default=64, metadata=one_of(types=(int,), minimum=1))
-    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
-    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
-    output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir
-
-
-@dataclass
-class ExportConfig:
-    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
-    # onnx (model.onnx) | torchscript (model.pt) | exported_program (model.pt2)
-    format: str = field(default="onnx", metadata=one_of(*EXPORT_FORMATS))
-    output: str | None = None  # the model file to write; null = model.<ext> in the Hydra run dir
-    # ONNX opset version (torch.onnx exports 7 to 23)
-    opset: int = field(default=17, metadata=one_of(types=(int,), minimum=7))
-    check: bool = True  # run the written file once and compare it with PyTorch (max |diff|)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -1,0 +1,43 @@
+"""The schemas of `python predict.py` and `python export.py`: their own primary configs
+(conf/predict.yaml, conf/export.yaml), registered with the training schema
+(`finetune.config.schema.register`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from finetune.config.values import one_of
+
+TTA_MODES = ("none", "flip")
+# format -> the suffix of the model file it writes (a loader picks its reader by the suffix)
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
+EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
+
+
+@dataclass
+class PredictConfig:
+    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
+    # a file, a folder (searched recursively), a glob ('photos/*.jpg'), or a list [a.jpg,b/]
+    inputs: Any = MISSING
+    # classes shown and written per image (at most the number of classes)
+    top_k: int = field(default=3, metadata=one_of(types=(int,), minimum=1))
+    # none | flip: average the probabilities of the image and its mirror image
+    tta: str = field(default="none", metadata=one_of(*TTA_MODES))
+    batch_size: int = field(default=64, metadata=one_of(types=(int,), minimum=1))
+    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
+    device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
+    output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir
+
+
+@dataclass
+class ExportConfig:
+    ckpt: str = MISSING  # a run dir (its best checkpoint) or a .ckpt file
+    # onnx (model.onnx) | torchscript (model.pt) | exported_program (model.pt2)
+    format: str = field(default="onnx", metadata=one_of(*EXPORT_FORMATS))
+    output: str | None = None  # the model file to write; null = model.<ext> in the Hydra run dir
+    # ONNX opset version (torch.onnx exports 7 to 23)
+    opset: int = field(default=17, metadata=one_of(types=(int,), minimum=7))
+    check: bool = True  # run the written file once and compare it with PyTorch (max |diff|)
