@@ -91,7 +91,7 @@ def test_augmented_views_present_each_class_p_times_with_augmentation_only(
 @pytest.mark.parametrize(
     ("views", "regime", "augmenting", "message"),
     [
-        (-1, "probe", True, "augmented_views=-1 is negative"),
+        (-1, "probe", True, "`strategy.augmented_views=-1` is below its minimum 0"),
         (3, "head", True, "applies to the solved linear probe"),
         (3, "probe", False, "without augmentation: every view would be the clean image"),
     ],
@@ -326,17 +326,18 @@ def test_auto_keys_refuse_junk(line, key):
     assert f"Fix: e.g. {key}=auto" in str(caught.value)
 
 
-def test_the_data_module_chooses_its_auto_batch_size_by_the_same_rule(tmp_path):
+def test_the_data_module_takes_its_batch_size_from_the_rules_not_its_own(tmp_path):
     make_class_folders(tmp_path / "train", {"a": 30, "b": 30})  # 60 images: 32 -> 16 -> 8
     make_class_folders(tmp_path / "val", {"a": 2, "b": 2}, seed=1)
     options = {"num_workers": 0, "decode_cache_mb": 0}
     module = data_module("imagefolder", tmp_path, SPEC, eval_batch_size=None, **options)
-    assert module.batch_size == "auto"
     module.prepare_data()
-    assert module.batch_size == module.eval_batch_size == adaptive.auto_batch_size(60).value == 8
-    module = data_module("imagefolder", tmp_path, SPEC, **options)
-    module.prepare_data()
-    assert (module.batch_size, module.eval_batch_size) == (8, 64)
+    module.setup("fit")
+    assert module.batch_size == module.eval_batch_size == "auto"  # listing chooses nothing
+    with pytest.raises(FinetuneError, match=r"data.batch_size=auto .* Fix: set the data module"):
+        module.train_dataloader()
+    module.batch_size = adaptive.auto_batch_size(module.splits.sizes()["train"]).value
+    assert (module.train_dataloader().batch_size, module.val_dataloader().batch_size) == (8, 8)
 
 
 def auto_run(root: Path, run_dir: Path, *overrides: str):

@@ -236,6 +236,22 @@ def test_nothing_is_generated_or_listed_before_prepare_data(tmp_path):
     assert not (tmp_path / ".cache").exists()  # in the project's cache folder, not the data's
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"device_transforms": "gpu"}, r"`data.device_transforms=gpu` is not one of: auto, norm"),
+        ({"train_fraction": 0}, r"`data.train_fraction=0` must be above 0"),
+        ({"train_fraction": 1.5}, r"`data.train_fraction=1.5` is above its maximum 1"),
+        ({"batch_size": 0}, r"`data.batch_size=0` is below its minimum 1"),
+    ],
+)
+def test_a_data_module_built_in_code_refuses_what_the_schema_does(tmp_path, option, message):
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        data_module("imagefolder", tmp_path, SPEC, **option)
+
+
 def test_constructor_defaults_do_not_disagree_with_the_config(make_cfg):
     import inspect
 

@@ -131,6 +131,21 @@ def test_unknown_format_lists_the_choices(lite0_run, tmp_path):
         export_model(predictor.model, predictor.input_spec, [], "tflite", tmp_path / "m")
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"format": "onx"}, r"^`format=onx` is not one of: onnx, .* Did you mean `onnx`\?"),
+        ({"opset": 6}, r"^Config key `opset=6` is below its minimum 7\."),
+    ],
+)
+def test_settings_outside_the_schema_are_refused_before_loading(values, message, tmp_path):
+    from finetune.config import ConfigError
+
+    cfg = OmegaConf.create({"ckpt": "nowhere", "format": "onnx", "check": True} | values)
+    with pytest.raises(ConfigError, match=message):
+        export_run(cfg, tmp_path)
+
+
 # The standalone script runs with `finetune` unimportable; afterwards neither it nor torch
 # may have been imported.
 GUARD = """

@@ -197,9 +197,11 @@ def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(tmp_path):
     ("values", "message"),
     [
         ({"inputs": "???"}, r"^inputs is not set\. Fix: python predict\.py ckpt=.* inputs="),
-        ({"top_k": 0}, r"^top_k=0: .*Fix: top_k=1 or more"),
-        ({"top_k": -1}, r"^top_k=-1: .*Fix: top_k=1 or more"),
-        ({"tta": "flipp"}, r"^Unknown tta 'flipp'\. Valid choices: none, flip"),
+        # the schema's values, worded as the command line's check words them
+        ({"top_k": 0}, r"^Config key `top_k=0` is below its minimum 1\. Fix: e\.g\. top_k=1\."),
+        ({"top_k": -1}, r"^Config key `top_k=-1` is below its minimum 1\."),
+        ({"tta": "flipp"}, r"^`tta=flipp` is not one of: none, flip\. Did you mean `flip`\?"),
+        ({"batch_size": 0}, r"^Config key `batch_size=0` is below its minimum 1\."),
     ],
 )
 def test_settings_are_checked_before_the_checkpoint_is_read(values, message, tmp_path):

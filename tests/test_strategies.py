@@ -235,9 +235,10 @@ def test_gradual_resumed_after_a_kill_continues_the_same_schedule(make_cfg, monk
 def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(monkeypatch):
     from types import SimpleNamespace
 
+    from finetune.config.schema import GradualConfig
     from finetune.strategies import Gradual
 
-    strategy = Gradual(on_plateau=True, patience=2)
+    strategy = Gradual(GradualConfig(on_plateau=True, patience=2))
     unfrozen_at = []
     monkeypatch.setattr(
         strategy,
@@ -257,27 +258,77 @@ def test_gradual_on_plateau_unfreezes_after_patience_epochs_without_improvement(
     assert strategy.state_dict()["epochs_without_improvement"] == 2
 
 
-def test_each_strategy_takes_exactly_its_own_keys_with_the_schemas_defaults():
-    import dataclasses
-    import inspect
-
+def test_a_strategy_is_built_from_its_schema_dataclass_with_its_defaults():
     from finetune import strategies
     from finetune.config import SCHEMAS
 
-    for name, cls in strategies.STRATEGIES.items():
-        schema = SCHEMAS["strategy"][f"base_{name}"]
-        keys = {f.name: f for f in dataclasses.fields(schema)}
-        own = inspect.signature(cls.__init__).parameters
-        assert {"name", *own, *cls.RUN_KEYS} - {"self"} == set(keys), name
-        for key, parameter in own.items():
-            if key != "self" and keys[key].default is not dataclasses.MISSING:
-                assert parameter.default == keys[key].default, (name, key)
+    for option, schema in SCHEMAS["strategy"].items():
+        built = strategies.build({"name": schema.name})
+        assert type(built.config) is schema and built.config == schema(), option
+        assert built.name == schema.name and option == f"base_{built.name}"
     assert [n for n, c in strategies.STRATEGIES.items() if not c.pretrained] == ["scratch"]
-    built = strategies.build({"name": "last_layer", "cache_features": True})
-    assert not hasattr(built, "cache_features")  # the run reads it, the strategy does not
-    assert strategies.build({"name": "scratch"}).backbone_lr_scale == 1.0
-    regex = strategies.build({"name": "regex"})
-    assert regex.freeze_patterns == SCHEMAS["strategy"]["base_regex"]().freeze
+    # what the run and the module read of each strategy, as the schema's defaults set it
+    read = {
+        name: (s.bn, s.backbone_lr_scale, s.head_from_probe)
+        for name, s in ((n, strategies.build({"name": n})) for n in strategies.STRATEGIES)
+    }
+    assert read == {
+        "last_layer": ("frozen", 1.0, True),
+        "top_k": ("train_affine", 0.1, False),
+        "regex": ("train_affine", 0.1, False),
+        "gradual": ("train_affine", 0.1, False),
+        "full": ("train_affine", 0.1, False),
+        "lp_ft": ("train_affine", 1.0, True),
+        "scratch": ("train", 1.0, False),
+    }
+    built = strategies.build({"name": "top_k", "k": 5, "bn": "frozen", "backbone_lr_scale": 0.5})
+    assert (built.config.k, built.bn, built.backbone_lr_scale) == (5, "frozen", 0.5)
+    assert not strategies.build({"name": "last_layer", "head_init": "random"}).head_from_probe
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"name": "top_k", "kk": 3}, "Unknown config key `strategy.kk`. .* Did you mean `k`?"),
+        ({"name": "full", "bn": "fro"}, "`strategy.bn=fro` is not one of: .* `frozen`?"),
+        ({"name": "gradual", "patience": 0}, "`strategy.patience=0` is below its minimum 1"),
+    ],
+)
+def test_a_strategy_built_in_code_is_checked_as_the_command_line_is(values, message):
+    from finetune import strategies
+    from finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        strategies.build(values)
+
+
+# The strategy callback's state as the code before strategies were built from their schema
+# dataclasses wrote it into checkpoints (checkpoint["callbacks"]["FreezeStrategy"]).
+EARLIER_STATES = {
+    "gradual": {
+        "unfrozen": 2,
+        "best_val_acc": 0.75,
+        "epochs_without_improvement": 1,
+        "probe_report": {},
+        "feature_report": {},
+    },
+    "lp_ft": {
+        "probe_report": {"probe/l2": 0.001, "probe/val_acc": 0.9},
+        "feature_report": {"feature_cache": "written"},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(EARLIER_STATES))
+def test_a_checkpoints_strategy_state_written_before_loads(name):
+    from finetune import strategies
+
+    strategy = strategies.build({"name": name})
+    assert strategy.state_key == "FreezeStrategy"
+    strategy.load_state_dict(EARLIER_STATES[name])
+    assert strategy.state_dict() == EARLIER_STATES[name]
+    fresh = strategies.build({"name": name}).state_dict()
+    assert fresh.keys() == EARLIER_STATES[name].keys()  # and it writes the same keys
 
 
 @pytest.mark.parametrize(

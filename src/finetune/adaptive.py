@@ -33,12 +33,13 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.rank_zero import rank_zero_only  # rank set by Lightning
 
-from finetune.config.schema import REGIMES
+from finetune.config import check_fields
+from finetune.config.schema import LastLayerConfig
+from finetune.config.values import AUTO, REGIMES
 from finetune.errors import FinetuneError
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
 # The keys whose `auto` the rules below resolve.
 RULED_KEYS = (
     "data.batch_size",
@@ -282,11 +283,9 @@ def _log_block(
 
 
 def _check_views(views: int, regime: str, augmenting: bool) -> None:
-    """`FinetuneError` for a set strategy.augmented_views that cannot apply."""
-    if views < 0:
-        raise FinetuneError(
-            f"strategy.augmented_views={views} is negative. Fix: a count of views >= 0, or auto."
-        )
+    """`FinetuneError` for a set strategy.augmented_views that cannot apply (`ConfigError` for
+    one outside the schema's range)."""
+    check_fields({"augmented_views": views}, LastLayerConfig, "strategy")
     if views > 0 and regime != "probe":
         raise FinetuneError(
             f"strategy.augmented_views={views} applies to the solved linear probe, but this "

@@ -22,13 +22,14 @@ from torch import nn
 
 from finetune.atomic import atomic_write, write_json
 from finetune.backbones import InputSpec
+from finetune.config import check_fields
+from finetune.config.commands import EXPORT_SUFFIXES, ExportConfig
 from finetune.errors import FinetuneError, unknown_name
 from finetune.predict import load_model, require
 
 log = logging.getLogger(__name__)
 
-# format -> file suffix
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
+FORMATS = EXPORT_SUFFIXES  # format -> the suffix of its model file
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -174,8 +175,8 @@ def export_model(
     class_names: list[str],
     fmt: str,
     path: str | Path,
-    opset: int = 17,
-    check: bool = True,
+    opset: int = ExportConfig.opset,
+    check: bool = ExportConfig.check,
 ) -> Exported:
     """Write `model` (images -> logits, in eval mode) as `fmt` to `path` and its metadata to
     `path` with suffix `.json`, both atomically. With `check`, run the written file on a batch
@@ -236,15 +237,13 @@ def check_output(path: Path, fmt: str) -> None:
 def run(cfg: Any, output_dir: Path) -> Exported:
     """`python export.py`: load the checkpoint, export, print where the files are."""
     require(cfg, ["ckpt"], "python export.py ckpt=outputs/runs/<run> format=onnx")
+    check_fields(cfg, ExportConfig)  # the values the schema allows, before loading anything
     fmt = str(cfg.format)
-    if fmt not in FORMATS:
-        raise unknown_name("export format", fmt, list(FORMATS))
     wanted = cfg.get("output")
     path = Path(str(wanted)).expanduser() if wanted else output_dir / f"model{FORMATS[fmt]}"
     check_output(path, fmt)
+    opset = int(cfg.get("opset", ExportConfig.opset))
     model, spec, class_names = load_model(cfg.ckpt)
-    exported = export_model(
-        model, spec, class_names, fmt, path, int(cfg.get("opset", 17)), bool(cfg.check)
-    )
+    exported = export_model(model, spec, class_names, fmt, path, opset, bool(cfg.check))
     print(f"Wrote {exported.model_file}\nWrote {exported.metadata_file}")
     return exported

@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from finetune import backbones
 from finetune.atomic import write_json
 from finetune.backbones import InputSpec
+from finetune.config import check_fields
+from finetune.config.commands import TTA_MODES, PredictConfig
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
@@ -41,9 +43,6 @@ from finetune.prediction_tables import confusion, format_confusion, format_table
 from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
-
-TTA_CHOICES = ("none", "flip")
-
 
 # ------------------------------------------------------------------------------------------
 # The model: a run dir or a checkpoint file
@@ -231,8 +230,8 @@ class Predictions:
 
 
 def _check_tta(tta: str) -> None:
-    if tta not in TTA_CHOICES:
-        raise FinetuneError(f"Unknown tta '{tta}'. Valid choices: {', '.join(TTA_CHOICES)}.")
+    if tta not in TTA_MODES:
+        raise FinetuneError(f"Unknown tta '{tta}'. Valid choices: {', '.join(TTA_MODES)}.")
 
 
 @dataclass
@@ -249,7 +248,7 @@ class Predictor:
         self.model = self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor, tta: str = PredictConfig.tta) -> torch.Tensor:
         """Softmax of a preprocessed batch `(N, 3, crop, crop)`; `tta="flip"` averages it with
         that of the mirrored images. Returns `(N, classes)` float32 on the CPU."""
         _check_tta(tta)
@@ -262,8 +261,8 @@ class Predictor:
     def predict(
         self,
         files: Iterable[str | Path],
-        batch_size: int = 64,
-        tta: str = "none",
+        batch_size: int = PredictConfig.batch_size,
+        tta: str = PredictConfig.tta,
         num_workers: int = 0,
     ) -> Predictions:
         """Decode, preprocess and classify `files` in batches; unreadable ones are skipped
@@ -321,19 +320,15 @@ def require(cfg: Any, keys: Sequence[str], example: str) -> None:
 
 
 def check_settings(cfg: Any) -> None:
-    """The settings of `python predict.py`, checked before the model is loaded."""
+    """The settings of `python predict.py`, checked before the model is loaded: the values
+    the schema allows (`ConfigError`) and an output that is not a folder."""
     require(cfg, ["ckpt", "inputs"], PREDICT_EXAMPLE)
-    _check_tta(str(cfg.tta))
+    check_fields(cfg, PredictConfig)
     wanted = cfg.get("output")
     if wanted and Path(str(wanted)).expanduser().is_dir():
         raise FinetuneError(
             f"output={wanted} is a folder; output names the CSV file to write. Fix: "
             f"output={Path(str(wanted)) / 'predictions.csv'}"
-        )
-    if int(cfg.top_k) < 1:
-        raise FinetuneError(
-            f"top_k={cfg.top_k}: at least one class is shown per image. Fix: top_k=1 or more "
-            "(above the number of classes it is cut to that number)."
         )
 
 
@@ -345,7 +340,7 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     class folders), write predictions.csv (and skipped_images.json). Returns a summary.
     Raises `FinetuneError` for a missing or bad setting before loading anything."""
     check_settings(cfg)
-    predictor = load_predictor(cfg.ckpt, str(cfg.get("device", "auto")))
+    predictor = load_predictor(cfg.ckpt, str(cfg.get("device", PredictConfig.device)))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
     result = predictor.predict(

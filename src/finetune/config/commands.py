@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from finetune.config.values import one_of
+from finetune.config.values import COUNT_FROM_ONE, one_of
 
 TTA_MODES = ("none", "flip")
 # format -> the suffix of the model file it writes (a loader picks its reader by the suffix)
@@ -23,10 +23,10 @@ class PredictConfig:
     # a file, a folder (searched recursively), a glob ('photos/*.jpg'), or a list [a.jpg,b/]
     inputs: Any = MISSING
     # classes shown and written per image (at most the number of classes)
-    top_k: int = field(default=3, metadata=one_of(types=(int,), minimum=1))
+    top_k: int = field(default=3, metadata=COUNT_FROM_ONE)
     # none | flip: average the probabilities of the image and its mirror image
     tta: str = field(default="none", metadata=one_of(*TTA_MODES))
-    batch_size: int = field(default=64, metadata=one_of(types=(int,), minimum=1))
+    batch_size: int = field(default=64, metadata=COUNT_FROM_ONE)
     num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
     output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir

@@ -27,6 +27,7 @@ from finetune.config.values import (
     AUTO_OR_POSITIVE_INT,
     AUTO_TRUE_FALSE,
     BN_POLICIES,
+    COUNT_FROM_ONE,
     CROP_SCALE,
     DATASETS,
     DEVICE_TRANSFORMS,
@@ -119,9 +120,10 @@ class RegexConfig(BackboneTrainsConfig):
 @dataclass
 class GradualConfig(BackboneTrainsConfig):
     name: str = "gradual"
-    every_n_epochs: int = 1  # one more block joins every n epochs
+    # one more block joins every n epochs
+    every_n_epochs: int = field(default=1, metadata=COUNT_FROM_ONE)
     on_plateau: bool = False  # instead: after `patience` epochs without a better val/acc
-    patience: int = 1
+    patience: int = field(default=1, metadata=COUNT_FROM_ONE)
 
 
 @dataclass

@@ -71,6 +71,8 @@ def one_of(
     return {"choices": values, "types": types, "example": example} | bounds
 
 
+# A count of at least one (epochs, images).
+COUNT_FROM_ONE = one_of(types=(int,), minimum=1)
 # A probability or a share of a split.
 PROBABILITY = one_of(types=(float, int), minimum=0, maximum=1)
 FRACTION = one_of(types=(float, int), above=0, maximum=1, example=1.0)

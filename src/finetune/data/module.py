@@ -23,9 +23,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
-from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
-from finetune.config.schema import DEVICE_TRANSFORMS
+from finetune.config import check_fields
+from finetune.config.schema import DataConfig
+from finetune.config.values import AUTO
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
 from finetune.data.loading import (
@@ -37,7 +38,7 @@ from finetune.data.loading import (
     training_subset,
 )
 from finetune.data.verify import without_unreadable
-from finetune.errors import FinetuneError, unknown_name
+from finetune.errors import FinetuneError
 from finetune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,6 @@ def project_cache_dir() -> str:
     return str(OmegaConf.create({"cache_dir": PROJECT_CACHE_DIR}).cache_dir)
 
 
-def _check_options(device_transforms: Any, train_fraction: float) -> None:
-    if device_transforms not in DEVICE_TRANSFORMS:
-        raise unknown_name(
-            "data.device_transforms", str(device_transforms), ["auto", "true", "normalise", "false"]
-        )
-    if not 0.0 < float(train_fraction) <= 1.0:
-        raise FinetuneError(
-            f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
-            "the training split to train on."
-        )
-
-
 class FinetuneDataModule(pl.LightningDataModule):
     """Loaders for one dataset layout, preprocessed for one backbone's `InputSpec`.
 
@@ -74,9 +63,10 @@ class FinetuneDataModule(pl.LightningDataModule):
     `cache_dir` holds the verified-image records and cached features (None: the project's
     default, `project_cache_dir()`);
     `device_transforms` is explained in `finetune.transforms.Preprocessing`;
-    `batch_size="auto"` is chosen by `finetune.adaptive.auto_batch_size` once the splits are listed.
-    Raises `FinetuneError` for an unknown dataset, device_transforms or train_fraction.
-    Its length (~175 lines) is mostly the constructor naming the data group's 19 keys.
+    `batch_size="auto"` is chosen from the listed splits by `finetune.adaptive.resolve`, whose
+    value the run sets as `batch_size` before any loader is made.
+    Raises `UnknownNameError` for an unknown dataset and `ConfigError` for a value the data
+    schema does not allow.
     """
 
     def __init__(
@@ -104,7 +94,10 @@ class FinetuneDataModule(pl.LightningDataModule):
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
     ) -> None:
         super().__init__()
-        _check_options(device_transforms, train_fraction)
+        checked = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
+        checked |= {"num_workers": num_workers, "val_fraction": val_fraction}
+        checked |= {"device_transforms": device_transforms, "train_fraction": train_fraction}
+        check_fields(checked, DataConfig, "data")
         self.dataset, self.layout = dataset, layout(dataset)
         self.root = Path(root).expanduser()
         self.layout_options = LayoutOptions(
@@ -113,7 +106,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         # The project's folder, not the dataset's: a user's photo folder is only ever read.
         self.cache_dir = Path(cache_dir or project_cache_dir()).expanduser()
         self.input_spec, self.augment = input_spec, dict(augment or {})
-        # "auto": chosen from the training split's size once it is listed (`_list_splits`)
+        # "auto" until the run sets the value finetune.adaptive chose from the listed splits
         self.batch_size, self._eval_batch_size = batch_size, eval_batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
@@ -156,8 +149,6 @@ class FinetuneDataModule(pl.LightningDataModule):
             self._splits.sizes(),
             self.cache_dir,
         )
-        if self.batch_size == AUTO:  # one process's rule; run.train sets the resolved batch after
-            self.batch_size = auto_batch_size(self._splits.sizes()["train"]).value
 
     @property
     def eval_batch_size(self) -> int | str:
@@ -283,6 +274,12 @@ class FinetuneDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:
             raise FinetuneError(f"Dataset {self.dataset} has no {split} split; evaluate on val.")
+        if AUTO in (self.batch_size, self.eval_batch_size):
+            raise FinetuneError(
+                "data.batch_size=auto is chosen from the listed splits by "
+                "finetune.adaptive.resolve. Fix: set the data module's batch_size to the value it "
+                "chose (finetune.run.train does), or set data.batch_size."
+            )
         # features are in memory: workers only add start-up
         images = split not in (self.features or {})
         dataset = self.datasets[split]
