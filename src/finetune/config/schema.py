@@ -13,7 +13,7 @@ schemas are in `finetune.config.commands`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -42,6 +42,15 @@ from finetune.config.values import (
     SCHEDULERS,
     one_of,
 )
+
+
+def named_option(class_name: str, base: type, name: str) -> type:
+    """The schema of an option that takes its group's keys and defaults as they are (`base`)
+    and only names itself: a dataclass `class_name(base)` with `name` defaulting to `name`,
+    defined in this module (so that it pickles and prints as the others do)."""
+    spec = ("name", str, field(default=name))
+    return make_dataclass(class_name, [spec], bases=(base,), namespace={"__module__": __name__})
+
 
 # ---------------------------------------------------------------------------------------------
 # model
@@ -126,9 +135,7 @@ class GradualConfig(BackboneTrainsConfig):
     patience: int = field(default=1, metadata=COUNT_FROM_ONE)
 
 
-@dataclass
-class FullConfig(BackboneTrainsConfig):
-    name: str = "full"
+FullConfig = named_option("FullConfig", BackboneTrainsConfig, "full")
 
 
 @dataclass
@@ -259,9 +266,7 @@ class SchedulerConfig:
     warmup_epochs: float = 0.0  # linear warmup, in epochs
 
 
-@dataclass
-class ConstantSchedulerConfig(SchedulerConfig):
-    name: str = "constant"
+ConstantSchedulerConfig = named_option("ConstantSchedulerConfig", SchedulerConfig, "constant")
 
 
 @dataclass
