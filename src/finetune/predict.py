@@ -287,7 +287,7 @@ class Predictor:
         return Predictions(kept, probabilities, unreadable)
 
 
-def pick_device(device: str = "auto") -> torch.device:
+def pick_device(device: str = PredictConfig.device) -> torch.device:
     """`auto`: the GPU when there is one, else the CPU. Raises `FinetuneError` for a device
     name torch does not know or a GPU this machine lacks."""
     if device == "auto":
@@ -305,7 +305,7 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
-def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
+def load_predictor(path: str | Path, device: str = PredictConfig.device) -> Predictor:
     """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict."""
     model, spec, class_names = load_model(path)
     return Predictor(model, spec, class_names, pick_device(device))

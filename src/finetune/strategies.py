@@ -40,6 +40,7 @@ from finetune.config.schema import (
     StrategyConfig,
     TopKConfig,
 )
+from finetune.config.values import AUTO
 from finetune.errors import FinetuneError, unknown_name
 from finetune.freezing import FreezeStrategy, top_blocks
 from finetune.freezing import count_parameters as count_parameters  # the run's counts
@@ -281,4 +282,4 @@ def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmen
                 "(augmentation is off), so the backbone's features are computed once."
             )
         return True
-    return cache_features == "auto" and (strategy.head_from_probe or not augmenting)
+    return cache_features == AUTO and (strategy.head_from_probe or not augmenting)
