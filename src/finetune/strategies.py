@@ -218,7 +218,6 @@ class Scratch(Full):
     shows what the pretrained weights are worth."""
 
     config_class = ScratchConfig
-    config: ScratchConfig  # type: ignore[assignment]
     pretrained = False
 
     @property
@@ -226,8 +225,9 @@ class Scratch(Full):
         return 1.0  # random layers have no features to protect: all at the full rate
 
 
-# The strategies by name: a new strategy is a schema dataclass (finetune.config.schema, with
-# its option file in conf/strategy) and a subclass here that names it, listed here.
+# The strategies by name. A new one is its schema dataclass (finetune.config.schema, in SCHEMAS,
+# with an option file in conf/strategy) and a subclass here that names it as `config_class`,
+# added to this tuple.
 STRATEGIES: dict[str, type[FreezeStrategy]] = {
     cls.name: cls for cls in (LastLayer, TopK, Regex, Gradual, Full, LpFt, Scratch)
 }
