@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 from torch import nn
 
-from finetune import callbacks, optim
+from finetune import callbacks, lightning_internals, optim
 from finetune.backbones import Network
 from finetune.config.schema import (
     STEM_PATTERNS,
@@ -181,9 +181,7 @@ class FreezeStrategy(pl.Callback):
             return
         if trainer.global_step > 0 or trainer.fast_dev_run:  # a resume; a smoke test
             return
-        trainer.validating = True  # as Lightning's training epoch loop runs its validation
-        trainer.fit_loop.epoch_loop.val_loop.run()
-        trainer.training = True
+        lightning_internals.run_validation_now(trainer)
         self._set_eval_modes()  # the validation loop put the whole module back in train mode
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
         for checkpoint in keepers:

@@ -38,6 +38,7 @@ from finetune.data.loading import (
 )
 from finetune.data.verify import without_unreadable
 from finetune.errors import FinetuneError, unknown_name
+from finetune.lightning_internals import epochs_processed
 from finetune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         loop's processed epochs): a resumed run's, which its first iterator must already use."""
         if self.trainer is None:
             return 0
-        return int(self.trainer.fit_loop.epoch_progress.current.processed)
+        return epochs_processed(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
