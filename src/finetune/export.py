@@ -21,8 +21,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
-from finetune.backbones import InputSpec
 from finetune.errors import FinetuneError, unknown_name
+from finetune.input_spec import InputSpec
 from finetune.predict import load_model, require
 
 log = logging.getLogger(__name__)

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import backbones
 from finetune.atomic import write_json
-from finetune.backbones import InputSpec
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
 from finetune.data.layouts import images_under
 from finetune.errors import FinetuneError
+from finetune.input_spec import InputSpec
 from finetune.module import load_classifier
 from finetune.prediction_tables import confusion, format_confusion, format_table, top_k, write_csv
 from finetune.transforms import eval_transform

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from finetune.adaptive import AUTO, auto_batch_size
-from finetune.backbones import InputSpec
+from finetune.input_spec import InputSpec
 from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
