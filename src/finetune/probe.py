@@ -90,16 +90,11 @@ class HeadLoss:
             logits, labels, weight=self.class_weight, label_smoothing=self.label_smoothing
         )
 
-
-def _objective(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    l2: float,
-    loss: HeadLoss,
-) -> torch.Tensor:
-    return loss(torch.addmm(bias, x, weight.T), y) + 0.5 * l2 * weight.pow(2).sum()
+    def penalised(
+        self, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float
+    ) -> torch.Tensor:
+        """The probe's objective: this loss of the head `x W^T + b` plus `l2 / 2 * |W|^2`."""
+        return self(torch.addmm(bias, x, weight.T), y) + 0.5 * l2 * weight.pow(2).sum()
 
 
 def _solve(
@@ -124,7 +119,7 @@ def _solve(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        value = _objective(weight, bias, x, y, l2, loss)
+        value = loss.penalised(weight, bias, x, y, l2)
         value.backward()
         return value
 
