@@ -24,7 +24,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
 from finetune.adaptive import AUTO, auto_batch_size
-from finetune.input_spec import InputSpec
 from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.data.images import DecodedImages, decode_once
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
@@ -38,6 +37,7 @@ from finetune.data.loading import (
 )
 from finetune.data.verify import without_unreadable
 from finetune.errors import FinetuneError, unknown_name
+from finetune.input_spec import InputSpec
 from finetune.lightning_internals import epochs_processed
 from finetune.transforms import Preprocessing
 
