@@ -19,10 +19,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SHARED_DATA
-from finetune.backbones import InputSpec
 from finetune.data import ImageListDataset, load_rgb
 from finetune.data.images import DecodedImages
-from finetune.sources import CROP_MODES
+from finetune.input_spec import CROP_MODES, InputSpec
 from finetune.transforms import eval_resize, eval_transform
 
 HYMENOPTERA = SHARED_DATA / "hymenoptera_data"
@@ -486,3 +485,24 @@ def test_peak_memory_of_a_run_does_not_grow_with_elongated_images(tmp_path, reco
     print(f"peak RSS: square photos {square:.0f} MB, 1:16 photos {elongated:.0f} MB")
     record_fault(elongated - square < 250)
     assert elongated - square < 250, (square, elongated)
+
+
+def test_the_input_spec_data_and_transforms_import_no_model_code():
+    """Loaders and presets are built from an `InputSpec` alone: importing them loads none of
+    the project's network, weight-loading or LightningModule code, and the spec needs no torch."""
+    import subprocess
+    import sys
+
+    model_code = ["finetune.backbones", "finetune.sources", "finetune.weights", "finetune.module"]
+    model_code += ["finetune.weight_files"]
+    script = (
+        "import sys\n"
+        "import finetune.input_spec\n"
+        "print('torch' in sys.modules)\n"
+        "import finetune.data, finetune.transforms\n"
+        f"print(sorted(set({model_code!r}) & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.split("\n")[:2] == ["False", "[]"]

@@ -94,6 +94,63 @@ def test_empty_or_mismatched_features_are_refused():
         probe.solve(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="N labels"):
         probe.solve(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match=r"class_weight must be \(2,\)"):
+        probe.solve(
+            torch.zeros(3, 4),
+            torch.zeros(3, dtype=torch.long),
+            2,
+            None,
+            None,
+            class_weight=torch.ones(3),
+        )
+
+
+RESNET18 = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+
+
+def head_gradients(module, x, y, loss) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of `loss(module(x), y)` for the head's weight and bias."""
+    head = module.network.get_classifier()
+    module.zero_grad()
+    loss(module(x), y).backward()
+    return head.weight.grad.clone(), head.bias.grad.clone()
+
+
+def test_the_solved_probe_is_the_optimum_of_the_modules_training_loss():
+    from finetune.module import ClassifierModule
+
+    x, y = blobs(20, 3, 512, spread=8.0, seed=6)  # resnet18's 512 features, overlapping classes
+    module = ClassifierModule(
+        ["a", "b", "c"], RESNET18, {"label_smoothing": 0.1}, {"name": "constant"}
+    ).eval()
+    solution = probe.solve(x, y, 3, label_smoothing=module.criterion.label_smoothing)
+    solution.copy_into(module.network.get_classifier())
+    # At the solve's optimum the training loss's gradient is the L2 term's alone: over
+    # standardised features (W_s = W std) the objective's gradient, loss + l2/2 |W_s|^2, is 0.
+    std = x.std(dim=0, unbiased=False)
+    weight_grad, bias_grad = head_gradients(module, x, y, module.criterion)
+    standardised = weight_grad / std + solution.l2 * solution.weight * std
+    assert standardised.abs().max() < 1e-4 and bias_grad.abs().max() < 1e-4
+    # It is not the optimum of the plain cross-entropy, and solving that one gives another head.
+    plain_grad, _ = head_gradients(module, x, y, torch.nn.CrossEntropyLoss())
+    assert (plain_grad / std + solution.l2 * solution.weight * std).abs().max() > 1e-2
+    plain = probe.solve(x, y, 3)
+    assert (plain.weight - solution.weight).abs().max() > 1e-3 * solution.weight.abs().max()
+
+
+def test_the_probe_solves_the_class_weighted_loss_when_given_one():
+    x, y = blobs(20, 3, 16, spread=8.0, seed=7)
+    class_weight = torch.tensor([4.0, 1.0, 1.0])
+    solution = probe.solve(x, y, 3, class_weight=class_weight)
+    head = torch.nn.Linear(16, 3)
+    solution.copy_into(head)
+    loss = torch.nn.CrossEntropyLoss(weight=class_weight)(head(x), y)
+    loss.backward()
+    std = x.std(dim=0, unbiased=False)
+    assert (head.weight.grad / std + solution.l2 * solution.weight * std).abs().max() < 1e-4
+    assert head.bias.grad.abs().max() < 1e-4
+    unweighted = probe.solve(x, y, 3)
+    assert (unweighted.bias - solution.bias).abs().max() > 1e-2
 
 
 def checkpoint_head(path: str | Path) -> dict[str, torch.Tensor]:
@@ -213,9 +270,9 @@ def test_augmented_views_are_the_training_presets_seeded_draws(make_cfg):
 
 
 def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, tmp_path, caplog):
-    solved = train(make_cfg("strategy=last_layer", "augment=none"))
+    solved = train(make_cfg("strategy=last_layer", "augment=none", "optim.label_smoothing=0.1"))
     # A rate that wrecks the head: its epoch is worse on val than the probe it started from.
-    # Label smoothing: the validation's loss is not the probe solve's plain cross-entropy.
+    # Label smoothing: the probe is solved and validated with the training loss, smoothed.
     cfg = make_cfg(
         "strategy=last_layer",
         "strategy.cache_features=false",
@@ -254,11 +311,12 @@ def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, t
         torch.testing.assert_close(checkpoint_head(best)[name], tensor)
     assert trained["val/acc"] == pytest.approx(probe_acc, abs=1e-6)
     assert trained["val/loss"] == pytest.approx(probe_loss, rel=1e-4)
-    # ranked on a tie by the smoothed loss the epochs are ranked by, not the solve's own
+    # the solve's validation loss is the training loss, smoothed, as the epochs' is
+    assert trained["probe_val_loss"] == pytest.approx(probe_loss, rel=1e-4)
+    # ranked on a tie by the loss the epochs are ranked by
     states = torch.load(best, weights_only=True)["callbacks"]
     (ties,) = [state["tie_values"] for state in states.values() if "tie_values" in state]
     assert ties[str(best)] == pytest.approx(probe_loss, rel=1e-4)
-    assert probe_loss > trained["probe_val_loss"] + 0.01
     assert "Best checkpoint: the linear probe, before training on" in caplog.text
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"

@@ -31,7 +31,8 @@ from torch import nn
 
 from finetune.config.schema import MIN_LOADED_FRACTION
 from finetune.errors import FinetuneError
-from finetune.sources import InputSpec, WeightSource, resolve
+from finetune.input_spec import InputSpec
+from finetune.sources import WeightSource, resolve
 from finetune.weights import NAMINGS, LoadReport, adopt_naming, load_bottom_up, strip_to_target
 
 __all__ = [

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.utilities.rank_zero import rank_zero_only  # rank set by Lightning
 
 from finetune.atomic import atomic_write
+from finetune.lightning_internals import CheckpointWithSaveHook, save_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def instantiate_all(group_cfg: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group_cfg.values() if entry is not None]
 
 
-class BestCheckpoint(ModelCheckpoint):
+class BestCheckpoint(CheckpointWithSaveHook):
     """Lightning's `ModelCheckpoint`, where a tie of the monitored metric is broken by a second
     one: with `monitor: val/acc` and `tie_breaker: val/loss` (`tie_mode: min`), of two epochs
     at the same accuracy the one with the lower validation loss is kept and is the best. (The
@@ -80,9 +81,8 @@ class BestCheckpoint(ModelCheckpoint):
             tie = not math.isnan(new) and (math.isnan(old) or better)
         return trainer.strategy.reduce_boolean_decision(tie)
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # Called once the kept set holds the new checkpoint and before its file (with this
-        # callback's state) is written: rank the kept set with the tie-breaker here.
+    def before_save(self, trainer: pl.Trainer, filepath: str) -> None:
+        # The kept set holds the new checkpoint; rank it with the tie-breaker.
         if self.monitor and filepath in self.best_k_models:
             self.tie_values = {p: v for p, v in self.tie_values.items() if p in self.best_k_models}
             self.tie_values[filepath] = self._tie_value(trainer)
@@ -92,7 +92,6 @@ class BestCheckpoint(ModelCheckpoint):
                 self.kth_value = self.best_k_models[ranked[0]]
             self.best_model_path = ranked[-1]
             self.best_model_score = self.best_k_models[ranked[-1]]
-        super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"tie_values": dict(self.tie_values)}
@@ -196,9 +195,7 @@ def keep_as_candidate(
         checkpoint.tie_values = {filepath: float(metrics.get(checkpoint.tie_breaker, math.nan))}
     # The stock save (BestCheckpoint's would take its tie-breaker from the trainer's metrics
     # again). It is not the last checkpoint an epoch saved: save_last must not link to it.
-    last_saved = checkpoint._last_checkpoint_saved
-    ModelCheckpoint._save_checkpoint(checkpoint, trainer, filepath)
-    checkpoint._last_checkpoint_saved = last_saved
+    save_checkpoint_file(checkpoint, trainer, filepath)
     return filepath
 
 

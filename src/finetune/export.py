@@ -21,10 +21,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
-from finetune.backbones import InputSpec
 from finetune.config import check_fields
 from finetune.config.commands import EXPORT_SUFFIXES, ExportConfig
 from finetune.errors import FinetuneError, unknown_name
+from finetune.input_spec import InputSpec
 from finetune.predict import load_model, require
 
 log = logging.getLogger(__name__)

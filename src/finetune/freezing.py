@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import pytorch_lightning as pl
 from torch import nn
 
-from finetune import callbacks
+from finetune import callbacks, lightning_internals
 from finetune.backbones import Network
 from finetune.config.schema import StrategyConfig
 
@@ -170,7 +170,7 @@ class FreezeStrategy(pl.Callback):
         if trainer.global_step > 0 or trainer.fast_dev_run:  # a resume; a smoke test
             return
         trainer.validating = True  # as Lightning's training epoch loop runs its validation
-        trainer.fit_loop.epoch_loop.val_loop.run()
+        lightning_internals.run_validation_now(trainer)
         trainer.training = True
         self._set_eval_modes()  # the validation loop put the whole module back in train mode
         metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}

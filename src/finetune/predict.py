@@ -30,7 +30,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import backbones
 from finetune.atomic import write_json
-from finetune.backbones import InputSpec
 from finetune.config import check_fields
 from finetune.config.commands import TTA_MODES, PredictConfig
 
@@ -38,8 +37,16 @@ from finetune.config.commands import TTA_MODES, PredictConfig
 from finetune.data import load_rgb
 from finetune.data.layouts import images_under
 from finetune.errors import FinetuneError
+from finetune.input_spec import InputSpec
 from finetune.module import load_classifier
-from finetune.prediction_tables import confusion, format_confusion, format_table, top_k, write_csv
+from finetune.prediction_tables import (
+    Predictions,
+    confusion,
+    format_confusion,
+    format_table,
+    top_k,
+    write_csv,
+)
 from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -217,16 +224,6 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]):
     errors = {i: reason for i, image, reason in samples if image is None}
     images = torch.stack([image for _, image in good]) if good else None
     return [i for i, _ in good], images, errors
-
-
-@dataclass
-class Predictions:
-    """`probabilities[i]` (softmax over the classes, float32) belongs to `files[i]`; the files
-    that could not be read are in `unreadable` (path -> reason), not in `files`."""
-
-    files: list[Path]
-    probabilities: torch.Tensor  # (N, classes)
-    unreadable: dict[Path, str]
 
 
 def _check_tta(tta: str) -> None:

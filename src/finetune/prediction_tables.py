@@ -1,20 +1,28 @@
-"""What `predict.py` prints and writes: the top-k table, predictions.csv, and the accuracy and
-confusion matrix of images from class folders."""
+"""What `predict.py` prints and writes from its `Predictions`: the top-k table,
+predictions.csv, and the accuracy and confusion matrix of images from class folders."""
 
 from __future__ import annotations
 
 import csv
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from finetune.atomic import atomic_write
 
-if TYPE_CHECKING:
-    from finetune.predict import Predictions
+
+@dataclass
+class Predictions:
+    """`probabilities[i]` (softmax over the classes, float32) belongs to `files[i]`; the files
+    that could not be read are in `unreadable` (path -> reason), not in `files`."""
+
+    files: list[Path]
+    probabilities: torch.Tensor  # (N, classes)
+    unreadable: dict[Path, str]
 
 
 def top_k(predictions: Predictions, class_names: Sequence[str], k: int) -> list[list[Any]]:

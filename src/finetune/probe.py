@@ -8,7 +8,9 @@ views, `finetune.features.augmented_views`), a full-batch L-BFGS solve of
     mean cross-entropy(W x + b, y) + (l2 / 2) * ||W||^2     (the bias is not penalised)
 
 for each L2 strength of a log-spaced grid, the strength chosen by validation accuracy (ties: the
-lower validation loss, then the stronger L2). The features are standardised with the training
+lower validation loss, then the stronger L2). The cross-entropy is the one gradient training
+uses (its label smoothing and class weights): one loss for the head however it is trained,
+whose optimum the solve finds. The features are standardised with the training
 split's mean and standard deviation before the solve (it converges in far fewer iterations) and
 the solution is folded back into an `nn.Linear` over the raw features, so the network's head
 computes exactly the solved classifier.
@@ -75,15 +77,33 @@ class ProbeSolution:
             head.bias.copy_(self.bias.to(head.bias))
 
 
-def _objective(
-    weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float
-) -> torch.Tensor:
-    loss = nn.functional.cross_entropy(torch.addmm(bias, x, weight.T), y)
-    return loss + 0.5 * l2 * weight.pow(2).sum()
+@dataclass(frozen=True)
+class HeadLoss:
+    """The cross-entropy the head is trained with, the module's criterion's arguments:
+    `label_smoothing` in [0, 1] and `class_weight`, (classes,) or None."""
+
+    label_smoothing: float = 0.0
+    class_weight: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(
+            logits, labels, weight=self.class_weight, label_smoothing=self.label_smoothing
+        )
+
+    def penalised(
+        self, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float
+    ) -> torch.Tensor:
+        """The probe's objective: this loss of the head `x W^T + b` plus `l2 / 2 * |W|^2`."""
+        return self(torch.addmm(bias, x, weight.T), y) + 0.5 * l2 * weight.pow(2).sum()
 
 
 def _solve(
-    weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, l2: float
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    l2: float,
+    loss: HeadLoss,
 ) -> int:
     """Minimise the objective in place from the current `weight`, `bias`; returns the
     iterations L-BFGS took."""
@@ -99,9 +119,9 @@ def _solve(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = _objective(weight, bias, x, y, l2)
-        loss.backward()
-        return loss
+        value = loss.penalised(weight, bias, x, y, l2)
+        value.backward()
+        return value
 
     optimizer.step(closure)
     return int(optimizer.state[weight].get("n_iter", 0))
@@ -109,11 +129,11 @@ def _solve(
 
 @torch.no_grad()
 def _evaluate(
-    weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: HeadLoss
 ) -> tuple[float, float]:
     logits = torch.addmm(bias, x, weight.T)
     accuracy = (logits.argmax(dim=1) == y).float().mean().item()
-    return accuracy, nn.functional.cross_entropy(logits, y).item()
+    return accuracy, loss(logits, y).item()
 
 
 def solve(
@@ -123,13 +143,19 @@ def solve(
     val_features: torch.Tensor | None = None,
     val_labels: torch.Tensor | None = None,
     l2_grid: tuple[float, ...] = L2_GRID,
+    label_smoothing: float = 0.0,
+    class_weight: torch.Tensor | None = None,
 ) -> ProbeSolution:
     """Solve the linear probe on features.
 
     train_features: (N, D) float; train_labels: (N,) int64 in [0, num_classes); val_*: the same
     for the validation split, which chooses the L2 strength (without it, or when it is empty,
-    the grid's middle strength is used, solved once). Runs on the features' device, in float32.
-    Raises ValueError when the training split is empty or the shapes disagree.
+    the grid's middle strength is used, solved once). `label_smoothing` and `class_weight`
+    ((num_classes,) or None) are those of the loss gradient training uses
+    (`torch.nn.functional.cross_entropy`'s), so that the solved head is the optimum of that
+    loss, plus the L2 term; the validation loss is the same loss. Runs on the features'
+    device, in float32. Raises ValueError when the training split is empty or the shapes
+    disagree.
     """
     started = time.perf_counter()
     if len(train_features) == 0:
@@ -139,6 +165,12 @@ def solve(
             f"Features must be (N, D) with N labels; got {tuple(train_features.shape)} and "
             f"{tuple(train_labels.shape)}."
         )
+    if class_weight is not None and tuple(class_weight.shape) != (num_classes,):
+        raise ValueError(
+            f"class_weight must be ({num_classes},), one per class; got {tuple(class_weight.shape)}."
+        )
+    weights = None if class_weight is None else class_weight.to(train_features).float()
+    loss = HeadLoss(float(label_smoothing), weights)
     x = train_features.float()
     mean = x.mean(dim=0)
     # Constant features (std 0) stay at 0 after centring; dividing by 1 keeps them finite.
@@ -157,11 +189,11 @@ def solve(
     path = []
     with torch.enable_grad():
         for l2 in sorted(l2_grid, reverse=True):
-            iterations = _solve(weight, bias, x, y, l2)
+            iterations = _solve(weight, bias, x, y, l2, loss)
             point = {"l2": l2, "iterations": iterations}
             score: tuple[float, float] = (0.0, 0.0)
             if validating:
-                val_acc, val_loss = _evaluate(weight, bias, val_x, val_y)
+                val_acc, val_loss = _evaluate(weight, bias, val_x, val_y, loss)
                 point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
                 score = (val_acc, -val_loss)
             path.append(point)

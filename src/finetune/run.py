@@ -309,7 +309,8 @@ def training_data(
             )
     if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
         device = trainer.strategy.root_device
-        solved = solve_probe(model.network, datamodule, extracted, device, views)
+        smoothing = model.module.criterion.label_smoothing  # the loss gradient training uses
+        solved = solve_probe(model.network, datamodule, extracted, device, views, smoothing)
         # the views' cache goes with the probe's report, which a resume restores
         views_cache = {k.replace("feature_", "views_"): v for k, v in views_report.items()}
         model.strategy.probe_report = solved | views_cache
@@ -326,11 +327,12 @@ def solve_probe(
     extracted: dict[str, torch.Tensor],
     device: torch.device,
     views: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, Any]:
     """Solve the linear probe on the training split's features and `views` (features of
     augmented views of the training images, view-major: `features.augmented_views`), L2 chosen
-    on val, on `device`, and copy it into the network's head; returns its report for
-    metrics.json."""
+    on val, on `device`, with the training loss's `label_smoothing`, and copy it into the
+    network's head; returns its report for metrics.json."""
     # The features with their labels, as the data module would serve them.
     splits = feature_datasets(datamodule.splits, extracted)
     train, val = splits["train"], splits.get("val")
@@ -350,6 +352,7 @@ def solve_probe(
         datamodule.num_classes,
         None if val is None else val.features.to(device),
         None if val is None else val.labels.to(device),
+        label_smoothing=label_smoothing,
     )
     solution.copy_into(network.get_classifier())
     return solution.report() | {"probe_augmented_views": view_count}

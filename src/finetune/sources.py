@@ -13,7 +13,6 @@ import math
 import urllib.error
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from finetune.errors import FinetuneError, WeightsUnavailableError, unknown_name
+from finetune.input_spec import InputSpec, interpolation_name
 from finetune.weights import (
     NAMINGS,
     guess_rename,
@@ -31,46 +31,12 @@ from finetune.weights import (
 )
 
 NO_WEIGHTS = ("none", "None", None)
-CROP_MODES = ("center", "squash", "border")  # timm's eval crop modes
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The preprocessing that belongs to a set of weights (torchvision's eval preset, timm's cfg).
-
-    Evaluation resizes to `resize_size` (timm: `floor(crop_size / crop_pct)`) as `crop_mode`
-    says, then takes the centre `crop_size` square (see `finetune.transforms.eval_transform`):
-    `center` resizes the shorter side, `squash` both sides (the aspect ratio changes, nothing
-    is cut off when resize equals crop), `border` the longer side and pads with the mean colour.
-    Raises `FinetuneError` for another crop mode.
-    """
-
-    crop_size: int
-    resize_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str  # torchvision InterpolationMode value: "bilinear" | "bicubic" | ...
-    crop_mode: str = "center"  # timm's pretrained-config crop_mode: center | squash | border
-
-    def __post_init__(self) -> None:
-        if self.crop_mode not in CROP_MODES:
-            raise FinetuneError(
-                f"Unknown crop mode '{self.crop_mode}' in an input spec; valid: "
-                f"{', '.join(CROP_MODES)}. Fix: use one of them (timm's crop modes)."
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
 # Weight sources. Each knows how to create its architecture, where its pretrained weights come
 # from, and which preprocessing those weights expect.
 # --------------------------------------------------------------------------------------------
-
-
-def _interpolation_name(value: Any) -> str:
-    return getattr(value, "value", str(value)).lower()
 
 
 class WeightSource(ABC):
@@ -134,7 +100,7 @@ class TorchvisionSource(WeightSource):
             resize_size=int(preset.resize_size[0]),
             mean=tuple(preset.mean),
             std=tuple(preset.std),
-            interpolation=_interpolation_name(preset.interpolation),
+            interpolation=interpolation_name(preset.interpolation),
         )
 
     def create(self, num_classes: int | None = None) -> nn.Module:
@@ -184,7 +150,7 @@ def _timm_input_spec(pretrained_cfg: Mapping[str, Any]) -> InputSpec:
         resize_size=math.floor(width / config["crop_pct"]),  # timm's eval resize rule
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
-        interpolation=_interpolation_name(config["interpolation"]),
+        interpolation=interpolation_name(config["interpolation"]),
         crop_mode=config.get("crop_mode") or "center",
     )
 

@@ -18,9 +18,9 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode, RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
-from finetune.backbones import InputSpec
 from finetune.config.schema import AUTO_AUGMENT_POLICIES
 from finetune.errors import unknown_name
+from finetune.input_spec import InputSpec
 
 
 def _normalise(spec: InputSpec) -> list[v2.Transform]:

@@ -20,7 +20,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from finetune.backbones import InputSpec
+from finetune.input_spec import InputSpec
 from finetune.transforms import eval_resize, train_decode_size
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from finetune.data.images import DecodedImages, load_rgb
 from finetune.errors import FinetuneError
+from finetune.lightning_internals import UnrepeatedDistributedSampler
 
 Sample = tuple[str, int]
 

@@ -23,7 +23,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset
 
-from finetune.backbones import InputSpec
 from finetune.config import check_fields
 from finetune.config.schema import DataConfig
 from finetune.config.values import AUTO
@@ -39,6 +38,8 @@ from finetune.data.loading import (
 )
 from finetune.data.verify import without_unreadable
 from finetune.errors import FinetuneError
+from finetune.input_spec import InputSpec
+from finetune.lightning_internals import epochs_processed
 from finetune.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         loop's processed epochs): a resumed run's, which its first iterator must already use."""
         if self.trainer is None:
             return 0
-        return int(self.trainer.fit_loop.epoch_progress.current.processed)
+        return epochs_processed(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
