@@ -9,6 +9,7 @@ A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -16,55 +17,60 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from finetune import config
+from finetune import config, interrupt
 from finetune.errors import FinetuneError
+from finetune.resume_config import ResumeRefused
+from finetune.rundir import METRICS_FILE, save_failure
 
 log = logging.getLogger("finetune")
 
-# A resume in place: the run's log file and its size before this process appended to it, so a
-# resume that stops before training leaves the run dir as it was.
-_resumed_log: tuple[Path, int | None] | None = None
 
+def hydra_task(resumed_log: tuple[Path, int | None] | None) -> Callable[[], None]:
+    """The Hydra entry point (`@hydra.main`) of this command line. `resumed_log`: for a resume
+    in place, the run's log file and its size before this process appends to it
+    (`interrupt.log_before_resume`), so that a resume that stops before training leaves the
+    run dir as it was."""
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    # torch and Lightning load here, after the command line was checked: a typo is refused in
-    # well under a second, not after the seconds these imports take.
-    from finetune import interrupt, resume
-    from finetune.distributed import job_processes
-    from finetune.run import train
-    from finetune.rundir import METRICS_FILE, save_failure
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def main(cfg: DictConfig) -> float | None:
+        # torch and Lightning load here, after the command line was checked: a typo is refused
+        # in well under a second, not after the seconds these imports take.
+        from finetune.distributed import job_processes
+        from finetune.run import train
 
-    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        # values a sweeper chose were not on the command line train.py checked
-        config.validate(cfg, HydraConfig.get().runtime.choices)
-        with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
-            metrics = train(cfg)
-    except KeyboardInterrupt:
-        log.warning("%s", interrupt.interrupted_message(Path(cfg.run_dir), cfg))
-        sys.exit(130)
-    except Exception as error:
-        # A refused resume leaves its run dir as it was; a finished run stays finished.
-        refused = isinstance(error, resume.ResumeRefused)
-        if not refused and not (Path(cfg.run_dir) / METRICS_FILE).is_file():
-            save_failure(Path(cfg.run_dir), error)
-        if in_sweep:
-            # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
-            # error): log it and leave failure.json for the sweep summary. The Optuna sweeper
-            # records the None objective as a failed trial (hparams_search/optuna.yaml allows
-            # any failure rate).
-            # A FinetuneError is the whole story (no traceback), as in a single run.
-            report = log.error if isinstance(error, FinetuneError) else log.exception
-            report("This run failed; the sweep goes on: %s", error)
-            return None
-        if isinstance(error, FinetuneError):
-            log.error("%s", error)
-            if refused and _resumed_log is not None:
-                interrupt.restore_size(*_resumed_log)  # the log too: this attempt is on the console
-            sys.exit(1)  # a single run: the message above is the whole story, no traceback
-        raise
-    return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
+        in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            # values a sweeper chose were not on the command line train.py checked
+            config.validate(cfg, HydraConfig.get().runtime.choices)
+            with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
+                metrics = train(cfg)
+        except KeyboardInterrupt:
+            log.warning("%s", interrupt.interrupted_message(Path(cfg.run_dir), cfg))
+            sys.exit(130)
+        except Exception as error:
+            # A refused resume leaves its run dir as it was; a finished run stays finished.
+            refused = isinstance(error, ResumeRefused)
+            if not refused and not (Path(cfg.run_dir) / METRICS_FILE).is_file():
+                save_failure(Path(cfg.run_dir), error)
+            if in_sweep:
+                # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
+                # error): log it and leave failure.json for the sweep summary. The Optuna
+                # sweeper records the None objective as a failed trial
+                # (hparams_search/optuna.yaml allows any failure rate).
+                # A FinetuneError is the whole story (no traceback), as in a single run.
+                report = log.error if isinstance(error, FinetuneError) else log.exception
+                report("This run failed; the sweep goes on: %s", error)
+                return None
+            if isinstance(error, FinetuneError):
+                log.error("%s", error)
+                if refused and resumed_log is not None:
+                    # the log too: this attempt is on the console
+                    interrupt.restore_size(*resumed_log)
+                sys.exit(1)  # a single run: the message above is the whole story, no traceback
+            raise
+        return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
+
+    return main
 
 
 if __name__ == "__main__":
@@ -72,11 +78,12 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     resuming = any(arg.lstrip("+").startswith("ckpt_path=") for arg in argv)
     try:
-        if resuming:  # the run's own overrides first (resume imports torch: only when needed)
+        if resuming:  # the run's own overrides first
             # Lightning, imported while the root logger has no handler, gives its loggers a
             # console handler of their own and stops them propagating: its lines would miss the
             # log prefix and train.log. Hydra replaces this handler when it sets up logging.
             logging.getLogger().addHandler(logging.NullHandler())
+            # (imports torch, to read the checkpoint: only for a resume)
             from finetune import resume
 
             argv = resume.command_line(argv)
@@ -86,8 +93,4 @@ if __name__ == "__main__":
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
     sys.argv[1:] = argv
-    if resuming:
-        from finetune import interrupt
-
-        _resumed_log = interrupt.log_before_resume(argv)
-    main()
+    hydra_task(interrupt.log_before_resume(argv) if resuming else None)()

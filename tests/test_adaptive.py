@@ -17,12 +17,11 @@ from conftest import (
     make_class_folders,
     run_train,
 )
-from finetune import adaptive, distributed
+from finetune import adaptive, distributed, strategies
 from finetune.backbones import InputSpec
 from finetune.config import ConfigError, check_command_line
 from finetune.data import FinetuneDataModule
 from finetune.errors import FinetuneError
-from finetune.run import training_regime
 
 SPEC = InputSpec(
     crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear"
@@ -306,7 +305,7 @@ def test_an_unknown_regime_or_optimizer_is_refused(auto_cfg):
     ],
 )
 def test_regime_of_a_config(auto_cfg, overrides, expected):
-    assert training_regime(auto_cfg(*overrides)) == expected
+    assert strategies.plan(auto_cfg(*overrides)).regime == expected
 
 
 @pytest.mark.parametrize(

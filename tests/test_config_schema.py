@@ -305,6 +305,6 @@ def test_an_entry_of_another_callbacks_option_names_that_option():
 def test_debug_overfit_trains_by_the_optimizer(make_cfg, line, regime):
     """debug=overfit asks whether the model can fit one batch: its loss must be able to fall,
     so the optimizer must train (the default last_layer's head is the solved probe)."""
-    from finetune.run import training_regime
+    from finetune import strategies
 
-    assert training_regime(make_cfg(*shlex.split(line))) == regime
+    assert strategies.plan(make_cfg(*shlex.split(line))).regime == regime

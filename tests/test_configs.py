@@ -12,7 +12,7 @@ from conftest import CONF_DIR, make_class_folders
 from finetune import adaptive, backbones, strategies
 from finetune.callbacks import instantiate_all
 from finetune.optim import build_optimizer
-from finetune.run import build_datamodule, training_regime
+from finetune.run import build_datamodule
 
 
 def options(group: str) -> list[str]:
@@ -123,7 +123,7 @@ def test_logger_options_instantiate(make_cfg, name):
 def test_debug_and_experiment_options_compose(make_cfg, group):
     for name in options(group):
         cfg = make_cfg(f"{group}={name}", fast=False)
-        cfg, _ = adaptive.resolve(cfg, 244, 2, training_regime(cfg))  # `auto` keys, as a run
+        cfg, _ = adaptive.resolve(cfg, 244, 2, strategies.plan(cfg).regime)  # `auto` keys, as a run
         assert cfg.trainer.max_epochs >= 1
         instantiate(cfg.optim.optimizer)  # still a valid partial
 

@@ -12,19 +12,24 @@ import json
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf, open_dict
 from pytorch_lightning.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics import Metric, MetricCollection
 
 from conftest import FAST_OVERRIDES, REPO, make_class_folders, run_train, subprocess_env
-from finetune import callbacks
+from finetune import callbacks, features, interrupt, resume, resume_config
 from finetune import module as module_lib
+from finetune.config import ConfigError, check_overrides
+from finetune.errors import FinetuneError
 from finetune.optim import ConfiguredLambdaLR, WarmupSchedule
 from finetune.run import train
 
@@ -618,24 +623,20 @@ def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_pa
 
 
 def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg, tmp_path):
-    from omegaconf import OmegaConf
-
-    from finetune import resume
-
     saved = OmegaConf.create(OmegaConf.to_container(make_cfg("strategy=last_layer")))
     # another strategy typed on the command line: its keys are not "added since the run"
-    changes = resume.config_changes(saved, make_cfg("strategy=lp_ft"))
-    assert changes["strategy.bn"][0] == resume.ABSENT
-    with pytest.raises(resume.ResumeRefused) as caught:
-        resume.check_changes(changes, tmp_path, ["strategy=lp_ft"])
+    changes = resume_config.config_changes(saved, make_cfg("strategy=lp_ft"))
+    assert changes["strategy.bn"][0] == resume_config.ABSENT
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.check_changes(changes, tmp_path, ["strategy=lp_ft"])
     message = str(caught.value)
     assert "strategy.name: 'last_layer' in the run, 'lp_ft' now" in message
     assert "made before" not in message and "defaults" not in message
     # a cache folder elsewhere (FINETUNE_CACHE_DIR) changes nothing of the experiment
     moved = make_cfg("strategy=last_layer", f"paths.cache_dir={tmp_path / 'elsewhere'}")
-    changes = resume.config_changes(saved, moved)
+    changes = resume_config.config_changes(saved, moved)
     assert "paths.cache_dir" in changes
-    resume.check_changes(changes, tmp_path)
+    resume_config.check_changes(changes, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -653,9 +654,6 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
 def test_a_resume_of_nothing_is_refused_on_the_command_line(tmp_path, args, named):
     """It named the data instead (a download failure for the default hymenoptera) and left a
     failed run dir (config, classes, split, failure.json) where it was pointed."""
-    from finetune import resume
-    from finetune.errors import FinetuneError
-
     with pytest.raises(FinetuneError) as caught:
         resume.command_line([arg.format(tmp=tmp_path) for arg in args])
     assert named.format(tmp=tmp_path) in str(caught.value)
@@ -673,32 +671,24 @@ def test_train_py_refuses_a_resume_of_nothing_before_any_run_dir_or_data(tmp_pat
 def test_a_resume_may_switch_the_progress_bar_and_a_logger_off(make_cfg, tmp_path):
     """`callbacks.progress_bar=null` replaces the bar's subtree by null: the key itself changes,
     not only keys under the resumable prefix `callbacks.progress_bar.`."""
-    from omegaconf import OmegaConf
-
-    from finetune import resume
-
     saved = OmegaConf.create(OmegaConf.to_container(make_cfg(fast=False)))
     for off in (
         "callbacks.progress_bar=null",
         "logger=csv",
         "callbacks.progress_bar.metrics_every=5",
     ):
-        changes = resume.config_changes(saved, make_cfg(off, fast=False))
+        changes = resume_config.config_changes(saved, make_cfg(off, fast=False))
         assert changes, off
-        resume.check_changes(changes, tmp_path, [off])  # not refused
-    changes = resume.config_changes(saved, make_cfg("callbacks.lr_monitor=null", fast=False))
-    with pytest.raises(resume.ResumeRefused, match=r"callbacks\.lr_monitor"):
-        resume.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
+        resume_config.check_changes(changes, tmp_path, [off])  # not refused
+    changes = resume_config.config_changes(saved, make_cfg("callbacks.lr_monitor=null", fast=False))
+    with pytest.raises(resume_config.ResumeRefused, match=r"callbacks\.lr_monitor"):
+        resume_config.check_changes(changes, tmp_path, ["callbacks.lr_monitor=null"])
 
 
 def saved_run(run_dir: Path, overrides: list[str]) -> Path:
     """A run dir as train.py leaves it for a resume's command line: .hydra/overrides.yaml, the
     resolved config.yaml, and a checkpoints/last.ckpt that exists (a missing one is refused
     first) but holds nothing: the command line refuses before it reads one."""
-    from omegaconf import OmegaConf, open_dict
-
-    from finetune.config import check_overrides
-
     (run_dir / ".hydra").mkdir(parents=True)
     text = OmegaConf.to_yaml(OmegaConf.create(overrides))
     (run_dir / ".hydra" / "overrides.yaml").write_text(text)
@@ -715,11 +705,9 @@ def saved_run(run_dir: Path, overrides: list[str]) -> Path:
 def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_path):
     """paths.data_root=... changes data.root (${paths.data_root}): the refusal said that the
     project's defaults had changed since the run and to pin data.root."""
-    from finetune import resume
-
     run_dir = saved_run(tmp_path / "run", ["data=synthetic", f"paths.data_root={tmp_path / 'a'}"])
     moved = f"paths.data_root={tmp_path / 'b'}"
-    with pytest.raises(resume.ResumeRefused) as caught:
+    with pytest.raises(resume_config.ResumeRefused) as caught:
         resume.command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last", moved])
     message = str(caught.value)
     assert f"data.root: '{tmp_path / 'a'}' in the run, '{tmp_path / 'b'}' now" in message
@@ -730,9 +718,6 @@ def test_a_key_a_typed_override_changes_by_interpolation_is_blamed_on_it(tmp_pat
 def test_a_wrong_value_typed_on_a_resume_is_checked_against_the_runs_config(tmp_path):
     """strategy.bn=froze on a strategy=full run was explained with the default strategy's keys
     (`strategy=last_layer` has no `bn`), as if the run's own overrides had been dropped."""
-    from finetune import resume
-    from finetune.config import ConfigError
-
     run_dir = saved_run(tmp_path / "run", ["data=synthetic", "strategy=full"])
     with pytest.raises(ConfigError) as caught:
         resume.command_line([f"hydra.run.dir={run_dir}", "ckpt_path=last", "strategy.bn=froze"])
@@ -741,24 +726,207 @@ def test_a_wrong_value_typed_on_a_resume_is_checked_against_the_runs_config(tmp_
     assert "last_layer" not in message
 
 
-def test_a_run_made_before_a_key_existed_is_refused_naming_the_key(make_cfg, tmp_path):
-    """A run's config.yaml from before strategy.augmented_views existed: last_layer with
-    augmentation then trained its head by SGD, which the checkpoint cannot continue now."""
-    from omegaconf import OmegaConf
-
-    from finetune import resume
-
+def test_a_run_made_before_a_key_refused_when_absent_is_refused_naming_the_key(make_cfg, tmp_path):
+    """A run's config.yaml from before strategy.augmented_views existed (its field is
+    REFUSED_WHEN_ABSENT): last_layer with augmentation then trained its head by SGD, which the
+    checkpoint cannot continue now."""
     cfg = make_cfg("strategy=last_layer")
     saved = OmegaConf.create(OmegaConf.to_container(cfg))  # as config.yaml reads back: untyped
     del saved.strategy["augmented_views"]
-    changes = resume.config_changes(saved, cfg)
-    assert changes == {"strategy.augmented_views": (resume.ABSENT, "auto")}
-    with pytest.raises(resume.ResumeRefused) as caught:
-        resume.check_changes(changes, tmp_path)
+    changes = resume_config.config_changes(saved, cfg)
+    assert changes == {"strategy.augmented_views": (resume_config.ABSENT, "auto")}
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.check_changes(changes, tmp_path)
     message = str(caught.value)
     assert "made before strategy.augmented_views existed" in message
     assert "add strategy.augmented_views" not in message  # no value of the run to pin
     assert "model.weights=" in message  # the way out: a new run from its weights
+
+
+# --- a key added since the run ----------------------------------------------------------------
+
+
+def without_key(run_dir: Path, key: str) -> None:
+    """Delete the dotted `key` from the run's saved config.yaml: a run made before it existed."""
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    parent, _, name = key.rpartition(".")
+    del OmegaConf.select(saved, parent)[name]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+
+
+def test_a_key_missing_from_the_saved_config_takes_its_default_in_one_log_line(
+    make_cfg, tmp_path, caplog
+):
+    cfg = make_cfg("ckpt_path=last")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    without_key(run_dir, "data.skip_corrupt")
+    with caplog.at_level("INFO", logger="finetune.resume_config"):
+        resume_config.check_config(cfg, run_dir)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Resume of {run_dir}: key data.skip_corrupt was not in the run's saved config; it "
+        "takes its default False"
+    ]
+
+
+def test_the_command_line_of_a_run_made_before_a_key_refuses_only_what_was_typed(tmp_path):
+    """The key the run lacks takes its default; a refusal for another reason does not list
+    it, and only a typed value other than its default is refused for it."""
+    run_dir = saved_run(tmp_path / "run", ["data=synthetic", "strategy=full"])
+    without_key(run_dir, "data.skip_corrupt")
+    base = [f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+
+    command = resume_config.with_saved_overrides([*base, "trainer.max_epochs=5"])
+    assert command.argv == [
+        "data=synthetic", "strategy=full", *base, "trainer.max_epochs=5",
+        "hydra.output_subdir=null",
+    ]  # fmt: skip
+    assert (command.source, command.checkpoint) == (run_dir, str(run_dir / "checkpoints/last.ckpt"))
+    assert command.cfg.data.skip_corrupt is False
+    # typed with its default: no change
+    resume_config.with_saved_overrides([*base, "data.skip_corrupt=false"])
+
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.with_saved_overrides([*base, "seed=7"])
+    message = str(caught.value)
+    assert "seed: 42 in the run, 7 now" in message
+    assert "skip_corrupt" not in message and "made before" not in message
+
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.with_saved_overrides([*base, "data.skip_corrupt=true"])
+    assert 'data.skip_corrupt: "<not in the run\'s config>" in the run, True now' in str(
+        caught.value
+    )
+
+
+def test_the_continue_command_leaves_out_a_key_the_saved_config_lacks(make_cfg, tmp_path):
+    cfg = make_cfg("trainer.max_epochs=3")
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(make_cfg(), resolve=True))
+    without_key(run_dir, "data.skip_corrupt")
+    assert interrupt.applied_overrides(cfg, run_dir) == ["trainer.max_epochs=3"]
+
+
+def test_the_command_line_side_of_a_resume_imports_no_torch(tmp_path):
+    """A refused resume ends before the seconds torch and Lightning take to import."""
+    run_dir = saved_run(tmp_path / "run", ["data=synthetic"])
+    code = (
+        "import sys\n"
+        "from finetune import interrupt, resume_config\n"
+        f"resume_config.with_saved_overrides(['hydra.run.dir={run_dir}', 'ckpt_path=last'])\n"
+        "loaded = sorted({'torch', 'pytorch_lightning', 'lightning_fabric'} & set(sys.modules))\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- ResumePlan -----------------------------------------------------------------------------
+
+
+def run_with_checkpoint(cfg, hparams: dict, epochs: int = 1) -> Path:
+    """`cfg`'s run dir with its config.yaml and a checkpoints/last.ckpt of `epochs` epochs
+    trained with `hparams`, as Lightning writes the keys the checks read."""
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    progress = {"fit_loop": {"epoch_progress": {"current": {"processed": epochs}}}}
+    checkpoint = {"hyper_parameters": hparams, "loops": progress, "epoch": epochs - 1}
+    torch.save(checkpoint, run_dir / "checkpoints" / "last.ckpt")
+    return run_dir
+
+
+class Data:
+    """What `ResumePlan.verify` reads of a data module."""
+
+    def __init__(self, class_names: list[str]) -> None:
+        self.class_names = class_names
+
+    def split_record(self) -> dict:
+        return {"files": {}}
+
+
+CLASSES = ["a", "b", "c"]
+HPARAMS = {
+    "class_names": CLASSES,
+    "model": {"name": "efficientnet_lite0"},
+    "optim": {"optimizer": {"lr": 0.01}},
+}
+
+
+def test_a_run_that_resumes_nothing_plans_a_fresh_fit(make_cfg):
+    cfg = make_cfg()
+    plan = resume.ResumePlan.of(cfg, Path(cfg.run_dir))
+    assert (plan.checkpoint, plan.in_place, plan.restores_head) == (None, False, False)
+    assert plan.silenced_warnings == ()
+    plan.verify(cfg, {}, Data(["other"]), "probe")  # nothing to compare with
+    with pytest.raises(FinetuneError) as caught, plan.kept_as_it_was():
+        raise FinetuneError("no data")
+    assert type(caught.value) is FinetuneError  # a new run's failure is not a refused resume
+
+
+def test_a_resume_in_place_plans_its_checkpoint_and_keeps_the_run_dir(make_cfg):
+    cfg = make_cfg("ckpt_path=last", "trainer.max_epochs=2")
+    run_dir = run_with_checkpoint(cfg, HPARAMS)
+    plan = resume.ResumePlan.of(cfg, run_dir)
+    assert plan.checkpoint == str(run_dir / "checkpoints" / "last.ckpt")
+    assert plan.in_place and plan.restores_head
+    assert plan.silenced_warnings == resume.RESUME_WARNINGS
+    plan.verify(cfg, {}, Data(CLASSES), "finetune")
+    refused = pytest.raises(
+        resume_config.ResumeRefused, match=r"no data\. \(The run dir .* as it was"
+    )
+    with refused, plan.kept_as_it_was():
+        raise FinetuneError("no data.")
+
+
+def test_a_resume_into_another_run_dir_is_not_in_place(make_cfg, tmp_path):
+    source = run_with_checkpoint(make_cfg("trainer.max_epochs=2"), HPARAMS)
+    cfg = make_cfg(f"ckpt_path={source}", "trainer.max_epochs=2")
+    plan = resume.ResumePlan.of(cfg, tmp_path / "new")
+    assert plan.checkpoint == str(source / "checkpoints" / "last.ckpt") and not plan.in_place
+    with pytest.raises(FinetuneError) as caught, plan.kept_as_it_was():
+        raise FinetuneError("no data")
+    assert type(caught.value) is FinetuneError
+
+
+def test_a_resume_plan_refuses_before_anything_is_verified(make_cfg):
+    cfg = make_cfg("ckpt_path=last")
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    with pytest.raises(resume_config.ResumeRefused, match=r"No checkpoint to resume.*as it was"):
+        resume.ResumePlan.of(cfg, run_dir)  # in place: refused, not a failed run
+    torch.save({}, run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(resume_config.ResumeRefused, match="seed: 42 in the run, 7 now"):
+        resume.ResumePlan.of(make_cfg("ckpt_path=last", "seed=7"), run_dir)
+
+
+@pytest.mark.parametrize(
+    ("options", "chosen", "classes", "regime", "refusal"),
+    [
+        ([], {}, ["a", "b"], "finetune", "trained for 3 classes"),
+        (["model=resnet18"], {}, CLASSES, "finetune", "holds a efficientnet_lite0"),
+        (["optim.optimizer.lr=0.04"], {"optim.optimizer.lr": {}}, CLASSES, "finetune",
+         "lr=0.04: the run trained at 0.01"),
+        (["trainer.max_epochs=1"], {}, CLASSES, "finetune", "has trained 1 epoch"),
+        (["trainer.max_epochs=1"], {}, CLASSES, "probe", "linear probe solved on cached"),
+    ],
+)  # fmt: skip
+def test_a_resume_plan_verifies_the_checkpoint(make_cfg, options, chosen, classes, regime, refusal):
+    run_dir = run_with_checkpoint(make_cfg(), HPARAMS)
+    (run_dir / "metrics.json").write_text("{}")  # finished: its last epoch is not left to end
+    cfg = make_cfg("ckpt_path=last", "trainer.max_epochs=2", *options)
+    plan = resume.ResumePlan(run_dir, "last", str(run_dir / "checkpoints" / "last.ckpt"), True)
+    with pytest.raises(FinetuneError, match=refusal):
+        plan.verify(cfg, chosen, Data(classes), regime)
+    # the lr the user typed is theirs: only a rate lr=auto chose is compared
+    if chosen:
+        plan.verify(cfg, {}, Data(classes), regime)
 
 
 @pytest.mark.slow  # two trainings (about 45 s); the default run stays within its 10 minutes
@@ -786,8 +954,6 @@ def test_the_final_numbers_of_a_resumed_run_sit_at_its_last_step_in_tensorboard(
 def test_a_resumed_run_reports_the_feature_cache_of_the_run_it_continues(
     make_cfg, monkeypatch, tmp_path, options, extracts_on_resume
 ):
-    from finetune import features
-
     features.clear_memory_cache()  # no other test's features, in memory or on disk
     options = [*options, f"paths.cache_dir={tmp_path / 'cache'}"]
     first = train(make_cfg(*options, "trainer.max_epochs=1"))

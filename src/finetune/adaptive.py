@@ -13,7 +13,7 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 | `optim.optimizer.lr` | base(optimizer, regime) x images per optimizer step / 32 |
 | `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 |
 
-Regimes (`finetune.config.schema.REGIMES`; `finetune.run.training_regime` says which one a run
+Regimes (`finetune.config.schema.REGIMES`; `finetune.strategies.plan` says which one a run
 is):
 - `probe`: last_layer on cached features; the head is solved before fit (with augmentation, on
   the clean images and their augmented views), the epoch evaluates.

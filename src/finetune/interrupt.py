@@ -3,6 +3,7 @@
 - `interrupted_message` names the run dir and the command that continues it, with the
   overrides the run applied on top of its saved config (e.g. `trainer.max_epochs=40`).
 - `log_before_resume` / `restore_size`: the run's log cut back after a refused resume.
+- `ctrl_c_as_interrupt`: Lightning's ways of ending a Ctrl-C, as the KeyboardInterrupt it was.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import contextlib
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.resume import config_changes, is_in_place
+from finetune.resume_config import ABSENT, config_changes, is_in_place
 
 
 def continue_command(run_dir: Path) -> str:
@@ -41,11 +42,16 @@ def restore_size(path: Path, size: int | None) -> None:
 def applied_overrides(cfg: DictConfig | None, run_dir: Path) -> list[str]:
     """`key=value` overrides (shell-quoted) for every value of `cfg` that differs from the run's
     saved config.yaml: what a resume applied on top of it (e.g. `trainer.max_epochs=40`), so
-    the next resume asks for the same; [] without a `cfg` or a saved config."""
+    the next resume asks for the same; [] without a `cfg` or a saved config. A key the saved
+    config lacks is left out: a resume gives it its default again."""
     if cfg is None or not (run_dir / "config.yaml").is_file():
         return []
     changes = config_changes(OmegaConf.load(run_dir / "config.yaml"), cfg)
-    return [shlex.quote(f"{key}={_override_value(new)}") for key, (_, new) in changes.items()]
+    return [
+        shlex.quote(f"{key}={_override_value(new)}")
+        for key, (old, new) in changes.items()
+        if old != ABSENT
+    ]
 
 
 def _override_value(value: Any) -> str:
@@ -79,3 +85,31 @@ def log_before_resume(argv: Sequence[str]) -> tuple[Path, int | None] | None:
         return None
     path = Path(run_dir) / f"{Path(sys.argv[0]).stem}.log"
     return path, path.stat().st_size if path.is_file() else None
+
+
+class Interruptible(Protocol):
+    """What `ctrl_c_as_interrupt` reads of a Lightning Trainer (this module imports no torch)."""
+
+    @property
+    def interrupted(self) -> bool: ...
+
+
+@contextlib.contextmanager
+def ctrl_c_as_interrupt(trainer: Interruptible) -> Iterator[None]:
+    """Raise KeyboardInterrupt (the caller prints how to continue the run) where Lightning
+    ends a Ctrl-C in `fit`, `validate` or `test` with exit(1), or with an error of its own
+    shutdown raised while handling it (a callback's on_exception after the loaders were torn
+    down). Any other error stays itself (Lightning marks the trainer interrupted for all)."""
+    try:
+        yield
+    except SystemExit:
+        if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C
+            raise KeyboardInterrupt from None
+        raise
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, KeyboardInterrupt):
+            cause = cause.__context__
+        if cause is not None:
+            raise KeyboardInterrupt from error
+        raise

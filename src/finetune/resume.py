@@ -1,4 +1,5 @@
-"""Resuming: checkpoints that a kill cannot corrupt, random state that survives, clear refusals.
+"""Resuming from a checkpoint: files a kill cannot corrupt, random state that survives, the
+checks that need the checkpoint, and `ResumePlan`, what the training flow asks of a resume.
 
 - `AtomicCheckpointIO` writes every checkpoint with `finetune.atomic.atomic_write`, so a
   kill (or a full disk) during a write never replaces the last good checkpoint.
@@ -6,17 +7,15 @@
   checkpoint and restores them on resume. The data loaders draw nothing from them (their order
   and augmentation are seeded by epoch and index, see `finetune.data.EpochSampler`), so a
   resumed run continues with exactly the random numbers an uninterrupted run would have used.
-- `resolve_checkpoint` turns `ckpt_path=last` or a run dir into a checkpoint file, and refuses a
-  checkpoint of another experiment (other classes, another model) with a message that points
-  to the weights-loading path (`model.weights=...`) instead.
-- `command_line` makes `python train.py hydra.run.dir=D ckpt_path=last` continue D with D's own
-  config: the run's saved overrides come first, the new ones on top, and a new one that the
-  checkpoint cannot follow (another model, data, strategy, seed...) is refused before Hydra
-  starts. `config_changes` names what the new overrides change; `train()` logs each one.
+- `check_compatible` refuses a checkpoint of another experiment (other classes, another model)
+  with a message that points to the weights-loading path (`model.weights=...`) instead; refused
+  too: a config asking for no epoch beyond those trained (`check_epochs`), and data whose
+  splits are not the run's split.json (`check_split`).
+- `command_line` is `finetune.resume_config.with_saved_overrides` (the run's own config, the
+  changes a resume refuses; no torch) with the epochs check, which reads the checkpoint.
 - A resume in place rewrites none of the run's files (config, .hydra/, classes): a refused or
-  failed resume leaves the run dir as it was (`ResumeRefused`). Refused too: a config asking
-  for no epoch beyond those trained (`check_epochs`), and data whose splits are not the run's
-  split.json (`check_split`). What Ctrl-C prints: `finetune.interrupt`.
+  failed resume leaves the run dir as it was (`ResumeRefused`). What Ctrl-C prints:
+  `finetune.interrupt`.
 """
 
 from __future__ import annotations
@@ -24,24 +23,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import yaml
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
+from finetune import lightning_internals, strategies
 from finetune.atomic import atomic_write
+from finetune.data import FinetuneDataModule
 from finetune.errors import FinetuneError
+from finetune.resume_config import (
+    ResumeRefused,
+    check_config,
+    is_in_place,
+    resolve_checkpoint,
+    source_run_dir,
+    with_saved_overrides,
+)
+from finetune.rundir import METRICS_FILE, SPLIT_FILE
 
-log = logging.getLogger(__name__)
+# Lightning's warnings that a resume makes true and harmless: it finds its own checkpoints
+# there; BestCheckpoint moves or copies its kept ones (the stock last-checkpoint callback
+# rewrites last.ckpt each epoch).
+RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -97,33 +109,8 @@ class ResumedDataOrder(pl.Callback):
     restore, where the data module's sampler starts at the restored epoch."""
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.fit_loop.epoch_progress.current.processed > 0:
-            # FitLoop.setup_data rebuilds the loader, its fetcher and its iterator when unset
-            trainer.fit_loop._combined_loader = None
-
-
-def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> str | None:
-    """`last` (this run dir's last checkpoint), a run dir (its last checkpoint) or a file."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    candidate = run_dir if ckpt_path == "last" else Path(str(ckpt_path)).expanduser()
-    if candidate.is_dir():
-        candidate = candidate / "checkpoints" / "last.ckpt"
-    if not candidate.is_file():
-        hint = (
-            "ckpt_path=last resumes the run in hydra.run.dir: pass the interrupted run's folder "
-            "as hydra.run.dir=outputs/runs/<run>"
-            if ckpt_path == "last"
-            else "point ckpt_path at a .ckpt file or at a run dir with checkpoints/last.ckpt"
-        )
-        failure = candidate.parent.parent / "failure.json"
-        if candidate.name == "last.ckpt" and failure.is_file():
-            hint = (
-                f"that run failed before its first checkpoint ({failure} says why); run it "
-                "again without ckpt_path"
-            )
-        raise FinetuneError(f"No checkpoint to resume from at {candidate}. Fix: {hint}.")
-    return str(candidate)
+        if lightning_internals.epochs_processed(trainer) > 0:
+            lightning_internals.rebuild_training_loader(trainer)
 
 
 def check_compatible(
@@ -179,265 +166,11 @@ def check_learning_rate(hparams: dict[str, Any], lr: float, checkpoint_path: str
     )
 
 
-# --- resuming with the run's own config ------------------------------------------------------------
-
-# Keys a resume may change: how and how long the run trains, not what it learns. A prefix ending
-# in "." covers its subtree. Everything else (model, data, strategy, optim, scheduler, seed,
-# the other callbacks, batch size, accumulation...) is what the checkpoint was trained with.
-RESUMABLE_CHANGES = (
-    "trainer.max_epochs",
-    "trainer.max_time",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.accelerator",
-    "trainer.strategy",
-    "trainer.precision",
-    "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.num_sanity_val_steps",
-    "data.num_workers",
-    "data.pin_memory",
-    "data.persistent_workers",
-    "data.eval_batch_size",
-    "data.decode_cache_mb",
-    "data.cache_dir",
-    "paths.cache_dir",  # the caches hold what can be computed again
-    "callbacks.progress_bar.",
-    "logger.",
-    "speed.",
-    "print_config",
-    # where the head started: a resume starts from its checkpoint's head, whatever the value
-    "strategy.head_init",
-)
-# Not part of the experiment: where it runs and what it resumes from.
-_NOT_COMPARED = ("run_dir", "ckpt_path")
-SAVED_OVERRIDES = Path(".hydra") / "overrides.yaml"
-
-
-class ResumeRefused(FinetuneError):
-    """A resume that stopped before training; the run dir is as it was."""
-
-
-def source_run_dir(ckpt_path: Any, run_dir: Path) -> Path | None:
-    """The run dir whose checkpoint `ckpt_path` names (`last`: `run_dir`; a run dir; a file in
-    a run's checkpoints/), when it holds a saved config.yaml; None otherwise."""
-    if ckpt_path in (None, "", "null"):
-        return None
-    path = run_dir if ckpt_path == "last" else Path(str(ckpt_path)).expanduser()
-    if path.is_file() and path.parent.name == "checkpoints":
-        path = path.parent.parent
-    return path if (path / "config.yaml").is_file() else None
-
-
-def is_in_place(ckpt_path: Any, run_dir: Path) -> bool:
-    """Whether `ckpt_path` continues the run of `run_dir` itself (whose files stay as they are)."""
-    source = source_run_dir(ckpt_path, run_dir)
-    return source is not None and source.resolve() == run_dir.resolve()
-
-
-# The saved value of a key the run's config does not have: the key was added to the project
-# after the run was made.
-ABSENT = "<not in the run's config>"
-
-
-def config_changes(saved: DictConfig, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
-    """Dotted key -> (saved value, value now) for every value of `cfg` that differs from the
-    run's `saved` config (both resolved; `run_dir`, `ckpt_path` and `hydra` not compared); a
-    key the saved config lacks has the saved value ABSENT."""
-    now = _flat(cfg, str(saved.run_dir))  # ${run_dir} resolves alike in both
-    before = _flat(saved, str(saved.run_dir))
-    keys = [k for k in {**before, **now} if k.split(".")[0] not in _NOT_COMPARED]
-    changed = [k for k in keys if k not in before or before[k] != now.get(k)]
-    return {k: (before.get(k, ABSENT), now.get(k)) for k in changed}
-
-
-def _flat(cfg: DictConfig, run_dir: str) -> dict[str, Any]:
-    """`cfg` resolved and flattened to dotted keys, without `hydra`, at `run_dir`."""
-    from finetune.rundir import flatten
-
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-        cfg.run_dir = run_dir
-    return flatten(OmegaConf.to_container(cfg, resolve=True))
-
-
-def check_changes(
-    changes: dict[str, tuple[Any, Any]],
-    source: Path,
-    typed: Sequence[str] = (),
-    typed_changes: Collection[str] = (),
-) -> None:
-    """`ResumeRefused` naming every change the checkpoint of `source` cannot follow, those of
-    the keys in the `typed` overrides (or in `typed_changes`, the keys they change through
-    interpolations: paths.data_root changes data.root) first, and the overrides that caused
-    them."""
-
-    def allowed(key: str) -> bool:
-        # a subtree prefix covers the key itself too: callbacks.progress_bar=null
-        return any(
-            key == k or (k.endswith(".") and (key.startswith(k) or key == k[:-1]))
-            for k in RESUMABLE_CHANGES
-        )
-
-    def was_typed(key: str) -> bool:
-        keys = [*map(_key, typed), *typed_changes]
-        return any(key == t or key.startswith(f"{t}.") for t in keys)
-
-    refused = {key: values for key, values in changes.items() if not allowed(key)}
-    if refused:
-        listed = "; ".join(
-            f"{k}: {old!r} in the run, {new!r} now"
-            for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
-        )
-        # the typed overrides a resume could not follow (print_config=false it can)
-        guilty = [line for line in typed if not allowed(_key(line))] or list(typed)
-        cause = f" (the overrides {' '.join(guilty)} change)" if guilty else ""
-        # Keys nobody typed changed because the project's defaults (or an environment variable
-        # they read) changed since the run: pinning the run's values resumes it as it was.
-        untyped = [
-            f"{k}={old}"
-            for k, (old, _) in refused.items()
-            if not was_typed(k) and old is not None and old != ABSENT
-        ]
-        hint = (
-            f" The defaults (or the environment variables they read) changed since the run "
-            f"was made: add {' '.join(untyped)} to the command to resume with the run's values."
-            if untyped
-            else ""
-        )
-        # (a key the typed overrides brought, e.g. the keys of another strategy, is no news)
-        added = [k for k, (old, _) in refused.items() if old == ABSENT and not was_typed(k)]
-        if added:
-            hint += (
-                f" The run was made before {', '.join(added)} existed: its checkpoint was "
-                "trained without it, and this version cannot continue it."
-            )
-        raise ResumeRefused(
-            f"Cannot resume {source} with this config{cause}: {listed}.{hint} A resume continues "
-            "the run with its own config (saved in config.yaml); only how and how long it trains may "
-            "change (e.g. trainer.max_epochs, trainer.devices, data.num_workers). Fix: drop "
-            "those overrides, or start a new run from the checkpoint's weights with "
-            f"model.weights={source / 'checkpoints' / 'last.ckpt'} and another hydra.run.dir."
-        )
-
-
-def check_config(cfg: DictConfig, run_dir: Path) -> None:
-    """When `cfg.ckpt_path` names a run with a saved config: refuse changes its checkpoint
-    cannot follow (`ResumeRefused`), log each one that is applied."""
-    source = source_run_dir(cfg.get("ckpt_path"), run_dir)
-    if source is None:
-        return
-    changes = config_changes(OmegaConf.load(source / "config.yaml"), cfg)
-    check_changes(changes, source)
-    for key, (old, new) in changes.items():
-        log.info("Resume of %s: %s changed from %r to %r", source, key, old, new)
-
-
-def command_line(argv: Sequence[str]) -> list[str]:
-    """`argv` of `python train.py` with the resumed run's saved overrides put first, so that
-    `hydra.run.dir=D ckpt_path=last` alone continues D with D's config; the new overrides win.
-    A resume in place adds `hydra.output_subdir=null` (Hydra then leaves D/.hydra/ as it is).
-    Other command lines come back unchanged. Raises `ResumeRefused` (before Hydra starts, so
-    nothing is written) for a new override the checkpoint cannot follow."""
-    from hydra._internal.utils import get_args_parser
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    from finetune.config import ConfigError, check_overrides
-
-    args = get_args_parser().parse_args(list(argv))
-    if args.multirun or args.overrides != list(argv):  # flags: Hydra's business, as typed
-        return list(argv)
-    try:
-        parsed = OverridesParser.create().parse_overrides(args.overrides)
-    except Exception:  # Hydra's own message explains a malformed override
-        return list(argv)
-    given = {o.key_or_group: o.value() for o in parsed if not o.is_sweep_override()}
-    run_dir = Path(str(given["hydra.run.dir"])) if "hydra.run.dir" in given else None
-    ckpt_path = given.get("ckpt_path")
-    source = source_run_dir(ckpt_path, run_dir or Path.cwd() / "_no_run_dir")
-    if source is None and ckpt_path not in (None, "", "null"):
-        # refused here, before Hydra makes a run dir and the data is listed (or downloaded)
-        if ckpt_path == "last" and run_dir is None:
-            raise ResumeRefused(
-                "ckpt_path=last resumes the run in hydra.run.dir, and none was given. Fix: add "
-                "hydra.run.dir=outputs/runs/<run> (the interrupted run's folder)."
-            )
-        resolve_checkpoint(ckpt_path, run_dir or Path.cwd())
-    if source is None or not (source / SAVED_OVERRIDES).is_file():
-        return list(argv)
-    # first: a run without a checkpoint (it failed before one) has nothing to resume, whatever
-    # the overrides say (the config check below would blame them and name the missing file)
-    checkpoint = resolve_checkpoint(ckpt_path, run_dir or source)
-    saved = yaml.safe_load((source / SAVED_OVERRIDES).read_text()) or []
-    keys = {*given, "ckpt_path"}
-    kept = [line for line in saved if _key(line) not in keys]
-    tail = list(argv)
-    in_place = run_dir is not None and run_dir.resolve() == source.resolve()
-    if in_place and "hydra.output_subdir" not in given:
-        tail.append("hydra.output_subdir=null")
-    try:
-        try:
-            cfg = check_overrides(kept + tail)
-        except (ConfigError, HydraException) as error:  # a saved override the new ones exclude
-            fitting = _fitting(kept, tail, check_overrides)  # (data.synthetic.* with data=...)
-            try:
-                cfg = check_overrides(fitting + tail)
-            except (ConfigError, HydraException):  # a wrong new value: said of the run's config
-                raise error from None
-            kept = fitting
-    except HydraException:  # Hydra says it again, in its words, as it starts
-        return list(argv)
-    typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
-    changes = config_changes(OmegaConf.load(source / "config.yaml"), cfg)
-    check_changes(changes, source, typed, _changed_by(typed, kept + tail, cfg, check_overrides))
-    from finetune.run import training_regime  # run imports this module
-
-    solved = training_regime(cfg) == "probe"
-    check_epochs(checkpoint, cfg.trainer.get("max_epochs"), source, probe_solved=solved)
-    return kept + tail
-
-
-def _changed_by(typed: list[str], overrides: list[str], cfg: DictConfig, compose: Any) -> set[str]:
-    """The keys of `cfg` (composed from `overrides`) that the `typed` ones change, through
-    interpolations too; empty when the config does not compose without them."""
-    from hydra.errors import HydraException
-
-    from finetune.config import ConfigError
-
-    if not typed:
-        return set()
-    try:
-        without = compose([line for line in overrides if line not in typed])
-    except (ConfigError, HydraException):
-        return set()
-    before, now = _flat(without, ""), _flat(cfg, "")
-    return {key for key in {*before, *now} if before.get(key, ABSENT) != now.get(key, ABSENT)}
-
-
-def _fitting(saved: list[str], new: list[str], compose: Any) -> list[str]:
-    """The saved overrides, in order, that still compose with the `new` ones: a change the new
-    ones cause is then theirs alone, not the defaults of a dropped saved override."""
-    from hydra.errors import HydraException
-
-    from finetune.config import ConfigError
-
-    fitting: list[str] = []
-    for line in saved:
-        with contextlib.suppress(ConfigError, HydraException):
-            compose([*fitting, line, *new])
-            fitting.append(line)
-    return fitting
-
-
 def trained_epochs(checkpoint_path: str | Path) -> int:
     """How many epochs the run of `checkpoint_path` has finished (Lightning's epoch progress,
     which a resume restores as `current_epoch`)."""
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-    return int(progress.get("current", {}).get("processed", checkpoint.get("epoch", -1) + 1))
+    return lightning_internals.epochs_processed_in_checkpoint(checkpoint)
 
 
 def check_epochs(
@@ -476,8 +209,6 @@ def check_epochs(
 def _unfinished(source: Path) -> bool:
     """Whether `source` (a run dir, or a checkpoint in a run's checkpoints/) is a run that has
     not written its results (metrics.json)."""
-    from finetune.rundir import METRICS_FILE
-
     run = source_run_dir(str(source), source)
     return run is not None and not (run / METRICS_FILE).is_file()
 
@@ -487,8 +218,6 @@ def check_split(ckpt_path: Any, run_dir: Path, record: dict[str, Any]) -> None:
     `FinetuneDataModule.split_record()` makes it) are not the ones the resumed run recorded in
     its split.json: the same files, in the same split and class. A run without split.json, or
     no resume, passes."""
-    from finetune.rundir import SPLIT_FILE
-
     source = source_run_dir(ckpt_path, run_dir)
     if source is None or not (source / SPLIT_FILE).is_file():
         return
@@ -527,5 +256,94 @@ def _placement(files: dict[str, dict[str, list[str]]]) -> dict[str, tuple[str, s
     }
 
 
-def _key(line: str) -> str:
-    return line.split("=", 1)[0].lstrip("+~")
+def command_line(argv: Sequence[str]) -> list[str]:
+    """`argv` of `python train.py` as a resume runs it (`with_saved_overrides`: the resumed
+    run's saved overrides first, refusing a change its checkpoint cannot follow), refused too
+    (`ResumeRefused`, before Hydra starts) when it asks for no epoch beyond those the
+    checkpoint trained. Other command lines come back unchanged."""
+    command = with_saved_overrides(argv)
+    if command.checkpoint is not None and command.cfg is not None:
+        solved = strategies.plan(command.cfg).regime == "probe"
+        max_epochs = command.cfg.trainer.get("max_epochs")
+        check_epochs(command.checkpoint, max_epochs, command.source, probe_solved=solved)
+    return command.argv
+
+
+@contextlib.contextmanager
+def _as_it_was(run_dir: Path, in_place: bool) -> Iterator[None]:
+    """A `FinetuneError` of a resume in place raised as `ResumeRefused` (train.py then writes
+    no failure.json into the run, and cuts its log back)."""
+    try:
+        yield
+    except FinetuneError as error:
+        if in_place and not isinstance(error, ResumeRefused):
+            raise ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
+        raise
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """What a run resumes, decided once from its config and run dir (`of`); the training flow
+    asks it what to verify, write and restore rather than carrying a flag through its steps.
+    A run that resumes nothing has no `checkpoint`."""
+
+    run_dir: Path
+    ckpt_path: Any  # as the config gives it: None, `last`, a run dir or a .ckpt file
+    checkpoint: str | None  # the file the fit continues from
+    # continues the run of `run_dir` itself: its files (config, classes, split, weights
+    # report) stay as they are, and an error before training leaves the whole dir as it was
+    in_place: bool
+
+    @classmethod
+    def of(cls, cfg: DictConfig, run_dir: Path) -> ResumePlan:
+        """The plan of `cfg.ckpt_path` for the run in `run_dir`, once its config is checked
+        against the resumed run's saved one (`check_config`: each change applied is logged).
+        Raises `ResumeRefused` for a change the checkpoint cannot follow, `FinetuneError`
+        (in place: `ResumeRefused`) for a `ckpt_path` that names no checkpoint."""
+        ckpt_path = cfg.get("ckpt_path")
+        in_place = is_in_place(ckpt_path, run_dir)
+        with _as_it_was(run_dir, in_place):
+            checkpoint = resolve_checkpoint(ckpt_path, run_dir)
+            check_config(cfg, run_dir)
+        return cls(run_dir, ckpt_path, checkpoint, in_place)
+
+    @property
+    def restores_head(self) -> bool:
+        """Whether the checkpoint restores the head (the probe's solve is not repeated) and the
+        reports of the probe and of the feature cache of the run's first process."""
+        return self.checkpoint is not None
+
+    @property
+    def silenced_warnings(self) -> tuple[str, ...]:
+        """Messages (regular expressions) of Lightning's warnings the fit ignores."""
+        return RESUME_WARNINGS if self.checkpoint is not None else ()
+
+    def kept_as_it_was(self) -> contextlib.AbstractContextManager[None]:
+        """Within it, a `FinetuneError` of a resume in place is a `ResumeRefused`: the run dir
+        is as it was (nothing of it written before training)."""
+        return _as_it_was(self.run_dir, self.in_place)
+
+    def verify(
+        self,
+        cfg: DictConfig,
+        chosen: dict[str, Any],
+        datamodule: FinetuneDataModule,
+        regime: str,
+    ) -> None:
+        """Refuse the checkpoint (`ResumeRefused`, or `FinetuneError` for one of another
+        experiment) when it holds another model or other classes than `cfg` and `datamodule`,
+        when lr=auto (`chosen`, `finetune.adaptive.resolve`'s) chose another rate than it
+        trained at, when the data's splits are not those of its run, or when `cfg` asks for no
+        epoch beyond those it trained (`regime`: the run's, for the fix offered). Nothing to
+        verify without a checkpoint."""
+        if self.checkpoint is None:
+            return
+        auto_lr = cfg.optim.optimizer.lr if "optim.optimizer.lr" in chosen else None
+        check_compatible(self.checkpoint, datamodule.class_names, cfg.model.name, auto_lr)
+        check_split(self.ckpt_path, self.run_dir, datamodule.split_record())
+        check_epochs(
+            self.checkpoint,
+            cfg.trainer.get("max_epochs"),
+            Path(self.checkpoint),
+            probe_solved=regime == "probe",
+        )

@@ -7,11 +7,9 @@ written by `finetune.rundir`.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +26,7 @@ from finetune import (
     config,
     distributed,
     features,
+    interrupt,
     probe,
     resume,
     rundir,
@@ -52,45 +51,40 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Raises `FinetuneError` (one message naming the key or file and the fix) for bad input
     found before or during the run; the run dir then holds no metrics.json. A resume in place
     (`ckpt_path=last`) rewrites none of the run's files; one that stops before training raises
-    `resume.ResumeRefused` and leaves the run dir as it was. Ctrl-C during training raises
+    `ResumeRefused` and leaves the run dir as it was. Ctrl-C during training raises
     `KeyboardInterrupt` once Lightning has shut down.
     """
     run_started = time.perf_counter()
     config.validate(cfg)  # train.py checked it; a config built in code is checked here
     run_dir = runtime.prepare(cfg)
-    in_place = resume.is_in_place(cfg.get("ckpt_path"), run_dir)
-    try:
-        resume.check_config(cfg, run_dir)
-        if not in_place:
+    resuming = resume.ResumePlan.of(cfg, run_dir)  # refuses what its checkpoint cannot follow
+    with resuming.kept_as_it_was():
+        if not resuming.in_place:
             rundir.save_config(cfg, run_dir)
-        datamodule = build_data(cfg, run_dir, write=not in_place)
+        datamodule = build_data(cfg, run_dir, write=not resuming.in_place)
         processes = distributed.world_size(cfg.trainer)
+        planned = strategies.plan(cfg)
         cfg, chosen = adaptive.resolve(  # every `auto` key from the data; config.yaml keeps it
             cfg,
             datamodule.splits.sizes()["train"],
             datamodule.num_classes,
-            training_regime(cfg),
+            planned.regime,
             augmenting=is_augmenting(cfg.data.get("augment") or {}),
             batches_per_step=processes * int(cfg.trainer.get("accumulate_grad_batches") or 1),
         )
         datamodule.batch_size = cfg.data.batch_size  # the loaders take the resolved batch
-        auto_lr = cfg.optim.optimizer.lr if "optim.optimizer.lr" in chosen else None
-        resume_from = find_resume_checkpoint(cfg, run_dir, datamodule, auto_lr)
-        model = build_model(cfg, datamodule)
-    except FinetuneError as error:
-        if in_place and not isinstance(error, resume.ResumeRefused):
-            raise resume.ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
-        raise
+        resuming.verify(cfg, chosen, datamodule, planned.regime)
+        model = build_model(cfg, datamodule, planned)
     fitting = build_trainer(cfg, model, datamodule)
     check_world_size(fitting.trainer, processes, chosen)
-    if not in_place:  # the report of the weights the run started from
+    if not resuming.in_place:  # the report of the weights the run started from
         rundir.save_weights_report(run_dir, model.network.load_report, fitting.loggers)
-    fit_seconds, feature_report = fit(fitting, model, datamodule, resume_from)
+    fit_seconds, feature_report = fit(fitting, model, datamodule, resuming)
     # Described before the evaluation: validating a checkpoint restores every callback's state
     # from it, and the epoch timer of an earlier best epoch lists only the epochs before it.
     described = describe_run(cfg, model, datamodule, fitting, fit_seconds)
     earlier_seconds = fitting.epoch_timer.earlier_fit_seconds  # a resume's earlier processes
-    with ctrl_c_as_interrupt(fitting.trainer):
+    with interrupt.ctrl_c_as_interrupt(fitting.trainer):
         metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
     metrics |= described | feature_report
     metrics |= model.strategy.probe_report
@@ -160,46 +154,12 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     return datamodule
 
 
-def find_resume_checkpoint(
-    cfg: DictConfig, run_dir: Path, datamodule: FinetuneDataModule, auto_lr: float | None = None
-) -> str | None:
-    """The checkpoint `ckpt_path` names, refused (`resume.ResumeRefused`) when it is of another
-    experiment, when lr=auto chose another rate (`auto_lr`) than it trained at, when the data's
-    splits are not those of its run, or when the config asks for no epoch beyond those it
-    trained."""
-    resume_from = resume.resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
-    if resume_from:
-        resume.check_compatible(resume_from, datamodule.class_names, cfg.model.name, auto_lr)
-        resume.check_split(cfg.get("ckpt_path"), run_dir, datamodule.split_record())
-        resume.check_epochs(
-            resume_from,
-            cfg.trainer.get("max_epochs"),
-            Path(resume_from),
-            probe_solved=training_regime(cfg) == "probe",
-        )
-    return resume_from
-
-
-def plan_strategy(cfg: DictConfig) -> tuple[strategies.FreezeStrategy, bool]:
-    """The freeze strategy and whether its head trains on cached features: a frozen backbone
-    without augmentation sees the same images every epoch."""
-    strategy = strategies.build(_plain(cfg.strategy))
-    caches_features = strategies.caches_features(
-        strategy,
-        cfg.strategy.get("cache_features", "auto"),
-        augmenting=is_augmenting(cfg.data.get("augment") or {}),
-    )
-    return strategy, caches_features
-
-
-def training_regime(cfg: DictConfig) -> str:
-    """How the run trains, for the data-adaptive defaults (`strategies.training_regime`)."""
-    return strategies.training_regime(*plan_strategy(cfg))
-
-
-def build_model(cfg: DictConfig, datamodule: FinetuneDataModule) -> Model:
-    """The freeze strategy, the network with a head for the data's classes, the module."""
-    strategy, caches_features = plan_strategy(cfg)
+def build_model(
+    cfg: DictConfig, datamodule: FinetuneDataModule, planned: strategies.StrategyPlan | None = None
+) -> Model:
+    """The freeze strategy, the network with a head for the data's classes, the module.
+    `planned`: the run's strategy plan (`strategies.plan(cfg)` when not given)."""
+    strategy, caches_features, _ = planned or strategies.plan(cfg)
     network = backbones.build(
         cfg.model, num_classes=datamodule.num_classes, pretrained=strategy.pretrained
     )
@@ -273,18 +233,18 @@ def training_data(
     model: Model,
     datamodule: FinetuneDataModule,
     trainer: pl.Trainer,
-    resume_from: str | None,
+    resuming: resume.ResumePlan,
 ) -> dict[str, Any]:
     """Extract the frozen backbone's features of the training and validation splits once (or
     reuse them) when the head trains on them or starts from the linear probe; solve that probe
-    into the head (not when resuming: the checkpoint holds the head), with `model`'s augmented
+    into the head (unless `resuming` restores it), with `model`'s augmented
     views of the training images (drawn from `data.shuffle_seed`, as training augments);
     serve the features the fit uses. The test split stays images: it is evaluated once, after
     fit, and its forward pass there costs what an extraction would. Returns the feature-cache
     and probe part of metrics.json."""
     # A resumed lp_ft needs none: the checkpoint holds the solved head and the probe's report,
     # and the fit trains on images (the features were only the probe's).
-    resumed_on_images = resume_from is not None and not model.module.inputs_are_features
+    resumed_on_images = resuming.restores_head and not model.module.inputs_are_features
     if resumed_on_images or not (
         model.module.inputs_are_features or model.strategy.head_from_probe
     ):
@@ -298,7 +258,7 @@ def training_data(
             only=("train", "val"),
         )
         views, views_report = None, {}
-        if model.augmented_views > 0 and resume_from is None:
+        if model.augmented_views > 0 and not resuming.restores_head:
             views, views_report = features.augmented_views(
                 datamodule,
                 model.network,
@@ -307,7 +267,7 @@ def training_data(
                 datamodule.shuffle_seed,
                 channels_last=model.speed["channels_last"],
             )
-    if model.strategy.head_from_probe and resume_from is None:  # a resume restores the report
+    if model.strategy.head_from_probe and not resuming.restores_head:  # and the probe's report
         device = trainer.strategy.root_device
         smoothing = model.module.criterion.label_smoothing  # the loss gradient training uses
         solved = solve_probe(model.network, datamodule, extracted, device, views, smoothing)
@@ -358,52 +318,24 @@ def solve_probe(
     return solution.report() | {"probe_augmented_views": view_count}
 
 
-# Lightning's warnings that a resume makes true and harmless.
-RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed")
-
-
 def fit(
-    fitting: Fitting, model: Model, datamodule: FinetuneDataModule, resume_from: str | None
+    fitting: Fitting, model: Model, datamodule: FinetuneDataModule, resuming: resume.ResumePlan
 ) -> tuple[float, dict[str, Any]]:
-    """Train (from the checkpoint `resume_from`, when given). Returns the seconds it took,
+    """Train (from the checkpoint `resuming` continues, if any). Returns the seconds it took,
     feature extraction and the probe's solve included (after a resume: with the seconds of
     the processes before it, up to the checkpoint, as the uninterrupted run counts them), and
     the feature extraction's part of metrics.json (after a resume: the first process's)."""
     trainer = fitting.trainer
     fitting.epoch_timer.start_fit()
-    feature_report = training_data(model, datamodule, trainer, resume_from)
-    if resume_from is None:  # a resume restores the first process's from the checkpoint
+    feature_report = training_data(model, datamodule, trainer, resuming)
+    if not resuming.restores_head:  # a resume restores the first process's from the checkpoint
         model.strategy.feature_report = feature_report
-    with ctrl_c_as_interrupt(trainer), warnings.catch_warnings():
-        if resume_from:
-            # A resume finds its own checkpoints there; BestCheckpoint moves or copies its
-            # kept ones (the stock last-checkpoint callback rewrites last.ckpt each epoch).
-            for message in RESUME_WARNINGS:
-                warnings.filterwarnings("ignore", message=message)
-        trainer.fit(model.module, datamodule=datamodule, ckpt_path=resume_from)
+    with interrupt.ctrl_c_as_interrupt(trainer), warnings.catch_warnings():
+        for message in resuming.silenced_warnings:
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(model.module, datamodule=datamodule, ckpt_path=resuming.checkpoint)
     # a checkpoint of an older version has none: this process's report then
     return fitting.epoch_timer.fit_seconds(), model.strategy.feature_report or feature_report
-
-
-@contextlib.contextmanager
-def ctrl_c_as_interrupt(trainer: pl.Trainer) -> Iterator[None]:
-    """Raise KeyboardInterrupt (the caller prints how to continue the run) where Lightning
-    ends a Ctrl-C in `fit`, `validate` or `test` with exit(1), or with an error of its own
-    shutdown raised while handling it (a callback's on_exception after the loaders were torn
-    down). Any other error stays itself (Lightning marks the trainer interrupted for all)."""
-    try:
-        yield
-    except SystemExit:
-        if trainer.interrupted:  # Lightning's exit(1) after Ctrl-C
-            raise KeyboardInterrupt from None
-        raise
-    except Exception as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, KeyboardInterrupt):
-            cause = cause.__context__
-        if cause is not None:
-            raise KeyboardInterrupt from error
-        raise
 
 
 def evaluate_best_checkpoint(

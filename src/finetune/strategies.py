@@ -21,9 +21,10 @@ import dataclasses
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
 
 from finetune import optim
 from finetune.backbones import Network
@@ -44,6 +45,7 @@ from finetune.config.values import AUTO
 from finetune.errors import FinetuneError, unknown_name
 from finetune.freezing import FreezeStrategy, top_blocks
 from finetune.freezing import count_parameters as count_parameters  # the run's counts
+from finetune.transforms import is_augmenting
 
 log = logging.getLogger(__name__)
 
@@ -283,3 +285,24 @@ def caches_features(strategy: FreezeStrategy, cache_features: bool | str, augmen
             )
         return True
     return cache_features == AUTO and (strategy.head_from_probe or not augmenting)
+
+
+class StrategyPlan(NamedTuple):
+    """How a run trains, decided once from its config."""
+
+    strategy: FreezeStrategy  # the callback that freezes and unfreezes
+    caches_features: bool  # the head trains on features computed once (`caches_features`)
+    regime: str  # one of `finetune.config.schema.REGIMES` (`training_regime`)
+
+
+def plan(cfg: DictConfig) -> StrategyPlan:
+    """The strategy of a composed config (`strategy`, with `data.augment`), whether its head
+    trains on cached features and the regime the data-adaptive defaults read. Raises what
+    `build` and `caches_features` raise."""
+    strategy = build(OmegaConf.to_container(cfg.strategy, resolve=True))
+    cached = caches_features(
+        strategy,
+        cfg.strategy.get("cache_features", "auto"),
+        augmenting=is_augmenting(cfg.data.get("augment") or {}),
+    )
+    return StrategyPlan(strategy, cached, training_regime(strategy, cached))

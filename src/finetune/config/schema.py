@@ -52,6 +52,17 @@ def named_option(class_name: str, base: type, name: str) -> type:
     return make_dataclass(class_name, [spec], bases=(base,), namespace={"__module__": __name__})
 
 
+# What a resume (finetune.resume_config) reads of a key, merged into its field's metadata:
+# RESUMABLE: a resume may change it (how and how long the run trains, not what it learns).
+# REFUSED_WHEN_ABSENT: a run saved before the key existed trained otherwise than its default
+# trains now, so such a run cannot resume; any other key missing from a run's saved config
+# takes its default.
+RESUMABLE = {"resumable": True}
+REFUSED_WHEN_ABSENT = {"refused_when_absent": True}
+# The free-form groups (no dataclass) whose entries a resume may change, the key itself too.
+RESUMABLE_ENTRIES = ("callbacks.progress_bar", "logger")
+
+
 # ---------------------------------------------------------------------------------------------
 # model
 
@@ -85,10 +96,12 @@ class LastLayerConfig(StrategyConfig):
     # probe: the head is solved first (L-BFGS, L2 chosen on val, finetune.probe); on cached
     # features that is the whole training.
     # random: the head starts from nn.Linear's initialisation and trains by the optimizer.
-    head_init: str = field(default="probe", metadata=one_of(*HEAD_INITS))
+    # (resumable: a resume starts from its checkpoint's head, whatever the value)
+    head_init: str = field(default="probe", metadata=one_of(*HEAD_INITS) | RESUMABLE)
     # With augmentation, the probe is solved on the clean training images and on this many
     # augmented views of each (finetune.features.augmented_views); auto: finetune.adaptive.
-    augmented_views: Any = field(default="auto", metadata=AUTO_OR_COUNT)
+    # (before the key existed, last_layer with augmentation trained its head by SGD)
+    augmented_views: Any = field(default="auto", metadata=AUTO_OR_COUNT | REFUSED_WHEN_ABSENT)
 
 
 @dataclass
@@ -184,18 +197,21 @@ class DataConfig:
     download: bool = True  # fetch hymenoptera / flowers102 when absent
     batch_size: Any = field(default="auto", metadata=AUTO_OR_POSITIVE_INT)  # auto: adaptive
     # null = the training batch size
-    eval_batch_size: Any = field(default=64, metadata=one_of(None, types=(int,), minimum=1))
-    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))
-    pin_memory: bool = True  # only takes effect with CUDA
-    persistent_workers: bool = True
+    eval_batch_size: Any = field(
+        default=64, metadata=one_of(None, types=(int,), minimum=1) | RESUMABLE
+    )
+    num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0) | RESUMABLE)
+    pin_memory: bool = field(default=True, metadata=RESUMABLE)  # only takes effect with CUDA
+    persistent_workers: bool = field(default=True, metadata=RESUMABLE)
     # imagefolder without val/: stratified share of each class
     val_fraction: float = field(
         default=0.2, metadata=one_of(types=(float,), above=0, below=1, example=0.2)
     )
     split_seed: int = 0
     # verified-image records and cached features; null = paths.cache_dir's default
-    cache_dir: str | None = II("paths.cache_dir")
-    decode_cache_mb: float = 1024  # decoded, resized images kept in memory; 0 = off
+    cache_dir: str | None = field(default=II("paths.cache_dir"), metadata=RESUMABLE)
+    # decoded, resized images kept in memory; 0 = off
+    decode_cache_mb: float = field(default=1024, metadata=RESUMABLE)
     # crop, flip, normalise (and erase) batches on the device: auto = on a GPU;
     # normalise = only normalise (and erase) there, crops in the loader workers
     device_transforms: Any = field(default="auto", metadata=one_of(*DEVICE_TRANSFORMS))
@@ -291,18 +307,20 @@ COUNT_OR_FRACTION = one_of(None, types=(int, float))  # int = batches, float = f
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    strategy: str = "auto"
+    accelerator: str = field(default="auto", metadata=RESUMABLE)
+    strategy: str = field(default="auto", metadata=RESUMABLE)
     # a count, a list of ids, or a string ("auto", "-1", "0,1")
-    devices: Any = field(default="auto", metadata=one_of(types=(int, list, str)))
-    num_nodes: int = 1
-    precision: Any = field(default=None, metadata=one_of(*PRECISIONS))
+    devices: Any = field(default="auto", metadata=one_of(types=(int, list, str)) | RESUMABLE)
+    num_nodes: int = field(default=1, metadata=RESUMABLE)
+    precision: Any = field(default=None, metadata=one_of(*PRECISIONS) | RESUMABLE)
     # conf/trainer/default.yaml: auto (finetune.adaptive); null = Lightning's default. At
     # least 1: the learning-rate schedule needs its length (Lightning's -1, endless, has none)
-    max_epochs: Any = field(default=None, metadata=one_of("auto", None, types=(int,), minimum=1))
+    max_epochs: Any = field(
+        default=None, metadata=one_of("auto", None, types=(int,), minimum=1) | RESUMABLE
+    )
     min_epochs: int | None = None
     max_steps: int = -1
-    max_time: str | None = None  # DD:HH:MM:SS
+    max_time: str | None = field(default=None, metadata=RESUMABLE)  # DD:HH:MM:SS
     limit_train_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
     limit_val_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
     limit_test_batches: Any = field(default=None, metadata=COUNT_OR_FRACTION)
@@ -310,11 +328,11 @@ class TrainerConfig:
     # int = batches, float = fraction of an epoch, str = a time ("00:00:30:00")
     val_check_interval: Any = field(default=None, metadata=one_of(None, types=(int, float, str)))
     check_val_every_n_epoch: int | None = 1
-    num_sanity_val_steps: int | None = None
-    log_every_n_steps: int | None = None
+    num_sanity_val_steps: int | None = field(default=None, metadata=RESUMABLE)
+    log_every_n_steps: int | None = field(default=None, metadata=RESUMABLE)
     enable_checkpointing: bool | None = None
-    enable_progress_bar: bool | None = None
-    enable_model_summary: bool | None = None
+    enable_progress_bar: bool | None = field(default=None, metadata=RESUMABLE)
+    enable_model_summary: bool | None = field(default=None, metadata=RESUMABLE)
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = field(
@@ -336,15 +354,17 @@ class TrainerConfig:
 class PathsConfig:
     # the parent folder of the datasets (data.root of the named datasets)
     data_root: str = "${oc.env:FINETUNE_DATA_ROOT,data}"
-    # the project's caches, never inside a dataset's folder ('~' is expanded where it is used)
-    cache_dir: str = PROJECT_CACHE_DIR
+    # the project's caches, never inside a dataset's folder ('~' is expanded where it is used);
+    # resumable: they hold what can be computed again
+    cache_dir: str = field(default=PROJECT_CACHE_DIR, metadata=RESUMABLE)
 
 
 @dataclass
 class SpeedConfig:
     # NHWC layout for images and convolutions; auto = on for conv nets
-    channels_last: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE))
-    compile: bool = False  # torch.compile the network: slower first steps, faster after
+    channels_last: Any = field(default="auto", metadata=one_of(*AUTO_TRUE_FALSE) | RESUMABLE)
+    # torch.compile the network: slower first steps, faster after
+    compile: bool = field(default=False, metadata=RESUMABLE)
 
 
 @dataclass
@@ -364,7 +384,7 @@ class Config:
     run_dir: str = II("hydra:runtime.output_dir")
     # resume: `last` (the last checkpoint of hydra.run.dir), a run dir, or a .ckpt file
     ckpt_path: str | None = None
-    print_config: bool = True
+    print_config: bool = field(default=True, metadata=RESUMABLE)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
