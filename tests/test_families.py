@@ -80,12 +80,10 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
     network = backbones.build(model_cfg, CLASSES)
     head = network.head_parameter_names()
     head_layers = {_layer_of(n) for n in head}
-    in_head = lambda layer: (
-        layer.startswith(tuple(f"{h}." for h in network.head_names))
-        or (  # noqa: E731
-            layer in network.head_names
-        )
-    )
+    head_prefixes = tuple(f"{h}." for h in network.head_names)
+
+    def in_head(layer: str) -> bool:
+        return layer in network.head_names or layer.startswith(head_prefixes)
 
     # Every layer but the new head loads; the new head is the blocker.
     report = network.load_report
@@ -136,7 +134,7 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
         ["a", "b", "c"], model_cfg, {}, {}, network=network, inputs_are_features=True
     )
     assert module.example_input_array.shape == (1, network.num_features)
-    strategy.apply(network)  # frozen parts in eval, the head in train mode
+    strategy.apply(network.train())  # frozen parts in eval, the head in train mode
     before = {n: p.detach().clone() for n, p in network.net.named_parameters()}
     trainable = [p for p in network.parameters() if p.requires_grad]
     # Labels the solved head gets wrong: its loss has a gradient.
@@ -148,12 +146,12 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
     network.zero_grad()
 
     # top_k and full: one step on tiny images moves what they train, and only that.
-    top = strategies.TopK(k=1)
-    top.apply(network)
+    # As Lightning does at the start of fit: train mode, then the strategy's eval parts.
+    strategies.TopK(k=1).apply(network.train())
     changed = _one_step(network, images, labels)
     assert changed <= head | set(blocks[-1]) and changed & set(blocks[-1]) and changed & head
     network.zero_grad()
-    strategies.Full().apply(network)
+    strategies.Full().apply(network.train())
     changed = _one_step(network, images, labels)
     assert changed & set(blocks[0]) and changed & head
 
