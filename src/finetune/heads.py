@@ -216,7 +216,14 @@ def check_served(network: Any, crop_size: int) -> None:
     try:
         with torch.no_grad():
             logits = network(image)
-            rebuilt = network.forward_head(network.forward_features(image))
+            try:
+                rebuilt = network.forward_head(network.forward_features(image))
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise FinetuneError(
+                    f"Model {network.name} is not supported: its classifier "
+                    f"({', '.join(network.head_names)}) cannot be applied to the features it "
+                    f"sees ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})."
+                ) from error
     finally:
         network.train(was_training)
     if (
