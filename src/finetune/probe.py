@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from finetune.heads import affine_parts
+
 log = logging.getLogger(__name__)
 
 # L2 strengths tried, strongest first: 1e1 down to 1e-5, two per decade. With standardised
@@ -82,8 +84,6 @@ class ProbeSolution:
         folded into so that the eval-mode head computes it exactly; or a tuple of such
         classifiers, whose logits the network averages: each gets the whole solution.
         """
-        from finetune.heads import affine_parts
-
         for classifier in head if isinstance(head, tuple | list) else (head,):
             norm, affine = affine_parts(classifier)
             weight, bias = self.weight, self.bias

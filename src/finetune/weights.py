@@ -232,12 +232,12 @@ def _place_containers(
     fires before any of its children run, which says nothing about where its tensors enter;
     so a ViT's tokens load with the patch embedding, after it. A container no layer is
     computed from (buffers only, or tensors used only at the output) keeps its place."""
-    names = list(layers)
-    containers = {
-        name
-        for name in names
-        if any(other.startswith(f"{name}.") or (not name and other) for other in names)
-    }
+
+    def holds_layers(name: str) -> bool:
+        inside = f"{name}." if name else ""
+        return any(other != name and other.startswith(inside) for other in layers)
+
+    containers = {name for name in layers if holds_layers(name)}
     leaves = [name for name in order if name not in containers]
     consumer_of = {
         container: next((leaf for leaf in leaves if container in ancestors[leaf]), None)
