@@ -61,17 +61,27 @@ def _layer_of(parameter_name: str) -> str:
     return parameter_name.rpartition(".")[0]
 
 
-def _one_step(network: backbones.Network, images: torch.Tensor, labels: torch.Tensor) -> set[str]:
-    """One SGD step of the network's trainable parameters on `images`; the names whose values
-    changed."""
+def _one_step(
+    network: backbones.Network, inputs: torch.Tensor, labels: torch.Tensor, features: bool = False
+) -> set[str]:
+    """One SGD step of the network's trainable parameters on images (or, with `features`,
+    cached features through `forward_head`); the names of the parameters it moved (a nonzero
+    gradient: a small step can leave a weight's float value unchanged)."""
     before = {n: p.detach().clone() for n, p in network.net.named_parameters()}
     trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=1e-3)
-    loss = nn.functional.cross_entropy(network(images), labels)
+    network.zero_grad()
+    logits = network.forward_head(inputs) if features else network(inputs)
+    loss = nn.functional.cross_entropy(logits, labels)
     assert torch.isfinite(loss)
     loss.backward()
-    optimizer.step()
-    return {n for n, p in network.net.named_parameters() if not torch.equal(p, before[n])}
+    torch.optim.SGD(trainable, lr=1e-3).step()
+    frozen = [n for n, p in network.net.named_parameters() if not p.requires_grad]
+    assert all(torch.equal(network.net.get_parameter(n), before[n]) for n in frozen)
+    return {
+        n
+        for n, p in network.net.named_parameters()
+        if p.grad is not None and bool(p.grad.abs().sum() > 0)
+    }
 
 
 def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
@@ -135,17 +145,10 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
     )
     assert module.example_input_array.shape == (1, network.num_features)
     strategy.apply(network.train())  # frozen parts in eval, the head in train mode
-    before = {n: p.detach().clone() for n, p in network.net.named_parameters()}
-    trainable = [p for p in network.parameters() if p.requires_grad]
     # Labels the solved head gets wrong: its loss has a gradient.
-    loss = nn.functional.cross_entropy(network.forward_head(cached), (labels + 1) % CLASSES)
-    loss.backward()
-    torch.optim.SGD(trainable, lr=1e-3).step()
-    changed = {n for n, p in network.net.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and changed <= head
-    network.zero_grad()
+    moved = _one_step(network, cached, (labels + 1) % CLASSES, features=True)
+    assert moved and moved <= head
 
-    # top_k and full: one step on tiny images moves what they train, and only that.
     # As Lightning does at the start of fit: train mode, then the strategy's eval parts.
     strategies.TopK(k=1).apply(network.train())
     changed = _one_step(network, images, labels)

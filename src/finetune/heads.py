@@ -167,14 +167,14 @@ def head_layout(net: nn.Module, name: str) -> HeadLayout:
             attribute = linears[-1]
         layout = HeadLayout((attribute,), timm=False)
     for head in layout.names:
+        if head == "":
+            raise FinetuneError(f"Model {name} is not supported: no separate classifier module.")
         try:
             affine_parts(net.get_submodule(head))
         except ValueError as error:
             raise FinetuneError(
                 f"Model {name} is not supported: its classifier '{head}' is {error}."
             ) from None
-        if head == "" or (not layout.timm and len(layout.names) > 1):
-            raise FinetuneError(f"Model {name} is not supported: no separate classifier module.")
     return layout
 
 
