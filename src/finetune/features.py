@@ -54,11 +54,11 @@ def clear_memory_cache() -> None:
 def weights_fingerprint(network: nn.Module) -> str:
     """A hash of every tensor below the head (parameters and buffers such as BatchNorm
     statistics), so any change of weights file, loading or architecture changes it.
-    `network` is the backbone-and-head holder of `finetune.backbones` (`head_name`)."""
-    head_prefix = f"net.{network.head_name}."
+    `network` is the backbone-and-head holder of `finetune.backbones` (`head_names`)."""
+    head_prefixes = tuple(f"net.{name}." for name in network.head_names)
     digest = hashlib.sha256()
     for name, tensor in network.state_dict().items():
-        if name.startswith(head_prefix):
+        if name.startswith(head_prefixes):
             continue
         data = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())

@@ -121,8 +121,7 @@ class FreezeStrategy(pl.Callback):
         """Start the new head at zero when `zero_head` (else it keeps `nn.Linear`'s random
         initialisation, `finetune.backbones.build`)."""
         if self.zero_head:
-            nn.init.zeros_(network.get_classifier().weight)
-            nn.init.zeros_(network.get_classifier().bias)
+            network.zero_head()
 
     def apply(self, network: Network) -> dict[str, int]:
         """Freeze `network` per this strategy; returns the parameter counts."""

@@ -98,7 +98,7 @@ class ClassifierModule(pl.LightningModule):
         # "Total FLOPs: 0". (1, D) cached features reach the head alone.
         crop = network.input_spec.crop_size
         self.example_input_array = (
-            torch.zeros(1, network.get_classifier().in_features)
+            torch.zeros(1, network.num_features)
             if inputs_are_features
             else torch.zeros(1, 3, crop, crop)
         )

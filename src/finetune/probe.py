@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from finetune.heads import affine_parts
+
 log = logging.getLogger(__name__)
 
 # L2 strengths tried, strongest first: 1e1 down to 1e-5, two per decade. With standardised
@@ -59,6 +61,9 @@ class ProbeSolution:
     path: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     val_loss: float | None = None
+    # The training features' mean and standard deviation (D,), for a head with its own norm.
+    feature_mean: torch.Tensor | None = None
+    feature_std: torch.Tensor | None = None
 
     def report(self) -> dict[str, object]:
         """The part of metrics.json that says how the head was solved."""
@@ -70,11 +75,35 @@ class ProbeSolution:
             "probe_path": self.path,
         }
 
-    def copy_into(self, head: nn.Linear) -> None:
-        """Make `head` compute this classifier (shapes must match)."""
-        with torch.no_grad():
-            head.weight.copy_(self.weight.to(head.weight))
-            head.bias.copy_(self.bias.to(head.bias))
+    def copy_into(self, head: nn.Module | tuple[nn.Module, ...]) -> None:
+        """Make `head` compute this classifier of the raw features (shapes must match).
+
+        `head` is a network's classifier (`Network.get_classifier()`): an `nn.Linear`; a 1x1
+        `nn.Conv2d` (weights reshaped); a `BatchNorm1d` followed by a Linear (LeViT's
+        `NormLinear`), whose norm takes the training features' mean and variance (the
+        statistics its batches will show, so a training-mode forward computes nearly the
+        same classifier) with unit scale and no shift, and whose Linear the classifier is
+        folded into so that the eval-mode head computes it exactly; or a tuple of such
+        classifiers, whose logits the network averages: each gets the whole solution.
+        """
+        for classifier in head if isinstance(head, tuple | list) else (head,):
+            norm, affine = affine_parts(classifier)
+            weight, bias = self.weight, self.bias
+            with torch.no_grad():
+                if norm is not None:
+                    if self.feature_mean is not None and self.feature_std is not None:
+                        norm.running_mean.copy_(self.feature_mean)
+                        norm.running_var.copy_(self.feature_std.pow(2))
+                    if norm.affine:
+                        norm.weight.fill_(1.0)
+                        norm.bias.zero_()
+                    # norm(x) = (x - m) / s with s = sqrt(var + eps): W x + b = (W s) norm(x)
+                    # + (b + W m).
+                    scale = (norm.running_var.to(weight) + norm.eps).sqrt()
+                    bias = bias + weight @ norm.running_mean.to(weight)
+                    weight = weight * scale
+                affine.weight.copy_(weight.reshape(affine.weight.shape).to(affine.weight))
+                affine.bias.copy_(bias.to(affine.bias))
 
 
 @dataclass(frozen=True)
@@ -206,6 +235,7 @@ def solve(
     raw_weight = solved_weight / std
     raw_bias = solved_bias - raw_weight @ mean
     solution = ProbeSolution(raw_weight, raw_bias, l2, None, path, time.perf_counter() - started)
+    solution.feature_mean, solution.feature_std = mean, std
     if validating:
         solution.val_acc, solution.val_loss = val_acc, -minus_val_loss
     log.info(

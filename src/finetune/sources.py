@@ -103,11 +103,23 @@ class TorchvisionSource(WeightSource):
             interpolation=interpolation_name(preset.interpolation),
         )
 
+    # Architecture arguments per model: the auxiliary classifiers of Inception-v3 and GoogLeNet
+    # make the training forward return a tuple and are no part of the fine-tuned classifier;
+    # their ImageNet weights expect the input re-normalised inside (`transform_input`), as
+    # torchvision sets it when it loads them.
+    ARCHITECTURE: ClassVar[dict[str, dict[str, bool]]] = {
+        "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
+        "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
+    }
+    AUXILIARY_KEYS = ("AuxLogits.", "aux1.", "aux2.")
+
     def create(self, num_classes: int | None = None) -> nn.Module:
         import torchvision.models as tvm
 
         extra = {} if num_classes is None else {"num_classes": num_classes}
-        return tvm.get_model(self.name, weights=None, **extra)
+        return tvm.get_model(
+            self.name, weights=None, **self.ARCHITECTURE.get(self.name, {}), **extra
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         if self.weights is None:
@@ -125,6 +137,9 @@ class TorchvisionSource(WeightSource):
                 "comes from $TORCH_HOME), choose offline weights with model=efficientnet_lite0, "
                 "or train from random initialisation on purpose with model.weights=none."
             ) from error
+        if self.name in self.ARCHITECTURE:  # the auxiliary classifiers are not built
+            self.notes = ("left out the auxiliary classifiers",)
+            return {k: v for k, v in state.items() if not k.startswith(self.AUXILIARY_KEYS)}
         # torchvision's DenseNet files still use the legacy `norm.1` names.
         if not self.name.startswith("densenet"):
             return state

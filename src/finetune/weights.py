@@ -24,6 +24,7 @@ __all__ = [
     "read_weights",
     "rename_keys",
     "strip_to_target",
+    "tensor_key",
     "trace_layers",
 ]
 
@@ -37,6 +38,8 @@ __all__ = [
 # `backbone`. The one place these prefixes are written down.
 CHECKPOINT_PREFIX = "network.net."
 LEGACY_CHECKPOINT_PREFIX = "backbone.net."
+# How reports name the root module's own tensors (a ViT's cls_token, pos_embed, dist_token).
+ROOT_LAYER = "(root)"
 
 # Ready-made key rewrites (regex, replacement), applied in order to every source key.
 RENAMES: dict[str, list[tuple[str, str]]] = {
@@ -213,11 +216,49 @@ def _upstream_layers(tensors: list[torch.Tensor], owner: dict[int, str]) -> set[
     return found
 
 
+def tensor_key(layer: str, tensor_name: str) -> str:
+    """The state-dict name of a layer's own tensor; the root module (`layer == ""`) holds
+    tensors such as a ViT's `cls_token` under their bare names."""
+    return f"{layer}.{tensor_name}" if layer else tensor_name
+
+
+def _place_containers(
+    order: list[str], ancestors: dict[str, set[str]], layers: Mapping[str, torch.nn.Module]
+) -> list[str]:
+    """`order` with each container (a layer holding tensors of its own and layers inside it:
+    the root's `cls_token`/`pos_embed`, torchvision's `encoder.pos_embedding`, a relative
+    position table beside its attention's projections) moved to where its tensors are first
+    used: right before the first inner-most layer computed from them. Its forward pre-hook
+    fires before any of its children run, which says nothing about where its tensors enter;
+    so a ViT's tokens load with the patch embedding, after it. A container no layer is
+    computed from (buffers only, or tensors used only at the output) keeps its place."""
+
+    def holds_layers(name: str) -> bool:
+        inside = f"{name}." if name else ""
+        return any(other != name and other.startswith(inside) for other in layers)
+
+    containers = {name for name in layers if holds_layers(name)}
+    leaves = [name for name in order if name not in containers]
+    consumer_of = {
+        container: next((leaf for leaf in leaves if container in ancestors[leaf]), None)
+        for container in containers
+    }
+    placed: list[str] = []
+    for name in order:
+        if name in containers and consumer_of[name] is not None:
+            continue
+        placed += [c for c in order if c in containers and consumer_of[c] == name]
+        placed.append(name)
+    return placed
+
+
 def trace_layers(
     model: torch.nn.Module, example_inputs: tuple[Any, ...]
 ) -> tuple[list[str], dict[str, set[str]]]:
-    """Parameterised layers in the order the forward pass runs them, and for each layer the
-    layers its input was computed from. Layers the forward pass never runs come last."""
+    """Parameterised layers (module names; "" is the root module when it holds tensors of its
+    own) in the order the forward pass runs them, and for each layer the layers its input was
+    computed from. A container's own tensors are placed where they are first used
+    (`_place_containers`). Layers the forward pass never runs come last."""
     layers = {name: m for name, m in model.named_modules() if _own_tensors(m)}
     owner = {
         id(p): name for name, m in layers.items() for p in m._parameters.values() if p is not None
@@ -251,10 +292,33 @@ def trace_layers(
         model.train(was_training)
         for parameter in model.parameters():
             parameter.requires_grad_(requires_grad[id(parameter)])
-    never_run = [name for name in layers if name not in ancestors]
+    order = _place_containers(order, ancestors, layers)
+    never_run = []
+    for name in (name for name in layers if name not in ancestors):
+        # A layer whose container uses its tensors directly (nn.MultiheadAttention's out_proj)
+        # loads with that container; any other is treated as above everything that ran.
+        container = _running_container(name, ancestors)
+        if container is None:
+            never_run.append(name)
+            continue
+        ancestors[name] = ancestors[container] | {container}
+        position = order.index(container) + 1
+        while position < len(order) and order[position].startswith(f"{container}."):
+            position += 1
+        order.insert(position, name)
     for name in never_run:
-        ancestors[name] = set(order)  # treat as above everything that ran
+        ancestors[name] = set(order)
     return order + never_run, ancestors
+
+
+def _running_container(name: str, ancestors: Mapping[str, set[str]]) -> str | None:
+    """The innermost module above `name` (not the root) that the forward pass ran, if any."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in ancestors:
+            return candidate
+    return None
 
 
 @dataclass
@@ -312,21 +376,22 @@ def _mismatch(name: str, layer: torch.nn.Module, source: Mapping[str, torch.Tens
     """Why `layer` cannot take the source's tensors, or None when it can."""
     own = _own_tensors(layer)
     required = [t for t in own if t != "num_batches_tracked"]
-    missing = [t for t in required if f"{name}.{t}" not in source]
+    missing = [t for t in required if tensor_key(name, t) not in source]
     if len(missing) == len(required):
         return "missing: no tensors for this layer in the source"
     if missing:
         return f"type: the source lacks {', '.join(missing)} (a different layer type)"
-    prefix = f"{name}."
-    extra = [
-        k[len(prefix) :]
-        for k in source
-        if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] not in own
-    ]
-    if extra:
-        return f"type: the source has {', '.join(sorted(extra))}, which this layer lacks (a different layer type)"
+    if name:  # the root's bare names: other roots' tensors are no sign of another layer type
+        prefix = f"{name}."
+        extra = [
+            k[len(prefix) :]
+            for k in source
+            if k.startswith(prefix) and "." not in k[len(prefix) :] and k[len(prefix) :] not in own
+        ]
+        if extra:
+            return f"type: the source has {', '.join(sorted(extra))}, which this layer lacks (a different layer type)"
     for tensor_name in required:
-        theirs, mine = source[f"{name}.{tensor_name}"], own[tensor_name]
+        theirs, mine = source[tensor_key(name, tensor_name)], own[tensor_name]
         if theirs.shape != mine.shape:
             return f"shape: {tensor_name} {tuple(theirs.shape)} in the source vs {tuple(mine.shape)} here"
     return None
@@ -362,20 +427,20 @@ def load_bottom_up(
         for name in layers:
             layer = model.get_submodule(name)
             if roots[name] & blocked_paths:
-                report.not_loaded.append(name)
+                report.not_loaded.append(name or ROOT_LAYER)
                 continue
             reason = _mismatch(name, layer, source)
             if reason:
                 blocked_paths |= roots[name]
                 report.blockers.append(
-                    {"layer": name, "type": type(layer).__name__, "reason": reason}
+                    {"layer": name or ROOT_LAYER, "type": type(layer).__name__, "reason": reason}
                 )
                 continue
             for tensor_name, tensor in _own_tensors(layer).items():
-                key = f"{name}.{tensor_name}"
+                key = tensor_key(name, tensor_name)
                 if key in source:
                     tensor.copy_(source[key])
                     used.add(key)
-            report.loaded.append(name)
+            report.loaded.append(name or ROOT_LAYER)
     report.unused_source_keys = sorted(set(source) - used)
     return report

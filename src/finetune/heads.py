@@ -1,0 +1,239 @@
+"""Where each family keeps its classifier, what that classifier sees, and its blocks.
+
+A network's classifier is found through the family's own API, never guessed from module types:
+timm's `get_classifier()` (one module, or a tuple for several heads: a distilled DeiT's `head`
+and `head_dist`, LeViT's), torchvision's known head attribute per family (`fc`,
+`classifier.1`, `heads.head`, ...). What the classifier sees, its pre-logit features, is timm's
+`forward_head(forward_features(x), pre_logits=True)`, and for torchvision the input of the head
+attribute. A classifier is served when it is, apart from dropout, one affine map of these
+features: an `nn.Linear`, a 1x1 `nn.Conv2d` over `(N, C, 1, 1)` (DLA), or a `BatchNorm1d`
+followed by a Linear (LeViT's `NormLinear`). Several heads that see the same features and whose
+outputs the network averages are served when the network's output is that average (timm's
+distilled models in eval and in non-distillation training).
+
+`head_layout` refuses, in one line naming the model and what is unsupported, any other head,
+before anything trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune.errors import FinetuneError
+
+# torchvision's classifier per family (the family is the model name's prefix).
+TORCHVISION_HEADS: dict[tuple[str, ...], str] = {
+    ("resnet", "resnext", "wide_resnet", "regnet", "shufflenet", "inception", "googlenet"): "fc",
+    ("mobilenet_v2", "efficientnet", "mnasnet"): "classifier.1",
+    ("mobilenet_v3",): "classifier.3",
+    ("convnext",): "classifier.2",
+    ("vgg", "alexnet"): "classifier.6",
+    ("maxvit",): "classifier.5",
+    ("densenet",): "classifier",
+    ("vit_",): "heads.head",
+    ("swin",): "head",
+}
+# torchvision families whose classifier is no affine map of pooled features.
+UNSERVED_TORCHVISION = {
+    "squeezenet": "its classifier is a 1x1 Conv2d followed by a ReLU and the pooling",
+}
+
+# Blocks of torchvision families, in timm's group-matcher format: each regex's numeric capture
+# orders the blocks; (99999,) is timm's MATCH_PREV_GROUP: the layers between the last stage and
+# the head (a final norm, a pre-logits linear) join the top block.
+TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
+    ("resnet", "resnext", "wide_resnet"): {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
+    ("regnet",): {"stem": r"^stem", "blocks": r"^trunk_output\.block(\d+)"},
+    ("mobilenet", "efficientnet", "convnext", "mnasnet"): {
+        "blocks": [(r"^features\.(\d+)", None), (r"^classifier", (99999,))]
+    },
+    ("densenet",): {
+        "stem": r"^features\.(?:conv0|norm0)",
+        "blocks": [
+            (r"^features\.denseblock(\d+)", None),
+            (r"^features\.transition(\d+)", None),
+            (r"^features\.norm5", (99999,)),
+        ],
+    },
+    ("swin",): {"blocks": [(r"^features\.(\d+)", None), (r"^norm", (99999,))]},
+    ("maxvit",): {
+        "stem": r"^stem",
+        "blocks": [(r"^blocks\.(\d+)", None), (r"^classifier", (99999,))],
+    },
+    ("vit_",): {
+        "stem": r"^conv_proj|^class_token|^encoder\.pos_embedding",
+        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))],
+    },
+}
+
+
+def torchvision_block_matcher(name: str, net: nn.Module) -> dict[str, Any]:
+    """The block matcher of a torchvision family; any other family: each top-level child with
+    parameters is a block, in registration order (torchvision registers them input first)."""
+    for prefixes, matcher in TORCHVISION_BLOCK_MATCHERS.items():
+        if name.startswith(prefixes):
+            return matcher
+    children = [
+        child
+        for child, module in net.named_children()
+        if next(module.parameters(), None) is not None
+    ]
+    return {"blocks": [(rf"^{child}\.", (index,)) for index, child in enumerate(children)]}
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where a network's classifier sits: `names`, the classifier modules as the network names
+    them (several for distilled models, whose outputs the network averages); `timm`: the
+    pre-logit features come from timm's `forward_head(pre_logits=True)` (else from a hook on
+    the input of the one classifier)."""
+
+    names: tuple[str, ...]
+    timm: bool
+
+
+def is_timm(net: nn.Module) -> bool:
+    return all(
+        hasattr(net, attr) for attr in ("get_classifier", "forward_head", "reset_classifier")
+    )
+
+
+def affine_parts(classifier: nn.Module) -> tuple[nn.BatchNorm1d | None, nn.Linear | nn.Conv2d]:
+    """A served classifier's norm (None: none) and its affine layer. Raises `ValueError` for
+    any other classifier (described in the message)."""
+    layers = [m for m in classifier.modules() if next(m.parameters(False), None) is not None]
+    kinds = [type(m).__name__ for m in layers]
+    *norms, affine = layers or [classifier]
+    served_affine = isinstance(affine, nn.Linear) or (
+        isinstance(affine, nn.Conv2d) and affine.kernel_size == (1, 1) and affine.groups == 1
+    )
+    if served_affine and not norms:
+        return None, affine
+    if served_affine and len(norms) == 1 and isinstance(norms[0], nn.BatchNorm1d):
+        return norms[0], affine
+    raise ValueError(
+        f"a {type(classifier).__name__} classifier ({' + '.join(kinds) or 'no parameters'}); "
+        "served: Linear, 1x1 Conv2d, BatchNorm1d + Linear"
+    )
+
+
+def in_features(classifier: nn.Module) -> int:
+    """The width of the pre-logit features a served classifier takes."""
+    norm, affine = affine_parts(classifier)
+    if norm is not None:
+        return norm.num_features
+    return affine.in_features if isinstance(affine, nn.Linear) else affine.in_channels
+
+
+def apply(classifier: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Logits `(N, classes)` of a served classifier from `(N, D)` pre-logit features."""
+    if isinstance(affine_parts(classifier)[1], nn.Conv2d):
+        return classifier(features[:, :, None, None]).flatten(1)
+    return classifier(features)
+
+
+def _module_names(net: nn.Module, modules: Iterable[nn.Module]) -> tuple[str, ...]:
+    by_id = {id(module): name for name, module in net.named_modules()}
+    return tuple(by_id[id(module)] for module in modules)
+
+
+def head_layout(net: nn.Module, name: str) -> HeadLayout:
+    """The classifier of `net` (model `name`), found through its family's API. Raises
+    `FinetuneError` (one line: the model and what is unsupported) for a head that cannot be
+    served."""
+    if is_timm(net):
+        found = net.get_classifier()
+        classifiers = tuple(found) if isinstance(found, tuple | list) else (found,)
+        layout = HeadLayout(_module_names(net, classifiers), timm=True)
+    else:
+        for family, reason in UNSERVED_TORCHVISION.items():
+            if name.startswith(family):
+                raise FinetuneError(f"Model {name} is not supported: {reason}.")
+        attribute = next(
+            (head for prefixes, head in TORCHVISION_HEADS.items() if name.startswith(prefixes)),
+            None,
+        )
+        if attribute is None:  # a family this table does not know: its last Linear
+            linears = [n for n, module in net.named_modules() if isinstance(module, nn.Linear)]
+            if not linears:
+                raise FinetuneError(
+                    f"Model {name} is not supported: no classifier found (no nn.Linear)."
+                )
+            attribute = linears[-1]
+        layout = HeadLayout((attribute,), timm=False)
+    for head in layout.names:
+        if head == "":
+            raise FinetuneError(f"Model {name} is not supported: no separate classifier module.")
+        try:
+            affine_parts(net.get_submodule(head))
+        except ValueError as error:
+            raise FinetuneError(
+                f"Model {name} is not supported: its classifier '{head}' is {error}."
+            ) from None
+    return layout
+
+
+def reset_heads(net: nn.Module, layout: HeadLayout) -> None:
+    """Fresh parameters for the new classifier(s), PyTorch's default initialisation of each
+    layer (nn.Linear: +-1/sqrt(features)); several heads start equal, so that they compute
+    one classifier until training sets them apart."""
+    first = net.get_submodule(layout.names[0])
+    for module in first.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    for other in layout.names[1:]:
+        net.get_submodule(other).load_state_dict(first.state_dict())
+
+
+def zero_heads(net: nn.Module, layout: HeadLayout) -> None:
+    """Set the affine layer of every classifier to zero (its norm, if any, is kept)."""
+    for head in layout.names:
+        affine = affine_parts(net.get_submodule(head))[1]
+        nn.init.zeros_(affine.weight)
+        if affine.bias is not None:
+            nn.init.zeros_(affine.bias)
+
+
+def check_served(network: Any, crop_size: int) -> None:
+    """Raise `FinetuneError` unless the network's logits are its classifiers applied to its
+    pre-logit features (`network.forward_head(network.forward_features(x))`), checked in eval
+    mode on one fixed image (no random numbers are drawn)."""
+    ramp = torch.linspace(-1.0, 1.0, crop_size)
+    image = torch.stack(
+        [
+            ramp[:, None] * ramp[None, :],
+            ramp[:, None].expand(-1, crop_size),
+            ramp[None, :].expand(crop_size, -1),
+        ]
+    )[None]
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.no_grad():
+            logits = network(image)
+            try:
+                rebuilt = network.forward_head(network.forward_features(image))
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise FinetuneError(
+                    f"Model {network.name} is not supported: its classifier "
+                    f"({', '.join(network.head_names)}) cannot be applied to the features it "
+                    f"sees ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})."
+                ) from error
+    finally:
+        network.train(was_training)
+    if (
+        not isinstance(logits, torch.Tensor)
+        or logits.shape != rebuilt.shape
+        or not torch.allclose(
+            logits, rebuilt, rtol=1e-3, atol=1e-4 * (1.0 + float(logits.abs().max()))
+        )
+    ):
+        raise FinetuneError(
+            f"Model {network.name} is not supported: its output is not its classifier "
+            f"({', '.join(network.head_names)}) applied to the features that classifier sees."
+        )
