@@ -254,6 +254,11 @@ class DataConfig:
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
     skip_corrupt: bool = False  # unreadable images: false = name them all and stop
+    # an image with more pixels is refused (Pillow's guard against decompression bombs, whose
+    # default this is); null = no limit. Larger JPEGs decode at a reduced size.
+    max_image_pixels: int | None = field(
+        default=178_956_970, metadata=one_of(None, types=(int,), minimum=1)
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

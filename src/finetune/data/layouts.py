@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from finetune.data.duplicates import file_digests, originals
 from finetune.data.loading import DatasetSplits, Sample, stratified_split
 from finetune.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from finetune.errors import DataUnavailableError, unknown_name
@@ -60,15 +61,43 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
-def images_under(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively (symlinks followed), sorted per folder;
-    hidden folders are skipped. [] when `folder` does not exist. Training's folder scan and
-    predict.py share this rule."""
-    found = []
+def files_under(folder: Path) -> tuple[list[Path], list[str]]:
+    """Every file under `folder`, recursively (symlinks followed), sorted per folder, hidden
+    folders skipped; and the linked folders left out. A linked folder is entered once: one that
+    leads back to `folder` or a folder above it (a loop, such as `dogs/everything -> ..`) or to
+    a folder already scanned is left out, so no file is counted twice or under another class."""
+    found: list[Path] = []
+    top = os.path.realpath(folder)
+    scanned = {top}
+    left_out: list[str] = []
     for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found += [Path(directory) / f for f in sorted(files) if is_image_file(Path(f))]
-    return found
+        kept = []
+        for name in sorted(d for d in subdirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(directory, name))
+            if real in scanned or top.startswith(real + os.sep):
+                left_out.append(os.path.join(directory, name))
+            else:
+                scanned.add(real)
+                kept.append(name)
+        subdirs[:] = kept
+        found += [Path(directory) / f for f in sorted(files)]
+    return found, left_out
+
+
+def images_under(folder: Path) -> list[Path]:
+    """The image files under `folder` (`files_under`: recursively, symlinks followed, each real
+    folder once). [] when `folder` does not exist. Training's folder scan and predict.py share
+    this rule; linked folders left out are named in a warning."""
+    found, left_out = files_under(folder)
+    if left_out:
+        log.warning(
+            "Left out %d linked folder(s) under %s that lead back to a folder already scanned "
+            "(a symlink loop, or a second link to one folder): %s. Fix: remove the link(s).",
+            len(left_out),
+            folder,
+            ", ".join(left_out[:3]),
+        )
+    return [path for path in found if is_image_file(path)]
 
 
 # Image types the loader does not read (torchvision's ImageFolder leaves them out too): named
@@ -91,7 +120,7 @@ def _report_left_out(folder: Path, class_names: list[str]) -> None:
     unread = [
         path
         for name in class_names
-        for path in sorted((folder / name).rglob("*"))
+        for path in files_under(folder / name)[0]
         if path.suffix.lower() in UNREAD_IMAGE_TYPES and not path.name.startswith(".")
     ]
     if unread:
@@ -187,9 +216,26 @@ def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
             )
         splits[split] = _folder_samples(root / split, class_names)
     if splits["val"] is None:
-        train, splits["val"] = stratified_split(train, val_fraction, seed)
-        _report_classes_without_val(class_names, splits["val"])
+        train, splits["val"] = _split_off_val(train, class_names, val_fraction, seed)
     return require_images(DatasetSplits(class_names, train, splits["val"], splits["test"]), root)
+
+
+def _split_off_val(
+    samples: list[Sample], class_names: list[str], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """The seeded stratified train/val split of `samples`, byte-identical copies kept on the
+    side of their original (an image both trained on and validated on inflates val)."""
+    copies = originals(file_digests(path for path, _ in samples))
+    train, val = stratified_split(samples, val_fraction, seed, copies)
+    if copies:
+        log.info(
+            "%d file(s) are byte-identical copies of others (e.g. %s): each stays on the side "
+            "of the split its original is on.",
+            len(copies),
+            ", ".join(Path(path).name for path in list(copies)[:3]),
+        )
+    _report_classes_without_val(class_names, val)
+    return train, val
 
 
 def require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
@@ -337,8 +383,7 @@ def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
     class_names = _two_or_more(root, _class_folders(root))
     samples = _folder_samples(root, class_names)
     _report_left_out(root, class_names)
-    train, val = stratified_split(samples, options.val_fraction, options.split_seed)
-    _report_classes_without_val(class_names, val)
+    train, val = _split_off_val(samples, class_names, options.val_fraction, options.split_seed)
     return require_images(DatasetSplits(class_names, train, val), root)
 
 

@@ -12,6 +12,7 @@ sizes, order and last-batch rule.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -26,7 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
 from finetune.config.schema import DEVICE_TRANSFORMS
-from finetune.data.images import DecodedImages, decode_once
+from finetune.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodedImages,
+    allow_pixels,
+    decode_once,
+)
 from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
 from finetune.data.loading import (
     DatasetSplits,
@@ -36,7 +42,8 @@ from finetune.data.loading import (
     make_loader,
     training_subset,
 )
-from finetune.data.verify import without_unreadable
+from finetune.data.duplicates import across_splits
+from finetune.data.verify import content_digests, without_unreadable
 from finetune.errors import FinetuneError, unknown_name
 from finetune.transforms import Preprocessing
 
@@ -63,6 +70,24 @@ def _check_options(device_transforms: Any, train_fraction: float) -> None:
             f"data.train_fraction must be in (0, 1], got {train_fraction}: it is the share of "
             "the training split to train on."
         )
+
+
+def _report_duplicates(groups: list[dict[str, list[str]]]) -> None:
+    """One warning when files of val or test are byte-identical to files of another split:
+    the model is then evaluated partly on images it trained on."""
+    if not groups:
+        return
+    examples = "; ".join(
+        " = ".join(f"{split}:{Path(path).name}" for split, paths in group.items() for path in paths)
+        for group in groups[:3]
+    )
+    log.warning(
+        "%d image(s) lie byte-identical in more than one split (e.g. %s): their val/test "
+        "numbers are measured on images the model trained on. split.json lists them under "
+        "'duplicates'. Fix: delete the copies from one split.",
+        len(groups),
+        examples,
+    )
 
 
 class FinetuneDataModule(pl.LightningDataModule):
@@ -101,6 +126,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         subset_seed: int,
         shuffle_seed: int,
         skip_corrupt: bool,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
     ) -> None:
         super().__init__()
@@ -122,7 +148,9 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.device_transforms_option = device_transforms
         self.train_fraction, self.subset_seed = float(train_fraction), int(subset_seed)
         self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
+        allow_pixels(max_image_pixels)  # for this process and the loader workers it forks
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
+        self.duplicates: list[dict[str, list[str]]] = []  # byte-identical across splits
         self.decoded: DecodedImages | None = None
         self.preprocessing: Preprocessing | None = None  # decided in setup (needs the device)
         self.features: dict[str, torch.Tensor] | None = None  # set by use_features
@@ -149,6 +177,10 @@ class FinetuneDataModule(pl.LightningDataModule):
         self._splits, self.skipped = without_unreadable(
             splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
         )
+        self.duplicates = across_splits(
+            self._splits, content_digests(self._splits, self.cache_dir)
+        )
+        _report_duplicates(self.duplicates)
         log.info(
             "Dataset %s in %s: %s (caches in %s)",
             self.dataset,
@@ -185,7 +217,18 @@ class FinetuneDataModule(pl.LightningDataModule):
             "subset_seed": self.subset_seed,
             "sizes": self.splits.sizes(),
             "files": split_listing(self.splits, self.root),
+            # byte-identical files in more than one split: split -> paths, per group
+            "duplicates": [
+                {split: [self._relative(path) for path in paths] for split, paths in group.items()}
+                for group in self.duplicates
+            ],
         }
+
+    def _relative(self, path: str) -> str:
+        """`path` relative to the data root where it lies under it (as split.json's files)."""
+        with contextlib.suppress(ValueError):
+            return Path(path).relative_to(self.root).as_posix()
+        return path
 
     @property
     def class_names(self) -> list[str]:
