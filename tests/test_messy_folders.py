@@ -17,6 +17,7 @@ from finetune.data import stratified_split
 from finetune.data.duplicates import file_digest
 from finetune.data.images import DEFAULT_MAX_IMAGE_PIXELS, allow_pixels, load_rgb
 from finetune.errors import DataUnavailableError
+from finetune.predict import collect_inputs
 
 SPEC = InputSpec(
     crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear"
@@ -114,3 +115,17 @@ def test_a_jpeg_above_pillows_default_limit_decodes_at_a_reduced_size(tmp_path, 
     image = load_rgb(str(path))
     assert image.size == (200, 200)  # halved per side: 40,000 pixels, under the limit
     assert image.getpixel((100, 100)) == pytest.approx((10, 200, 30), abs=3)
+
+
+def test_predict_inputs_take_gifs_and_name_the_image_types_it_cannot_read(tmp_path, caplog):
+    inbox = tmp_path / "inbox"
+    write_image(inbox / "a.JPG", (200, 10, 10))
+    Image.new("P", (24, 24)).save(inbox / "g.gif")
+    (inbox / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(16))
+    (inbox / "notes.txt").write_text("not an image, not named")
+    with caplog.at_level("WARNING"):
+        found = collect_inputs(str(inbox), ["cats", "dogs"])
+    assert sorted(path.name for path in found.files) == ["a.JPG", "g.gif"]
+    assert "Left out 1 file(s) of an image type" in caplog.text
+    assert "IMG_0001.HEIC" in caplog.text and "notes.txt" not in caplog.text
+    assert load_rgb(str(inbox / "g.gif")).size == (24, 24)

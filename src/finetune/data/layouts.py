@@ -55,10 +55,11 @@ class LayoutOptions:
 # ------------------------------------------------------------------------------------------
 
 
-def is_image_file(path: Path) -> bool:
-    """An image by extension, and not hidden: macOS `._name.jpg` resource forks, `.DS_Store`
-    and files in hidden folders such as `.ipynb_checkpoints` are not images of the class."""
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+def is_image_file(path: Path, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> bool:
+    """An image by extension (one of `extensions`, any case), and not hidden: macOS
+    `._name.jpg` resource forks, `.DS_Store` and files in hidden folders such as
+    `.ipynb_checkpoints` are not images of the class."""
+    return path.suffix.lower() in extensions and not path.name.startswith(".")
 
 
 def files_under(folder: Path) -> tuple[list[Path], list[str]]:
@@ -84,7 +85,7 @@ def files_under(folder: Path) -> tuple[list[Path], list[str]]:
     return found, left_out
 
 
-def images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path, extensions: tuple[str, ...] = IMG_EXTENSIONS) -> list[Path]:
     """The image files under `folder` (`files_under`: recursively, symlinks followed, each real
     folder once). [] when `folder` does not exist. Training's folder scan and predict.py share
     this rule; linked folders left out are named in a warning."""
@@ -97,7 +98,7 @@ def images_under(folder: Path) -> list[Path]:
             folder,
             ", ".join(left_out[:3]),
         )
-    return [path for path in found if is_image_file(path)]
+    return [path for path in found if is_image_file(path, extensions)]
 
 
 # Image types the loader does not read (torchvision's ImageFolder leaves them out too): named
@@ -117,18 +118,29 @@ def _report_left_out(folder: Path, class_names: list[str]) -> None:
             folder,
             ", ".join(loose[:3]),
         )
+    report_unread(folder, [folder / name for name in class_names])
+
+
+def report_unread(
+    folder: Path, scanned: list[Path], extensions: tuple[str, ...] = IMG_EXTENSIONS
+) -> None:
+    """Log the files under the `scanned` folders (recursively) of an image type that is not
+    among `extensions` (`UNREAD_IMAGE_TYPES`: .gif, .heic ...), named relative to `folder`:
+    left out, not skipped in silence."""
     unread = [
         path
-        for name in class_names
-        for path in files_under(folder / name)[0]
-        if path.suffix.lower() in UNREAD_IMAGE_TYPES and not path.name.startswith(".")
+        for top in scanned
+        for path in files_under(top)[0]
+        if path.suffix.lower() in UNREAD_IMAGE_TYPES
+        and not is_image_file(path, extensions)
+        and not path.name.startswith(".")
     ]
     if unread:
         log.warning(
             "Left out %d file(s) of an image type the loader does not read (it reads %s), "
             "e.g. %s. Fix: convert them to .jpg or .png.",
             len(unread),
-            ", ".join(IMG_EXTENSIONS),
+            ", ".join(extensions),
             ", ".join(str(p.relative_to(folder)) for p in unread[:3]),
         )
 
