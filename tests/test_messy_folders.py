@@ -59,7 +59,7 @@ def test_byte_identical_copies_stay_on_one_side_of_an_automatic_split(tmp_path, 
     make_class_folders(tmp_path, {"cats": 6, "dogs": 6})
     for image in sorted(tmp_path.rglob("*.jpg")):
         shutil.copy(image, image.with_name(f"{image.stem} (1).jpg"))
-    with caplog.at_level("INFO", logger="finetune.data.layouts"):
+    with caplog.at_level("INFO", logger="finetune.data.folders"):
         module = prepared(tmp_path)
     train = {file_digest(path) for path, _ in module.splits.train}
     val = {file_digest(path) for path, _ in module.splits.val}

@@ -34,7 +34,7 @@ from finetune.backbones import InputSpec
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
-from finetune.data.layouts import IMG_EXTENSIONS, images_under, report_unread
+from finetune.data.folders import IMG_EXTENSIONS, images_under, report_unread
 from finetune.errors import FinetuneError
 from finetune.module import load_classifier
 from finetune.prediction_tables import confusion, format_confusion, format_table, top_k, write_csv

@@ -42,9 +42,7 @@ def originals(digests: Mapping[str, str]) -> dict[str, str]:
     return copies
 
 
-def across_splits(
-    splits: DatasetSplits, digests: Mapping[str, str]
-) -> list[dict[str, list[str]]]:
+def across_splits(splits: DatasetSplits, digests: Mapping[str, str]) -> list[dict[str, list[str]]]:
     """The groups of byte-identical files that lie in more than one split: for each, split ->
     its paths there (splits in train, val, test order; groups by their first path)."""
     groups: dict[str, dict[str, list[str]]] = {}

@@ -24,12 +24,14 @@ Sample = tuple[str, int]
 
 @dataclass
 class DatasetSplits:
-    """The class names and, per split, the `(image path, class index)` samples."""
+    """The class names and, per split, the `(image path, class index)` samples; `val_from`
+    says in words how the val split was made (split.json records it)."""
 
     class_names: list[str]
     train: list[Sample]
     val: list[Sample]
     test: list[Sample] | None = None
+    val_from: str = ""
 
     def sizes(self) -> dict[str, int]:
         named = {"train": self.train, "val": self.val, "test": self.test}

@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
 from finetune.config.schema import DEVICE_TRANSFORMS
+from finetune.data.duplicates import across_splits
 from finetune.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DecodedImages,
     allow_pixels,
     decode_once,
 )
-from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
+from finetune.data.layouts import LayoutOptions, layout, split_listing
 from finetune.data.loading import (
     DatasetSplits,
     evaluation_sampler,
@@ -42,7 +43,6 @@ from finetune.data.loading import (
     make_loader,
     training_subset,
 )
-from finetune.data.duplicates import across_splits
 from finetune.data.verify import content_digests, without_unreadable
 from finetune.errors import FinetuneError, unknown_name
 from finetune.transforms import Preprocessing
@@ -177,9 +177,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         self._splits, self.skipped = without_unreadable(
             splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
         )
-        self.duplicates = across_splits(
-            self._splits, content_digests(self._splits, self.cache_dir)
-        )
+        self.duplicates = across_splits(self._splits, content_digests(self._splits, self.cache_dir))
         _report_duplicates(self.duplicates)
         log.info(
             "Dataset %s in %s: %s (caches in %s)",
@@ -212,7 +210,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         return {
             "dataset": self.dataset,
             "root": str(self.root),
-            "val_split": how_split(self.dataset, self.layout_options),
+            "val_split": self.splits.val_from,
             "train_fraction": self.train_fraction,
             "subset_seed": self.subset_seed,
             "sizes": self.splits.sizes(),

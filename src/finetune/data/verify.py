@@ -8,6 +8,8 @@ modification time): an unchanged dataset is not decoded twice.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,13 +19,13 @@ from pathlib import Path
 
 from finetune.atomic import write_json
 from finetune.data.duplicates import file_digests
+from finetune.data.folders import require_images
 from finetune.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageTooLarge,
     load_rgb,
     pixel_limit,
 )
-from finetune.data.layouts import require_images
 from finetune.data.loading import DatasetSplits, Sample
 from finetune.errors import DataUnavailableError
 
@@ -64,10 +66,8 @@ def _recorded(kind: str, samples: list[Sample], cache_dir: Path, compute) -> dic
     if record.is_file():
         return json.loads(record.read_text())
     result = compute([path for path, _ in samples])
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache: compute again next time
         write_json(record, result)
-    except OSError:  # a read-only data root: compute again next time
-        pass
     return result
 
 
@@ -118,7 +118,7 @@ def without_unreadable(
     def keep(samples: list[Sample] | None) -> list[Sample] | None:
         return None if samples is None else [s for s in samples if s[0] not in unreadable]
 
-    kept = DatasetSplits(
-        splits.class_names, keep(splits.train), keep(splits.val), keep(splits.test)
+    kept = dataclasses.replace(
+        splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test)
     )
     return require_images(kept, root), dict(unreadable)
