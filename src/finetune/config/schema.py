@@ -39,7 +39,7 @@ REGIMES = ("probe", "head", "finetune", "from_probe")
 # finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
 # torch, which checking a command line must not import); tests keep their names equal to these.
 MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
-DATASETS = ("hymenoptera", "flowers102", "imagefolder", "synthetic")
+DATASETS = ("hymenoptera", "flowers102", "imagefolder", "csv", "synthetic")
 # Lightning's accepted `precision` values (lightning_fabric.connector._PRECISION_INPUT; a test
 # keeps them equal).
 PRECISIONS = (
@@ -269,6 +269,23 @@ class ImageFolderDataConfig(DataConfig):
 
 
 @dataclass
+class LabelsFileConfig:
+    file: str = "labels.csv"  # in data.root (or an absolute path); .tsv is tab-separated
+    path_column: str = "path"  # image paths, relative to the labels file's folder
+    label_column: str = "label"
+    # train / val / test per row, read where the file has this column; without it, val is a
+    # stratified data.val_fraction of each class
+    split_column: str | None = "split"
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    dataset: str = "csv"
+    root: str = MISSING  # the folder that holds the labels file
+    labels: LabelsFileConfig = field(default_factory=LabelsFileConfig)
+
+
+@dataclass
 class SyntheticDataConfig(DataConfig):
     dataset: str = "synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -472,6 +489,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "data": {
         "base_data": DataConfig,
         "base_imagefolder": ImageFolderDataConfig,
+        "base_csv": CsvDataConfig,
         "base_synthetic": SyntheticDataConfig,
     },
     "optim": {"base_sgd": SGDOptimConfig, "base_adamw": AdamWOptimConfig},

@@ -1,4 +1,4 @@
-"""The four dataset layouts, each a pair of functions: `fetch` puts the files in place
+"""The dataset layouts, each a pair of functions: `fetch` puts the files in place
 (downloads or generates them when absent; nothing to do for a user's folder) and `build` lists
 them as a `DatasetSplits` without touching the network or writing anything.
 
@@ -8,6 +8,7 @@ Layouts, all under `data.root` (the parent folder holding each dataset under its
   official splits train 1020 / val 1020 / test 6149, downloaded when absent.
 - imagefolder: `<root>` itself is the user's folder: either `train/ val/ [test/]` with class
   folders inside, or class folders directly, split by a seeded stratified `val_fraction`.
+- csv:         `<root>/<data.labels.file>`: a CSV/TSV of image paths and labels (and splits).
 - synthetic:   `<root>/synthetic/{train,val,test}/<class>/*.png`, generated on first use.
 
 A new layout is a `fetch` and a `build` function added to `LAYOUTS`.
@@ -34,6 +35,7 @@ from finetune.data.folders import (
     split_off_val,
     two_or_more,
 )
+from finetune.data.label_files import build_from_labels_file
 from finetune.data.loading import DatasetSplits
 from finetune.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from finetune.errors import DataUnavailableError, unknown_name
@@ -47,13 +49,14 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 class LayoutOptions:
     """What the layouts read from the data config: `root` (the data root, or the user's folder
     for imagefolder), whether to `download` missing datasets, imagefolder's `val_fraction` and
-    `split_seed`, and the `synthetic` recipe."""
+    `split_seed`, the `synthetic` recipe and the csv layout's `labels` file."""
 
     root: Path
     download: bool
     val_fraction: float
     split_seed: int
     synthetic: Mapping[str, Any] = field(default_factory=dict)
+    labels: Mapping[str, Any] = field(default_factory=dict)  # the labels file and its columns
 
 
 @contextlib.contextmanager
@@ -196,6 +199,13 @@ def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
     return require_images(DatasetSplits(class_names, train, val, None, val_from), root)
 
 
+def build_csv(options: LayoutOptions) -> DatasetSplits:
+    """The images and labels that `data.labels.file` (in `data.root`) lists."""
+    return build_from_labels_file(
+        options.root, options.labels, options.val_fraction, options.split_seed
+    )
+
+
 def _synthetic_recipe(options: LayoutOptions) -> dict[str, Any]:
     return {"classes": list(SYNTHETIC_CLASSES), **dict(options.synthetic)}
 
@@ -238,6 +248,7 @@ LAYOUTS: dict[str, Layout] = {
     "hymenoptera": Layout(fetch_hymenoptera, build_hymenoptera),
     "flowers102": Layout(fetch_flowers102, build_flowers102),
     "imagefolder": Layout(fetch_nothing, build_imagefolder),
+    "csv": Layout(fetch_nothing, build_csv),
     "synthetic": Layout(fetch_synthetic, build_synthetic),
 }
 

@@ -34,7 +34,7 @@ from finetune.data.images import (
     allow_pixels,
     decode_once,
 )
-from finetune.data.layouts import LayoutOptions, layout, split_listing
+from finetune.data.layouts import LayoutOptions, fetch_nothing, layout, split_listing
 from finetune.data.loading import (
     DatasetSplits,
     evaluation_sampler,
@@ -128,13 +128,19 @@ class FinetuneDataModule(pl.LightningDataModule):
         skip_corrupt: bool,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
+        labels: Mapping[str, Any] | None = None,  # only the csv layout reads a labels file
     ) -> None:
         super().__init__()
         _check_options(device_transforms, train_fraction)
         self.dataset, self.layout = dataset, layout(dataset)
         self.root = Path(root).expanduser()
         self.layout_options = LayoutOptions(
-            self.root, bool(download), float(val_fraction), int(split_seed), dict(synthetic or {})
+            self.root,
+            bool(download),
+            float(val_fraction),
+            int(split_seed),
+            dict(synthetic or {}),
+            dict(labels or {}),
         )
         # The project's folder, not the dataset's: a user's photo folder is only ever read.
         self.cache_dir = Path(cache_dir or project_cache_dir()).expanduser()
@@ -227,6 +233,12 @@ class FinetuneDataModule(pl.LightningDataModule):
         with contextlib.suppress(ValueError):
             return Path(path).relative_to(self.root).as_posix()
         return path
+
+    @property
+    def reads_user_folder(self) -> bool:
+        """Whether the data is the user's own folder, only ever read (never downloaded into,
+        generated or created)."""
+        return self.layout.fetch is fetch_nothing
 
     @property
     def class_names(self) -> list[str]:
