@@ -129,3 +129,15 @@ def test_predict_inputs_take_gifs_and_name_the_image_types_it_cannot_read(tmp_pa
     assert "Left out 1 file(s) of an image type" in caplog.text
     assert "IMG_0001.HEIC" in caplog.text and "notes.txt" not in caplog.text
     assert load_rgb(str(inbox / "g.gif")).size == (24, 24)
+
+
+def test_a_data_root_that_holds_datasets_is_refused_naming_the_right_root(tmp_path):
+    for dataset in ("ants_bees", "flowers"):
+        for split in ("train", "val"):
+            make_class_folders(tmp_path / dataset / split, {"a": 2, "b": 2})
+    make_class_folders(tmp_path / "tiles", {"crack": 2, "free": 2})  # class folders only
+    with pytest.raises(DataUnavailableError) as refused:
+        prepared(tmp_path)
+    message = str(refused.value)
+    assert "The class folder(s) ants_bees, flowers of" in message
+    assert f"Fix: data.root={tmp_path / 'ants_bees'}." in message

@@ -156,10 +156,25 @@ def class_folders(folder: Path) -> list[str]:
     return class_names
 
 
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
 def two_or_more(folder: Path, class_names: list[str]) -> list[str]:
     """`class_names` as they are; raises `DataUnavailableError` for a single class folder, the
-    usual sign of a data.root one level too high (its one "class" holds train/ and val/)."""
+    usual sign of a data.root one level too high (its one "class" holds train/ and val/), and
+    for "classes" that are datasets (class folders holding train/ or val/ of their own)."""
     if len(class_names) >= 2:
+        datasets = [
+            name
+            for name in class_names
+            if any((folder / name / split).is_dir() for split in SPLIT_FOLDERS)
+        ]
+        if datasets:
+            raise DataUnavailableError(
+                f"The class folder(s) {', '.join(datasets)} of {folder} hold train/ or val/ "
+                "folders of their own: they look like datasets, not classes, so data.root is "
+                f"one level too high. Fix: data.root={folder / datasets[0]}."
+            )
         return class_names
     only = folder / class_names[0]
     nested = [name for name in ("train", "val") if (only / name).is_dir()]
