@@ -254,6 +254,10 @@ class DataConfig:
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
     skip_corrupt: bool = False  # unreadable images: false = name them all and stop
+    # k-fold cross-validation: train and val pooled into this many stratified folds (seeded by
+    # split_seed), fold `fold` validating; null = the dataset's own split
+    folds: int | None = field(default=None, metadata=one_of(None, types=(int,), minimum=2))
+    fold: int = field(default=0, metadata=one_of(types=(int,), minimum=0))
     # an image with more pixels is refused (Pillow's guard against decompression bombs, whose
     # default this is); null = no limit. Larger JPEGs decode at a reduced size.
     max_image_pixels: int | None = field(

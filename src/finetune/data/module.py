@@ -28,6 +28,7 @@ from finetune.adaptive import AUTO, auto_batch_size
 from finetune.backbones import InputSpec
 from finetune.config.schema import DEVICE_TRANSFORMS
 from finetune.data.duplicates import across_splits
+from finetune.data.folds import check_fold, fold_split
 from finetune.data.images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DecodedImages,
@@ -129,6 +130,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
         labels: Mapping[str, Any] | None = None,  # only the csv layout reads a labels file
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         _check_options(device_transforms, train_fraction)
@@ -154,6 +157,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.device_transforms_option = device_transforms
         self.train_fraction, self.subset_seed = float(train_fraction), int(subset_seed)
         self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
+        check_fold(folds, fold)
+        self.folds, self.fold = folds, fold  # k-fold cross-validation: val is fold `fold`
         allow_pixels(max_image_pixels)  # for this process and the loader workers it forks
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
         self.duplicates: list[dict[str, list[str]]] = []  # byte-identical across splits
@@ -179,6 +184,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         if self._splits is not None:
             return
         splits = self.layout.build(self.layout_options)
+        if self.folds:
+            splits = fold_split(splits, self.folds, self.fold, self.layout_options.split_seed)
         splits.train = training_subset(splits.train, self.train_fraction, self.subset_seed)
         self._splits, self.skipped = without_unreadable(
             splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
@@ -221,6 +228,7 @@ class FinetuneDataModule(pl.LightningDataModule):
             "subset_seed": self.subset_seed,
             "sizes": self.splits.sizes(),
             "files": split_listing(self.splits, self.root),
+            "fold": {"index": self.fold, "of": self.folds} if self.folds else None,
             # byte-identical files in more than one split: split -> paths, per group
             "duplicates": [
                 {split: [self._relative(path) for path in paths] for split, paths in group.items()}
