@@ -130,7 +130,7 @@ def test_a_missing_checkpoint_is_one_line_and_exit_status_1(tmp_path):
 
 
 def test_predict_finds_in_a_folder_exactly_the_images_training_would(tmp_path):
-    from finetune.data.layouts import images_under
+    from finetune.data.folders import images_under
 
     for name in ("a.jpg", ".b.jpg", ".hidden/c.jpg", "d.txt", "sub/e.PNG", "._f.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ nn.Module): enough to rebuild the network offline, so `ClassifierModule.load_fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,10 @@ class ClassifierModule(pl.LightningModule):
     # Put before the logged names of a validation outside fit (`best/val/acc`): the run
     # re-validates the best checkpoint after fit, and the `val/*` curves keep one point per epoch.
     EVALUATION_TAG = "best/"
+    # An epoch whose mean training loss is this many times the loss of guessing (ln of the
+    # number of classes: uniform predictions) has diverged, though finite: BatchNorm keeps
+    # renormalising the exploding activations, so a far too high learning rate rarely gives NaN.
+    DIVERGED_LOSS_FACTOR = 20.0
 
     def __init__(
         self,
@@ -110,6 +115,9 @@ class ClassifierModule(pl.LightningModule):
         )
         # The finite-loss check of the step before, when it is read one step late.
         self._pending_loss_check: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
+        # This epoch's training losses, summed on the device (read once, at its last batch).
+        self._epoch_loss_sum: torch.Tensor | float = 0.0
+        self._epoch_loss_steps = 0
         self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
         metrics = accuracy_metrics(len(class_names))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
@@ -182,6 +190,8 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")[0]
         check = (torch.isfinite(loss), loss.detach(), self.trainer.global_step, batch_idx)
+        self._epoch_loss_sum = self._epoch_loss_sum + loss.detach()
+        self._epoch_loss_steps += 1
         pending, self._pending_loss_check = self._pending_loss_check, None
         if pending is not None:
             self.stop_if_diverged(*pending)
@@ -198,7 +208,30 @@ class ClassifierModule(pl.LightningModule):
             self._pending_loss_check = check
         else:
             self.stop_if_diverged(*check)
+        if last_of_epoch:  # before validation, and so before this epoch's checkpoints
+            self.stop_if_exploded()
         return loss
+
+    def stop_if_exploded(self) -> None:
+        """Raise `FinetuneError` when this epoch's mean training loss (averaged over the
+        processes) is above `DIVERGED_LOSS_FACTOR` times ln(classes), the loss of guessing:
+        finite, but diverged."""
+        if not self._epoch_loss_steps:
+            return
+        mean = self._epoch_loss_sum / self._epoch_loss_steps
+        mean = float(self.trainer.strategy.reduce(torch.as_tensor(mean), reduce_op="mean"))
+        guessing = math.log(len(self.class_names))
+        if not mean > self.DIVERGED_LOSS_FACTOR * guessing:  # NaN is the step check's
+            return
+        lr = self.hparams.optim["optimizer"].get("lr")
+        raise FinetuneError(
+            f"Training diverged: the mean training loss of epoch {self.current_epoch} is "
+            f"{mean:.3g}, {mean / guessing:.0f} times the loss of guessing among "
+            f"{len(self.class_names)} classes (ln {len(self.class_names)} = {guessing:.2f}), "
+            f"though finite. The learning rate is far too high (optim.optimizer.lr={lr}). The "
+            "checkpoints written before are intact. Fix: lower optim.optimizer.lr (a tenth of "
+            "it, or leave it at auto) and start again."
+        )
 
     def stop_if_diverged(
         self, finite: torch.Tensor, loss: torch.Tensor, step: int, batch_idx: int
@@ -221,6 +254,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._pending_loss_check = None
+        self._epoch_loss_sum, self._epoch_loss_steps = 0.0, 0
 
     # Evaluation steps return the predicted classes, for reports (finetune.reports).
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:

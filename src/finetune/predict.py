@@ -35,7 +35,7 @@ from finetune.config.commands import TTA_MODES, PredictConfig
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
-from finetune.data.layouts import images_under
+from finetune.data.folders import IMG_EXTENSIONS, images_under, report_unread
 from finetune.errors import FinetuneError
 from finetune.input_spec import InputSpec
 from finetune.module import load_classifier
@@ -140,6 +140,11 @@ def _quiet(logger: logging.Logger) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------
 
 
+# What a folder of inputs is searched for: training's image types and GIF (its first frame, as
+# `load_rgb` decodes it); files of other image types (.heic ...) are named in a warning.
+PREDICTED_TYPES = (*IMG_EXTENSIONS, ".gif")
+
+
 @dataclass
 class Inputs:
     """The image files to predict, in order, and the true class index of those found in class
@@ -163,7 +168,8 @@ def collect_inputs(inputs: str | Sequence[str], class_names: Sequence[str]) -> I
             missing.append(pattern)
         for path in paths:
             if path.is_dir():
-                found.files += images_under(path)
+                found.files += images_under(path, PREDICTED_TYPES)
+                report_unread(path, [path], PREDICTED_TYPES)
                 found.labels |= _class_folder_labels(path, class_names)
             else:  # a file named on purpose is tried whatever its extension
                 found.files.append(path)

@@ -37,7 +37,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from finetune import lightning_internals, strategies
-from finetune.atomic import atomic_write
+from finetune.atomic import DiskFullError, atomic_write
 from finetune.data import FinetuneDataModule
 from finetune.errors import FinetuneError
 from finetune.resume_config import (
@@ -66,13 +66,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         try:
             atomic_write(path, lambda handle: torch.save(checkpoint, handle))
-        except OSError as error:
-            reason = "the disk is full" if error.errno == errno.ENOSPC else error.strerror
+        except (OSError, DiskFullError) as error:
+            full = isinstance(error, DiskFullError) or error.errno == errno.ENOSPC
+            reason = "the disk is full" if full else f"{error.strerror}: {error}"
             raise FinetuneError(
-                f"Could not write the checkpoint {path} ({reason}: {error}). The checkpoints "
-                f"written before are intact in {path.parent}. Fix: free space or make the run "
-                "dir writable, then resume with ckpt_path=last and the same hydra.run.dir."
+                f"Could not write the checkpoint {path} ({reason}). The checkpoints written "
+                f"before are intact in {path.parent}. Fix: free space or make the run dir "
+                f"writable, then {how_to_continue(path.parent)}"
             ) from error
+
+
+def how_to_continue(checkpoints: Path) -> str:
+    """How to continue a run whose checkpoints lie in `checkpoints` (its run dir's
+    checkpoints/): from last.ckpt, else from the newest checkpoint there, else from the start."""
+    run_dir = checkpoints.parent
+    if (checkpoints / "last.ckpt").is_file():
+        return f"resume with hydra.run.dir={run_dir} ckpt_path=last."
+    written = sorted(checkpoints.glob("*.ckpt"), key=lambda file: file.stat().st_mtime)
+    if written:
+        return f"resume with hydra.run.dir={run_dir} 'ckpt_path={written[-1]}'."
+    return "run the same command again."
 
 
 class RandomState(pl.Callback):

@@ -146,7 +146,7 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     dir when `write` (a resume in place keeps the run's own: the checkpoint must match them)."""
     datamodule = build_datamodule(cfg)
     # One builder per data root at a time; a user's image folder is never created by the lock.
-    with build_once(datamodule.cache_dir, "prepare", create=cfg.data.dataset != "imagefolder"):
+    with build_once(datamodule.cache_dir, "prepare", create=not datamodule.reads_user_folder):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)

@@ -132,11 +132,17 @@ def fixed_overrides(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {k: v for k, v in shared.items() if all(r["overrides"].get(k) == v for r in rows)}
 
 
-def aggregate(rows: list[dict[str, Any]], over: str = "seed") -> list[dict[str, Any]]:
-    """Mean and std of the accuracies per combination of the other overrides; failed runs are
-    counted (`failed`) but not averaged."""
+# Sweep axes whose runs are repeats of one experiment: averaged over in the summary.
+REPEAT_AXES = ("seed", "data.fold")
+
+
+def aggregate(
+    rows: list[dict[str, Any]], over: tuple[str, ...] = REPEAT_AXES
+) -> list[dict[str, Any]]:
+    """Mean and std of the accuracies per combination of the other overrides (all but the
+    keys `over`); failed runs are counted (`failed`) but not averaged."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    keys = [key for key in swept_keys(rows) if key != over]
+    keys = [key for key in swept_keys(rows) if key not in over]
     for row in rows:
         group = tuple(row["overrides"].get(key, "") for key in keys)
         groups.setdefault(group, []).append(row)
@@ -218,12 +224,14 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             ],
         ),
     ]
-    if "seed" in keys:
-        others = [key for key in keys if key != "seed"]
+    repeats = [key for key in REPEAT_AXES if key in keys]
+    if repeats:
+        others = [key for key in keys if key not in repeats]
         table = aggregate(rows)
+        names = {"seed": "seeds", "data.fold": "folds"}
         parts += [
             "",
-            "## Mean +- std over seeds",
+            f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
                 [*others, "runs", "failed", "val acc", "test acc"],

@@ -220,6 +220,15 @@ class DataConfig:
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
     skip_corrupt: bool = False  # unreadable images: false = name them all and stop
+    # k-fold cross-validation: train and val pooled into this many stratified folds (seeded by
+    # split_seed), fold `fold` validating; null = the dataset's own split
+    folds: int | None = field(default=None, metadata=one_of(None, types=(int,), minimum=2))
+    fold: int = field(default=0, metadata=one_of(types=(int,), minimum=0))
+    # an image with more pixels is refused (Pillow's guard against decompression bombs, whose
+    # default this is); null = no limit. Larger JPEGs decode at a reduced size.
+    max_image_pixels: int | None = field(
+        default=178_956_970, metadata=one_of(None, types=(int,), minimum=1)
+    )
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -227,6 +236,23 @@ class DataConfig:
 class ImageFolderDataConfig(DataConfig):
     dataset: str = "imagefolder"
     root: str = MISSING  # the user's own folder (a YAML `???` cannot unset a schema default)
+
+
+@dataclass
+class LabelsFileConfig:
+    file: str = "labels.csv"  # in data.root (or an absolute path); .tsv is tab-separated
+    path_column: str = "path"  # image paths, relative to the labels file's folder
+    label_column: str = "label"
+    # train / val / test per row, read where the file has this column; without it, val is a
+    # stratified data.val_fraction of each class
+    split_column: str | None = "split"
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    dataset: str = "csv"
+    root: str = MISSING  # the folder that holds the labels file
+    labels: LabelsFileConfig = field(default_factory=LabelsFileConfig)
 
 
 @dataclass
@@ -402,6 +428,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "data": {
         "base_data": DataConfig,
         "base_imagefolder": ImageFolderDataConfig,
+        "base_csv": CsvDataConfig,
         "base_synthetic": SyntheticDataConfig,
     },
     "optim": {"base_sgd": SGDOptimConfig, "base_adamw": AdamWOptimConfig},

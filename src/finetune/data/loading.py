@@ -8,7 +8,7 @@ from the global ones, so a resumed run sees exactly the data of an uninterrupted
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,14 @@ Sample = tuple[str, int]
 
 @dataclass
 class DatasetSplits:
-    """The class names and, per split, the `(image path, class index)` samples."""
+    """The class names and, per split, the `(image path, class index)` samples; `val_from`
+    says in words how the val split was made (split.json records it)."""
 
     class_names: list[str]
     train: list[Sample]
     val: list[Sample]
     test: list[Sample] | None = None
+    val_from: str = ""
 
     def sizes(self) -> dict[str, int]:
         named = {"train": self.train, "val": self.val, "test": self.test}
@@ -236,21 +238,32 @@ def _shuffled_by_class(samples: list[Sample], seed: int) -> list[list[Sample]]:
 
 
 def stratified_split(
-    samples: list[Sample], val_fraction: float, seed: int
+    samples: list[Sample],
+    val_fraction: float,
+    seed: int,
+    copies: Mapping[str, str] | None = None,
 ) -> tuple[list[Sample], list[Sample]]:
     """Split samples so that each class keeps `val_fraction` of its images in val (at least one
-    when the class has two or more), reproducibly for a given seed. Raises `FinetuneError` for a
-    fraction outside (0, 1)."""
+    when the class has two or more), reproducibly for a given seed. `copies` maps a file to an
+    earlier one with the same bytes (`duplicates.originals`): a copy goes where its original
+    goes, so no image is both trained on and validated on; without copies the split is the one
+    of the samples alone. Raises `FinetuneError` for a fraction outside (0, 1)."""
     if not 0.0 < val_fraction < 1.0:
         raise FinetuneError(f"data.val_fraction must be between 0 and 1, got {val_fraction}.")
+    copies = {path: first for path, first in (copies or {}).items() if path != first}
     train: list[Sample] = []
     val: list[Sample] = []
-    for members in _shuffled_by_class(samples, seed):
+    singles = [sample for sample in samples if sample[0] not in copies]
+    for members in _shuffled_by_class(singles, seed):
         n_val = round(len(members) * val_fraction)
         if len(members) >= 2:
             n_val = min(max(n_val, 1), len(members) - 1)
         val += members[:n_val]
         train += members[n_val:]
+    in_val = {path for path, _ in val}
+    for sample in samples:
+        if sample[0] in copies:
+            (val if copies[sample[0]] in in_val else train).append(sample)
     return train, val
 
 

@@ -12,6 +12,7 @@ sizes, order and last-batch rule.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -26,8 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 from finetune.config import check_fields
 from finetune.config.schema import DataConfig
 from finetune.config.values import AUTO
-from finetune.data.images import DecodedImages, decode_once
-from finetune.data.layouts import LayoutOptions, how_split, layout, split_listing
+from finetune.data.duplicates import across_splits
+from finetune.data.folds import check_fold, fold_split
+from finetune.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodedImages,
+    allow_pixels,
+    decode_once,
+)
+from finetune.data.layouts import LayoutOptions, fetch_nothing, layout, split_listing
 from finetune.data.loading import (
     DatasetSplits,
     evaluation_sampler,
@@ -36,7 +44,7 @@ from finetune.data.loading import (
     make_loader,
     training_subset,
 )
-from finetune.data.verify import without_unreadable
+from finetune.data.verify import content_digests, without_unreadable
 from finetune.errors import FinetuneError
 from finetune.input_spec import InputSpec
 from finetune.lightning_internals import epochs_processed
@@ -53,6 +61,24 @@ def project_cache_dir() -> str:
     from finetune.config.schema import PROJECT_CACHE_DIR
 
     return str(OmegaConf.create({"cache_dir": PROJECT_CACHE_DIR}).cache_dir)
+
+
+def _report_duplicates(groups: list[dict[str, list[str]]]) -> None:
+    """One warning when files of val or test are byte-identical to files of another split:
+    the model is then evaluated partly on images it trained on."""
+    if not groups:
+        return
+    examples = "; ".join(
+        " = ".join(f"{split}:{Path(path).name}" for split, paths in group.items() for path in paths)
+        for group in groups[:3]
+    )
+    log.warning(
+        "%d image(s) lie byte-identical in more than one split (e.g. %s): their val/test "
+        "numbers are measured on images the model trained on. split.json lists them under "
+        "'duplicates'. Fix: delete the copies from one split.",
+        len(groups),
+        examples,
+    )
 
 
 class FinetuneDataModule(pl.LightningDataModule):
@@ -92,17 +118,27 @@ class FinetuneDataModule(pl.LightningDataModule):
         subset_seed: int,
         shuffle_seed: int,
         skip_corrupt: bool,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         synthetic: Mapping[str, Any] | None = None,  # only the synthetic layout has a recipe
+        labels: Mapping[str, Any] | None = None,  # only the csv layout reads a labels file
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         checked = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
         checked |= {"num_workers": num_workers, "val_fraction": val_fraction}
         checked |= {"device_transforms": device_transforms, "train_fraction": train_fraction}
+        checked |= {"max_image_pixels": max_image_pixels, "folds": folds, "fold": fold}
         check_fields(checked, DataConfig, "data")
         self.dataset, self.layout = dataset, layout(dataset)
         self.root = Path(root).expanduser()
         self.layout_options = LayoutOptions(
-            self.root, bool(download), float(val_fraction), int(split_seed), dict(synthetic or {})
+            self.root,
+            bool(download),
+            float(val_fraction),
+            int(split_seed),
+            dict(synthetic or {}),
+            dict(labels or {}),
         )
         # The project's folder, not the dataset's: a user's photo folder is only ever read.
         self.cache_dir = Path(cache_dir or project_cache_dir()).expanduser()
@@ -116,7 +152,11 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.device_transforms_option = device_transforms
         self.train_fraction, self.subset_seed = float(train_fraction), int(subset_seed)
         self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
+        check_fold(folds, fold)
+        self.folds, self.fold = folds, fold  # k-fold cross-validation: val is fold `fold`
+        allow_pixels(max_image_pixels)  # for this process and the loader workers it forks
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
+        self.duplicates: list[dict[str, list[str]]] = []  # byte-identical across splits
         self.decoded: DecodedImages | None = None
         self.preprocessing: Preprocessing | None = None  # decided in setup (needs the device)
         self.features: dict[str, torch.Tensor] | None = None  # set by use_features
@@ -139,10 +179,14 @@ class FinetuneDataModule(pl.LightningDataModule):
         if self._splits is not None:
             return
         splits = self.layout.build(self.layout_options)
+        if self.folds:
+            splits = fold_split(splits, self.folds, self.fold, self.layout_options.split_seed)
         splits.train = training_subset(splits.train, self.train_fraction, self.subset_seed)
         self._splits, self.skipped = without_unreadable(
             splits, self.cache_dir, self.skip_corrupt, self.dataset, self.root
         )
+        self.duplicates = across_splits(self._splits, content_digests(self._splits, self.cache_dir))
+        _report_duplicates(self.duplicates)
         log.info(
             "Dataset %s in %s: %s (caches in %s)",
             self.dataset,
@@ -172,12 +216,30 @@ class FinetuneDataModule(pl.LightningDataModule):
         return {
             "dataset": self.dataset,
             "root": str(self.root),
-            "val_split": how_split(self.dataset, self.layout_options),
+            "val_split": self.splits.val_from,
             "train_fraction": self.train_fraction,
             "subset_seed": self.subset_seed,
             "sizes": self.splits.sizes(),
             "files": split_listing(self.splits, self.root),
+            "fold": {"index": self.fold, "of": self.folds} if self.folds else None,
+            # byte-identical files in more than one split: split -> paths, per group
+            "duplicates": [
+                {split: [self._relative(path) for path in paths] for split, paths in group.items()}
+                for group in self.duplicates
+            ],
         }
+
+    def _relative(self, path: str) -> str:
+        """`path` relative to the data root where it lies under it (as split.json's files)."""
+        with contextlib.suppress(ValueError):
+            return Path(path).relative_to(self.root).as_posix()
+        return path
+
+    @property
+    def reads_user_folder(self) -> bool:
+        """Whether the data is the user's own folder, only ever read (never downloaded into,
+        generated or created)."""
+        return self.layout.fetch is fetch_nothing
 
     @property
     def class_names(self) -> list[str]:

@@ -8,6 +8,8 @@ modification time): an unchanged dataset is not decoded twice.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,12 +18,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from finetune.atomic import write_json
-from finetune.data.images import load_rgb
-from finetune.data.layouts import require_images
+from finetune.data.duplicates import file_digests
+from finetune.data.folders import require_images
+from finetune.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLarge,
+    load_rgb,
+    pixel_limit,
+)
 from finetune.data.loading import DatasetSplits, Sample
 from finetune.errors import DataUnavailableError
 
 log = logging.getLogger(__name__)
+
+TOO_LARGE = ImageTooLarge.__name__  # how a reason of `find_unreadable` starts for such a file
 
 
 def files_fingerprint(samples: list[Sample]) -> str:
@@ -49,19 +59,33 @@ def find_unreadable(paths: list[str], threads: int) -> dict[str, str]:
     return {path: reason for path, reason in problems.items() if reason}
 
 
-def unreadable_files(splits: DatasetSplits, cache_dir: Path) -> dict[str, str]:
-    """Unreadable files of every split (path -> reason), read from the verified record of this
-    exact file list or found by decoding every image and then recorded (atomically)."""
-    every = [s for samples in splits.named().values() for s in samples]
-    record = cache_dir / "verified" / f"{files_fingerprint(every)}.json"
+def _recorded(kind: str, samples: list[Sample], cache_dir: Path, compute) -> dict[str, str]:
+    """`compute(paths)` of the files of `samples`, read from `<cache_dir>/<kind>/` when this
+    exact file list was recorded there, else computed and recorded (atomically)."""
+    record = cache_dir / kind / f"{files_fingerprint(samples)}.json"
     if record.is_file():
         return json.loads(record.read_text())
-    unreadable = find_unreadable([path for path, _ in every], os.cpu_count() or 1)
-    try:
-        write_json(record, unreadable)
-    except OSError:  # a read-only data root: check again next time
-        pass
-    return unreadable
+    result = compute([path for path, _ in samples])
+    with contextlib.suppress(OSError):  # a read-only cache: compute again next time
+        write_json(record, result)
+    return result
+
+
+def unreadable_files(splits: DatasetSplits, cache_dir: Path) -> dict[str, str]:
+    """Unreadable files of every split (path -> reason), read from the verified record of this
+    exact file list (at this pixel limit) or found by decoding every image and then recorded."""
+    every = [s for samples in splits.named().values() for s in samples]
+    threads = os.cpu_count() or 1
+    limit = pixel_limit()
+    kind = "verified" if limit == DEFAULT_MAX_IMAGE_PIXELS else f"verified/max-pixels-{limit}"
+    return _recorded(kind, every, cache_dir, lambda paths: find_unreadable(paths, threads))
+
+
+def content_digests(splits: DatasetSplits, cache_dir: Path) -> dict[str, str]:
+    """Path -> SHA-1 of its bytes for every file of every split, recorded like the
+    verification (`duplicates.file_digests`)."""
+    every = [s for samples in splits.named().values() for s in samples]
+    return _recorded("digests", every, cache_dir, file_digests)
 
 
 def without_unreadable(
@@ -75,6 +99,14 @@ def without_unreadable(
     if not unreadable:
         return splits, {}
     listing = "\n".join(f"  {path} ({reason})" for path, reason in sorted(unreadable.items()))
+    too_large = [path for path, reason in unreadable.items() if reason.startswith(TOO_LARGE)]
+    if too_large:
+        raise DataUnavailableError(
+            f"{len(too_large)} image file(s) of dataset {dataset} are larger than the pixel "
+            f"limit ({pixel_limit()} pixels): they are valid images, not corrupt ones. Fix: "
+            "data.max_image_pixels=N above their size, or data.max_image_pixels=null for no "
+            f"limit (large JPEGs then decode at a reduced size).\n{listing}"
+        )
     if not skip_corrupt:
         raise DataUnavailableError(
             f"{len(unreadable)} image file(s) of dataset {dataset} cannot be read:\n"
@@ -86,7 +118,7 @@ def without_unreadable(
     def keep(samples: list[Sample] | None) -> list[Sample] | None:
         return None if samples is None else [s for s in samples if s[0] not in unreadable]
 
-    kept = DatasetSplits(
-        splits.class_names, keep(splits.train), keep(splits.val), keep(splits.test)
+    kept = dataclasses.replace(
+        splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test)
     )
     return require_images(kept, root), dict(unreadable)
