@@ -12,9 +12,9 @@ import yaml
 
 from conftest import data_module, make_class_folders
 from finetune import summary
-from finetune.backbones import InputSpec
 from finetune.data.folds import fold_assignment
 from finetune.errors import FinetuneError
+from finetune.input_spec import InputSpec
 
 SPEC = InputSpec(
     crop_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bilinear"

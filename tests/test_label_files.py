@@ -14,8 +14,8 @@ from conftest import (
     folder_overrides,
     make_class_folders,
 )
-from finetune.backbones import InputSpec
 from finetune.errors import DataUnavailableError
+from finetune.input_spec import InputSpec
 from finetune.run import train
 
 SPEC = InputSpec(

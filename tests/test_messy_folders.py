@@ -12,11 +12,12 @@ import pytest
 from PIL import Image
 
 from conftest import data_module, make_class_folders, write_image
-from finetune.backbones import InputSpec
+from finetune.config import ConfigError, check_command_line
 from finetune.data import stratified_split
 from finetune.data.duplicates import file_digest
 from finetune.data.images import DEFAULT_MAX_IMAGE_PIXELS, allow_pixels, load_rgb
 from finetune.errors import DataUnavailableError
+from finetune.input_spec import InputSpec
 from finetune.predict import collect_inputs
 
 SPEC = InputSpec(
@@ -141,3 +142,16 @@ def test_a_data_root_that_holds_datasets_is_refused_naming_the_right_root(tmp_pa
     message = str(refused.value)
     assert "The class folder(s) ants_bees, flowers of" in message
     assert f"Fix: data.root={tmp_path / 'ants_bees'}." in message
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.weights=/runs/a/epoch=9-step=100.ckpt", "data.root=/home/me/My Photos (2024)"],
+)
+def test_a_path_hydras_grammar_misreads_is_refused_with_its_quoted_form(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError) as refused:
+        check_command_line(["data=imagefolder", "data.root=photos", override])
+    assert f"The override {override} cannot be read" in str(refused.value)
+    assert str(refused.value).endswith(f"\"{key}='{value}'\"")
+    check_command_line(["data=imagefolder", "data.root=photos", f"{key}='{value}'"])

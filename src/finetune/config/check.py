@@ -26,7 +26,13 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, open_dict
 
-from finetune.config.messages import CONF_DIR, ConfigError, explain, missing_option
+from finetune.config.messages import (
+    CONF_DIR,
+    ConfigError,
+    explain,
+    missing_option,
+    needs_quotes,
+)
 from finetune.config.validate import validate
 
 
@@ -63,6 +69,9 @@ def check_command_line(
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
+        quoting = needs_quotes(args.overrides)
+        if quoting is not None:
+            raise quoting from None
         if strict:
             raise
         return

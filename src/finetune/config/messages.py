@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,32 @@ def example_value(expected: Any) -> str:
     kinds = typing.get_args(expected) or (expected,)
     examples = {int: "10", float: "0.5", bool: "true", str: "text", list: "[0,1]"}
     return next((examples[kind] for kind in kinds if kind in examples), "null")
+
+
+def needs_quotes(overrides: Sequence[str]) -> ConfigError | None:
+    """The refusal of the first override that Hydra's grammar cannot parse but can once its
+    value is quoted (a path with `=`, `(`, `)`, a space...: `epoch=9-step=100.ckpt`,
+    `My Photos (2024)`), showing the quoted form; None when there is none such."""
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            parser.parse_override(line)
+            continue
+        except HydraException:
+            pass
+        key, equals, value = line.partition("=")
+        quote = '"' if "'" in value else "'"
+        quoted = f"{key}={quote}{value}{quote}"
+        if not equals or not value or (quote == '"' and '"' in value):
+            continue
+        try:
+            parser.parse_override(quoted)
+        except HydraException:
+            continue
+        shell = f"'{quoted}'" if quote == '"' else f'"{quoted}"'
+        return ConfigError(
+            f"The override {line} cannot be read: its value has characters that Hydra's "
+            "command-line grammar reads as syntax (= ( ) [ ] { } , : spaces...). Fix: quote the "
+            f"value for Hydra, and the whole override for the shell: {shell}"
+        )
+    return None

@@ -38,7 +38,10 @@ from finetune.config.values import (
     PRECISIONS,
     PROBABILITY,
     PROJECT_CACHE_DIR,
+    REFUSED_WHEN_ABSENT,
     REGIMES,  # noqa: F401 - importable from here too
+    RESUMABLE,
+    RESUMABLE_ENTRIES,  # noqa: F401 - importable from here too
     SCHEDULERS,
     one_of,
 )
@@ -50,17 +53,6 @@ def named_option(class_name: str, base: type, name: str) -> type:
     defined in this module (so that it pickles and prints as the others do)."""
     spec = ("name", str, field(default=name))
     return make_dataclass(class_name, [spec], bases=(base,), namespace={"__module__": __name__})
-
-
-# What a resume (finetune.resume_config) reads of a key, merged into its field's metadata:
-# RESUMABLE: a resume may change it (how and how long the run trains, not what it learns).
-# REFUSED_WHEN_ABSENT: a run saved before the key existed trained otherwise than its default
-# trains now, so such a run cannot resume; any other key missing from a run's saved config
-# takes its default.
-RESUMABLE = {"resumable": True}
-REFUSED_WHEN_ABSENT = {"refused_when_absent": True}
-# The free-form groups (no dataclass) whose entries a resume may change, the key itself too.
-RESUMABLE_ENTRIES = ("callbacks.progress_bar", "logger")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,3 +93,13 @@ MIN_LOADED_FRACTION = 0.5
 
 # The project's cache folder: $FINETUNE_CACHE_DIR, else finetune-lab in the user's cache folder.
 PROJECT_CACHE_DIR = "${oc.env:FINETUNE_CACHE_DIR,${oc.env:XDG_CACHE_HOME,'~/.cache'}/finetune-lab}"
+
+# What a resume (finetune.resume_config) reads of a key, merged into its field's metadata:
+# RESUMABLE: a resume may change it (how and how long the run trains, not what it learns).
+# REFUSED_WHEN_ABSENT: a run saved before the key existed trained otherwise than its default
+# trains now, so such a run cannot resume; any other key missing from a run's saved config
+# takes its default.
+RESUMABLE = {"resumable": True}
+REFUSED_WHEN_ABSENT = {"refused_when_absent": True}
+# The free-form groups (no dataclass) whose entries a resume may change, the key itself too.
+RESUMABLE_ENTRIES = ("callbacks.progress_bar", "logger")
