@@ -155,7 +155,7 @@ def test_every_option_is_typed_by_its_schema():
     for group, schemas in SCHEMAS.items():
         types = set(schemas.values())
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            required = ["data.root=photos"] if path.stem == "imagefolder" else []
+            required = ["data.root=photos"] if path.stem in ("imagefolder", "csv") else []
             cfg = check_overrides([f"{group}={path.stem}", *required])
             assert OmegaConf.get_type(cfg[group]) in types, path
 

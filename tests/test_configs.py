@@ -48,15 +48,20 @@ def test_model_options_build_with_a_new_head(make_cfg, name):
 @pytest.mark.parametrize("name", options("data"))
 def test_data_options_build_a_datamodule(make_cfg, tmp_path, name):
     cfg = make_cfg(f"data={name}", fast=False)
-    if name == "imagefolder":
+    if name in ("imagefolder", "csv"):
         make_class_folders(tmp_path / "photos", {"x": 3, "y": 3})
         cfg.data.root = str(tmp_path / "photos")
+        rows = [
+            f"{p.relative_to(tmp_path / 'photos')},{p.parent.name}"
+            for p in sorted((tmp_path / "photos").rglob("*.jpg"))
+        ]
+        (tmp_path / "photos" / "labels.csv").write_text("\n".join(["path,label", *rows]) + "\n")
     elif name == "synthetic":
         cfg.data.synthetic.image_size = 24
     dm = build_datamodule(cfg)
     assert dm.input_spec == backbones.input_spec(cfg.model)
     assert dm.dataset == cfg.data.dataset
-    if name in ("imagefolder", "synthetic"):
+    if name in ("imagefolder", "csv", "synthetic"):
         dm.prepare_data()  # lists the classes; reading them before is an error
         assert dm.num_classes >= 2
 
