@@ -19,7 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_OVERRIDES, data_module, make_class_folders, run_train, subprocess_env
+from conftest import (
+    FAST_OVERRIDES,
+    TINY_MODEL,
+    data_module,
+    make_class_folders,
+    run_train,
+    subprocess_env,
+)
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule, to_rgb
 from finetune.errors import DataUnavailableError, FinetuneError
@@ -254,7 +261,7 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(ClassifierModule, "forward", diverging)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", deferred)
-    cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
+    cfg = make_cfg(*TINY_MODEL, "strategy=full", "trainer.max_epochs=3")
     expected = rf"became nan at step {nan_step} \(epoch 1, batch {nan_step - 3}\)"
     with pytest.raises(FinetuneError, match=expected) as raised:
         train(cfg)
@@ -288,7 +295,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypa
 
     monkeypatch.setattr(resume.torch, "save", save)
     # A randomly initialised head: no feature cache for the probe, so every save is a checkpoint.
-    cfg = make_cfg("trainer.max_epochs=3", "strategy.head_init=random")
+    cfg = make_cfg(*TINY_MODEL, "trainer.max_epochs=3", "strategy.head_init=random")
     with pytest.raises(FinetuneError, match="the disk is full") as raised:
         train(cfg)
     monkeypatch.undo()
@@ -378,7 +385,7 @@ def test_corrupt_images_are_all_named_before_training(broken_folder, record_faul
 def test_skip_corrupt_trains_without_them_and_lists_them(broken_folder, make_cfg, record_fault):
     fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
     options = ["data=imagefolder", f"data.root={broken_folder}", "data.skip_corrupt=true"]
-    cfg = make_cfg(*fast, *options, fast=False)
+    cfg = make_cfg(*fast, *options, *TINY_MODEL, fast=False)
     metrics = train(cfg)
     skipped = json.loads((Path(cfg.run_dir) / "skipped_images.json").read_text())
     handled = metrics["skipped_images"] == 2 and metrics["split_sizes"] == {"train": 9, "val": 3}

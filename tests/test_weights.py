@@ -400,7 +400,7 @@ def test_a_run_loads_the_container_and_a_run_with_foreign_weights_stops_before_t
     from finetune.run import train
 
     torch.save({"model": lite0_imagenet, "epoch": 300}, tmp_path / "F.pth")
-    metrics = train(make_cfg(f"model.weights={tmp_path / 'F.pth'}"))
+    metrics = train(make_cfg(f"model.weights={tmp_path / 'F.pth'}", "augment=none"))
     assert metrics["weights"] == f"file:{tmp_path / 'F.pth'}"
     assert (metrics["weights_loaded_layers"], metrics["weights_total_layers"]) == (98, 99)
 
