@@ -380,7 +380,7 @@ def test_a_run_logs_the_values_it_chose_and_sends_them_to_the_loggers(photos, tm
     assert "max_epochs: auto" in (run_dir / "config.yaml").read_text()  # resolved again on resume
 
 
-@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # three train.py processes: CI's slow step
 def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     run_dir = tmp_path / "run"
     first = auto_run(photos, run_dir)
@@ -399,7 +399,7 @@ def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     assert "data.batch_size changed" not in output
 
 
-@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # three train.py processes: CI's slow step
 def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(photos, tmp_path):
     run_dir = tmp_path / "run"
     assert auto_run(photos, run_dir).returncode == 0

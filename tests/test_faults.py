@@ -123,7 +123,7 @@ CACHED_PROBE = ["strategy=last_layer", "augment=none"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, dict]:
-    """metrics.json of uninterrupted runs, by kind."""
+    """metrics.json of the uninterrupted runs the killed ones are compared with, by name."""
     runs = {}
     for name, extra in (("full", []), ("cached", CACHED_PROBE)):
         root = tmp_path_factory.mktemp(f"uninterrupted_{name}")
@@ -137,7 +137,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.slow  # two runs and a kill per case: CI's slow step runs it
 @pytest.mark.parametrize(
-    "fault,kind",
+    "fault,run",
     [
         pytest.param(KILL_AT_STEP.format(step=7), "full", id="kill-9-mid-epoch"),
         # saves: best + last after epoch 0, then epoch 1's: the 3rd save is cut in half
@@ -148,10 +148,10 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
     ],
 )
 def test_resume_after_kill_equals_an_uninterrupted_run(
-    tmp_path, fault, kind, uninterrupted, record_fault
+    tmp_path, fault, run, uninterrupted, record_fault
 ):
     run_dir, data_root = tmp_path / "run", tmp_path / "data"
-    extra = {"cached": CACHED_PROBE, "workers": ["data.num_workers=2"]}.get(kind, [])
+    extra = {"cached": CACHED_PROBE, "workers": ["data.num_workers=2"]}.get(run, [])
     options = [*extra, f"data.root={data_root}"]
     killed = run_with_fault(tmp_path, fault, *options, f"hydra.run.dir={run_dir}")
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -165,18 +165,18 @@ def test_resume_after_kill_equals_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # the data of each epoch is keyed by (epoch, index): the same whichever worker loads it
-    expected = comparable(uninterrupted["full" if kind == "workers" else kind])
+    expected = comparable(uninterrupted["full" if run == "workers" else run])
     record_fault(handled=comparable(metrics) == expected, lost=lost)
     assert epoch_before < 3
     assert comparable(metrics) == expected
-    if kind == "cached":
+    if run == "cached":
         # the report is the killed process's (as the uninterrupted run's); this one read its file
         assert metrics["feature_cache"] == "miss"
         assert "Reusing cached features" in resumed.stdout + resumed.stderr
         assert "Extracting features" not in resumed.stdout + resumed.stderr
 
 
-@pytest.mark.slow  # four train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # four train.py processes: CI's slow step
 @pytest.mark.parametrize("source", ["run_dir", "bare_checkpoint"])
 def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
     tmp_path, source, record_fault

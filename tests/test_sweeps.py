@@ -56,7 +56,7 @@ def test_summary_of_a_two_by_two_sweep_has_four_rows_and_the_right_aggregates(tm
     assert aggregates["full"]["runs"] == 2 and aggregates["full"]["failed"] == 0
     markdown = (tmp_path / "summary.md").read_text()
     assert "Mean +- std over seeds" in markdown and "0.8500 +- 0.0707" in markdown
-    # the table of summary.csv, column for column (train images was missing)
+    # the table of summary.csv, column for column
     header = next(line for line in markdown.splitlines() if line.startswith("| job"))
     csv_header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert [c.strip() for c in header.strip("|").split("|")] == [
@@ -117,7 +117,7 @@ def test_a_run_that_left_a_swept_key_at_its_default_shows_the_value_it_ran_with(
     ]
 
 
-@pytest.mark.slow  # four jobs (21 s); test_faults' failing sweep job covers it in the default run
+@pytest.mark.slow  # four jobs; test_faults' failing sweep job covers it in the default run
 def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(
