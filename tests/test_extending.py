@@ -1,8 +1,8 @@
 """docs/extending.md followed step by step: a dataset layout and a freeze strategy added the
-documented way, each trained for one step in-process. The steps that would edit the package
-(the registries `LAYOUTS`, `DATASETS`, `STRATEGIES`, `SCHEMAS` and a file in `conf/`) are done
-here on the running package with monkeypatch and a conf folder of the test's own, so a guide
-that misses a step fails this test."""
+documented way, each trained for one step in-process. The steps that edit the package (the
+registries `LAYOUTS`, `DATASETS`, `STRATEGIES` and `SCHEMAS`, a file in `conf/`) are made here on
+the running package with monkeypatch and a conf folder of the test's own: the guide and this
+test change together."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST_OVERRIDES, compose_config, make_class_folders
+from conftest import FAST_OVERRIDES, TINY_MODEL, compose_config, make_class_folders
 from finetune import backbones, config, strategies
 from finetune.config import SCHEMAS, schema
 from finetune.data import LAYOUTS, DatasetSplits, LayoutOptions
@@ -67,7 +67,14 @@ def compose(conf_folder: Path, tmp_path: Path, *overrides: str, data: str = "syn
     fast = [o for o in FAST_OVERRIDES if data == "synthetic" or not o.startswith("data=")]
     fast = [o for o in fast if data == "synthetic" or not o.startswith("data.synthetic")]
     return compose_config(
-        [*fast, f"data={data}", *ONE_STEP, *overrides, f"hydra.searchpath=[file://{conf_folder}]"],
+        [
+            *fast,
+            *TINY_MODEL,
+            f"data={data}",
+            *ONE_STEP,
+            *overrides,
+            f"hydra.searchpath=[file://{conf_folder}]",
+        ],
         tmp_path / "run",
         tmp_path / "data",
     )
