@@ -46,6 +46,12 @@ FAST_OVERRIDES = [
 ]
 
 
+# A randomly initialised network of timm's test family (0.4 M parameters, 160 px input, built
+# offline in a second): for tests of the training flow whose outcome does not depend on
+# pretrained weights, at a fraction of efficientnet_lite0's cost.
+TINY_MODEL = ["model=timm", "model.name=test_efficientnet", "model.weights=none"]
+
+
 def folder_overrides(root: Path) -> list[str]:
     """FAST_OVERRIDES for an image folder at `root` in place of the synthetic set."""
     kept = [o for o in FAST_OVERRIDES if not o.startswith(("data=", "data.synthetic"))]
@@ -170,13 +176,17 @@ FAULT_TALLY = {"faults injected": 0, "handled clearly": 0, "checkpoints lost": 0
 
 @pytest.fixture
 def record_fault() -> Callable[..., None]:
-    """`record_fault(handled, lost=0)`: count one injected fault, whether it was handled with a
-    clear message, and how many finished checkpoints it lost (printed at the session's end)."""
+    """`record_fault(handled, lost=0, shown="")`: count one injected fault, whether it was handled
+    with a clear message and how many finished checkpoints it lost (printed at the session's
+    end), then fail the test unless it was handled and lost none: the tally is a report, never
+    the only check. `shown` (the message the user saw) goes into the failure."""
 
-    def record(handled: bool, lost: int = 0) -> None:
+    def record(handled: bool, lost: int = 0, shown: str = "") -> None:
         FAULT_TALLY["faults injected"] += 1
         FAULT_TALLY["handled clearly"] += int(handled)
         FAULT_TALLY["checkpoints lost"] += lost
+        assert handled, f"the fault was not handled clearly; the user saw: {shown[-2000:]!r}"
+        assert lost == 0, f"{lost} finished checkpoint(s) lost"
 
     return record
 

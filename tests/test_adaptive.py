@@ -3,6 +3,7 @@ refusing junk, the block a real run logs, and a resume that resolves the same va
 
 from __future__ import annotations
 
+import logging
 import re
 import shlex
 from pathlib import Path
@@ -380,7 +381,7 @@ def test_a_run_logs_the_values_it_chose_and_sends_them_to_the_loggers(photos, tm
     assert "max_epochs: auto" in (run_dir / "config.yaml").read_text()  # resolved again on resume
 
 
-@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # three train.py processes: CI's slow step
 def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     run_dir = tmp_path / "run"
     first = auto_run(photos, run_dir)
@@ -399,7 +400,7 @@ def test_a_resume_of_an_auto_run_resolves_the_same_values(photos, tmp_path):
     assert "data.batch_size changed" not in output
 
 
-@pytest.mark.slow  # three train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # three train.py processes: CI's slow step
 def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(photos, tmp_path):
     run_dir = tmp_path / "run"
     assert auto_run(photos, run_dir).returncode == 0
@@ -418,10 +419,16 @@ def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(phot
     assert pinned.returncode == 0, (pinned.stdout + pinned.stderr)[-3000:]
 
 
-def test_more_epochs_for_the_solved_probe_are_warned_about(photos, tmp_path):
-    result = auto_run(photos, tmp_path / "run", "trainer.max_epochs=2")
-    assert result.returncode == 0
-    assert "with the solved linear probe" in result.stdout + result.stderr
+def test_more_epochs_for_the_solved_probe_are_warned_about(auto_cfg, caplog):
+    cfg = auto_cfg("augment=none", "trainer.max_epochs=2")
+    assert training_regime(cfg) == "probe"  # the default strategy, on cached features
+    with caplog.at_level(logging.WARNING, logger="finetune.adaptive"):
+        adaptive.resolve(cfg, 16, 2, training_regime(cfg))
+    assert "trainer.max_epochs=2 with the solved linear probe" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="finetune.adaptive"):
+        adaptive.resolve(auto_cfg("augment=none"), 16, 2, "probe")  # auto: 1 epoch
+    assert "with the solved linear probe" not in caplog.text
 
 
 def test_the_printed_rules_say_when_a_count_was_clamped_and_when_the_lr_is_unused():

@@ -42,7 +42,7 @@ def by_target(rows: list[dict]) -> dict[str, dict]:
     return {row["target"]: row for row in rows}
 
 
-def test_the_cases_are_the_issues_runs_and_choose_only_model_data_strategy_augment_seed():
+def test_the_cases_are_the_documented_runs_and_choose_only_model_data_strategy_augment_seed():
     cases = {case.id: case for case in accuracy.all_cases()}
     assert {c.strategy for c in cases.values() if c.dataset == "flowers102"} == {
         None,  # the bare forward pass
@@ -223,7 +223,7 @@ def test_the_bare_forward_loop_reads_flowers102s_train_and_val(flowers_root):
     assert {split: len(data) for split, data in splits.items()} == {"train": 1020, "val": 1020}
 
 
-@pytest.mark.slow  # a dozen tiny train.py runs: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # a dozen tiny train.py runs: CI's slow step
 def test_a_tiny_run_prints_a_line_per_run_a_summary_and_merges_into_the_page(tmp_path):
     data = tmp_path / "data"
     for split, count in (("train", 4), ("val", 2)):

@@ -187,7 +187,7 @@ def test_trainer_keys_are_lightning_arguments_with_lightnings_defaults():
 def test_one_default_for_decode_cache_and_min_loaded_fraction():
     cfg = check_overrides([])
     assert cfg.data.decode_cache_mb == 1024
-    assert cfg.model.min_loaded_fraction == 0.5  # issue 13: weights that do not load stop
+    assert cfg.model.min_loaded_fraction == 0.5  # weights that do not load stop the run
     assert check_overrides(["model.min_loaded_fraction=0.9"]).model.min_loaded_fraction == 0.9
 
 

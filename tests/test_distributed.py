@@ -1,4 +1,4 @@
-"""Several processes give the numbers one process gives (issue 13, kind 3).
+"""Several processes give the numbers one process gives.
 
 One `trainer.devices=2` run (two CPU processes, DDP over gloo) on 9 validation and 7 test images
 of 3 classes, evaluated in batches of 4 so that the two processes get shares of different sizes
@@ -79,7 +79,7 @@ def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
     root = make_photos(tmp)
     run_dir, result = train_on_two_processes(tmp, *overrides(root), *FEEDS[request.param])
     second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
-    # the closing line once, by rank 0 (issue 13 review: it was printed once per process)
+    # the closing line once, by rank 0, not once per process
     assert (result.stdout + result.stderr).count("Best checkpoint:") == 1
     assert "Best checkpoint:" not in second_log
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -19,7 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST_OVERRIDES, data_module, make_class_folders, run_train, subprocess_env
+from conftest import (
+    FAST_OVERRIDES,
+    TINY_MODEL,
+    data_module,
+    make_class_folders,
+    run_train,
+    subprocess_env,
+)
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule, to_rgb
 from finetune.errors import DataUnavailableError, FinetuneError
@@ -116,7 +123,7 @@ CACHED_PROBE = ["strategy=last_layer", "augment=none"]
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, dict]:
-    """metrics.json of uninterrupted runs, by kind."""
+    """metrics.json of the uninterrupted runs the killed ones are compared with, by name."""
     runs = {}
     for name, extra in (("full", []), ("cached", CACHED_PROBE)):
         root = tmp_path_factory.mktemp(f"uninterrupted_{name}")
@@ -130,7 +137,7 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
 
 @pytest.mark.slow  # two runs and a kill per case: CI's slow step runs it
 @pytest.mark.parametrize(
-    "fault,kind",
+    "fault,run",
     [
         pytest.param(KILL_AT_STEP.format(step=7), "full", id="kill-9-mid-epoch"),
         # saves: best + last after epoch 0, then epoch 1's: the 3rd save is cut in half
@@ -141,10 +148,10 @@ def uninterrupted(tmp_path_factory) -> dict[str, dict]:
     ],
 )
 def test_resume_after_kill_equals_an_uninterrupted_run(
-    tmp_path, fault, kind, uninterrupted, record_fault
+    tmp_path, fault, run, uninterrupted, record_fault
 ):
     run_dir, data_root = tmp_path / "run", tmp_path / "data"
-    extra = {"cached": CACHED_PROBE, "workers": ["data.num_workers=2"]}.get(kind, [])
+    extra = {"cached": CACHED_PROBE, "workers": ["data.num_workers=2"]}.get(run, [])
     options = [*extra, f"data.root={data_root}"]
     killed = run_with_fault(tmp_path, fault, *options, f"hydra.run.dir={run_dir}")
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -158,18 +165,18 @@ def test_resume_after_kill_equals_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # the data of each epoch is keyed by (epoch, index): the same whichever worker loads it
-    expected = comparable(uninterrupted["full" if kind == "workers" else kind])
+    expected = comparable(uninterrupted["full" if run == "workers" else run])
     record_fault(handled=comparable(metrics) == expected, lost=lost)
     assert epoch_before < 3
     assert comparable(metrics) == expected
-    if kind == "cached":
+    if run == "cached":
         # the report is the killed process's (as the uninterrupted run's); this one read its file
         assert metrics["feature_cache"] == "miss"
         assert "Reusing cached features" in resumed.stdout + resumed.stderr
         assert "Extracting features" not in resumed.stdout + resumed.stderr
 
 
-@pytest.mark.slow  # four train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # four train.py processes: CI's slow step
 @pytest.mark.parametrize("source", ["run_dir", "bare_checkpoint"])
 def test_resume_from_a_checkpoint_of_other_classes_is_refused_with_the_way_out(
     tmp_path, source, record_fault
@@ -254,7 +261,7 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(ClassifierModule, "forward", diverging)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", deferred)
-    cfg = make_cfg("strategy=full", "trainer.max_epochs=3")
+    cfg = make_cfg(*TINY_MODEL, "strategy=full", "trainer.max_epochs=3")
     expected = rf"became nan at step {nan_step} \(epoch 1, batch {nan_step - 3}\)"
     with pytest.raises(FinetuneError, match=expected) as raised:
         train(cfg)
@@ -288,7 +295,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(make_cfg, monkeypa
 
     monkeypatch.setattr(resume.torch, "save", save)
     # A randomly initialised head: no feature cache for the probe, so every save is a checkpoint.
-    cfg = make_cfg("trainer.max_epochs=3", "strategy.head_init=random")
+    cfg = make_cfg(*TINY_MODEL, "trainer.max_epochs=3", "strategy.head_init=random")
     with pytest.raises(FinetuneError, match="the disk is full") as raised:
         train(cfg)
     monkeypatch.undo()
@@ -331,12 +338,12 @@ def test_unknown_names_list_the_valid_ones(tmp_path, record_fault):
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path, record_fault):
     result = run_train(
-        "-m", *FAST_OVERRIDES, "strategy=top_k", "strategy.k=100,2",  # 100: found at run time
+        "-m", *FAST_OVERRIDES, *TINY_MODEL, "strategy=top_k", "strategy.k=100,2",  # 100: at run time
         f"data.root={tmp_path}/data", f"hydra.sweep.dir={tmp_path}/sweep",
     )  # fmt: skip
     rows = (tmp_path / "sweep" / "summary.csv").read_text()
     handled = result.returncode == 0 and (tmp_path / "sweep" / "1" / "metrics.json").is_file()
-    record_fault(handled and "asks for more blocks than the 8" in rows)
+    record_fault(handled and "asks for more blocks than the 6" in rows, shown=rows)
     assert handled
     # the failed job's message, once, without a traceback: it is a FinetuneError
     assert "This run failed; the sweep goes on: strategy.k=100" in result.stderr + result.stdout
@@ -378,7 +385,7 @@ def test_corrupt_images_are_all_named_before_training(broken_folder, record_faul
 def test_skip_corrupt_trains_without_them_and_lists_them(broken_folder, make_cfg, record_fault):
     fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
     options = ["data=imagefolder", f"data.root={broken_folder}", "data.skip_corrupt=true"]
-    cfg = make_cfg(*fast, *options, fast=False)
+    cfg = make_cfg(*fast, *options, *TINY_MODEL, fast=False)
     metrics = train(cfg)
     skipped = json.loads((Path(cfg.run_dir) / "skipped_images.json").read_text())
     handled = metrics["skipped_images"] == 2 and metrics["split_sizes"] == {"train": 9, "val": 3}

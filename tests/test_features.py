@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from conftest import FAST_OVERRIDES, SHARED_DATA, data_module, make_class_folders
+from conftest import FAST_OVERRIDES, SHARED_DATA, TINY_MODEL, data_module, make_class_folders
 from finetune import backbones, features
 from finetune.backbones import InputSpec
 from finetune.data import FinetuneDataModule
@@ -66,7 +66,7 @@ def test_cached_run_trains_the_same_head_as_the_uncached_run(make_cfg, tmp_path)
 def test_checkpoint_of_a_cached_run_restores_an_image_classifier(make_cfg, tmp_path):
     from finetune.module import load_classifier
 
-    cfg = make_cfg(*PROBE)
+    cfg = make_cfg(*PROBE, *TINY_MODEL)
     metrics = train(cfg)
     classifier = load_classifier(metrics["best_checkpoint"])
     assert classifier.inputs_are_features is False
@@ -75,9 +75,9 @@ def test_checkpoint_of_a_cached_run_restores_an_image_classifier(make_cfg, tmp_p
 
 
 def test_second_identical_run_reuses_the_cache_from_disk(make_cfg, tmp_path):
-    first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    first = train(make_cfg(*PROBE, *TINY_MODEL, f"data.cache_dir={tmp_path}/c"))
     features.clear_memory_cache()  # a new process: only the file remains
-    cfg = make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c")
+    cfg = make_cfg(*PROBE, *TINY_MODEL, f"data.cache_dir={tmp_path}/c")
     cfg.run_dir = str(tmp_path / "second")
     second = train(cfg)
     assert (first["feature_cache"], second["feature_cache"]) == ("miss", "hit")
@@ -86,7 +86,7 @@ def test_second_identical_run_reuses_the_cache_from_disk(make_cfg, tmp_path):
 
 
 def test_augmentation_turns_the_cache_off_unless_forced(make_cfg, caplog):
-    random_head = ["strategy=last_layer", "strategy.head_init=random"]
+    random_head = [*TINY_MODEL, "strategy=last_layer", "strategy.head_init=random"]
     assert train(make_cfg(*random_head))["feature_cache"] == "off"
     with caplog.at_level(logging.WARNING):
         forced = train(make_cfg(*random_head, "strategy.cache_features=true"))
@@ -186,7 +186,7 @@ def test_cache_key_changes_with_the_file_lists(key_parts):
 def test_a_changed_image_is_re_extracted_in_the_next_run(make_cfg, tmp_path):
     make_class_folders(tmp_path / "folder", {"cat": 6, "dog": 6})
     fast = [o for o in FAST_OVERRIDES if not o.startswith("data")]
-    options = [*fast, *PROBE, "data=imagefolder", f"data.root={tmp_path}/folder"]
+    options = [*fast, *TINY_MODEL, *PROBE, "data=imagefolder", f"data.root={tmp_path}/folder"]
     assert train(make_cfg(*options, fast=False))["feature_cache"] == "miss"
     assert train(make_cfg(*options, fast=False))["feature_cache"] == "hit"
     victim = next((tmp_path / "folder" / "cat").glob("*.jpg"))
@@ -196,10 +196,10 @@ def test_a_changed_image_is_re_extracted_in_the_next_run(make_cfg, tmp_path):
 
 
 def test_unreadable_cache_file_is_recomputed(make_cfg, tmp_path):
-    first = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    first = train(make_cfg(*PROBE, *TINY_MODEL, f"data.cache_dir={tmp_path}/c"))
     Path(first["feature_cache_file"]).write_bytes(b"truncated")
     features.clear_memory_cache()
-    again = train(make_cfg(*PROBE, f"data.cache_dir={tmp_path}/c"))
+    again = train(make_cfg(*PROBE, *TINY_MODEL, f"data.cache_dir={tmp_path}/c"))
     assert again["feature_cache"] == "miss" and again["val/acc"] == first["val/acc"]
 
 
@@ -365,6 +365,7 @@ def test_crops_stay_in_the_loader_workers_when_they_must_or_are_asked_to(options
 def test_run_with_decode_cache_channels_last_and_device_transforms(make_cfg):
     metrics = train(
         make_cfg(
+            *TINY_MODEL,
             "strategy=full",
             "data.decode_cache_mb=64",
             "data.device_transforms=true",

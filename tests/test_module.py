@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import folder_overrides, make_class_folders
+from conftest import TINY_MODEL, folder_overrides, make_class_folders
 from finetune import backbones
 from finetune.module import ClassifierModule, load_classifier
 from finetune.optim import WarmupSchedule, build_optimizer
@@ -208,7 +208,7 @@ def test_a_training_step_reads_nothing_of_its_own_back_from_the_device(
     monkeypatch.setattr(ClassifierModule, "stop_if_diverged", observed_check)
     monkeypatch.setattr(ClassifierModule, "defer_loss_check", True)
     folder = six_class_folder(tmp_path / "folder")
-    train(make_cfg(*folder, "strategy=full", "trainer.max_epochs=2", fast=False))
+    train(make_cfg(*folder, *TINY_MODEL, "strategy=full", "trainer.max_epochs=2", fast=False))
 
     batches = 6  # 24 images, batch 4
     assert len(step_reads) == 2 * batches
@@ -291,7 +291,7 @@ def test_the_progress_bar_reads_the_loss_every_n_batches_only(make_cfg, monkeypa
     monkeypatch.setattr(ProgressBar, "on_train_batch_end", on_train_batch_end)
     folder = six_class_folder(tmp_path / "folder")  # 6 batches per epoch
     bar = "callbacks.progress_bar={_target_:finetune.callbacks.ProgressBar,metrics_every:4}"
-    train(make_cfg(*folder, bar, "trainer.max_epochs=2", fast=False))
+    train(make_cfg(*folder, *TINY_MODEL, bar, "trainer.max_epochs=2", fast=False))
     assert reads == [(0, 0), (0, 3), (0, 5), (1, 3), (1, 5)]  # the first batch: nothing shown yet
     assert "train/loss_step" in bars[-1].shown
 

@@ -1,4 +1,4 @@
-"""Preprocessing you can trust (issue 13, kinds 4, 5 and 7).
+"""Preprocessing you can trust.
 
 - Decoding: every consumer (training and evaluation loaders, decode cache, feature cache,
   reports' grid) gets the pixels an image viewer shows, from the one decode function.
@@ -29,7 +29,7 @@ SPEC = InputSpec(32, 36, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 WHITE = (255, 255, 255)
 
 
-# --- kind 4: one decode function, the pixels a viewer shows ------------------------------------
+# --- one decode function, the pixels a viewer shows ---------------------------------------------
 
 
 def centre_pixel_of_every_consumer(path: Path) -> dict[str, tuple[int, ...]]:
@@ -81,7 +81,7 @@ def adobe_rgb_profile() -> bytes:
 
 
 def write_case(case: str, path: Path) -> tuple[int, ...]:
-    """A 40x40 image file of one kind that viewers and naive decoders show differently; returns
+    """A 40x40 image file of one type that viewers and naive decoders show differently; returns
     the colour a viewer shows."""
     if case == "sixteen_bit_grey":  # PIL's convert("RGB") clips level 51400 to 255
         Image.fromarray(np.full((40, 40), 51400, dtype=np.uint16)).save(path)
@@ -205,14 +205,14 @@ def test_only_the_decode_module_opens_or_converts_images():
     assert not offenders, offenders
 
 
-# --- kind 5: evaluation preprocessing equals the weights' library's own -------------------------
+# --- evaluation preprocessing equals the weights' library's own ---------------------------------
 
 # Pretrained configs of every timm crop mode, with several crop_pct, interpolations and sizes.
 TIMM_CONFIGS = [
     "resnet50.a1_in1k",  # center, crop_pct 0.95, bicubic
     "efficientnet_b0.ra_in1k",  # center, 0.875
     "vit_base_patch16_224.augreg2_in21k_ft_in1k",  # center, 0.9, mean 0.5
-    "convnext_small.fb_in22k_ft_in1k_384",  # squash, 1.0 (the issue's case)
+    "convnext_small.fb_in22k_ft_in1k_384",  # squash, 1.0
     "coatnet_rmlp_2_rw_384.sw_in12k_ft_in1k",  # squash, mean 0.5
     "deepseek_vit_412m.deepseek_v4_1_flash",  # border, 546 px
 ]
@@ -344,7 +344,7 @@ def test_unknown_crop_mode_and_non_square_inputs_are_refused_clearly():
         backbones.input_spec({"name": "vit_base_patch16_sapiens2.fb", "source": "timm"})
 
 
-# --- kind 7: memory grows with the data, not with its worst shape -------------------------------
+# --- memory grows with the data, not with its worst shape ---------------------------------------
 
 
 def elongated_folder(root: Path, train_size: tuple[int, int] | None) -> Path:
@@ -471,7 +471,7 @@ def peak_rss_mb(root: Path, run_dir: Path) -> float:
 
 @pytest.mark.slow  # four whole runs: CI's slow step
 def test_peak_memory_of_a_run_does_not_grow_with_elongated_images(tmp_path, record_fault):
-    """The issue's measurement, on the CPU: 1:16 photos raised a run's peak by ~1.3 GB (their
+    """Measured on the CPU before the fix: 1:16 photos raised a run's peak by ~1.3 GB (their
     batch canvas, and its float copy for roi_align). Now the run with 8 of them peaks within
     250 MB of the run with 8 square photos of the same pixel count (128x128).
 

@@ -322,7 +322,7 @@ def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, t
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 
 
-@pytest.mark.slow  # four runs: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # four runs: CI's slow step
 def test_lp_ft_solves_the_head_then_trains_every_layer_and_resumes_without_solving(
     make_cfg, tmp_path, caplog
 ):

@@ -1,5 +1,5 @@
-"""Resuming continues the interrupted run, or refuses before touching anything (issue 13, kind 1);
-the best checkpoint is the best one (kind 2); every run ends with one line naming it (kind 8).
+"""Resuming continues the interrupted run, or refuses before touching anything; the best
+checkpoint is the best one; every run ends with one line naming it.
 
 Each test checks values: hashes of every file of the run dir, learning rates per step, the
 epoch kept, the points of the TensorBoard curves.
@@ -154,7 +154,7 @@ def test_a_refused_data_option_lists_only_what_it_changes_and_names_the_override
     assert file_hashes(run_dir) == before
 
 
-@pytest.mark.slow  # two runs: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # two runs: CI's slow step
 def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     tmp_path, record_fault
 ):
@@ -177,7 +177,7 @@ def test_a_resume_refused_after_the_data_changed_leaves_every_file_as_it_was(
     assert untouched
 
 
-@pytest.mark.slow  # two train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # two train.py processes: CI's slow step
 def test_a_resume_on_changed_files_is_refused_not_re_split(tmp_path, record_fault):
     """val_fraction split, one training image deleted: the data module would re-split (a former
     val image then trains); the resume is refused and split.json still tells the truth."""
@@ -929,7 +929,7 @@ def test_a_resume_plan_verifies_the_checkpoint(make_cfg, options, chosen, classe
         plan.verify(cfg, {}, Data(classes), regime)
 
 
-@pytest.mark.slow  # two trainings (about 45 s); the default run stays within its 10 minutes
+@pytest.mark.slow  # two trainings: CI's slow step
 def test_the_final_numbers_of_a_resumed_run_sit_at_its_last_step_in_tensorboard(make_cfg, tmp_path):
     # Both processes log final/*; a point at step 0 for each left two values at one step, and
     # TensorBoard's chart showed whichever it read first
@@ -972,9 +972,9 @@ def test_a_resumed_run_reports_the_feature_cache_of_the_run_it_continues(
 def test_resuming_a_run_that_failed_before_its_first_checkpoint_says_so_whatever_the_overrides(
     tmp_path,
 ):
-    """The helper's case: the resume of a run that had failed on its weights blamed the new
-    overrides ("Cannot resume ... model.weights ...") and offered a last.ckpt that does not
-    exist as the weights of a new run."""
+    """The resume of a run that failed on its weights must not blame the new overrides
+    ("Cannot resume ... model.weights ...") nor offer a last.ckpt that does not exist as the
+    weights of a new run."""
     run_dir = tmp_path / "run"
     options = ["data=synthetic", f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
     failed = run_train(*options, "model=efficientnet_lite0", "model.weights=/nonexistent/w.pth")

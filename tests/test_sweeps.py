@@ -10,8 +10,9 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import FAST_OVERRIDES, REPO, hparams_plugin_data, run_train
+from conftest import FAST_OVERRIDES, REPO, TINY_MODEL, hparams_plugin_data, run_train
 from finetune import summary
+from finetune.run import train
 
 
 def fake_run(sweep: Path, job: str, overrides: list[str], metrics: dict | None) -> None:
@@ -56,7 +57,7 @@ def test_summary_of_a_two_by_two_sweep_has_four_rows_and_the_right_aggregates(tm
     assert aggregates["full"]["runs"] == 2 and aggregates["full"]["failed"] == 0
     markdown = (tmp_path / "summary.md").read_text()
     assert "Mean +- std over seeds" in markdown and "0.8500 +- 0.0707" in markdown
-    # the table of summary.csv, column for column (train images was missing)
+    # the table of summary.csv, column for column
     header = next(line for line in markdown.splitlines() if line.startswith("| job"))
     csv_header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
     assert [c.strip() for c in header.strip("|").split("|")] == [
@@ -117,7 +118,7 @@ def test_a_run_that_left_a_swept_key_at_its_default_shows_the_value_it_ran_with(
     ]
 
 
-@pytest.mark.slow  # four jobs (21 s); test_faults' failing sweep job covers it in the default run
+@pytest.mark.slow  # four jobs; test_faults' failing sweep job covers it in the default run
 def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_train(
@@ -142,17 +143,14 @@ def test_a_sweep_with_a_failing_run_still_finishes_and_summarises_it(tmp_path):
     assert (sweep / "summary.png").is_file()
 
 
-def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(tmp_path):
+def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(make_cfg, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_train(
-        *FAST_OVERRIDES,
+    cfg = make_cfg(
         "trainer.max_epochs=2",
         "optim.optimizer.lr=0.0001",  # a barely trained head: some images are misclassified
         "strategy.head_init=random",  # (the solved probe might classify them all)
-        f"data.root={tmp_path / 'data'}",
-        f"hydra.run.dir={run_dir}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(cfg)
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
@@ -198,6 +196,7 @@ def test_optuna_search_survives_a_failed_trial(tmp_path):
     result = run_train(
         "-m",
         *FAST_OVERRIDES,
+        *TINY_MODEL,
         "augment=none",
         "hparams_search=flaky",
         f"hydra.searchpath=[file://{REPO / 'conf'},file://{tmp_path / 'conf'}]",

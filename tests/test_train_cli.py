@@ -71,7 +71,7 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     assert torch.equal(classifier.state_dict()[head], saved[head])
 
 
-@pytest.mark.slow  # two train.py jobs (17 s): CI's slow step; the default run stays < 10 min
+@pytest.mark.slow  # two train.py jobs: CI's slow step
 def test_a_two_value_multirun_writes_two_runs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_train(
@@ -131,7 +131,7 @@ def test_unknown_model_option_lists_the_valid_ones(tmp_path):
     assert "efficientnet_lite0" in output and "mobilenet_v2" in output
 
 
-@pytest.mark.slow  # two train.py processes: CI's slow step (the default run stays under 10 min)
+@pytest.mark.slow  # two train.py processes: CI's slow step
 def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp_path):
     import torch
 
@@ -203,9 +203,9 @@ def test_two_devices_run_as_two_ranks_and_write_one_run_dir(tmp_path):
 def test_a_new_run_in_a_run_dir_that_holds_a_run_is_refused_before_anything_is_written(
     tmp_path, held
 ):
-    """The helper's case: a new run in a finished run's folder mixed the two runs' checkpoints
-    and TensorBoard events, replaced its results, and Hydra rewrote the .hydra/ overrides that a
-    resume of the old run reads."""
+    """A new run in a finished run's folder would mix the two runs' checkpoints and TensorBoard
+    events and replace its results, and Hydra would rewrite the .hydra/ overrides that a resume
+    of the old run reads."""
     run_dir = tmp_path / "run"
     (run_dir / held).parent.mkdir(parents=True, exist_ok=True)
     (run_dir / held).write_text("{}")

@@ -281,7 +281,7 @@ def test_our_checkpoint_prefixes_old_and_new_and_wrapper_prefixes_are_removed(tm
     assert list(load_file(tmp_path / "compiled.pth")) == ["conv1.weight"]
 
 
-# --- weights that do not load stop the run (issue 13, kind 6) ----------------------------------
+# --- weights that do not load stop the run ------------------------------------------------------
 
 LITE0 = {"name": "efficientnet_lite0", "source": "efficientnet_lite"}
 
@@ -307,7 +307,8 @@ def loaded_exactly(network, state: dict[str, torch.Tensor]) -> bool:
 
 
 def test_the_imagenet_weights_under_model_with_an_epoch_load(tmp_path, lite0_imagenet):
-    """The issue's file: {"model": <state dict>, "epoch": 300} loaded 0 of 99 layers."""
+    """A training script's file, {"model": <state dict>, "epoch": 300}, loads all but the head:
+    the container is unwrapped (read as a bare state dict, 0 of 99 layers loaded)."""
     torch.save({"model": lite0_imagenet, "epoch": 300}, tmp_path / "F.pth")
     network = build_lite0(tmp_path / "F.pth")
     assert (len(network.load_report.loaded), network.load_report.total_layers) == (98, 99)
@@ -450,7 +451,7 @@ def test_a_run_loads_the_container_and_a_run_with_foreign_weights_stops_before_t
     from finetune.run import train
 
     torch.save({"model": lite0_imagenet, "epoch": 300}, tmp_path / "F.pth")
-    metrics = train(make_cfg(f"model.weights={tmp_path / 'F.pth'}"))
+    metrics = train(make_cfg(f"model.weights={tmp_path / 'F.pth'}", "augment=none"))
     assert metrics["weights"] == f"file:{tmp_path / 'F.pth'}"
     assert (metrics["weights_loaded_layers"], metrics["weights_total_layers"]) == (98, 99)
 
