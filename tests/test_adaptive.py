@@ -421,9 +421,9 @@ def test_a_resume_of_a_run_made_with_older_defaults_names_the_values_to_pin(phot
 
 def test_more_epochs_for_the_solved_probe_are_warned_about(auto_cfg, caplog):
     cfg = auto_cfg("augment=none", "trainer.max_epochs=2")
-    assert training_regime(cfg) == "probe"  # the default strategy, on cached features
+    assert strategies.plan(cfg).regime == "probe"  # the default strategy, on cached features
     with caplog.at_level(logging.WARNING, logger="finetune.adaptive"):
-        adaptive.resolve(cfg, 16, 2, training_regime(cfg))
+        adaptive.resolve(cfg, 16, 2, strategies.plan(cfg).regime)
     assert "trainer.max_epochs=2 with the solved linear probe" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="finetune.adaptive"):

@@ -17,7 +17,7 @@ import torch
 
 from conftest import FAST_OVERRIDES, TINY_MODEL, compose_config, make_class_folders
 from finetune import backbones, config, strategies
-from finetune.config import SCHEMAS, schema
+from finetune.config import SCHEMAS, schema, values
 from finetune.data import LAYOUTS, DatasetSplits, LayoutOptions
 from finetune.data.layouts import Layout
 from finetune.run import train
@@ -82,10 +82,10 @@ def compose(conf_folder: Path, tmp_path: Path, *overrides: str, data: str = "syn
 
 def test_a_dataset_added_as_documented_trains(tmp_path, conf_folder, monkeypatch):
     monkeypatch.setitem(LAYOUTS, "toy", Layout(fetch_toy, build_toy))
-    # The name in DATASETS: the schema's `data.dataset` field lists its allowed values.
-    monkeypatch.setattr(schema, "DATASETS", (*schema.DATASETS, "toy"))
+    # The name in DATASETS (config/values.py): the schema's `data.dataset` field lists them.
+    monkeypatch.setattr(values, "DATASETS", (*values.DATASETS, "toy"))
     dataset_field = {f.name: f for f in dataclasses.fields(schema.DataConfig)}["dataset"]
-    allowed = {**dataset_field.metadata, "choices": schema.DATASETS}
+    allowed = {**dataset_field.metadata, "choices": values.DATASETS}
     monkeypatch.setattr(dataset_field, "metadata", types.MappingProxyType(allowed))
     (conf_folder / "data" / "toy.yaml").write_text(
         "defaults:\n  - base_data\n  - _self_\ndataset: toy\n"
@@ -113,16 +113,11 @@ class BiasOnlyConfig(schema.BackboneTrainsConfig):
 
 
 class BiasOnly(strategies.FreezeStrategy):
-    """The head and every bias of the backbone train (BitFit); the rest is frozen."""
+    """The head and every bias of the backbone train (BitFit); the rest is frozen. Built from
+    its schema dataclass (`self.config`), as every strategy is."""
 
-    name = "bias_only"
-
-    def __init__(
-        self,
-        backbone_lr_scale: float = BiasOnlyConfig.backbone_lr_scale,
-        bn: str = BiasOnlyConfig.bn,
-    ) -> None:
-        super().__init__(bn=bn, backbone_lr_scale=backbone_lr_scale)
+    config_class = BiasOnlyConfig
+    config: BiasOnlyConfig
 
     def trainable_names(self, network: backbones.Network) -> set[str]:
         return {name for name, _ in network.net.named_parameters() if name.endswith(".bias")}
