@@ -107,18 +107,25 @@ def _onnx(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:
 
     # The TorchScript-based exporter: the torch.export-based one (dynamo=True) needs onnxscript,
     # which this project does not install. Its deprecation warning is expected.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            handle,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
+    # nn.MultiheadAttention's eval fast path (torchvision's ViTs) is one fused operator that
+    # ONNX has no counterpart of; the exporter traces the plain computation instead.
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                handle,
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def _torchscript(model: nn.Module, example: torch.Tensor, handle, opset: int) -> None:

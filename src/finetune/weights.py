@@ -225,13 +225,10 @@ def tensor_key(layer: str, tensor_name: str) -> str:
 def _place_containers(
     order: list[str], ancestors: dict[str, set[str]], layers: Mapping[str, torch.nn.Module]
 ) -> list[str]:
-    """`order` with each container (a layer holding tensors of its own and layers inside it:
-    the root's `cls_token`/`pos_embed`, torchvision's `encoder.pos_embedding`, a relative
-    position table beside its attention's projections) moved to where its tensors are first
-    used: right before the first inner-most layer computed from them. Its forward pre-hook
-    fires before any of its children run, which says nothing about where its tensors enter;
-    so a ViT's tokens load with the patch embedding, after it. A container no layer is
-    computed from (buffers only, or tensors used only at the output) keeps its place."""
+    """`order` with each container (a layer holding tensors and layers: the root's
+    `cls_token`/`pos_embed`, torchvision's `encoder.pos_embedding`) moved right before the
+    first inner-most layer computed from its tensors (its pre-hook fires before its children
+    run): a ViT's tokens load with the patch embedding. Unused ones keep their place."""
 
     def holds_layers(name: str) -> bool:
         inside = f"{name}." if name else ""
@@ -295,8 +292,15 @@ def trace_layers(
     order = _place_containers(order, ancestors, layers)
     never_run = []
     for name in (name for name in layers if name not in ancestors):
-        # A layer whose container uses its tensors directly (nn.MultiheadAttention's out_proj)
-        # loads with that container; any other is treated as above everything that ran.
+        # A layer whose tensors another module uses directly (nn.MultiheadAttention's
+        # out_proj, timm's relative position tables read through `get_bias()`) loads right
+        # before the first layer computed from them, else with its container; any other is
+        # treated as above everything that ran.
+        consumer = next((layer for layer in order if name in ancestors[layer]), None)
+        if consumer is not None:
+            ancestors[name] = ancestors[consumer] - {name}
+            order.insert(order.index(consumer), name)
+            continue
         container = _running_container(name, ancestors)
         if container is None:
             never_run.append(name)
