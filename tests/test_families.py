@@ -52,8 +52,17 @@ SLOW = [
 def _own_weights_file(name: str, source: str, folder) -> str:
     """The architecture's own random state dict (original head) saved as a weights file."""
     architecture = backbones.resolve({"name": name, "source": source, "weights": "none"})
+    net = architecture.create()
+    # BatchNorm statistics of its own activations, as trained weights have: with the initial
+    # 0/1 statistics a deep random network's eval-mode activations overflow (Inception-v3).
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.momentum = 1.0
+    crop = architecture.input_spec().crop_size
+    with torch.no_grad():
+        net.train()(torch.randn(4, 3, crop, crop, generator=torch.Generator().manual_seed(1)))
     path = folder / f"{name}.pth"
-    torch.save(architecture.create().state_dict(), path)
+    torch.save(net.state_dict(), path)
     return str(path)
 
 
