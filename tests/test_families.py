@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from finetune import backbones, probe, strategies
+from finetune.config.schema import TopKConfig
 from finetune.export import export_model
 from finetune.module import ClassifierModule
 from finetune.weights import ROOT_LAYER, trace_layers
@@ -159,7 +160,7 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
     assert moved and moved <= head
 
     # As Lightning does at the start of fit: train mode, then the strategy's eval parts.
-    strategies.TopK(k=1).apply(network.train())
+    strategies.TopK(TopKConfig(k=1)).apply(network.train())
     changed = _one_step(network, images, labels)
     assert changed <= head | set(blocks[-1]) and changed & set(blocks[-1]) and changed & head
     network.zero_grad()
