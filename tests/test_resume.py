@@ -989,3 +989,12 @@ def test_resuming_a_run_that_failed_before_its_first_checkpoint_says_so_whatever
         *options, "model=efficientnet_lite0", "--cfg", "job"
     )  # the folder may be reused
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_refused_resume_blames_only_the_overrides_that_change_something(tmp_path):
+    """Saved overrides typed again as they were are no cause of a refusal."""
+    run_dir = saved_run(tmp_path / "run", ["data=synthetic", "strategy=full"])
+    base = [f"hydra.run.dir={run_dir}", "ckpt_path=last"]
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.with_saved_overrides(["data=synthetic", "strategy=full", *base, "seed=7"])
+    assert "(the overrides seed=7 change)" in str(caught.value)

@@ -25,6 +25,7 @@ from finetune import backbones
 from finetune.backbones import Network
 from finetune.errors import FinetuneError
 from finetune.optim import LayerwiseRates, build_optimizer
+from finetune.probe import HeadLoss
 from finetune.weights import rename_keys
 
 
@@ -118,7 +119,8 @@ class ClassifierModule(pl.LightningModule):
         # This epoch's training losses, summed on the device (read once, at its last batch).
         self._epoch_loss_sum: torch.Tensor | float = 0.0
         self._epoch_loss_steps = 0
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
+        # The objective the solved linear probe minimises too (one loss for the head).
+        self.criterion = HeadLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
         metrics = accuracy_metrics(len(class_names))
         # ModuleDict keys may not shadow nn.Module attributes such as `train`.
         self.metrics = nn.ModuleDict(

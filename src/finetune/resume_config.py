@@ -306,7 +306,12 @@ def with_saved_overrides(argv: Sequence[str]) -> ResumeCommand:
             kept = fitting
     except HydraException:  # Hydra says it again, in its words, as it starts
         return unchanged
-    typed = [line for line in argv if _key(line) not in ("hydra.run.dir", "ckpt_path")]
+    # a saved override typed again as it was changes nothing: it is not blamed for a refusal
+    typed = [
+        line
+        for line in argv
+        if _key(line) not in ("hydra.run.dir", "ckpt_path") and line not in saved
+    ]
     changes = config_changes(OmegaConf.load(source / CONFIG_FILE), cfg)
     check_changes(changes, source, typed, _changed_by(typed, kept + tail, cfg, check_overrides))
     return ResumeCommand(kept + tail, cfg, source, checkpoint)
