@@ -125,6 +125,7 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
     assert max(position[_layer_of(n) or ROOT_LAYER] for n in flat) < min(
         position[layer] for layer in head_layers
     )
+    assert network.blocks(with_head=True) == [*blocks, sorted(head)]  # the head: the last block
 
     size = size or crop
     generator = torch.Generator().manual_seed(0)

@@ -142,12 +142,14 @@ class Network(nn.Module):
         logits = [heads.apply(classifier, features) for classifier in self.classifiers()]
         return logits[0] if len(logits) == 1 else torch.stack(logits).mean(dim=0)
 
-    def blocks(self) -> list[list[str]]:
-        """The network below the head as blocks of parameter names (as `self.net` names them),
-        input to output; the head (`head_parameter_names`) comes after the last block.
+    def blocks(self, with_head: bool = False) -> list[list[str]]:
+        """The network as blocks of parameter names (as `self.net` names them), input to
+        output: below the head, and with `with_head` the head (`head_parameter_names`, sorted)
+        as the last block.
 
         Blocks are a family's natural stages (resnet layers, `features[i]`, vit encoder layers,
-        timm's coarse parameter groups); top-k, gradual unfreezing and layer decay count them.
+        timm's coarse parameter groups); top-k, gradual unfreezing and layer decay count the
+        blocks below the head (`strategy.k=2`: the two blocks under the new head).
         """
         from timm.models import group_parameters
 
@@ -160,7 +162,7 @@ class Network(nn.Module):
         head = self.head_parameter_names()
         groups = group_parameters(self.net, matcher)
         blocks = [[n for n in names if n not in head] for _, names in sorted(groups.items())]
-        return [block for block in blocks if block]
+        return [block for block in blocks if block] + ([sorted(head)] if with_head else [])
 
     def head_parameter_names(self) -> set[str]:
         """Names (as `self.net.named_parameters()` gives them) of the head's parameters."""
