@@ -179,3 +179,14 @@ def test_family_loads_trains_and_exports(name, source, size, tmp_path):
 @pytest.mark.parametrize(("name", "source", "size"), SLOW)
 def test_every_family_of_the_matrix_loads_trains_and_exports(name, source, size, tmp_path):
     check_family(name, source, size, tmp_path)
+
+
+def test_a_head_built_without_bias_gets_one_and_mnasnet_counts_its_stages():
+    """torchvision's maxvit builds its classifier without a bias, which the solved probe has;
+    mnasnet names its stages `layers.N`, which top_k and gradual count."""
+    config = {"source": "torchvision", "weights": "none", "min_loaded_fraction": None}
+    maxvit = backbones.build({**config, "name": "maxvit_t"}, 3, pretrained=False)
+    (head,) = maxvit.classifiers()
+    assert head.bias is not None and head.out_features == 3
+    mnasnet = backbones.build({**config, "name": "mnasnet0_5"}, 3, pretrained=False)
+    assert len(mnasnet.blocks()) > 10

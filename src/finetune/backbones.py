@@ -259,6 +259,7 @@ def build(model_cfg: Mapping[str, Any], num_classes: int, pretrained: bool = Tru
     spec = source.input_spec()
     net = source.create(num_classes)
     layout = heads.head_layout(net, model_cfg["name"])  # refuses an unserved head up front
+    heads.with_bias(net, layout)
     state = source.state_dict() if pretrained else None
     report = None
     if state is not None:

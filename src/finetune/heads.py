@@ -49,9 +49,10 @@ UNSERVED_TORCHVISION = {
 TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
     ("resnet", "resnext", "wide_resnet"): {"stem": r"^conv1|^bn1", "blocks": r"^layer(\d+)"},
     ("regnet",): {"stem": r"^stem", "blocks": r"^trunk_output\.block(\d+)"},
-    ("mobilenet", "efficientnet", "convnext", "mnasnet"): {
+    ("mobilenet", "efficientnet", "convnext"): {
         "blocks": [(r"^features\.(\d+)", None), (r"^classifier", (99999,))]
     },
+    ("mnasnet",): {"blocks": [(r"^layers\.(\d+)", None), (r"^classifier", (99999,))]},
     ("densenet",): {
         "stem": r"^features\.(?:conv0|norm0)",
         "blocks": [
@@ -176,6 +177,18 @@ def head_layout(net: nn.Module, name: str) -> HeadLayout:
                 f"Model {name} is not supported: its classifier '{head}' is {error}."
             ) from None
     return layout
+
+
+def with_bias(net: nn.Module, layout: HeadLayout) -> None:
+    """Give every classifier's Linear a bias (torchvision's maxvit builds its head without one):
+    the solved probe has one, and the new head loads no pretrained tensor anyway."""
+    for head in layout.names:
+        affine = affine_parts(net.get_submodule(head))[1]
+        if isinstance(affine, nn.Linear) and affine.bias is None:
+            name = next(n for n, m in net.named_modules() if m is affine)
+            parent, _, child = name.rpartition(".")
+            biased = nn.Linear(affine.in_features, affine.out_features)
+            setattr(net.get_submodule(parent) if parent else net, child, biased)
 
 
 def reset_heads(net: nn.Module, layout: HeadLayout) -> None:
