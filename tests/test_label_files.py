@@ -29,7 +29,8 @@ def describe(folder: Path, file: Path, split_column: bool = True, sep: str = ","
     matter."""
     header = ["path", "label", "split"] if split_column else ["path", "label"]
     rows = [sep.join(header)]
-    for image in sorted(folder.rglob("*.jpg"), reverse=True):
+    images = [path for path in folder.rglob("*") if path.suffix in (".jpg", ".jpeg", ".png")]
+    for image in sorted(images, reverse=True):
         path = (image.relative_to(folder) if file.parent == folder else image).as_posix()
         rows.append(sep.join([path, image.parent.name, image.parts[-3]][: len(header)]))
     file.write_text("\n".join(rows) + "\n")
