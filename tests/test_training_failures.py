@@ -24,6 +24,7 @@ def test_a_finite_but_exploding_loss_stops_the_run_naming_the_learning_rate(make
     message = str(stopped.value)
     assert message.startswith("Training diverged: the mean training loss of epoch")
     assert "optim.optimizer.lr=50" in message and "though finite" in message
+    assert "val/acc is at chance" in message
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

@@ -69,8 +69,9 @@ class ClassifierModule(pl.LightningModule):
     # re-validates the best checkpoint after fit, and the `val/*` curves keep one point per epoch.
     EVALUATION_TAG = "best/"
     # An epoch whose mean training loss is this many times the loss of guessing (ln of the
-    # number of classes: uniform predictions) has diverged, though finite: BatchNorm keeps
-    # renormalising the exploding activations, so a far too high learning rate rarely gives NaN.
+    # number of classes: uniform predictions), with validation at chance, has diverged, though
+    # finite: BatchNorm renormalises the exploding activations, so a far too high learning rate
+    # rarely gives NaN.
     DIVERGED_LOSS_FACTOR = 20.0
 
     def __init__(
@@ -216,23 +217,28 @@ class ClassifierModule(pl.LightningModule):
 
     def stop_if_exploded(self) -> None:
         """Raise `FinetuneError` when this epoch's mean training loss (averaged over the
-        processes) is above `DIVERGED_LOSS_FACTOR` times ln(classes), the loss of guessing:
-        finite, but diverged."""
+        processes) is above `DIVERGED_LOSS_FACTOR` times ln(classes), the loss of guessing, and
+        the last validation was at chance (val/acc at most 1/classes + 0.05): finite, but
+        diverged. A huge loss of a model that still validates well (a solved probe's
+        over-confident head while the features move) is no divergence."""
         if not self._epoch_loss_steps:
             return
         mean = self._epoch_loss_sum / self._epoch_loss_steps
         mean = float(self.trainer.strategy.reduce(torch.as_tensor(mean), reduce_op="mean"))
-        guessing = math.log(len(self.class_names))
-        if not mean > self.DIVERGED_LOSS_FACTOR * guessing:  # NaN is the step check's
+        classes = len(self.class_names)
+        guessing = math.log(classes)
+        validated = self.trainer.callback_metrics.get("val/acc")
+        at_chance = validated is not None and float(validated) <= 1 / classes + 0.05
+        if not (mean > self.DIVERGED_LOSS_FACTOR * guessing and at_chance):  # NaN: the step's
             return
         lr = self.hparams.optim["optimizer"].get("lr")
         raise FinetuneError(
             f"Training diverged: the mean training loss of epoch {self.current_epoch} is "
-            f"{mean:.3g}, {mean / guessing:.0f} times the loss of guessing among "
-            f"{len(self.class_names)} classes (ln {len(self.class_names)} = {guessing:.2f}), "
-            f"though finite. The learning rate is far too high (optim.optimizer.lr={lr}). The "
-            "checkpoints written before are intact. Fix: lower optim.optimizer.lr (a tenth of "
-            "it, or leave it at auto) and start again."
+            f"{mean:.3g}, {mean / guessing:.0f} times the loss of guessing among {classes} "
+            f"classes (ln {classes} = {guessing:.2f}), though finite, and val/acc is at chance "
+            f"({float(validated):.3f}). The learning rate is far too high "
+            f"(optim.optimizer.lr={lr}). The checkpoints written before are intact. Fix: lower "
+            "optim.optimizer.lr (a tenth of it, or leave it at auto) and start again."
         )
 
     def stop_if_diverged(
