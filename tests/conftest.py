@@ -191,6 +191,33 @@ def record_fault() -> Callable[..., None]:
     return record
 
 
+def pytest_sessionfinish(session) -> None:
+    """Under pytest-xdist, each worker hands its share of the tally to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_tally"] = json.dumps(FAULT_TALLY)
+
+
+def pytest_configure(config) -> None:
+    if hasattr(config, "workerinput"):
+        # Two test workers share the 2 cores: one OpenMP thread each (also for the train.py
+        # subprocesses they start), or the workers' thread pools thrash.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    elif config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_WorkerTally())
+
+
+class _WorkerTally:
+    """The controller's side: sums the tallies the workers send."""
+
+    def pytest_testnodedown(self, node, error) -> None:
+        for key, count in json.loads(node.workeroutput.get("fault_tally", "{}")).items():
+            FAULT_TALLY[key] += count
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The fault-injection tally, when fault tests ran (`checkpoints lost` must be 0)."""
     if FAULT_TALLY["faults injected"]:

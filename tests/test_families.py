@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pytorch_lightning.utilities.model_summary import summarize
 from torch import nn
 
 from finetune import backbones, probe, strategies
 from finetune.config.schema import TopKConfig
 from finetune.export import export_model
-from finetune.module import ClassifierModule
+from finetune.module import ClassifierModule, countable_example
 from finetune.weights import ROOT_LAYER, trace_layers
 
 CLASSES = 3
@@ -47,6 +48,7 @@ SLOW = [
     ("mobilevit_xxs", "timm", 64),
     ("inception_v3", "torchvision", None),  # 299 px, no auxiliary classifier
     ("efficientformer_l1", "timm", None),  # two heads on the same pooled features
+    ("pit_ti_distilled_224", "timm", None),  # two heads; the class token passes its pooling
 ]
 
 
@@ -156,6 +158,10 @@ def check_family(name: str, source: str, size: int | None, tmp_path) -> None:
         ["a", "b", "c"], model_cfg, {}, {}, network=network, inputs_are_features=True
     )
     assert module.example_input_array.shape == (1, network.num_features)
+    # The model summary at the start of fit (FLOPs by a forward of the example, as run.py
+    # prepares it) does not stop the run.
+    module.example_input_array = countable_example(module)
+    summarize(module)
     strategy.apply(network.train())  # frozen parts in eval, the head in train mode
     # Labels the solved head gets wrong: its loss has a gradient.
     moved = _one_step(network, cached, (labels + 1) % CLASSES, features=True)
@@ -191,3 +197,21 @@ def test_a_head_built_without_bias_gets_one_and_mnasnet_counts_its_stages():
     assert head.bias is not None and head.out_features == 3
     mnasnet = backbones.build({**config, "name": "mnasnet0_5"}, 3, pretrained=False)
     assert len(mnasnet.blocks()) > 10
+
+
+def test_a_network_torchs_flop_counter_cannot_trace_gets_its_summary_without_flops():
+    """timm's PiT hands a view of its trainable class token to its pooling layers: under
+    `no_grad`, torch's FLOP counter raises on it, and Lightning's model summary at the start of
+    fit would stop the run. Without the example input the summary lists layers and parameters."""
+    config = {"name": "pit_ti_distilled_224", "source": "timm", "weights": "none"}
+    network = backbones.build(config, CLASSES, pretrained=False)
+    module = ClassifierModule(["a", "b", "c"], config, {}, {}, network=network)
+    with pytest.raises(AssertionError, match="gradient function"):
+        summarize(module)  # what fit would do with the example
+    assert countable_example(module) is None
+    module.example_input_array = countable_example(module)
+    assert summarize(module).total_parameters > 0
+    resnet = backbones.build({**config, "name": "resnet18"}, CLASSES, pretrained=False)
+    counted = ClassifierModule(["a", "b", "c"], config, {}, {}, network=resnet)
+    assert countable_example(counted) is counted.example_input_array
+    assert summarize(counted).total_flops > 0

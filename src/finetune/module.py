@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -301,3 +302,27 @@ def load_classifier(checkpoint_path: str | Path) -> ClassifierModule:
         checkpoint_path, map_location="cpu", weights_only=True
     )
     return module.eval()
+
+
+def countable_example(module: ClassifierModule) -> torch.Tensor | None:
+    """`module.example_input_array` when torch's FLOP counter traces the network with it, else
+    None (the model summary then shows layers and parameters without FLOPs).
+
+    Lightning's model summary counts FLOPs by one forward of that input under `torch.no_grad()`
+    and `FlopCounterMode`, whose module tracker raises "Expected gradient function to be set"
+    when a view of a trainable parameter reaches a submodule (timm's PiT hands its expanded class
+    token to its pooling layers): that would stop the run before its first step.
+    """
+    example = module.example_input_array
+    if example is None:
+        return None
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False):
+            module(example)
+    except (AssertionError, RuntimeError):
+        return None
+    finally:
+        module.train(was_training)
+    return example

@@ -37,7 +37,7 @@ from finetune.backbones import Network
 from finetune.data import FinetuneDataModule, feature_datasets
 from finetune.distributed import build_once
 from finetune.errors import FinetuneError
-from finetune.module import ClassifierModule
+from finetune.module import ClassifierModule, countable_example
 from finetune.reports import EvaluationReport
 from finetune.strategies import count_parameters
 from finetune.transforms import is_augmenting
@@ -181,6 +181,8 @@ def build_model(
         network.net.compile()
         # the model summary's example forward would compile a graph for batch 1 first
         module.example_input_array = None
+    elif cfg.trainer.get("enable_model_summary") is not False:
+        module.example_input_array = countable_example(module)
     views = int(cfg.strategy.get("augmented_views") or 0)  # adaptive.resolve checked it
     return Model(strategy, network, module, speed, views)
 
