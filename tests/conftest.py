@@ -198,7 +198,13 @@ def pytest_sessionfinish(session) -> None:
         workeroutput["fault_tally"] = json.dumps(FAULT_TALLY)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config) -> None:
+    markexpr = config.option.markexpr or ""
+    if "slow" in markexpr.replace("not slow", ""):
+        # `-m slow` runs in one process: its tests start several processes each and kill them
+        # on timers, which two workers sharing the cores would make miss.
+        config.option.numprocesses, config.option.dist = 0, "no"
     if hasattr(config, "workerinput"):
         # Two test workers share the 2 cores: one OpenMP thread each (also for the train.py
         # subprocesses they start), or the workers' thread pools thrash.
