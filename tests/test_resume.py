@@ -976,6 +976,7 @@ def test_resuming_a_run_that_failed_before_its_first_checkpoint_says_so_whatever
     ("Cannot resume ... model.weights ...") nor offer a last.ckpt that does not exist as the
     weights of a new run."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # a folder that existed keeps the failure (a new one is removed)
     options = ["data=synthetic", f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
     failed = run_train(*options, "model=efficientnet_lite0", "model.weights=/nonexistent/w.pth")
     assert failed.returncode == 1 and (run_dir / "failure.json").is_file()

@@ -131,6 +131,25 @@ def test_unknown_model_option_lists_the_valid_ones(tmp_path):
     assert "efficientnet_lite0" in output and "mobilenet_v2" in output
 
 
+def test_a_run_refused_before_training_leaves_no_run_dir_behind(tmp_path):
+    """A folder holding only a failure.json is clutter: the error is on the console."""
+    run_dir = tmp_path / "runs" / "new"
+    args = ["data=synthetic", "model.name=efficientnet_lite9", f"data.root={tmp_path / 'data'}"]
+    result = run_train(*args, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Did you mean 'efficientnet_lite" in output and "Traceback" not in output
+    assert f"the run dir {run_dir} was removed" in output
+    assert not run_dir.exists()
+    # a folder the user named that existed already is theirs: it keeps the failure
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    again = run_train(*args, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 1
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert "efficientnet_lite9" in json.loads((run_dir / "failure.json").read_text())["error"]
+
+
 @pytest.mark.slow  # two train.py processes: CI's slow step
 def test_a_checkpoint_of_an_earlier_run_warm_starts_a_run_with_other_classes(tmp_path):
     import torch
