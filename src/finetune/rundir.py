@@ -9,6 +9,8 @@
 | `metrics.json` | when the run finished; its presence means success | sweep summary, benchmarks |
 | `failure.json` | when the run raised (by train.py) | sweep summary |
 
+`find_checkpoint` finds the checkpoint of a run dir for predict, export and `load_classifier`.
+
 Every writer uses `finetune.atomic`, so a reader never sees half a file. With several devices
 each rank runs the flow; only rank 0 writes (`rank_zero_only`), the other ranks skip the call.
 Lightning itself is imported only where a logger is used, so that `finetune.summary` (which reads
@@ -18,6 +20,7 @@ the file names here) starts fast.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from lightning_utilities.core.rank_zero import rank_zero_only  # the object Ligh
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.atomic import atomic_write, write_json
+from finetune.errors import FinetuneError
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
@@ -147,3 +151,41 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to predict with: a `.ckpt` file as given, or for a run dir its best
+    checkpoint (`checkpoints/*.ckpt` but last.ckpt, the one `metrics.json` names when it names
+    one), else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
+    candidate = Path(str(path)).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        folder = candidate / "checkpoints" if (candidate / "checkpoints").is_dir() else candidate
+        # without metrics.json the latest epoch's: a kept linear probe sorts before the epochs
+        kept = (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        best = sorted(kept, key=lambda p: (not p.name.startswith("probe-"), p.name))
+        named = _best_named_by_metrics(candidate)
+        if named is not None and folder / named in best:
+            return folder / named
+        if best:
+            return best[-1]
+        if (folder / "last.ckpt").is_file():
+            return folder / "last.ckpt"
+        raise FinetuneError(
+            f"No checkpoint in {folder} (looked for *.ckpt). Fix: pass ckpt=<run dir> of a run "
+            "that finished an epoch, or ckpt=<file.ckpt>."
+        )
+    raise FinetuneError(
+        f"Checkpoint {candidate} does not exist. Fix: pass ckpt=<run dir> (e.g. "
+        "outputs/runs/<run>) or ckpt=<path to a .ckpt file>."
+    )
+
+
+def _best_named_by_metrics(run_dir: Path) -> str | None:
+    """The file name of the best checkpoint `metrics.json` names; None without one."""
+    try:
+        best = json.loads((run_dir / METRICS_FILE).read_text()).get("best_checkpoint")
+    except (OSError, ValueError):
+        return None
+    return Path(best).name if best else None
