@@ -141,6 +141,10 @@ def test_a_run_refused_before_training_leaves_no_run_dir_behind(tmp_path):
     assert "Did you mean 'efficientnet_lite" in output and "Traceback" not in output
     assert f"the run dir {run_dir} was removed" in output
     assert not run_dir.exists()
+    # what the run was, in three lines, not the whole config tree
+    assert "Config: model=efficientnet_lite0 strategy=last_layer data=synthetic" in output
+    assert f"Overrides: {' '.join(args)}\n" in output
+    assert "min_loaded_fraction" not in output  # a key of the tree
     # a folder the user named that existed already is theirs: it keeps the failure
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("mine")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ WEIGHTS_REPORT_FILE = "weights_report.json"
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
 
+log = logging.getLogger(__name__)
+
 # The config that defines an experiment's result (not where its files go or how it is shown).
 HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "seed")
 
@@ -45,11 +48,39 @@ HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "
 @rank_zero_only
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml (the resolved config; `auto` keys stay `auto`, see finetune.adaptive), and
-    the config tree on the console unless `print_config=false`."""
-    if cfg.get("print_config", True):
+    on the console what the run is: its choices and overrides in a few lines, or with
+    `print_config=true` the whole config tree."""
+    if cfg.get("print_config", False):
         print_config_tree(cfg)
+    else:
+        log.info("%s", config_summary(cfg, run_dir))
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+
+
+# The config groups a user compares runs by, in the order they read them.
+SUMMARY_GROUPS = ("model", "strategy", "data", "augment", "optim", "scheduler", "trainer")
+
+
+def config_summary(cfg: DictConfig, run_dir: Path) -> str:
+    """The config in a few lines: the option of each main group (Hydra's choices; for a config
+    built in code, the names it holds), the command line's overrides, and where the whole
+    config is. The full config runs to 130 lines, mostly defaults nobody changed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = {group: hydra_cfg.runtime.choices.get(group) for group in SUMMARY_GROUPS}
+        overrides = " ".join(hydra_cfg.overrides.task) or "none"
+    else:
+        names = {"model": "model.name", "strategy": "strategy.name", "data": "data.dataset"}
+        choices = {group: OmegaConf.select(cfg, key) for group, key in names.items()}
+        overrides = "none (a config built in code)"
+    chosen = " ".join(f"{group}={option}" for group, option in choices.items() if option)
+    return (
+        f"Config: {chosen}\nOverrides: {overrides}\n"
+        f"The whole config: {run_dir / CONFIG_FILE} (print_config=true prints it here)"
+    )
 
 
 def print_config_tree(cfg: DictConfig) -> None:
