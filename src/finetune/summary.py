@@ -9,8 +9,9 @@ Files written into the sweep folder:
 - `summary.csv`: one row per run: job number, status (`ok` or `failed`, with the error), its
   overrides (one column per swept key), val/test accuracy, trainable params, fit seconds.
 - `summary.md`: the same table, and when the sweep has a `seed` axis, mean +- std over seeds
-  for every other combination.
-- `summary.png`: accuracy per strategy and model (bars with the std over seeds); when
+  of the accuracies and fit seconds for every other combination.
+- `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
+  values, the axis zoomed to the data's range); when
   `data.train_fraction` is swept, learning curves: accuracy against training images.
 """
 
@@ -34,7 +35,7 @@ from finetune.rundir import FAILURE_FILE, METRICS_FILE
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "trainable_params", "fit_seconds", "train_images")
-AGGREGATED = ("val_acc", "test_acc")
+AGGREGATED = ("val_acc", "test_acc", "fit_seconds")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -162,11 +163,12 @@ def aggregate(
     return table
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
+    """A cell: accuracies to 4 decimals, seconds to 1 (37.3, not 37.3000)."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.1f}" if column.endswith("seconds") else f"{value:.4f}"
     return str(value)
 
 
@@ -181,7 +183,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
                 row["job"],
                 row["status"],
                 *(row["overrides"].get(key, "") for key in keys),
-                *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
                 row.get("error", ""),
             ]
         )
@@ -217,7 +219,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
                     row["job"],
                     row["status"],
                     *(row["overrides"].get(key, "") for key in keys),
-                    *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                    *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
                     row.get("error", "")[:200],
                 ]
                 for row in rows
@@ -234,7 +236,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
-                [*others, "runs", "failed", "val acc", "test acc"],
+                [*others, "runs", "failed", "val acc", "test acc", "fit seconds"],
                 [
                     [
                         *(str(entry[key]) for key in others),
@@ -242,6 +244,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
                         str(entry["failed"]),
                         _mean_std(entry, "val_acc"),
                         _mean_std(entry, "test_acc"),
+                        _mean_std(entry, "fit_seconds"),
                     ]
                     for entry in table
                 ],
@@ -252,7 +255,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:
     mean = entry[f"{column}_mean"]
-    return "" if mean is None else f"{mean:.4f} +- {entry[f'{column}_std']:.4f}"
+    return "" if mean is None else f"{_fmt(mean, column)} +- {_fmt(entry[f'{column}_std'], column)}"
 
 
 def shows_learning_curves(rows: list[dict[str, Any]]) -> bool:
@@ -287,22 +290,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k)) or "run"
             for entry in table
         ]
-        axis.bar(
+        bars = axis.bar(
             range(len(table)),
             [e["val_acc_mean"] for e in table],
             yerr=[e["val_acc_std"] for e in table],
             capsize=3,
         )
+        axis.bar_label(bars, fmt="%.3f", padding=2)  # the values a zoomed axis compares
         axis.set_xticks(range(len(table)), labels, rotation=30, ha="right")
         axis.set_title("Validation accuracy per strategy and model")
     axis.set_ylabel("val accuracy")
-    axis.set_ylim(0, 1.02)
+    axis.set_ylim(*accuracy_range(table))
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend()
     figure.tight_layout()
     atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
     plt.close(figure)
+
+
+def accuracy_range(table: list[dict[str, Any]]) -> tuple[float, float]:
+    """The plot's val accuracy axis: the data's range (mean +- std) with a margin, not 0 to 1,
+    where 0.951 and 0.954 would look equal. Within [0, 1.02]; (0, 1.02) without data."""
+    if not table:
+        return 0.0, 1.02
+    low = min(e["val_acc_mean"] - e["val_acc_std"] for e in table)
+    high = max(e["val_acc_mean"] + e["val_acc_std"] for e in table)
+    margin = max((high - low) * 0.25, 0.01)  # room for the bars' labels above them
+    return max(low - margin, 0.0), min(high + margin, 1.02)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
