@@ -632,6 +632,14 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
     message = str(caught.value)
     assert "strategy.name: 'last_layer' in the run, 'lp_ft' now" in message
     assert "made before" not in message and "defaults" not in message
+    # the keys lp_ft brings that last_layer lacks: nobody typed them, so they are only counted
+    assert "strategy.bn" not in message and resume_config.ABSENT not in message
+    brought = [k for k, (old, _) in changes.items() if old == resume_config.ABSENT]
+    assert f"(and {len(brought)} keys of the new option that the run's config lacks)" in message
+    # typed by name, such a key is listed
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.check_changes(changes, tmp_path, ["strategy=lp_ft", "strategy.bn=frozen"])
+    assert f"strategy.bn: {resume_config.ABSENT!r} in the run" in str(caught.value)
     # a cache folder elsewhere (FINETUNE_CACHE_DIR) changes nothing of the experiment
     moved = make_cfg("strategy=last_layer", f"paths.cache_dir={tmp_path / 'elsewhere'}")
     changes = resume_config.config_changes(saved, moved)
