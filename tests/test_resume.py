@@ -93,6 +93,7 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert unchanged and continued
     assert not (run_dir / "failure.json").exists()
     assert "trainer.max_epochs changed from 1 to 2" in log
+    assert f"Resuming {run_dir} from epoch 1 (last.ckpt) into {run_dir}" in log
     # Lightning's own lines of the resumed process go to train.log too, with the log prefix
     resumed_log = log[log.index("trainer.max_epochs changed from 1 to 2") :]
     assert "][pytorch_lightning.utilities.rank_zero][INFO] - Restored all states" in resumed_log
@@ -617,6 +618,10 @@ def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_pa
     result = run_train(f"ckpt_path={source}", "trainer.max_epochs=2", f"hydra.run.dir={new}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert file_hashes(source) == before
+    # says what it does; Lightning's warning of the checkpoint callbacks' new folder is handled
+    output = result.stdout + result.stderr
+    assert f"Resuming {source} from epoch 1 (last.ckpt) into {new}" in output
+    assert "dirpath has changed" not in output and "exists and is not empty" not in output
     metrics = json.loads((new / "metrics.json").read_text())
     assert (metrics["model"], metrics["epochs"]) == ("efficientnet_lite0", 2)
     assert "efficientnet_lite0" in (new / "config.yaml").read_text()

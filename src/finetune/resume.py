@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,8 @@ from finetune.resume_config import (
     with_saved_overrides,
 )
 from finetune.rundir import METRICS_FILE, SPLIT_FILE
+
+log = logging.getLogger(__name__)
 
 # Lightning's warnings that a resume makes true and harmless: it finds its own checkpoints
 # there; BestCheckpoint moves or copies its kept ones (the stock last-checkpoint callback
@@ -362,4 +365,13 @@ class ResumePlan:
             cfg.trainer.get("max_epochs"),
             Path(self.checkpoint),
             probe_solved=regime == "probe",
+        )
+        checkpoint = Path(self.checkpoint)
+        source = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+        log.info(
+            "Resuming %s from epoch %d (%s) into %s",
+            source,
+            trained_epochs(checkpoint),  # epochs counted from 0, as checkpoints are named
+            checkpoint.name,
+            self.run_dir,
         )
