@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from finetune.heads import affine_parts
+from finetune.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +233,12 @@ def solve(
             point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
             score = (val_acc, -val_loss)
         path.append(point)
+        advance(1)
         if best is None or score > best[0] or (stronger and score == best[0]):
             best = (score, l2, weight.detach().clone(), bias.detach().clone())
 
-    with torch.enable_grad():
+    solving = progress("Solving the linear probe", len(l2_grid), "L2 strengths")
+    with torch.enable_grad(), solving as advance:
         for l2 in sorted(l2_grid, reverse=True):
             try_strength(l2, stronger=False)  # weaker than every one before it
         for _ in range(MAX_GRID_EXTENSIONS if validating and len(l2_grid) > 1 else 0):

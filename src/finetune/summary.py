@@ -30,6 +30,7 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from finetune.atomic import atomic_write
+from finetune.progress import progress
 from finetune.rundir import FAILURE_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -327,9 +328,13 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not rows:
         log.warning("No runs found in %s: nothing to summarise", sweep_dir)
         return rows
-    write_csv(rows, sweep_dir / "summary.csv")
-    write_markdown(rows, sweep_dir / "summary.md", sweep_dir)
-    plot(rows, sweep_dir / "summary.png")
+    with progress(f"Summarising {len(rows)} runs", 3, "files") as advance:
+        write_csv(rows, sweep_dir / "summary.csv")
+        advance(1)
+        write_markdown(rows, sweep_dir / "summary.md", sweep_dir)
+        advance(1)
+        plot(rows, sweep_dir / "summary.png")  # matplotlib: the slow part
+        advance(1)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
     return rows
 
