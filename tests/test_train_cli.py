@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST_OVERRIDES, hparams_plugin_data, run_train, subprocess_env
 from finetune.module import load_classifier
+from finetune.rundir import COMPARED_KEYS
 
 REQUIRED_METRICS = {
     "val/acc",
@@ -62,6 +63,15 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])
     assert hparams["hparams"]["model.name"] == "efficientnet_lite0"
     assert hparams["hparams"]["strategy.name"] == "last_layer"
+    # the keys a user compares first, and those the command line set: not 70 data.augment.*
+    typed = {o.split("=")[0] for o in FAST_OVERRIDES if "." in o.split("=")[0]}
+    typed |= {"data.root", "trainer.log_every_n_steps"}
+    assert {*COMPARED_KEYS, "augment"} <= set(hparams["hparams"]) <= {
+        *COMPARED_KEYS, "augment", *typed
+    }  # fmt: skip
+    assert hparams["hparams"]["augment"] == "default"
+    assert hparams["hparams"]["trainer.log_every_n_steps"] == 5  # typed on the command line
+    assert not any(key.startswith("data.augment.") for key in hparams["hparams"])
 
     # The checkpoint alone rebuilds the trained classifier (no weights download, no pickles).
     classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")

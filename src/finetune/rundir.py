@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets .rank on
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.atomic import atomic_write, write_json
 from finetune.errors import FinetuneError
@@ -148,15 +148,17 @@ def save_failure(run_dir: Path, error: BaseException) -> None:
 def log_final_hparams(
     loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any], step: int = 0
 ) -> None:
-    """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
-    runs of a sweep by their results (not by a placeholder hp_metric). The final numbers are
-    the float metrics with a stage (`val/acc` -> `final/val_acc`), at the run's last optimizer
-    `step`: a resume that trains on logs its own at a later step, not a second value at 0."""
+    """Record the config with the final numbers, so TensorBoard's hparams tab compares runs of
+    a sweep by their results (not by a placeholder hp_metric): there the keys a user compares
+    first (`compared_hparams`), elsewhere (the CSV logger's hparams.yaml) the whole config.
+    The final numbers are the float metrics with a stage (`val/acc` -> `final/val_acc`), at
+    the run's last optimizer `step`: a resume that trains on logs its own at a later step, not
+    a second value at 0."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     experiment = {key: cfg[key] for key in HPARAM_GROUPS if key in cfg}
     params = {
-        key: str(value) if isinstance(value, list | tuple) or value is None else value
+        key: _hparam_value(value)
         for key, value in flatten(OmegaConf.to_container(OmegaConf.create(experiment))).items()
     }
     final = {
@@ -166,10 +168,51 @@ def log_final_hparams(
     }
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=final, step=step)
+            logger.log_hyperparams(compared_hparams(cfg), metrics=final, step=step)
         else:
             logger.log_hyperparams(params)
         logger.save()
+
+
+# What TensorBoard's HPARAMS table shows first, in this order (its columns): the whole config
+# there is 70 data.augment.* keys before the strategy, the seed or the learning rate.
+COMPARED_KEYS = (
+    "model.name",
+    "strategy.name",
+    "seed",
+    "optim.optimizer.lr",
+    "data.batch_size",
+    "trainer.max_epochs",
+    "data.dataset",
+)
+
+
+def compared_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters runs are compared by: `COMPARED_KEYS`, the augmentation preset
+    (`augment`, Hydra's choice; absent for a config built in code) and the value of every
+    key the command line set (a sweep's `strategy.k=1,2,3`), as TensorBoard takes them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    keys = list(COMPARED_KEYS)
+    params = {key: OmegaConf.select(cfg, key) for key in keys}
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        params["augment"] = hydra_cfg.runtime.choices.get("augment")
+        for override in hydra_cfg.overrides.task:
+            key = override.split("=", 1)[0].lstrip("+~")
+            value = OmegaConf.select(cfg, key, default=None)
+            if "." in key and not isinstance(value, DictConfig) and key not in params:
+                params[key] = value  # (a group choice, strategy=full, is a *.name above)
+    return {key: _hparam_value(value) for key, value in params.items()}
+
+
+def _hparam_value(value: Any) -> Any:
+    """A value TensorBoard's hparams take: lists, None and the like as text."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    return str(value)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
