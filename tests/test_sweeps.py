@@ -283,3 +283,25 @@ def test_the_accuracy_axis_zooms_to_the_data_so_close_results_differ_visibly():
     assert 1.0 < summary.accuracy_range([{"val_acc_mean": 1.0, "val_acc_std": 0.0}])[1] <= 1.02
     assert summary.accuracy_range([{"val_acc_mean": 0.3, "val_acc_std": 0.4}])[0] == 0.0
     assert summary.accuracy_range([]) == (0.0, 1.02)
+
+
+def test_tensorboard_names_a_sweeps_runs_by_their_swept_values(tmp_path):
+    """TensorBoard names a run by its folder: `tensorboard --logdir <sweep>/tensorboard` shows
+    `model=resnet18,strategy=full`, not `0/tensorboard`."""
+    metrics = {"val/acc": 0.9, "fit_seconds": 1.0, "split_sizes": {"train": 4}}
+    for job, strategy in enumerate(["last_layer", "full"]):
+        fake_run(tmp_path, str(job), ["data=synthetic", f"strategy={strategy}"], metrics)
+        (tmp_path / str(job) / "tensorboard").mkdir()
+        (tmp_path / str(job) / "tensorboard" / "events.out.tfevents.1").write_bytes(b"")
+    fake_run(tmp_path, "2", ["data=synthetic", "strategy=top_k"], None)  # failed: no events
+    summary.write_summary(tmp_path)
+    links = sorted((tmp_path / "tensorboard").iterdir())
+    assert [link.name for link in links] == ["strategy=full", "strategy=last_layer"]
+    assert all(link.is_symlink() for link in links)
+    assert links[0].resolve() == (tmp_path / "1" / "tensorboard").resolve()
+    assert (links[1] / "events.out.tfevents.1").is_file()
+    summary.write_summary(tmp_path)  # again (by hand): the same links
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == [
+        "strategy=full",
+        "strategy=last_layer",
+    ]

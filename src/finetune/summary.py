@@ -10,6 +10,8 @@ Files written into the sweep folder:
   overrides (one column per swept key), val/test accuracy, trainable params, fit seconds.
 - `summary.md`: the same table, and when the sweep has a `seed` axis, mean +- std over seeds
   of the accuracies and fit seconds for every other combination.
+- `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
+  `tensorboard --logdir <sweep folder>/tensorboard`.
 - `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
   values, the axis zoomed to the data's range); when
   `data.train_fraction` is swept, learning curves: accuracy against training images.
@@ -22,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -336,7 +339,41 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         plot(rows, sweep_dir / "summary.png")  # matplotlib: the slow part
         advance(1)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
+    if link_tensorboard_runs(rows, sweep_dir):
+        log.info(
+            "TensorBoard, runs named by their overrides: tensorboard --logdir %s",
+            sweep_dir / TENSORBOARD_LINKS,
+        )
     return rows
+
+
+TENSORBOARD_LINKS = "tensorboard"  # in the sweep folder: one link per run, named by overrides
+
+
+def link_tensorboard_runs(rows: list[dict[str, Any]], sweep_dir: Path) -> int:
+    """In `sweep_dir/tensorboard/`, a link per run to its TensorBoard folder, named by the
+    values of the swept keys (`model=resnet18,strategy=full`): TensorBoard names a run by its
+    folder, and the job folders are numbers. Returns how many links there are; none where the
+    file system has no symbolic links."""
+    folder = sweep_dir / TENSORBOARD_LINKS
+    keys = swept_keys(rows)
+    linked = 0
+    for row in rows:
+        events = sweep_dir / row["job"] / "tensorboard"
+        if not events.is_dir():
+            continue  # failed before its logger started
+        name = ",".join(f"{key}={row['overrides'].get(key, '')}" for key in keys)
+        link = folder / (name.replace("/", "_").replace(os.sep, "_") or row["job"])
+        if link.is_symlink() and link.resolve() != events.resolve():
+            link = link.with_name(f"{link.name},job={row['job']}")  # the same overrides twice
+        try:
+            folder.mkdir(exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(Path("..") / row["job"] / "tensorboard", target_is_directory=True)
+        except OSError:
+            return linked
+        linked += 1
+    return linked
 
 
 class SweepSummary(Callback):
