@@ -1012,3 +1012,17 @@ def test_a_refused_resume_blames_only_the_overrides_that_change_something(tmp_pa
     with pytest.raises(resume_config.ResumeRefused) as caught:
         resume_config.with_saved_overrides(["data=synthetic", "strategy=full", *base, "seed=7"])
     assert "(the overrides seed=7 change)" in str(caught.value)
+
+
+def test_lightnings_dirpath_warning_is_silenced_for_every_restore_not_only_the_fit(make_cfg):
+    """The evaluation after a resume into a new run dir restores the callbacks from a best
+    checkpoint the earlier process wrote (another dirpath): its warning would only alarm."""
+    import warnings
+
+    from finetune import runtime
+
+    runtime.prepare(make_cfg())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...", stacklevel=1)
+        warnings.warn("another warning", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]
