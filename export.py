@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from finetune.config import check_command_line, expand_home
+from finetune.config import check_command_line, expand_home, without_run_dir
 from finetune.errors import FinetuneError
 from finetune.export import run
 
@@ -36,4 +36,5 @@ if __name__ == "__main__":
     except FinetuneError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    sys.argv[1:] = without_run_dir(sys.argv[1:])  # output=F: no run dir of Hydra's files
     main()

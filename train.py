@@ -8,6 +8,7 @@ A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
 """
 
 import logging
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,18 +19,22 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import config, interrupt
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, raised_before_training
 from finetune.resume_config import ResumeRefused
 from finetune.rundir import METRICS_FILE, save_failure
 
 log = logging.getLogger("finetune")
 
 
-def hydra_task(resumed_log: tuple[Path, int | None] | None) -> Callable[[], None]:
+def hydra_task(
+    resumed_log: tuple[Path, int | None] | None, new_run_dir: bool
+) -> Callable[[], None]:
     """The Hydra entry point (`@hydra.main`) of this command line. `resumed_log`: for a resume
     in place, the run's log file and its size before this process appends to it
     (`interrupt.log_before_resume`), so that a resume that stops before training leaves the
-    run dir as it was."""
+    run dir as it was. `new_run_dir`: the run dir did not exist before this process (Hydra
+    makes it), so a run refused before training may remove it rather than leave a folder
+    holding only its failure."""
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     def main(cfg: DictConfig) -> float | None:
@@ -50,8 +55,11 @@ def hydra_task(resumed_log: tuple[Path, int | None] | None) -> Callable[[], None
         except Exception as error:
             # A refused resume leaves its run dir as it was; a finished run stays finished.
             refused = isinstance(error, ResumeRefused)
-            if not refused and not (Path(cfg.run_dir) / METRICS_FILE).is_file():
-                save_failure(Path(cfg.run_dir), error)
+            run_dir = Path(cfg.run_dir)
+            # The sweep summary counts a failed job by its failure.json: kept in a sweep.
+            untrained = new_run_dir and not in_sweep and raised_before_training(error)
+            if not (refused or untrained or (run_dir / METRICS_FILE).is_file()):
+                save_failure(run_dir, error)
             if in_sweep:
                 # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
                 # error): log it and leave failure.json for the sweep summary. The Optuna
@@ -63,6 +71,8 @@ def hydra_task(resumed_log: tuple[Path, int | None] | None) -> Callable[[], None
                 return None
             if isinstance(error, FinetuneError):
                 log.error("%s", error)
+                if untrained:
+                    remove_untrained(run_dir)
                 if refused and resumed_log is not None:
                     # the log too: this attempt is on the console
                     interrupt.restore_size(*resumed_log)
@@ -71,6 +81,16 @@ def hydra_task(resumed_log: tuple[Path, int | None] | None) -> Callable[[], None
         return float(metrics["val/acc"])  # the objective for hyperparameter sweepers
 
     return main
+
+
+def remove_untrained(run_dir: Path) -> None:
+    """Remove the run dir of a run refused before training (its config, log and the empty
+    logger folders), unless it holds checkpoints or results after all: a run started in the
+    same second by another process shares the time-named folder."""
+    if (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("Nothing was trained: the run dir %s was removed.", run_dir)
 
 
 if __name__ == "__main__":
@@ -93,4 +113,7 @@ if __name__ == "__main__":
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
     sys.argv[1:] = argv
-    hydra_task(interrupt.log_before_resume(argv) if resuming else None)()
+    named_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    # without hydra.run.dir, Hydra names a new folder after the time
+    new_run_dir = not resuming and not any(Path(d).expanduser().exists() for d in named_dirs)
+    hydra_task(interrupt.log_before_resume(argv) if resuming else None, new_run_dir)()

@@ -323,11 +323,11 @@ def real_photos(folder: Path, per_class: int = 3, class_folders: bool = True) ->
     return copied
 
 
-def run_entry(script: str, *args: str) -> subprocess.CompletedProcess:
+def run_entry(script: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python predict.py ARGS` (or export.py) as a user runs it."""
     return subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=subprocess_env(),
         capture_output=True,
         text=True,

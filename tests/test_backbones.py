@@ -121,6 +121,31 @@ def test_unknown_names_list_the_valid_choices():
         backbones.resolve({"name": "efficientnet_lite7", "source": "efficientnet_lite"})
 
 
+@pytest.mark.parametrize(
+    ("model", "closest", "listing"),
+    [
+        (
+            {"name": "resnt50", "source": "torchvision"},
+            "resnet50",
+            "torchvision.models.list_models",
+        ),
+        ({"name": "resnet19", "source": "timm"}, "resnet18", "timm.list_models"),
+        ({"name": "efficientnet_lite", "source": "efficientnet_lite"}, "efficientnet_lite0", ""),
+    ],
+)
+def test_an_unknown_model_name_names_the_closest_match_first(model, closest, listing):
+    """torchvision has 80 names and timm over a thousand: a typo gets its closest match and a
+    few near ones, not an alphabetical list that leaves the match out."""
+    with pytest.raises(UnknownNameError) as caught:
+        backbones.resolve({**model, "weights": "none"})
+    message = str(caught.value)
+    assert f"Did you mean '{closest}'?" in message
+    assert listing in message
+    if listing:  # a long list: only the closest few
+        shown = message.split("Closest: ", 1)[1].split(" (", 1)[0].split(", ")
+        assert shown[0] == closest and len(shown) <= 5
+
+
 def test_a_classifier_that_is_no_affine_map_of_the_features_is_refused_in_one_line():
     # SqueezeNet's classifier: a 1x1 Conv2d, a ReLU, then the pooling.
     with pytest.raises(FinetuneError) as caught:

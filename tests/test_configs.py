@@ -136,3 +136,19 @@ def test_debug_and_experiment_options_compose(make_cfg, group):
 def test_precision_and_devices_are_plain_keys(make_cfg):
     cfg = make_cfg("trainer.precision=bf16-mixed", "trainer.devices=2")
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 2
+
+
+def test_the_config_is_summed_up_at_the_start_and_printed_whole_on_request(
+    make_cfg, tmp_path, caplog, capsys
+):
+    from finetune import rundir
+
+    with caplog.at_level("INFO", logger="finetune.rundir"):
+        rundir.save_config(make_cfg("strategy=full"), tmp_path)
+    summary = caplog.text
+    assert "Config: model=efficientnet_lite0 strategy=full data=synthetic" in summary
+    assert f"The whole config: {tmp_path / 'config.yaml'}" in summary
+    assert "min_loaded_fraction" not in summary + capsys.readouterr().out
+    assert "min_loaded_fraction" in (tmp_path / "config.yaml").read_text()
+    rundir.save_config(make_cfg("strategy=full", "print_config=true"), tmp_path)
+    assert "min_loaded_fraction" in capsys.readouterr().out

@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import torch
 
 from conftest import TINY_MODEL, folder_overrides, make_class_folders
 from finetune import backbones
+from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule, load_classifier
 from finetune.optim import WarmupSchedule, build_optimizer
 from finetune.run import train
@@ -334,6 +336,26 @@ def test_load_from_checkpoint_rebuilds_an_image_classifier_offline(
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), network.eval()(images))
     assert load_classifier(tmp_path / "model.ckpt").training is False
+
+
+def test_load_classifier_takes_a_run_dir_as_predict_and_export_do(tmp_path):
+    """A run dir means the best checkpoint that its metrics.json names, not last.ckpt."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    saved = {}
+    for name, seed in (("epoch=0-step=2.ckpt", 0), ("last.ckpt", 1)):
+        torch.manual_seed(seed)
+        network = backbones.build(RESNET18, 3, pretrained=False)
+        saved[name] = ClassifierModule(["a", "b", "c"], RESNET18, SGD, COSINE, network=network)
+        save_checkpoint(saved[name], checkpoints / name)
+    metrics = {"best_checkpoint": str(checkpoints / "epoch=0-step=2.ckpt")}
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    loaded = load_classifier(tmp_path / "run")
+    assert loaded.training is False and loaded.class_names == ["a", "b", "c"]
+    best = saved["epoch=0-step=2.ckpt"].state_dict()
+    assert all(torch.equal(value, best[key]) for key, value in loaded.state_dict().items())
+    with pytest.raises(FinetuneError, match="does not exist"):
+        load_classifier(tmp_path / "no_run")
 
 
 def test_channels_last_is_set_at_construction():

@@ -170,6 +170,43 @@ def test_a_wrong_setting_of_predict_or_export_is_refused_with_its_fix(script, ar
         check_command_line(args, config_name=script)
 
 
+def test_predict_and_export_to_a_named_file_leave_no_hydra_folder_in_the_working_dir(
+    lite0_run, tmp_path
+):
+    """With output=F the file is all they write: no outputs/<command>/<time>/ of Hydra's own."""
+    photos, work = tmp_path / "photos", tmp_path / "work"
+    real_photos(photos, per_class=1)
+    work.mkdir()
+    csv_file, onnx_file = tmp_path / "p.csv", tmp_path / "m.onnx"
+    predicted = run_entry(
+        "predict.py", f"ckpt={lite0_run}", f"inputs={photos}", f"output={csv_file}", cwd=work
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    exported = run_entry("export.py", f"ckpt={lite0_run}", f"output={onnx_file}", cwd=work)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert len(read_csv(csv_file)) == 2 and onnx_file.is_file()
+    assert list(work.iterdir()) == []
+    assert not (tmp_path / ".hydra").exists() and not (tmp_path / "predict.log").exists()
+    assert "Loaded" in predicted.stdout  # the log still reaches the console
+
+
+@pytest.mark.parametrize(
+    ("script", "listed", "not_listed"),
+    [
+        ("train.py", ["model: ", "efficientnet_lite0", "strategy: "], ["base_"]),
+        ("predict.py", ["ckpt: ", "top_k: "], ["strategy: ", "model: ", "base_"]),
+        ("export.py", ["ckpt: ", "format: "], ["strategy: ", "model: ", "base_"]),
+    ],
+)
+def test_help_lists_what_the_command_takes_only(script, listed, not_listed, tmp_path):
+    """The schema's base_* nodes are never chosen on a command line; predict and export
+    compose no training group."""
+    result = run_entry(script, "--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(text in result.stdout for text in listed), result.stdout
+    assert not any(text in result.stdout for text in not_listed), result.stdout
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [

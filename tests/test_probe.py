@@ -3,6 +3,7 @@ last_layer (the probe is the training on cached features; augmented epochs conti
 and lp_ft (every layer fine-tunes from it)."""
 
 import fnmatch
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -71,7 +72,9 @@ def test_l2_is_chosen_by_validation_accuracy_along_a_strongest_first_path():
     val_x, val_y = blobs(40, 5, 64, spread=6.0, seed=3)
     solution = probe.solve(x, y, 5, val_x, val_y)
     strengths = [point["l2"] for point in solution.path]
-    assert strengths == sorted(probe.L2_GRID, reverse=True)
+    # the grid, then what grew past the edge the choice sat on
+    assert strengths[: len(probe.L2_GRID)] == sorted(probe.L2_GRID, reverse=True)
+    assert min(strengths) < solution.l2 < max(strengths)
     accuracies = [point["val_acc"] for point in solution.path]
     assert solution.val_acc == pytest.approx(max(accuracies), abs=1e-6)
     assert solution.l2 == strengths[accuracies.index(max(accuracies))]
@@ -81,6 +84,38 @@ def test_l2_is_chosen_by_validation_accuracy_along_a_strongest_first_path():
     with torch.no_grad():
         accuracy = (head(val_x).argmax(1) == val_y).float().mean().item()
     assert accuracy == pytest.approx(solution.val_acc, abs=1e-6)
+
+
+@pytest.mark.parametrize("grid", [(100.0, 31.6), (1e-4, 1e-5)])
+def test_a_choice_at_an_edge_of_the_grid_grows_the_grid_until_it_is_inside(grid):
+    """Both grids lie to one side of the best strength for this data (chosen near 3 and near
+    1e-4 with the whole grid): the grid grows a step at a time past the chosen edge."""
+    generator = torch.Generator().manual_seed(0)
+
+    def noisy(n):
+        labels = torch.randint(0, 3, (n,), generator=generator)
+        features = torch.randn(n, 20, generator=generator)
+        features[:, 0] += labels
+        return features, labels
+
+    (x, y), (val_x, val_y) = noisy(60), noisy(60)
+    solution = probe.solve(x, y, 3, val_x, val_y, l2_grid=grid)
+    strengths = [point["l2"] for point in solution.path]
+    assert strengths[:2] == list(grid) and len(strengths) > 2
+    assert min(strengths) < solution.l2 < max(strengths)
+    ascending = sorted(strengths)  # one geometric grid, of the given grid's step
+    ratios = [high / low for low, high in itertools.pairwise(ascending)]
+    assert ratios == pytest.approx([grid[0] / grid[1]] * len(ratios))
+
+
+def test_the_grid_grows_a_bounded_number_of_steps():
+    """Validation labels the training ones cannot predict: ever stronger L2 validates better,
+    and the grid stops growing after MAX_GRID_EXTENSIONS steps."""
+    x, y = blobs(10, 3, 8, spread=1.0, seed=4)
+    solution = probe.solve(x, y, 3, x, (y + 1) % 3, l2_grid=(1.0, 0.1))
+    strengths = [point["l2"] for point in solution.path]
+    assert len(strengths) == 2 + probe.MAX_GRID_EXTENSIONS
+    assert solution.l2 == max(strengths) == pytest.approx(10.0**probe.MAX_GRID_EXTENSIONS)
 
 
 def test_without_validation_one_strength_is_solved():

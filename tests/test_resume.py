@@ -93,6 +93,7 @@ def test_resume_with_the_run_dir_alone_continues_with_the_saved_config(
     assert unchanged and continued
     assert not (run_dir / "failure.json").exists()
     assert "trainer.max_epochs changed from 1 to 2" in log
+    assert f"Resuming {run_dir} from epoch 1 (last.ckpt) into {run_dir}" in log
     # Lightning's own lines of the resumed process go to train.log too, with the log prefix
     resumed_log = log[log.index("trainer.max_epochs changed from 1 to 2") :]
     assert "][pytorch_lightning.utilities.rank_zero][INFO] - Restored all states" in resumed_log
@@ -617,6 +618,10 @@ def test_a_resume_of_another_run_dir_uses_that_runs_config(one_epoch_run, tmp_pa
     result = run_train(f"ckpt_path={source}", "trainer.max_epochs=2", f"hydra.run.dir={new}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert file_hashes(source) == before
+    # says what it does; Lightning's warning of the checkpoint callbacks' new folder is handled
+    output = result.stdout + result.stderr
+    assert f"Resuming {source} from epoch 1 (last.ckpt) into {new}" in output
+    assert "dirpath has changed" not in output and "exists and is not empty" not in output
     metrics = json.loads((new / "metrics.json").read_text())
     assert (metrics["model"], metrics["epochs"]) == ("efficientnet_lite0", 2)
     assert "efficientnet_lite0" in (new / "config.yaml").read_text()
@@ -632,6 +637,14 @@ def test_a_resume_refusal_blames_what_was_typed_and_lets_the_cache_move(make_cfg
     message = str(caught.value)
     assert "strategy.name: 'last_layer' in the run, 'lp_ft' now" in message
     assert "made before" not in message and "defaults" not in message
+    # the keys lp_ft brings that last_layer lacks: nobody typed them, so they are only counted
+    assert "strategy.bn" not in message and resume_config.ABSENT not in message
+    brought = [k for k, (old, _) in changes.items() if old == resume_config.ABSENT]
+    assert f"(and {len(brought)} keys of the new option that the run's config lacks)" in message
+    # typed by name, such a key is listed
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.check_changes(changes, tmp_path, ["strategy=lp_ft", "strategy.bn=frozen"])
+    assert f"strategy.bn: {resume_config.ABSENT!r} in the run" in str(caught.value)
     # a cache folder elsewhere (FINETUNE_CACHE_DIR) changes nothing of the experiment
     moved = make_cfg("strategy=last_layer", f"paths.cache_dir={tmp_path / 'elsewhere'}")
     changes = resume_config.config_changes(saved, moved)
@@ -976,6 +989,7 @@ def test_resuming_a_run_that_failed_before_its_first_checkpoint_says_so_whatever
     ("Cannot resume ... model.weights ...") nor offer a last.ckpt that does not exist as the
     weights of a new run."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # a folder that existed keeps the failure (a new one is removed)
     options = ["data=synthetic", f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}"]
     failed = run_train(*options, "model=efficientnet_lite0", "model.weights=/nonexistent/w.pth")
     assert failed.returncode == 1 and (run_dir / "failure.json").is_file()
@@ -998,3 +1012,17 @@ def test_a_refused_resume_blames_only_the_overrides_that_change_something(tmp_pa
     with pytest.raises(resume_config.ResumeRefused) as caught:
         resume_config.with_saved_overrides(["data=synthetic", "strategy=full", *base, "seed=7"])
     assert "(the overrides seed=7 change)" in str(caught.value)
+
+
+def test_lightnings_dirpath_warning_is_silenced_for_every_restore_not_only_the_fit(make_cfg):
+    """The evaluation after a resume into a new run dir restores the callbacks from a best
+    checkpoint the earlier process wrote (another dirpath): its warning would only alarm."""
+    import warnings
+
+    from finetune import runtime
+
+    runtime.prepare(make_cfg())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...", stacklevel=1)
+        warnings.warn("another warning", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another warning"]

@@ -57,6 +57,10 @@ def test_summary_of_a_two_by_two_sweep_has_four_rows_and_the_right_aggregates(tm
     assert aggregates["full"]["runs"] == 2 and aggregates["full"]["failed"] == 0
     markdown = (tmp_path / "summary.md").read_text()
     assert "Mean +- std over seeds" in markdown and "0.8500 +- 0.0707" in markdown
+    # seconds as 1.5, not 1.5000; the mean table has the time too
+    assert [r["fit_seconds"] for r in table] == ["1.5"] * 4
+    mean_rows = markdown[markdown.index("Mean +- std") :].splitlines()
+    assert "fit seconds" in mean_rows[2] and "| 1.5 +- 0.0 |" in mean_rows[4]
     # the table of summary.csv, column for column
     header = next(line for line in markdown.splitlines() if line.startswith("| job"))
     csv_header = (tmp_path / "summary.csv").read_text().splitlines()[0].split(",")
@@ -267,3 +271,37 @@ def test_learning_curves_only_when_the_training_fraction_varies():
     # one fraction for every run, strategies swept: bars per strategy, not a one-point curve
     assert not summary.shows_learning_curves(rows(("0.25", "full"), ("0.25", "last_layer")))
     assert not summary.shows_learning_curves([{"overrides": {"strategy": "full"}}])
+
+
+def test_the_accuracy_axis_zooms_to_the_data_so_close_results_differ_visibly():
+    table = [
+        {"val_acc_mean": 0.951, "val_acc_std": 0.0},
+        {"val_acc_mean": 0.954, "val_acc_std": 0.002},
+    ]
+    low, high = summary.accuracy_range(table)
+    assert 0.9 < low < 0.951 and 0.956 < high < 0.99
+    assert 1.0 < summary.accuracy_range([{"val_acc_mean": 1.0, "val_acc_std": 0.0}])[1] <= 1.02
+    assert summary.accuracy_range([{"val_acc_mean": 0.3, "val_acc_std": 0.4}])[0] == 0.0
+    assert summary.accuracy_range([]) == (0.0, 1.02)
+
+
+def test_tensorboard_names_a_sweeps_runs_by_their_swept_values(tmp_path):
+    """TensorBoard names a run by its folder: `tensorboard --logdir <sweep>/tensorboard` shows
+    `model=resnet18,strategy=full`, not `0/tensorboard`."""
+    metrics = {"val/acc": 0.9, "fit_seconds": 1.0, "split_sizes": {"train": 4}}
+    for job, strategy in enumerate(["last_layer", "full"]):
+        fake_run(tmp_path, str(job), ["data=synthetic", f"strategy={strategy}"], metrics)
+        (tmp_path / str(job) / "tensorboard").mkdir()
+        (tmp_path / str(job) / "tensorboard" / "events.out.tfevents.1").write_bytes(b"")
+    fake_run(tmp_path, "2", ["data=synthetic", "strategy=top_k"], None)  # failed: no events
+    summary.write_summary(tmp_path)
+    links = sorted((tmp_path / "tensorboard").iterdir())
+    assert [link.name for link in links] == ["strategy=full", "strategy=last_layer"]
+    assert all(link.is_symlink() for link in links)
+    assert links[0].resolve() == (tmp_path / "1" / "tensorboard").resolve()
+    assert (links[1] / "events.out.tfevents.1").is_file()
+    summary.write_summary(tmp_path)  # again (by hand): the same links
+    assert sorted(p.name for p in (tmp_path / "tensorboard").iterdir()) == [
+        "strategy=full",
+        "strategy=last_layer",
+    ]

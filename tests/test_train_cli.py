@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import FAST_OVERRIDES, hparams_plugin_data, run_train, subprocess_env
 from finetune.module import load_classifier
+from finetune.rundir import COMPARED_KEYS
 
 REQUIRED_METRICS = {
     "val/acc",
@@ -62,6 +63,15 @@ def test_a_run_writes_metrics_checkpoints_config_and_events(tmp_path):
     assert {"final/val_acc", "final/test_acc"} <= set(hparams["metrics"])
     assert hparams["hparams"]["model.name"] == "efficientnet_lite0"
     assert hparams["hparams"]["strategy.name"] == "last_layer"
+    # the keys a user compares first, and those the command line set: not 70 data.augment.*
+    typed = {o.split("=")[0] for o in FAST_OVERRIDES if "." in o.split("=")[0]}
+    typed |= {"data.root", "trainer.log_every_n_steps"}
+    assert {*COMPARED_KEYS, "augment"} <= set(hparams["hparams"]) <= {
+        *COMPARED_KEYS, "augment", *typed
+    }  # fmt: skip
+    assert hparams["hparams"]["augment"] == "default"
+    assert hparams["hparams"]["trainer.log_every_n_steps"] == 5  # typed on the command line
+    assert not any(key.startswith("data.augment.") for key in hparams["hparams"])
 
     # The checkpoint alone rebuilds the trained classifier (no weights download, no pickles).
     classifier = load_classifier(run_dir / "checkpoints" / "last.ckpt")
@@ -129,6 +139,29 @@ def test_unknown_model_option_lists_the_valid_ones(tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "efficientnet_lite0" in output and "mobilenet_v2" in output
+
+
+def test_a_run_refused_before_training_leaves_no_run_dir_behind(tmp_path):
+    """A folder holding only a failure.json is clutter: the error is on the console."""
+    run_dir = tmp_path / "runs" / "new"
+    args = ["data=synthetic", "model.name=efficientnet_lite9", f"data.root={tmp_path / 'data'}"]
+    result = run_train(*args, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Did you mean 'efficientnet_lite" in output and "Traceback" not in output
+    assert f"the run dir {run_dir} was removed" in output
+    assert not run_dir.exists()
+    # what the run was, in three lines, not the whole config tree
+    assert "Config: model=efficientnet_lite0 strategy=last_layer data=synthetic" in output
+    assert f"Overrides: {' '.join(args)}\n" in output
+    assert "min_loaded_fraction" not in output  # a key of the tree
+    # a folder the user named that existed already is theirs: it keeps the failure
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    again = run_train(*args, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 1
+    assert (run_dir / "notes.txt").read_text() == "mine"
+    assert "efficientnet_lite9" in json.loads((run_dir / "failure.json").read_text())["error"]
 
 
 @pytest.mark.slow  # two train.py processes: CI's slow step

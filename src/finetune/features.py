@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune.atomic import atomic_write
 from finetune.data import FinetuneDataModule, ImageListDataset, Sample, files_fingerprint, images
+from finetune.progress import progress
 from finetune.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -108,24 +109,29 @@ def extract(
     autocast for mixed precision)."""
     was_training = network.training
     network.eval()
+    order = None if keys is None else list(keys)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
-        sampler=None if keys is None else list(keys),
+        sampler=order,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
     chunks = []
+    total = len(dataset) if order is None else len(order)  # type: ignore[arg-type]
     try:
-        for images, _labels in loader:
-            images = images.to(device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with forward_context():
-                # Kept on the device until the end (a few KB per image): copying each batch
-                # out would make the CPU wait for the GPU before it could queue the next one.
-                chunks.append(network.forward_features(images).float())
+        with progress("Extracting features", total, "images") as advance:
+            for images, _labels in loader:
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with forward_context():
+                    # Kept on the device until the end (a few KB per image): copying each
+                    # batch out would make the CPU wait for the GPU before it could queue the
+                    # next one.
+                    chunks.append(network.forward_features(images).float())
+                advance(len(images))
     finally:
         network.train(was_training)
     return torch.cat(chunks).cpu()

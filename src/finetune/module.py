@@ -27,6 +27,7 @@ from finetune.backbones import Network
 from finetune.errors import FinetuneError
 from finetune.optim import LayerwiseRates, build_optimizer
 from finetune.probe import HeadLoss
+from finetune.rundir import find_checkpoint
 from finetune.weights import rename_keys
 
 
@@ -297,9 +298,12 @@ class ClassifierModule(pl.LightningModule):
 def load_classifier(checkpoint_path: str | Path) -> ClassifierModule:
     """A trained image classifier from one of this project's checkpoints, on the CPU, in eval
     mode, offline: `ClassifierModule.load_from_checkpoint` without pickled code. Its
-    `class_names` name the logits; `network.input_spec` is the preprocessing it expects."""
+    `class_names` name the logits; `network.input_spec` is the preprocessing it expects.
+    `checkpoint_path`: a `.ckpt` file, or a run dir (its best checkpoint, as predict.py and
+    export.py take it). Raises `FinetuneError` for a run dir without checkpoints or a path
+    that does not exist."""
     module = ClassifierModule.load_from_checkpoint(
-        checkpoint_path, map_location="cpu", weights_only=True
+        find_checkpoint(checkpoint_path), map_location="cpu", weights_only=True
     )
     return module.eval()
 

@@ -14,7 +14,6 @@ In your own code:
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -47,6 +46,7 @@ from finetune.prediction_tables import (
     top_k,
     write_csv,
 )
+from finetune.rundir import find_checkpoint
 from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
@@ -54,43 +54,6 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------
 # The model: a run dir or a checkpoint file
 # ------------------------------------------------------------------------------------------
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint to predict with: a `.ckpt` file as given, or for a run dir its best
-    checkpoint (`checkpoints/*.ckpt` but last.ckpt, the one `metrics.json` names when it names
-    one), else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
-    candidate = Path(str(path)).expanduser()
-    if candidate.is_file():
-        return candidate
-    if candidate.is_dir():
-        folder = candidate / "checkpoints" if (candidate / "checkpoints").is_dir() else candidate
-        # without metrics.json the latest epoch's: a kept linear probe sorts before the epochs
-        kept = (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
-        best = sorted(kept, key=lambda p: (not p.name.startswith("probe-"), p.name))
-        named = _best_named_by_metrics(candidate)
-        if named is not None and folder / named in best:
-            return folder / named
-        if best:
-            return best[-1]
-        if (folder / "last.ckpt").is_file():
-            return folder / "last.ckpt"
-        raise FinetuneError(
-            f"No checkpoint in {folder} (looked for *.ckpt). Fix: pass ckpt=<run dir> of a run "
-            "that finished an epoch, or ckpt=<file.ckpt>."
-        )
-    raise FinetuneError(
-        f"Checkpoint {candidate} does not exist. Fix: pass ckpt=<run dir> (e.g. "
-        "outputs/runs/<run>) or ckpt=<path to a .ckpt file>."
-    )
-
-
-def _best_named_by_metrics(run_dir: Path) -> str | None:
-    try:
-        best = json.loads((run_dir / "metrics.json").read_text()).get("best_checkpoint")
-    except (OSError, ValueError):
-        return None
-    return Path(best).name if best else None
 
 
 def input_spec_of(model: nn.Module) -> InputSpec:

@@ -8,7 +8,8 @@ views, `finetune.features.augmented_views`), a full-batch L-BFGS solve of
     mean cross-entropy(W x + b, y) + (l2 / 2) * ||W||^2     (the bias is not penalised)
 
 for each L2 strength of a log-spaced grid, the strength chosen by validation accuracy (ties: the
-lower validation loss, then the stronger L2). The cross-entropy is the one gradient training
+lower validation loss, then the stronger L2). A choice at an edge of the grid grows the grid
+past that edge, a step at a time (at most `MAX_GRID_EXTENSIONS`), until it is inside. The cross-entropy is the one gradient training
 uses (its label smoothing and class weights): one loss for the head however it is trained,
 whose optimum the solve finds. The features are standardised with the training
 split's mean and standard deviation before the solve (it converges in far fewer iterations) and
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from finetune.heads import affine_parts
+from finetune.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 # features the useful range of the mean-loss objective sits well inside it (Flowers102 with
 # efficientnet_lite0 peaks near 1e-4; below 1e-5 the path no longer moves).
 L2_GRID = tuple(10.0 ** (1 - k / 2) for k in range(13))
+# The most strengths added past an edge of the grid when the choice sits on it (two decades).
+MAX_GRID_EXTENSIONS = 4
 MAX_ITERATIONS = 500  # L-BFGS iterations per grid point; a solve stops earlier at convergence
 # Stop when the largest gradient entry is below this (the objective is a mean, so its scale
 # does not grow with the dataset).
@@ -216,19 +220,40 @@ def solve(
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
     best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor] | None = None
     path = []
-    with torch.enable_grad():
+
+    def try_strength(l2: float, stronger: bool) -> None:
+        """Solve at `l2` from the current weights; keep it when it validates better (on a
+        tie, when it is the `stronger` L2: a tie goes to the stronger)."""
+        nonlocal best
+        iterations = _solve(weight, bias, x, y, l2, loss)
+        point = {"l2": l2, "iterations": iterations}
+        score: tuple[float, float] = (0.0, 0.0)
+        if validating:
+            val_acc, val_loss = _evaluate(weight, bias, val_x, val_y, loss)
+            point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
+            score = (val_acc, -val_loss)
+        path.append(point)
+        advance(1)
+        if best is None or score > best[0] or (stronger and score == best[0]):
+            best = (score, l2, weight.detach().clone(), bias.detach().clone())
+
+    solving = progress("Solving the linear probe", len(l2_grid), "L2 strengths")
+    with torch.enable_grad(), solving as advance:
         for l2 in sorted(l2_grid, reverse=True):
-            iterations = _solve(weight, bias, x, y, l2, loss)
-            point = {"l2": l2, "iterations": iterations}
-            score: tuple[float, float] = (0.0, 0.0)
-            if validating:
-                val_acc, val_loss = _evaluate(weight, bias, val_x, val_y, loss)
-                point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
-                score = (val_acc, -val_loss)
-            path.append(point)
-            # Strict: on a tie the stronger L2, met first, stays.
-            if best is None or score > best[0]:
-                best = (score, l2, weight.detach().clone(), bias.detach().clone())
+            try_strength(l2, stronger=False)  # weaker than every one before it
+        for _ in range(MAX_GRID_EXTENSIONS if validating and len(l2_grid) > 1 else 0):
+            # The choice at an edge of the grid may be short of the best strength: the grid
+            # grows past that edge, by its own step, until the choice is inside it.
+            assert best is not None
+            tried = [point["l2"] for point in path]
+            step = max(l2_grid) / sorted(l2_grid)[-2]
+            if best[1] not in (max(tried), min(tried)):
+                break
+            with torch.no_grad():  # warm start from the edge's solution
+                weight.copy_(best[2])
+                bias.copy_(best[3])
+            stronger = best[1] == max(tried)
+            try_strength(best[1] * step if stronger else best[1] / step, stronger)
     assert best is not None
     (val_acc, minus_val_loss), l2, solved_weight, solved_bias = best
     # Fold the standardisation back: W (x - m) / s + b = (W / s) x + (b - (W / s) m).

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -39,7 +40,7 @@ from omegaconf import DictConfig
 from finetune import lightning_internals, strategies
 from finetune.atomic import DiskFullError, atomic_write
 from finetune.data import FinetuneDataModule
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, mark_before_training
 from finetune.resume_config import (
     ResumeRefused,
     check_config,
@@ -49,6 +50,8 @@ from finetune.resume_config import (
     with_saved_overrides,
 )
 from finetune.rundir import METRICS_FILE, SPLIT_FILE
+
+log = logging.getLogger(__name__)
 
 # Lightning's warnings that a resume makes true and harmless: it finds its own checkpoints
 # there; BestCheckpoint moves or copies its kept ones (the stock last-checkpoint callback
@@ -285,12 +288,14 @@ def command_line(argv: Sequence[str]) -> list[str]:
 @contextlib.contextmanager
 def _as_it_was(run_dir: Path, in_place: bool) -> Iterator[None]:
     """A `FinetuneError` of a resume in place raised as `ResumeRefused` (train.py then writes
-    no failure.json into the run, and cuts its log back)."""
+    no failure.json into the run, and cuts its log back); one of a new run marked as raised
+    before training (train.py then removes the run dir it made)."""
     try:
         yield
     except FinetuneError as error:
         if in_place and not isinstance(error, ResumeRefused):
             raise ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
+        mark_before_training(error)
         raise
 
 
@@ -333,7 +338,8 @@ class ResumePlan:
 
     def kept_as_it_was(self) -> contextlib.AbstractContextManager[None]:
         """Within it, a `FinetuneError` of a resume in place is a `ResumeRefused`: the run dir
-        is as it was (nothing of it written before training)."""
+        is as it was (nothing of it written before training); one of a new run is marked as
+        raised before training (`finetune.errors.raised_before_training`)."""
         return _as_it_was(self.run_dir, self.in_place)
 
     def verify(
@@ -359,4 +365,13 @@ class ResumePlan:
             cfg.trainer.get("max_epochs"),
             Path(self.checkpoint),
             probe_solved=regime == "probe",
+        )
+        checkpoint = Path(self.checkpoint)
+        source = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+        log.info(
+            "Resuming %s from epoch %d (%s) into %s",
+            source,
+            trained_epochs(checkpoint),  # epochs counted from 0, as checkpoints are named
+            checkpoint.name,
+            self.run_dir,
         )

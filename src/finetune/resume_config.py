@@ -186,10 +186,20 @@ def check_changes(
     refused = {k: v for k, v in changes.items() if not resumable(k) and not defaulted(k)}
     if not refused:
         return changes
+    # A key the run lacks that another group option brings (strategy=lp_ft: strategy.bn, ...)
+    # is no news beside the option's own change (strategy.name): counted, not listed.
+    typed_values = [t for t in typed_keys if t not in SCHEMAS]  # not a group choice
+    brought = [
+        k for k, (old, _) in refused.items() if old == ABSENT and was_typed(k)
+        and not under(k, typed_values)
+    ]  # fmt: skip
+    shown = {k: v for k, v in refused.items() if k not in brought} or refused
     listed = "; ".join(
         f"{k}: {old!r} in the run, {new!r} now"
-        for k, (old, new) in sorted(refused.items(), key=lambda item: not was_typed(item[0]))
+        for k, (old, new) in sorted(shown.items(), key=lambda item: not was_typed(item[0]))
     )
+    if len(shown) < len(refused):
+        listed += f" (and {len(brought)} keys of the new option that the run's config lacks)"
     # the typed overrides a resume could not follow (print_config=false it can)
     guilty = [line for line in typed if not resumable(_key(line))] or list(typed)
     cause = f" (the overrides {' '.join(guilty)} change)" if guilty else ""

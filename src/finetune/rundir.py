@@ -9,6 +9,8 @@
 | `metrics.json` | when the run finished; its presence means success | sweep summary, benchmarks |
 | `failure.json` | when the run raised (by train.py) | sweep summary |
 
+`find_checkpoint` finds the checkpoint of a run dir for predict, export and `load_classifier`.
+
 Every writer uses `finetune.atomic`, so a reader never sees half a file. With several devices
 each rank runs the flow; only rank 0 writes (`rank_zero_only`), the other ranks skip the call.
 Lightning itself is imported only where a logger is used, so that `finetune.summary` (which reads
@@ -18,13 +20,16 @@ the file names here) starts fast.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from lightning_utilities.core.rank_zero import rank_zero_only  # the object Lightning sets .rank on
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from finetune.atomic import atomic_write, write_json
+from finetune.errors import FinetuneError
 
 CONFIG_FILE = "config.yaml"
 CLASSES_FILE = "classes.json"
@@ -34,6 +39,8 @@ WEIGHTS_REPORT_FILE = "weights_report.json"
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
 
+log = logging.getLogger(__name__)
+
 # The config that defines an experiment's result (not where its files go or how it is shown).
 HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "seed")
 
@@ -41,11 +48,39 @@ HPARAM_GROUPS = ("model", "strategy", "data", "optim", "scheduler", "trainer", "
 @rank_zero_only
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """config.yaml (the resolved config; `auto` keys stay `auto`, see finetune.adaptive), and
-    the config tree on the console unless `print_config=false`."""
-    if cfg.get("print_config", True):
+    on the console what the run is: its choices and overrides in a few lines, or with
+    `print_config=true` the whole config tree."""
+    if cfg.get("print_config", False):
         print_config_tree(cfg)
+    else:
+        log.info("%s", config_summary(cfg, run_dir))
     text = OmegaConf.to_yaml(cfg, resolve=True)
     atomic_write(run_dir / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+
+
+# The config groups a user compares runs by, in the order they read them.
+SUMMARY_GROUPS = ("model", "strategy", "data", "augment", "optim", "scheduler", "trainer")
+
+
+def config_summary(cfg: DictConfig, run_dir: Path) -> str:
+    """The config in a few lines: the option of each main group (Hydra's choices; for a config
+    built in code, the names it holds), the command line's overrides, and where the whole
+    config is. The full config runs to 130 lines, mostly defaults nobody changed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = {group: hydra_cfg.runtime.choices.get(group) for group in SUMMARY_GROUPS}
+        overrides = " ".join(hydra_cfg.overrides.task) or "none"
+    else:
+        names = {"model": "model.name", "strategy": "strategy.name", "data": "data.dataset"}
+        choices = {group: OmegaConf.select(cfg, key) for group, key in names.items()}
+        overrides = "none (a config built in code)"
+    chosen = " ".join(f"{group}={option}" for group, option in choices.items() if option)
+    return (
+        f"Config: {chosen}\nOverrides: {overrides}\n"
+        f"The whole config: {run_dir / CONFIG_FILE} (print_config=true prints it here)"
+    )
 
 
 def print_config_tree(cfg: DictConfig) -> None:
@@ -113,15 +148,17 @@ def save_failure(run_dir: Path, error: BaseException) -> None:
 def log_final_hparams(
     loggers: list[Any], cfg: DictConfig, metrics: dict[str, Any], step: int = 0
 ) -> None:
-    """Record the whole config with the final numbers, so TensorBoard's hparams tab compares
-    runs of a sweep by their results (not by a placeholder hp_metric). The final numbers are
-    the float metrics with a stage (`val/acc` -> `final/val_acc`), at the run's last optimizer
-    `step`: a resume that trains on logs its own at a later step, not a second value at 0."""
+    """Record the config with the final numbers, so TensorBoard's hparams tab compares runs of
+    a sweep by their results (not by a placeholder hp_metric): there the keys a user compares
+    first (`compared_hparams`), elsewhere (the CSV logger's hparams.yaml) the whole config.
+    The final numbers are the float metrics with a stage (`val/acc` -> `final/val_acc`), at
+    the run's last optimizer `step`: a resume that trains on logs its own at a later step, not
+    a second value at 0."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     experiment = {key: cfg[key] for key in HPARAM_GROUPS if key in cfg}
     params = {
-        key: str(value) if isinstance(value, list | tuple) or value is None else value
+        key: _hparam_value(value)
         for key, value in flatten(OmegaConf.to_container(OmegaConf.create(experiment))).items()
     }
     final = {
@@ -131,10 +168,51 @@ def log_final_hparams(
     }
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params, metrics=final, step=step)
+            logger.log_hyperparams(compared_hparams(cfg), metrics=final, step=step)
         else:
             logger.log_hyperparams(params)
         logger.save()
+
+
+# What TensorBoard's HPARAMS table shows first, in this order (its columns): the whole config
+# there is 70 data.augment.* keys before the strategy, the seed or the learning rate.
+COMPARED_KEYS = (
+    "model.name",
+    "strategy.name",
+    "seed",
+    "optim.optimizer.lr",
+    "data.batch_size",
+    "trainer.max_epochs",
+    "data.dataset",
+)
+
+
+def compared_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters runs are compared by: `COMPARED_KEYS`, the augmentation preset
+    (`augment`, Hydra's choice; absent for a config built in code) and the value of every
+    key the command line set (a sweep's `strategy.k=1,2,3`), as TensorBoard takes them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    keys = list(COMPARED_KEYS)
+    params = {key: OmegaConf.select(cfg, key) for key in keys}
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        params["augment"] = hydra_cfg.runtime.choices.get("augment")
+        for override in hydra_cfg.overrides.task:
+            key = override.split("=", 1)[0].lstrip("+~")
+            value = OmegaConf.select(cfg, key, default=None)
+            if "." in key and not isinstance(value, DictConfig) and key not in params:
+                params[key] = value  # (a group choice, strategy=full, is a *.name above)
+    return {key: _hparam_value(value) for key, value in params.items()}
+
+
+def _hparam_value(value: Any) -> Any:
+    """A value TensorBoard's hparams take: lists, None and the like as text."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    return str(value)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -147,3 +225,41 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to predict with: a `.ckpt` file as given, or for a run dir its best
+    checkpoint (`checkpoints/*.ckpt` but last.ckpt, the one `metrics.json` names when it names
+    one), else `checkpoints/last.ckpt`. Raises `FinetuneError` naming where it looked."""
+    candidate = Path(str(path)).expanduser()
+    if candidate.is_file():
+        return candidate
+    if candidate.is_dir():
+        folder = candidate / "checkpoints" if (candidate / "checkpoints").is_dir() else candidate
+        # without metrics.json the latest epoch's: a kept linear probe sorts before the epochs
+        kept = (p for p in folder.glob("*.ckpt") if p.name != "last.ckpt")
+        best = sorted(kept, key=lambda p: (not p.name.startswith("probe-"), p.name))
+        named = _best_named_by_metrics(candidate)
+        if named is not None and folder / named in best:
+            return folder / named
+        if best:
+            return best[-1]
+        if (folder / "last.ckpt").is_file():
+            return folder / "last.ckpt"
+        raise FinetuneError(
+            f"No checkpoint in {folder} (looked for *.ckpt). Fix: pass ckpt=<run dir> of a run "
+            "that finished an epoch, or ckpt=<file.ckpt>."
+        )
+    raise FinetuneError(
+        f"Checkpoint {candidate} does not exist. Fix: pass ckpt=<run dir> (e.g. "
+        "outputs/runs/<run>) or ckpt=<path to a .ckpt file>."
+    )
+
+
+def _best_named_by_metrics(run_dir: Path) -> str | None:
+    """The file name of the best checkpoint `metrics.json` names; None without one."""
+    try:
+        best = json.loads((run_dir / METRICS_FILE).read_text()).get("best_checkpoint")
+    except (OSError, ValueError):
+        return None
+    return Path(best).name if best else None

@@ -31,6 +31,11 @@ def prepare(cfg: DictConfig) -> Path:
     # Lightning counts log_every_n_steps across epochs, so an epoch of fewer batches still
     # logs; its warning that the epoch is shorter than the interval would only alarm.
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging interval")
+    # Restoring a checkpoint written in another folder (a resume into a new run dir, a run dir
+    # moved, and after such a resume the evaluation of a best checkpoint the earlier process
+    # wrote): BestCheckpoint carries its kept checkpoints over itself (finetune.callbacks), and
+    # the last-checkpoint callback keeps none, so the stock warning would only alarm.
+    warnings.filterwarnings("ignore", message=r"The dirpath has changed")
     # Lightning's advertisement for its cloud logger, printed by every Trainer.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_no_litlogger_tip)
     keep_freed_memory_in_process()

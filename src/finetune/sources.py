@@ -75,7 +75,7 @@ class TorchvisionSource(WeightSource):
 
         valid = tvm.list_models(module=tvm)
         if name not in valid:
-            raise unknown_name("torchvision model", name, valid)
+            raise unknown_name("torchvision model", name, valid, "torchvision.models.list_models()")
         self.name = name
         self._weights_enum = tvm.get_model_weights(name)
         if weights in NO_WEIGHTS:
@@ -185,8 +185,7 @@ class TimmSource(WeightSource):
         import timm
 
         if not timm.is_model(name):
-            similar = timm.list_models(f"*{name.split('.')[0][:6]}*")[:20]
-            raise unknown_name("timm model", name, similar or ["see timm.list_models()"])
+            raise unknown_name("timm model", name, timm.list_models(), "timm.list_models()")
         if weights not in (*NO_WEIGHTS, "DEFAULT", "timm"):
             choices = ["DEFAULT", "none", "a file path"]
             raise unknown_name(f"weights for timm model {name}", str(weights), choices)

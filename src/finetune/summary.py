@@ -9,8 +9,11 @@ Files written into the sweep folder:
 - `summary.csv`: one row per run: job number, status (`ok` or `failed`, with the error), its
   overrides (one column per swept key), val/test accuracy, trainable params, fit seconds.
 - `summary.md`: the same table, and when the sweep has a `seed` axis, mean +- std over seeds
-  for every other combination.
-- `summary.png`: accuracy per strategy and model (bars with the std over seeds); when
+  of the accuracies and fit seconds for every other combination.
+- `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
+  `tensorboard --logdir <sweep folder>/tensorboard`.
+- `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
+  values, the axis zoomed to the data's range); when
   `data.train_fraction` is swept, learning curves: accuracy against training images.
 """
 
@@ -21,6 +24,7 @@ import csv
 import io
 import json
 import logging
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,12 +33,13 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from finetune.atomic import atomic_write
+from finetune.progress import progress
 from finetune.rundir import FAILURE_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ("val_acc", "test_acc", "trainable_params", "fit_seconds", "train_images")
-AGGREGATED = ("val_acc", "test_acc")
+AGGREGATED = ("val_acc", "test_acc", "fit_seconds")
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -162,11 +167,12 @@ def aggregate(
     return table
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, column: str = "") -> str:
+    """A cell: accuracies to 4 decimals, seconds to 1 (37.3, not 37.3000)."""
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.1f}" if column.endswith("seconds") else f"{value:.4f}"
     return str(value)
 
 
@@ -181,7 +187,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
                 row["job"],
                 row["status"],
                 *(row["overrides"].get(key, "") for key in keys),
-                *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
                 row.get("error", ""),
             ]
         )
@@ -217,7 +223,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
                     row["job"],
                     row["status"],
                     *(row["overrides"].get(key, "") for key in keys),
-                    *(_fmt(row.get(column)) for column in METRIC_COLUMNS),
+                    *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
                     row.get("error", "")[:200],
                 ]
                 for row in rows
@@ -234,7 +240,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
-                [*others, "runs", "failed", "val acc", "test acc"],
+                [*others, "runs", "failed", "val acc", "test acc", "fit seconds"],
                 [
                     [
                         *(str(entry[key]) for key in others),
@@ -242,6 +248,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
                         str(entry["failed"]),
                         _mean_std(entry, "val_acc"),
                         _mean_std(entry, "test_acc"),
+                        _mean_std(entry, "fit_seconds"),
                     ]
                     for entry in table
                 ],
@@ -252,7 +259,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:
     mean = entry[f"{column}_mean"]
-    return "" if mean is None else f"{mean:.4f} +- {entry[f'{column}_std']:.4f}"
+    return "" if mean is None else f"{_fmt(mean, column)} +- {_fmt(entry[f'{column}_std'], column)}"
 
 
 def shows_learning_curves(rows: list[dict[str, Any]]) -> bool:
@@ -287,22 +294,34 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k)) or "run"
             for entry in table
         ]
-        axis.bar(
+        bars = axis.bar(
             range(len(table)),
             [e["val_acc_mean"] for e in table],
             yerr=[e["val_acc_std"] for e in table],
             capsize=3,
         )
+        axis.bar_label(bars, fmt="%.3f", padding=2)  # the values a zoomed axis compares
         axis.set_xticks(range(len(table)), labels, rotation=30, ha="right")
         axis.set_title("Validation accuracy per strategy and model")
     axis.set_ylabel("val accuracy")
-    axis.set_ylim(0, 1.02)
+    axis.set_ylim(*accuracy_range(table))
     axis.grid(alpha=0.3)
     if axis.get_legend_handles_labels()[0]:
         axis.legend()
     figure.tight_layout()
     atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
     plt.close(figure)
+
+
+def accuracy_range(table: list[dict[str, Any]]) -> tuple[float, float]:
+    """The plot's val accuracy axis: the data's range (mean +- std) with a margin, not 0 to 1,
+    where 0.951 and 0.954 would look equal. Within [0, 1.02]; (0, 1.02) without data."""
+    if not table:
+        return 0.0, 1.02
+    low = min(e["val_acc_mean"] - e["val_acc_std"] for e in table)
+    high = max(e["val_acc_mean"] + e["val_acc_std"] for e in table)
+    margin = max((high - low) * 0.25, 0.01)  # room for the bars' labels above them
+    return max(low - margin, 0.0), min(high + margin, 1.02)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -312,11 +331,49 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
     if not rows:
         log.warning("No runs found in %s: nothing to summarise", sweep_dir)
         return rows
-    write_csv(rows, sweep_dir / "summary.csv")
-    write_markdown(rows, sweep_dir / "summary.md", sweep_dir)
-    plot(rows, sweep_dir / "summary.png")
+    with progress(f"Summarising {len(rows)} runs", 3, "files") as advance:
+        write_csv(rows, sweep_dir / "summary.csv")
+        advance(1)
+        write_markdown(rows, sweep_dir / "summary.md", sweep_dir)
+        advance(1)
+        plot(rows, sweep_dir / "summary.png")  # matplotlib: the slow part
+        advance(1)
     log.info("Sweep summary: %s", sweep_dir / "summary.md")
+    if link_tensorboard_runs(rows, sweep_dir):
+        log.info(
+            "TensorBoard, runs named by their overrides: tensorboard --logdir %s",
+            sweep_dir / TENSORBOARD_LINKS,
+        )
     return rows
+
+
+TENSORBOARD_LINKS = "tensorboard"  # in the sweep folder: one link per run, named by overrides
+
+
+def link_tensorboard_runs(rows: list[dict[str, Any]], sweep_dir: Path) -> int:
+    """In `sweep_dir/tensorboard/`, a link per run to its TensorBoard folder, named by the
+    values of the swept keys (`model=resnet18,strategy=full`): TensorBoard names a run by its
+    folder, and the job folders are numbers. Returns how many links there are; none where the
+    file system has no symbolic links."""
+    folder = sweep_dir / TENSORBOARD_LINKS
+    keys = swept_keys(rows)
+    linked = 0
+    for row in rows:
+        events = sweep_dir / row["job"] / "tensorboard"
+        if not events.is_dir():
+            continue  # failed before its logger started
+        name = ",".join(f"{key}={row['overrides'].get(key, '')}" for key in keys)
+        link = folder / (name.replace("/", "_").replace(os.sep, "_") or row["job"])
+        if link.is_symlink() and link.resolve() != events.resolve():
+            link = link.with_name(f"{link.name},job={row['job']}")  # the same overrides twice
+        try:
+            folder.mkdir(exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(Path("..") / row["job"] / "tensorboard", target_is_directory=True)
+        except OSError:
+            return linked
+        linked += 1
+    return linked
 
 
 class SweepSummary(Callback):

@@ -402,7 +402,7 @@ class Config:
     run_dir: str = II("hydra:runtime.output_dir")
     # resume: `last` (the last checkpoint of hydra.run.dir), a run dir, or a .ckpt file
     ckpt_path: str | None = None
-    print_config: bool = field(default=True, metadata=RESUMABLE)
+    print_config: bool = field(default=False, metadata=RESUMABLE)  # true: the whole tree
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 

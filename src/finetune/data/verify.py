@@ -28,6 +28,7 @@ from finetune.data.images import (
 )
 from finetune.data.loading import DatasetSplits, Sample
 from finetune.errors import DataUnavailableError
+from finetune.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,14 @@ def find_unreadable(paths: list[str], threads: int) -> dict[str, str]:
         except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
             return f"{type(error).__name__}: {error}"
 
-    with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
-        problems = dict(zip(paths, pool.map(problem, paths), strict=True))
+    problems = {}
+    with (
+        ThreadPoolExecutor(max_workers=max(threads, 1)) as pool,
+        progress("Verifying that every image decodes", len(paths), "images") as advance,
+    ):
+        for path, reason in zip(paths, pool.map(problem, paths), strict=True):
+            problems[path] = reason
+            advance(1)
     return {path: reason for path, reason in problems.items() if reason}
 
 
