@@ -227,7 +227,7 @@ class Scratch(Full):
         return 1.0  # random layers have no features to protect: all at the full rate
 
 
-# The strategies by name. A new one is its schema dataclass (finetune.config.schema, in SCHEMAS,
+# The strategies by name. A new one is its schema dataclass (finetune.config.strategy_schema, in SCHEMAS,
 # with an option file in conf/strategy) and a subclass here that names it as `config_class`,
 # added to this tuple.
 STRATEGIES: dict[str, type[FreezeStrategy]] = {
