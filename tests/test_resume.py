@@ -529,11 +529,14 @@ def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, rec
     assert command[1] == str(REPO / "train.py") or Path(command[1]).resolve() == REPO / "train.py"
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
-    # every run ends with one line: the best checkpoint's epoch and its val and test accuracy
+    # every run ends with one line: the metric that chose the best checkpoint, its epoch and
+    # its val and test numbers
     last_line = (run_dir / "train.log").read_text().strip().splitlines()[-1]
     expected = (
-        f"Best checkpoint: epoch {metrics['best_epoch']}, val/acc {metrics['val/acc']:.4f}, "
-        f"test/acc {metrics['test/acc']:.4f}."
+        f"Best checkpoint by val/acc {metrics['val/acc']:.4f}: epoch {metrics['best_epoch']}; "
+        f"val/acc {metrics['val/acc']:.4f}, balanced_acc {metrics['val/balanced_acc']:.4f}, "
+        f"macro_f1 {metrics['val/macro_f1']:.4f}; test/acc {metrics['test/acc']:.4f}, "
+        f"balanced_acc {metrics['test/balanced_acc']:.4f}, macro_f1 {metrics['test/macro_f1']:.4f}."
     )
     assert expected in last_line
 
