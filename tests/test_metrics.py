@@ -258,6 +258,7 @@ def test_a_run_chooses_by_macro_f1_and_reports_every_class(tmp_path, caplog):
     for tag in ("val/balanced_acc", "val/macro_f1"):
         assert len(events.Scalars(tag)) == 3, tag
     assert "best/val/macro_f1" in events.Tags()["scalars"]
+    assert "val/classification_report/text_summary" in events.Tags()["tensors"]
     saved = OmegaConf.load(run_dir / "config.yaml")
     assert saved.callbacks.model_checkpoint.monitor == "val/macro_f1"
 

@@ -327,7 +327,9 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     make_cfg, monkeypatch, record_fault
 ):
     monkeypatch.setattr(
-        module_lib, "accuracy_metrics", lambda num_classes: MetricCollection({"acc": AlwaysOne()})
+        module_lib,
+        "accuracy_metrics",
+        lambda num_classes, **_: MetricCollection({"acc": AlwaysOne()}),
     )
     cfg = make_cfg("strategy=full", "trainer.max_epochs=4")
     metrics = train(cfg)
@@ -608,7 +610,7 @@ def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, 
         metrics = train(cfg)
     assert metrics["best_checkpoint"] == "" and metrics["best_epoch"] == 0
     assert (
-        f"Final weights (no checkpoint): epoch 0, val/acc {metrics['val/acc']:.4f}" in caplog.text
+        f"Final weights (no checkpoint): epoch 0; val/acc {metrics['val/acc']:.4f}" in caplog.text
     )
 
 

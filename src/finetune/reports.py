@@ -198,6 +198,8 @@ class EvaluationReport(pl.Callback):
                 )
         for key in ("acc_per_class_sorted", "confused_pairs"):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
+        report = self.report_texts[stage].replace("\n", "\n    ")  # a Markdown code block
+        writer.add_text(f"{stage}/classification_report", f"    {report}", step)
         samples = self.samples.get(stage) or []
         wrong = torch.nonzero(preds != labels).flatten().tolist()
         mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
