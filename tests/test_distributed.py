@@ -19,9 +19,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 from pytorch_lightning.loggers import TensorBoardLogger
+from sklearn.metrics import balanced_accuracy_score, f1_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config, folder_overrides, make_class_folders, run_train
+from finetune.class_scores import classification_report
 from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule, load_classifier
 from finetune.reports import (
@@ -80,8 +82,8 @@ def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
     run_dir, result = train_on_two_processes(tmp, *overrides(root), *FEEDS[request.param])
     second_log = (run_dir / "train_ddp_process_1.log").read_text()  # two processes ran
     # the closing line once, by rank 0, not once per process
-    assert (result.stdout + result.stderr).count("Best checkpoint:") == 1
-    assert "Best checkpoint:" not in second_log
+    assert (result.stdout + result.stderr).count("Best checkpoint by val/acc") == 1
+    assert "Best checkpoint by" not in second_log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if FEEDS[request.param]:
         assert metrics["feature_cache"] == "miss"  # the first process extracted them
@@ -108,6 +110,8 @@ def one_process_truth(module, datamodule, split: str) -> dict:
         "acc": float((preds == labels).float().mean()),
         "loss": float(module.criterion(logits, labels)),
         "matrix": matrix,
+        "labels": labels,
+        "preds": preds,
         "wrong": [
             (path, int(t), int(p)) for (path, t), p in zip(samples, preds, strict=True) if t != p
         ],
@@ -149,6 +153,18 @@ def test_two_processes_evaluate_each_image_once(two_process_run, tmp_path, recor
             "loss": metrics[f"{split}/loss"] == pytest.approx(truth["loss"], abs=1e-4),
             "per_class": list(metrics[f"{split}/acc_per_class"].values())
             == per_class_accuracy(truth["matrix"]),
+            # torchmetrics synced over the processes, against scikit-learn on one's predictions
+            "balanced_acc": metrics[f"{split}/balanced_acc"]
+            == pytest.approx(balanced_accuracy_score(truth["labels"], truth["preds"]), abs=1e-6),
+            "macro_f1": metrics[f"{split}/macro_f1"]
+            == pytest.approx(
+                f1_score(truth["labels"], truth["preds"], average="macro", zero_division=0),
+                abs=1e-6,
+            ),
+            "report": classification_report(
+                truth["preds"], truth["labels"], names, f"{split}: {count} images"
+            )
+            in (run_dir / "classification_report.txt").read_text(),
             "confusion_image": np.array_equal(
                 images[f"{split}/confusion_matrix"],
                 confusion_image(truth["matrix"], names, f"{split} confusion matrix"),

@@ -353,7 +353,9 @@ def test_the_probe_trains_on_by_sgd_when_the_features_are_not_cached(make_cfg, t
     states = torch.load(best, weights_only=True)["callbacks"]
     (ties,) = [state["tie_values"] for state in states.values() if "tie_values" in state]
     assert ties[str(best)] == pytest.approx(probe_loss, rel=1e-4)
-    assert "Best checkpoint: the linear probe, before training on" in caplog.text
+    assert f"Best checkpoint by val/acc {probe_acc:.4f}: the linear probe, before training on" in (
+        caplog.text
+    )
     random_start = train(make_cfg("strategy=last_layer", "strategy.head_init=random"))
     assert "probe_l2" not in random_start and random_start["feature_cache"] == "off"
 

@@ -328,7 +328,9 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     make_cfg, monkeypatch, record_fault
 ):
     monkeypatch.setattr(
-        module_lib, "accuracy_metrics", lambda num_classes: MetricCollection({"acc": AlwaysOne()})
+        module_lib,
+        "accuracy_metrics",
+        lambda num_classes, **_: MetricCollection({"acc": AlwaysOne()}),
     )
     cfg = make_cfg("strategy=full", "trainer.max_epochs=4")
     metrics = train(cfg)
@@ -530,11 +532,14 @@ def test_ctrl_c_prints_and_logs_the_command_that_continues_the_run(tmp_path, rec
     assert command[1] == str(REPO / "train.py") or Path(command[1]).resolve() == REPO / "train.py"
     assert (run_dir / "config.yaml").read_bytes() == config_before
 
-    # every run ends with one line: the best checkpoint's epoch and its val and test accuracy
+    # every run ends with one line: the metric that chose the best checkpoint, its epoch and
+    # its val and test numbers
     last_line = (run_dir / "train.log").read_text().strip().splitlines()[-1]
     expected = (
-        f"Best checkpoint: epoch {metrics['best_epoch']}, val/acc {metrics['val/acc']:.4f}, "
-        f"test/acc {metrics['test/acc']:.4f}."
+        f"Best checkpoint by val/acc {metrics['val/acc']:.4f}: epoch {metrics['best_epoch']}; "
+        f"val/acc {metrics['val/acc']:.4f}, balanced_acc {metrics['val/balanced_acc']:.4f}, "
+        f"macro_f1 {metrics['val/macro_f1']:.4f}; test/acc {metrics['test/acc']:.4f}, "
+        f"balanced_acc {metrics['test/balanced_acc']:.4f}, macro_f1 {metrics['test/macro_f1']:.4f}."
     )
     assert expected in last_line
 
@@ -606,7 +611,7 @@ def test_the_closing_line_without_checkpoints_names_the_final_weights(make_cfg, 
         metrics = train(cfg)
     assert metrics["best_checkpoint"] == "" and metrics["best_epoch"] == 0
     assert (
-        f"Final weights (no checkpoint): epoch 0, val/acc {metrics['val/acc']:.4f}" in caplog.text
+        f"Final weights (no checkpoint): epoch 0; val/acc {metrics['val/acc']:.4f}" in caplog.text
     )
 
 

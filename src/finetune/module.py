@@ -20,7 +20,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from finetune import backbones
 from finetune.backbones import Network
@@ -31,11 +31,22 @@ from finetune.rundir import find_checkpoint
 from finetune.weights import rename_keys
 
 
-def accuracy_metrics(num_classes: int) -> MetricCollection:
+def accuracy_metrics(num_classes: int, per_class_means: bool = False) -> MetricCollection:
+    """Top-1 `acc` (and `acc_top5` above 5 classes); with `per_class_means` also
+    `balanced_acc`, the mean of the classes' recalls, and `macro_f1`, the mean of their F1
+    scores, which a large class cannot hide a small one from (a class that is neither in the
+    labels nor predicted is left out of both means: torchmetrics' macro average)."""
     metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")}
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+    if per_class_means:
+        metrics["balanced_acc"] = MulticlassAccuracy(num_classes=num_classes, average="macro")
+        metrics["macro_f1"] = MulticlassF1Score(num_classes=num_classes, average="macro")
     return MetricCollection(metrics)
+
+
+# Logged every epoch but kept off the progress bar, which shows the loss and top-1 accuracy.
+OFF_PROGRESS_BAR = ("balanced_acc", "macro_f1")
 
 
 class ClassifierModule(pl.LightningModule):
@@ -124,11 +135,14 @@ class ClassifierModule(pl.LightningModule):
         self._epoch_loss_steps = 0
         # The objective the solved linear probe minimises too (one loss for the head).
         self.criterion = HeadLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
-        metrics = accuracy_metrics(len(class_names))
-        # ModuleDict keys may not shadow nn.Module attributes such as `train`.
+        # ModuleDict keys may not shadow nn.Module attributes such as `train`. The per-class
+        # means are evaluation numbers: training batches are augmented and (with a balanced
+        # sampler) not drawn as the split is.
         self.metrics = nn.ModuleDict(
             {
-                f"{stage}_metrics": metrics.clone(prefix=f"{stage}/")
+                f"{stage}_metrics": accuracy_metrics(
+                    len(class_names), per_class_means=stage != "train"
+                ).clone(prefix=f"{stage}/")
                 for stage in ("train", "val", "test")
             }
         )
@@ -181,15 +195,9 @@ class ClassifierModule(pl.LightningModule):
                 f"{prefix}{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True
             )
         # The torchmetrics metrics add up their counts over the processes likewise.
-        self.log_dict(
-            {
-                f"{prefix}{name}": metric
-                for name, metric in metrics.items(keep_base=False, copy_state=False)
-            },
-            on_step=False,
-            on_epoch=True,
-            prog_bar=stage != "train",
-        )
+        for name, metric in metrics.items(keep_base=False, copy_state=False):
+            shown = stage != "train" and not name.endswith(OFF_PROGRESS_BAR)
+            self.log(f"{prefix}{name}", metric, on_step=False, on_epoch=True, prog_bar=shown)
         return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -7,9 +7,11 @@ views, `finetune.features.augmented_views`), a full-batch L-BFGS solve of
 
     mean cross-entropy(W x + b, y) + (l2 / 2) * ||W||^2     (the bias is not penalised)
 
-for each L2 strength of a log-spaced grid, the strength chosen by validation accuracy (ties: the
-lower validation loss, then the stronger L2). A choice at an edge of the grid grows the grid
-past that edge, a step at a time (at most `MAX_GRID_EXTENSIONS`), until it is inside. The cross-entropy is the one gradient training
+for each L2 strength of a log-spaced grid, the strength chosen on validation by the metric that
+picks the best checkpoint (`selection.metric`: accuracy, balanced accuracy or macro-F1; ties: the
+lower validation loss, then the stronger L2). A choice at an edge of the grid grows the grid past
+that edge, a step at a time (at most `MAX_GRID_EXTENSIONS`), until it is inside. The cross-entropy
+is the one gradient training
 uses (its label smoothing and class weights): one loss for the head however it is trained,
 whose optimum the solve finds. The features are standardised with the training
 split's mean and standard deviation before the solve (it converges in far fewer iterations) and
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from finetune.heads import affine_parts
 from finetune.progress import progress
@@ -54,8 +57,10 @@ class ProbeSolution:
 
     weight: (classes, features); bias: (classes,); l2: the chosen strength; val_acc, val_loss:
     its validation accuracy and mean cross-entropy (None without validation images); path:
-    per grid point, the l2, its validation accuracy and loss and the L-BFGS iterations it
-    took; seconds: the whole solve.
+    per grid point, the l2, its validation accuracy, balanced accuracy, macro-F1 and loss and
+    the L-BFGS iterations it took; seconds: the whole solve; selection: the validation metric
+    that chose the strength; val_scores: the chosen strength's balanced accuracy and macro-F1
+    (`val_balanced_acc`, `val_macro_f1`; empty without validation images).
     """
 
     weight: torch.Tensor
@@ -68,12 +73,16 @@ class ProbeSolution:
     # The training features' mean and standard deviation (D,), for a head with its own norm.
     feature_mean: torch.Tensor | None = None
     feature_std: torch.Tensor | None = None
+    selection: str = "val/acc"
+    val_scores: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> dict[str, object]:
         """The part of metrics.json that says how the head was solved."""
         return {
             "probe_l2": self.l2,
+            "probe_selected_by": self.selection,
             "probe_val_acc": self.val_acc,
+            **{f"probe_{name}": self.val_scores.get(name) for name in PER_CLASS_MEANS},
             "probe_val_loss": self.val_loss,
             "probe_seconds": round(self.seconds, 2),
             "probe_path": self.path,
@@ -160,13 +169,24 @@ def _solve(
     return int(optimizer.state[weight].get("n_iter", 0))
 
 
+# The validation scores besides accuracy, named as in a path point (`val_<metric>`).
+PER_CLASS_MEANS = ("val_balanced_acc", "val_macro_f1")
+
+
 @torch.no_grad()
 def _evaluate(
     weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss: HeadLoss
-) -> tuple[float, float]:
+) -> dict[str, float]:
+    """`val_acc`, `val_balanced_acc`, `val_macro_f1` (the module's definitions: torchmetrics'
+    micro and macro averages) and `val_loss` of the head on (N, D) `x` with labels `y`."""
     logits = torch.addmm(bias, x, weight.T)
-    accuracy = (logits.argmax(dim=1) == y).float().mean().item()
-    return accuracy, loss(logits, y).item()
+    preds, classes = logits.argmax(dim=1), logits.shape[1]
+    return {
+        "val_acc": (preds == y).float().mean().item(),
+        "val_balanced_acc": multiclass_accuracy(preds, y, classes, average="macro").item(),
+        "val_macro_f1": multiclass_f1_score(preds, y, classes, average="macro").item(),
+        "val_loss": loss(logits, y).item(),
+    }
 
 
 def solve(
@@ -178,19 +198,26 @@ def solve(
     l2_grid: tuple[float, ...] = L2_GRID,
     label_smoothing: float = 0.0,
     class_weight: torch.Tensor | None = None,
+    selection: str = "val/acc",
 ) -> ProbeSolution:
     """Solve the linear probe on features.
 
     train_features: (N, D) float; train_labels: (N,) int64 in [0, num_classes); val_*: the same
-    for the validation split, which chooses the L2 strength (without it, or when it is empty,
+    for the validation split, which chooses the L2 strength by `selection` (`val/acc`,
+    `val/balanced_acc` or `val/macro_f1`; without validation images, or when they are empty,
     the grid's middle strength is used, solved once). `label_smoothing` and `class_weight`
     ((num_classes,) or None) are those of the loss gradient training uses
     (`torch.nn.functional.cross_entropy`'s), so that the solved head is the optimum of that
     loss, plus the L2 term; the validation loss is the same loss. Runs on the features'
-    device, in float32. Raises ValueError when the training split is empty or the shapes
-    disagree.
+    device, in float32. Raises ValueError when the training split is empty, the shapes
+    disagree or `selection` is none of those.
     """
     started = time.perf_counter()
+    selected = selection.replace("/", "_")  # the path point's key
+    if selected not in ("val_acc", *PER_CLASS_MEANS):
+        raise ValueError(
+            f"selection must be val/acc, val/balanced_acc or val/macro_f1, not {selection!r}"
+        )
     if len(train_features) == 0:
         raise ValueError("The linear probe needs at least one training image.")
     if train_features.ndim != 2 or len(train_features) != len(train_labels):
@@ -218,7 +245,8 @@ def solve(
         l2_grid = (l2_grid[len(l2_grid) // 2],)
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    best: tuple[tuple[float, float], float, torch.Tensor, torch.Tensor] | None = None
+    best: tuple[tuple[float, float], dict[str, float], float, torch.Tensor, torch.Tensor] | None
+    best = None
     path = []
 
     def try_strength(l2: float, stronger: bool) -> None:
@@ -228,14 +256,15 @@ def solve(
         iterations = _solve(weight, bias, x, y, l2, loss)
         point = {"l2": l2, "iterations": iterations}
         score: tuple[float, float] = (0.0, 0.0)
+        scores: dict[str, float] = {}
         if validating:
-            val_acc, val_loss = _evaluate(weight, bias, val_x, val_y, loss)
-            point |= {"val_acc": round(val_acc, 6), "val_loss": round(val_loss, 6)}
-            score = (val_acc, -val_loss)
+            scores = _evaluate(weight, bias, val_x, val_y, loss)
+            point |= {name: round(value, 6) for name, value in scores.items()}
+            score = (scores[selected], -scores["val_loss"])
         path.append(point)
         advance(1)
         if best is None or score > best[0] or (stronger and score == best[0]):
-            best = (score, l2, weight.detach().clone(), bias.detach().clone())
+            best = (score, scores, l2, weight.detach().clone(), bias.detach().clone())
 
     solving = progress("Solving the linear probe", len(l2_grid), "L2 strengths")
     with torch.enable_grad(), solving as advance:
@@ -245,29 +274,34 @@ def solve(
             # The choice at an edge of the grid may be short of the best strength: the grid
             # grows past that edge, by its own step, until the choice is inside it.
             assert best is not None
+            chosen = best[2]
             tried = [point["l2"] for point in path]
             step = max(l2_grid) / sorted(l2_grid)[-2]
-            if best[1] not in (max(tried), min(tried)):
+            if chosen not in (max(tried), min(tried)):
                 break
             with torch.no_grad():  # warm start from the edge's solution
-                weight.copy_(best[2])
-                bias.copy_(best[3])
-            stronger = best[1] == max(tried)
-            try_strength(best[1] * step if stronger else best[1] / step, stronger)
+                weight.copy_(best[3])
+                bias.copy_(best[4])
+            stronger = chosen == max(tried)
+            try_strength(chosen * step if stronger else chosen / step, stronger)
     assert best is not None
-    (val_acc, minus_val_loss), l2, solved_weight, solved_bias = best
+    _, scores, l2, solved_weight, solved_bias = best
     # Fold the standardisation back: W (x - m) / s + b = (W / s) x + (b - (W / s) m).
     raw_weight = solved_weight / std
     raw_bias = solved_bias - raw_weight @ mean
     solution = ProbeSolution(raw_weight, raw_bias, l2, None, path, time.perf_counter() - started)
     solution.feature_mean, solution.feature_std = mean, std
+    solution.selection = selection
     if validating:
-        solution.val_acc, solution.val_loss = val_acc, -minus_val_loss
+        solution.val_acc, solution.val_loss = scores["val_acc"], scores["val_loss"]
+        solution.val_scores = {name: scores[name] for name in PER_CLASS_MEANS}
     log.info(
-        "Linear probe solved by L-BFGS: l2=%.3g chosen on val (val acc %s) from %d strengths "
-        "in %.1f s",
+        "Linear probe solved by L-BFGS: l2=%.3g chosen on %s (%s) from %d strengths in %.1f s",
         l2,
-        "n/a" if solution.val_acc is None else f"{solution.val_acc:.4f}",
+        selection,
+        "no val images"
+        if not validating
+        else ", ".join(f"{k.replace('_', '/', 1)} {v:.4f}" for k, v in scores.items()),
         len(path),
         solution.seconds,
     )

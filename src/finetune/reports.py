@@ -7,13 +7,16 @@ logs to TensorBoard a confusion-matrix image (above 40 classes, a sorted view of
 classes and their top confusions: `finetune.report_images`), a grid of misclassified images
 titled with their true and predicted class names, one accuracy scalar per class, and as text the
 classes ranked worst first and the most confused pairs; the same numbers go into `metrics.json`
-(`stage_results`). Top-1 and top-5 accuracy are the module's own metrics (`<stage>/acc`,
-`<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grid
+(`stage_results`), with precision, recall and F1 per class (`finetune.class_scores`), and the
+text of `classification_report.txt` (`classification_text`). Top-1 and top-5 accuracy, balanced
+accuracy and macro-F1 are the module's own metrics (`<stage>/acc`, `<stage>/acc_top5`,
+`<stage>/balanced_acc`, `<stage>/macro_f1`). With several processes (`trainer.devices=2`) every number and the grid
 cover each image of the split exactly once.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -24,6 +27,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
 
+from finetune.class_scores import classification_report, per_class_scores
 from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
@@ -33,12 +37,16 @@ __all__ = [  # the drawing and the numbers live in their own modules; reports ti
     "MAX_MISCLASSIFIED",
     "EvaluationReport",
     "Predictions",
+    "best_checkpoint_line",
     "confusion_image",
     "evaluation_order",
     "misclassified_image",
     "per_class_accuracy",
     "stage_results",
+    "warn_partial_evaluations",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
@@ -115,9 +123,16 @@ class EvaluationReport(pl.Callback):
         self.class_names = list(class_names)
         self.samples = samples  # per stage, in split order: the rows' positions index them
         self.results: dict[str, Any] = {}
+        self.report_texts: dict[str, str] = {}  # stage -> its classification report
         self._predictions = Predictions()
         self._order: list[int] = []  # split positions of this process's batches, in order
         self._seen = 0
+
+    def classification_text(self) -> str:
+        """The classification reports of the evaluated stages (val, then test), for
+        `classification_report.txt`; "" before any evaluation."""
+        reports = [self.report_texts[s] for s in ("val", "test") if s in self.report_texts]
+        return "\n".join(reports)
 
     def _stage(self, trainer: pl.Trainer) -> str | None:
         return EVALUATION_STAGES.get(trainer.state.fn)
@@ -160,7 +175,9 @@ class EvaluationReport(pl.Callback):
         positions, labels, preds = rows.unbind(dim=1)
         matrix = multiclass_confusion_matrix(preds, labels, len(self.class_names))
         results = stage_results(stage, matrix, self.class_names)
-        self.results |= results
+        self.results |= results | per_class_scores(stage, preds, labels, self.class_names)
+        title = f"{stage}: {len(labels)} images"
+        self.report_texts[stage] = classification_report(preds, labels, self.class_names, title)
         if not trainer.is_global_zero:
             return
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
@@ -181,6 +198,8 @@ class EvaluationReport(pl.Callback):
                 )
         for key in ("acc_per_class_sorted", "confused_pairs"):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
+        report = self.report_texts[stage].replace("\n", "\n    ")  # a Markdown code block
+        writer.add_text(f"{stage}/classification_report", f"    {report}", step)
         samples = self.samples.get(stage) or []
         wrong = torch.nonzero(preds != labels).flatten().tolist()
         mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
@@ -198,3 +217,60 @@ class EvaluationReport(pl.Callback):
 
     on_validation_epoch_end = _report
     on_test_epoch_end = _report
+
+
+# The numbers of each evaluated stage the closing line gives, after the selection metric.
+CLOSING_NUMBERS = ("acc", "balanced_acc", "macro_f1")
+
+
+def best_checkpoint_line(metrics: dict[str, Any]) -> str:
+    """One line: the metric that chose the best checkpoint (`selection_metric`) with its value,
+    the checkpoint's epoch, and per evaluated stage its accuracy, balanced accuracy and
+    macro-F1, with the number of images they cover when that is not the whole split
+    (`partial_evaluations`). Without a checkpoint, the final weights' numbers."""
+    partial = partial_evaluations(metrics)
+    numbers = "; ".join(
+        f"{stage}/"
+        + ", ".join(
+            f"{name} {metrics[f'{stage}/{name}']:.4f}"
+            for name in CLOSING_NUMBERS
+            if f"{stage}/{name}" in metrics
+        )
+        + partial.get(stage, "")
+        for stage in ("val", "test")
+        if f"{stage}/acc" in metrics
+    )
+    selection = metrics.get("selection_metric", "val/acc")
+    if metrics.get("best_checkpoint"):
+        chosen = metrics.get(selection)
+        what = f"Best checkpoint by {selection}" + ("" if chosen is None else f" {chosen:.4f}")
+    else:
+        what = "Final weights (no checkpoint)"
+    epoch = metrics.get("best_epoch")
+    when = "the linear probe, before training on" if epoch == -1 else f"epoch {epoch}"
+    return f"{what}: {when}; {numbers}."
+
+
+def partial_evaluations(metrics: dict[str, Any]) -> dict[str, str]:
+    """Stage -> " on N of M images" for each evaluated stage whose numbers cover fewer images
+    than its split holds (`trainer.limit_val_batches` / `limit_test_batches`, `overfit_batches`,
+    `fast_dev_run`: a smoke test's numbers, not the split's accuracy)."""
+    sizes = metrics.get("split_sizes") or {}
+    partial = {}
+    for stage in ("val", "test"):
+        images, size = metrics.get(f"{stage}/images"), sizes.get(stage)
+        if images is not None and size is not None and images < size:
+            partial[stage] = f" on {images} of {size} images"
+    return partial
+
+
+def warn_partial_evaluations(metrics: dict[str, Any]) -> None:
+    """Log one warning per stage of `partial_evaluations(metrics)`: its numbers are a smoke
+    test's, not the split's."""
+    for stage, images in partial_evaluations(metrics).items():
+        log.warning(
+            f"The {stage} numbers cover only some of its images ({stage}/acc{images}): the "
+            f"trainer's limit_{stage}_batches, overfit_batches or fast_dev_run cut the "
+            f"evaluation. They are a smoke test's, not the {stage} split's accuracy; without "
+            "those options every image counts."
+        )

@@ -26,6 +26,7 @@ from finetune import (
     config,
     distributed,
     features,
+    imbalance,
     interrupt,
     probe,
     resume,
@@ -38,7 +39,7 @@ from finetune.data import FinetuneDataModule, feature_datasets
 from finetune.distributed import build_once
 from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule, countable_example
-from finetune.reports import EvaluationReport
+from finetune.reports import EvaluationReport, best_checkpoint_line, warn_partial_evaluations
 from finetune.strategies import count_parameters
 from finetune.transforms import is_augmenting
 
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_seconds = time.perf_counter() - run_started + earlier_seconds
     metrics["run_seconds"] = round(run_seconds, 2)
     rundir.save_results(run_dir, metrics, cfg, fitting.loggers, fitting.trainer.global_step)
+    rundir.save_classification_report(run_dir, fitting.evaluation_report.classification_text())
     if fitting.trainer.is_global_zero:  # one closing line, not one per process
         warn_partial_evaluations(metrics)
         log.info("%s Run dir: %s", best_checkpoint_line(metrics), run_dir)
@@ -122,6 +124,7 @@ class Model(NamedTuple):
     speed: dict[str, bool]  # runtime.speed_switches: channels_last, compile
     # the probe is solved on the clean training images and this many augmented views of each
     augmented_views: int
+    selection: str = "val/acc"  # selection.metric: what chooses the probe's L2 on val
 
 
 class Fitting(NamedTuple):
@@ -148,6 +151,7 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=not datamodule.reads_user_folder):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    imbalance.log_class_balance(datamodule.splits, cfg.data.get("class_weights"))
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
         rundir.save_split(run_dir, datamodule.split_record())
@@ -184,7 +188,7 @@ def build_model(
     elif cfg.trainer.get("enable_model_summary") is not False:
         module.example_input_array = countable_example(module)
     views = int(cfg.strategy.get("augmented_views") or 0)  # adaptive.resolve checked it
-    return Model(strategy, network, module, speed, views)
+    return Model(strategy, network, module, speed, views, cfg.selection.metric)
 
 
 def build_trainer(cfg: DictConfig, model: Model, datamodule: FinetuneDataModule) -> Fitting:
@@ -272,7 +276,9 @@ def training_data(
     if model.strategy.head_from_probe and not resuming.restores_head:  # and the probe's report
         device = trainer.strategy.root_device
         smoothing = model.module.criterion.label_smoothing  # the loss gradient training uses
-        solved = solve_probe(model.network, datamodule, extracted, device, views, smoothing)
+        solved = solve_probe(
+            model.network, datamodule, extracted, device, views, smoothing, model.selection
+        )
         # the views' cache goes with the probe's report, which a resume restores
         views_cache = {k.replace("feature_", "views_"): v for k, v in views_report.items()}
         model.strategy.probe_report = solved | views_cache
@@ -290,10 +296,11 @@ def solve_probe(
     device: torch.device,
     views: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    selection: str = "val/acc",
 ) -> dict[str, Any]:
     """Solve the linear probe on the training split's features and `views` (features of
     augmented views of the training images, view-major: `features.augmented_views`), L2 chosen
-    on val, on `device`, with the training loss's `label_smoothing`, and copy it into the
+    on val by `selection` (`selection.metric`), on `device`, with the training loss's `label_smoothing`, and copy it into the
     network's head; returns its report for metrics.json."""
     # The features with their labels, as the data module would serve them.
     splits = feature_datasets(datamodule.splits, extracted)
@@ -315,6 +322,7 @@ def solve_probe(
         None if val is None else val.features.to(device),
         None if val is None else val.labels.to(device),
         label_smoothing=label_smoothing,
+        selection=selection,
     )
     solution.copy_into(network.get_classifier())
     return solution.report() | {"probe_augmented_views": view_count}
@@ -382,46 +390,6 @@ def _stage_metrics(results: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def best_checkpoint_line(metrics: dict[str, Any]) -> str:
-    """One line: the best checkpoint's epoch and its val (and test) accuracy, with the number
-    of images it covers when that is not the whole split (`partial_evaluations`)."""
-    partial = partial_evaluations(metrics)
-    numbers = ", ".join(
-        f"{stage}/acc {metrics[f'{stage}/acc']:.4f}{partial.get(stage, '')}"
-        for stage in ("val", "test")
-        if f"{stage}/acc" in metrics
-    )
-    what = "Best checkpoint" if metrics.get("best_checkpoint") else "Final weights (no checkpoint)"
-    epoch = metrics.get("best_epoch")
-    when = "the linear probe, before training on" if epoch == -1 else f"epoch {epoch}"
-    return f"{what}: {when}, {numbers}."
-
-
-def partial_evaluations(metrics: dict[str, Any]) -> dict[str, str]:
-    """Stage -> " on N of M images" for each evaluated stage whose numbers cover fewer images
-    than its split holds (`trainer.limit_val_batches` / `limit_test_batches`, `overfit_batches`,
-    `fast_dev_run`: a smoke test's numbers, not the split's accuracy)."""
-    sizes = metrics.get("split_sizes") or {}
-    partial = {}
-    for stage in ("val", "test"):
-        images, size = metrics.get(f"{stage}/images"), sizes.get(stage)
-        if images is not None and size is not None and images < size:
-            partial[stage] = f" on {images} of {size} images"
-    return partial
-
-
-def warn_partial_evaluations(metrics: dict[str, Any]) -> None:
-    """Log one warning per stage of `partial_evaluations(metrics)`: its numbers are a smoke
-    test's, not the split's."""
-    for stage, images in partial_evaluations(metrics).items():
-        log.warning(
-            f"The {stage} numbers cover only some of its images ({stage}/acc{images}): the "
-            f"trainer's limit_{stage}_batches, overfit_batches or fast_dev_run cut the "
-            f"evaluation. They are a smoke test's, not the {stage} split's accuracy; without "
-            "those options every image counts."
-        )
-
-
 def describe_run(
     cfg: DictConfig,
     model: Model,
@@ -446,5 +414,6 @@ def describe_run(
         "split_sizes": datamodule.splits.sizes(),
         "skipped_images": len(datamodule.skipped),
         "seed": cfg.seed,
+        "selection_metric": cfg.selection.metric,
         **(report.counts() if report else {}),
     }

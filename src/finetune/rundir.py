@@ -7,6 +7,7 @@
 | `split.json` | once the splits are known: which files went where | people |
 | `weights_report.json` | once the network is built (pretrained weights only) | people |
 | `metrics.json` | when the run finished; its presence means success | sweep summary, benchmarks |
+| `classification_report.txt` | with metrics.json: scores per class of the best checkpoint | people |
 | `failure.json` | when the run raised (by train.py) | sweep summary |
 
 `find_checkpoint` finds the checkpoint of a run dir for predict, export and `load_classifier`.
@@ -38,6 +39,7 @@ SPLIT_FILE = "split.json"
 WEIGHTS_REPORT_FILE = "weights_report.json"
 METRICS_FILE = "metrics.json"
 FAILURE_FILE = "failure.json"
+CLASSIFICATION_REPORT_FILE = "classification_report.txt"
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,17 @@ def save_results(
     """metrics.json, then the final hparams in every logger (see `log_final_hparams`)."""
     write_json(run_dir / METRICS_FILE, metrics)
     log_final_hparams(loggers, cfg, metrics, step)
+
+
+@rank_zero_only
+def save_classification_report(run_dir: Path, text: str) -> None:
+    """classification_report.txt: precision, recall, F1 and support per class, accuracy,
+    balanced accuracy and the macro and weighted means of each evaluated split
+    (`finetune.class_scores.classification_report`); nothing when `text` is empty."""
+    if text:
+        atomic_write(
+            run_dir / CLASSIFICATION_REPORT_FILE, lambda handle: handle.write(text.encode())
+        )
 
 
 def save_failure(run_dir: Path, error: BaseException) -> None:

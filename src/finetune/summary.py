@@ -6,10 +6,12 @@ Written automatically when a multirun ends (the Hydra callback `SweepSummary`, c
     python -m finetune.summary outputs/multirun/2026-11-28_12-00-00
 
 Files written into the sweep folder:
-- `summary.csv`: one row per run: job number, status (`ok` or `failed`, with the error), its
-  overrides (one column per swept key), val/test accuracy, trainable params, fit seconds.
-- `summary.md`: the same table, and when the sweep has a `seed` axis, mean +- std over seeds
-  of the accuracies and fit seconds for every other combination.
+- `summary.csv`: one row per run: job number, status (`ok`, `failed` or `diverged`, with the
+  error), its overrides (one column per swept key), val/test accuracy and macro-F1, the metric
+  that chose the best checkpoint (`selection.metric`) and its value, trainable params, fit
+  seconds.
+- `summary.md`: the same table, and when the sweep has a `seed` or `data.fold` axis, mean +- std
+  over them of the accuracies, macro-F1 and fit seconds for every other combination.
 - `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
   `tensorboard --logdir <sweep folder>/tensorboard`.
 - `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
@@ -25,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -38,8 +41,21 @@ from finetune.rundir import FAILURE_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("val_acc", "test_acc", "trainable_params", "fit_seconds", "train_images")
-AGGREGATED = ("val_acc", "test_acc", "fit_seconds")
+METRIC_COLUMNS = (
+    "val_acc",
+    "test_acc",
+    "val_macro_f1",
+    "test_macro_f1",
+    "selected_by",
+    "selected_value",
+    "trainable_params",
+    "fit_seconds",
+    "train_images",
+)
+AGGREGATED = ("val_acc", "test_acc", "val_macro_f1", "test_macro_f1", "fit_seconds")
+# A failed run whose error says the training diverged (finetune.module's stops, the probe's
+# non-finite solve): a learning rate to lower, not a bug to look for.
+DIVERGED = re.compile(r"\bdiverged\b", re.IGNORECASE)
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -66,10 +82,15 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
         metrics_file = job / METRICS_FILE
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
+            selected_by = metrics.get("selection_metric", "val/acc")  # older runs: by val/acc
             row |= {
                 "status": "ok",
                 "val_acc": metrics.get("val/acc"),
                 "test_acc": metrics.get("test/acc"),
+                "val_macro_f1": metrics.get("val/macro_f1"),
+                "test_macro_f1": metrics.get("test/macro_f1"),
+                "selected_by": selected_by,
+                "selected_value": metrics.get(selected_by),
                 "trainable_params": metrics.get("trainable_params"),
                 "fit_seconds": metrics.get("fit_seconds"),
                 "train_images": (metrics.get("split_sizes") or {}).get("train"),
@@ -80,10 +101,8 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
         else:
             failure_file = job / FAILURE_FILE
             failure = json.loads(failure_file.read_text()) if failure_file.is_file() else {}
-            row |= {
-                "status": "failed",
-                "error": failure.get("error", "no metrics.json (the run did not finish)"),
-            }
+            error = failure.get("error", "no metrics.json (the run did not finish)")
+            row |= {"status": "diverged" if DIVERGED.search(error) else "failed", "error": error}
         rows.append(row)
     # A run that left a key at its default shows the value it ran with, not a blank cell: a
     # sweep `strategy=last_layer,full` next to a run of the default strategy reads right.
@@ -207,11 +226,13 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> None:
     keys = swept_keys(rows)
-    failed = sum(row["status"] == "failed" for row in rows)
+    failed = sum(row["status"] != "ok" for row in rows)
+    diverged = sum(row["status"] == "diverged" for row in rows)
     parts = [
         f"# Sweep summary: {sweep_dir}",
         "",
-        f"{len(rows)} runs, {len(rows) - failed} finished, {failed} failed.",
+        f"{len(rows)} runs, {len(rows) - failed} finished, {failed} failed"
+        + (f" ({diverged} diverged: lower the learning rate)." if diverged else "."),
         "",
         "Shared overrides: "
         + (" ".join(f"`{k}={v}`" for k, v in fixed_overrides(rows).items()) or "none"),
@@ -240,15 +261,13 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
-                [*others, "runs", "failed", "val acc", "test acc", "fit seconds"],
+                [*others, "runs", "failed", *(c.replace("_", " ") for c in AGGREGATED)],
                 [
                     [
                         *(str(entry[key]) for key in others),
                         str(entry["runs"]),
                         str(entry["failed"]),
-                        _mean_std(entry, "val_acc"),
-                        _mean_std(entry, "test_acc"),
-                        _mean_std(entry, "fit_seconds"),
+                        *(_mean_std(entry, column) for column in AGGREGATED),
                     ]
                     for entry in table
                 ],

@@ -6,9 +6,8 @@ The YAML options in conf/ extend their schema (Hydra's "extending configs" patte
 free-form maps of `_target_` entries.
 
 A new key goes into the dataclass of its group, with its type, default and a comment; the YAML
-option files change only when an option needs another value. A key's allowed values or range
-that code elsewhere reads go into `finetune.config.values`; predict.py's and export.py's
-schemas are in `finetune.config.commands`.
+option files change only when an option needs another value. Allowed values or ranges that code
+elsewhere reads go into `finetune.config.values`; predict.py's and export.py's are in `commands`.
 """
 
 from __future__ import annotations
@@ -51,6 +50,7 @@ from finetune.config.values import (
     RESUMABLE,
     RESUMABLE_ENTRIES,  # noqa: F401 - importable from here too
     SCHEDULERS,
+    SELECTION_METRICS,
     one_of,
 )
 
@@ -228,8 +228,7 @@ class StepSchedulerConfig(SchedulerConfig):
 
 
 # ---------------------------------------------------------------------------------------------
-# trainer: pytorch_lightning.Trainer keyword arguments, with Lightning's defaults (conf/trainer
-# holds the project's choices). Keys of mixed type are `Any` with their values and types.
+# trainer: Lightning's Trainer arguments at its defaults (conf/trainer: the project's choices)
 COUNT_OR_FRACTION = one_of(None, types=(int, float))  # int = batches, float = fraction
 
 
@@ -296,6 +295,11 @@ class SpeedConfig:
 
 
 @dataclass
+class SelectionConfig:  # what picks the best checkpoint and epoch, the probe's L2 (values.py)
+    metric: str = field(default="val/acc", metadata=one_of(*SELECTION_METRICS) | RESUMABLE)
+
+
+@dataclass
 class Config:
     # the groups: each option brings its own schema
     model: Any = MISSING
@@ -314,6 +318,7 @@ class Config:
     ckpt_path: str | None = None
     print_config: bool = field(default=False, metadata=RESUMABLE)  # true: the whole tree
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

@@ -28,6 +28,10 @@ SCHEDULERS = ("cosine", "step", "constant")
 HEAD_INITS = ("probe", "random")
 # How a run trains (finetune.strategies.training_regime), which the data-adaptive defaults read.
 REGIMES = ("probe", "head", "finetune", "from_probe")
+# The validation metric that picks the best checkpoint, early stopping's epoch and the linear
+# probe's L2 strength (`selection.metric`): top-1 accuracy, balanced accuracy (the mean recall
+# of the classes) or macro-F1 (the mean F1 of the classes), all logged by the module.
+SELECTION_METRICS = ("val/acc", "val/balanced_acc", "val/macro_f1")
 # finetune.sources.SOURCES and finetune.data.layouts.LAYOUTS hold a builder per name (they need
 # torch, which checking a command line must not import); tests keep their names equal to these.
 MODEL_SOURCES = ("torchvision", "timm", "efficientnet_lite")
@@ -102,4 +106,11 @@ PROJECT_CACHE_DIR = "${oc.env:FINETUNE_CACHE_DIR,${oc.env:XDG_CACHE_HOME,'~/.cac
 RESUMABLE = {"resumable": True}
 REFUSED_WHEN_ABSENT = {"refused_when_absent": True}
 # The free-form groups (no dataclass) whose entries a resume may change, the key itself too.
-RESUMABLE_ENTRIES = ("callbacks.progress_bar", "logger")
+# The monitors follow `selection.metric`, which a resume may change: the epochs from then on are
+# ranked by the new metric.
+RESUMABLE_ENTRIES = (
+    "callbacks.progress_bar",
+    "logger",
+    "callbacks.model_checkpoint.monitor",
+    "callbacks.early_stopping.monitor",
+)
