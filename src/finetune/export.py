@@ -21,11 +21,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
+from finetune.calibration import temperature_for
 from finetune.config import check_fields
 from finetune.config.commands import EXPORT_SUFFIXES, ExportConfig
 from finetune.errors import FinetuneError, unknown_name
 from finetune.input_spec import InputSpec
-from finetune.predict import load_model, require
+from finetune.predict import find_checkpoint, load_model, require
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,15 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
 
 
 def metadata(
-    spec: InputSpec, class_names: list[str], fmt: str, file: Path, model_cfg: Any
+    spec: InputSpec,
+    class_names: list[str],
+    fmt: str,
+    file: Path,
+    model_cfg: Any,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """The JSON written beside an exported model."""
+    """The JSON written beside an exported model. `temperature`: what the logits are divided
+    by before the softmax (fitted on the val split after training, `finetune.calibration`)."""
     crop = spec.crop_size
     return {
         "format": fmt,
@@ -82,8 +89,9 @@ def metadata(
             "name": OUTPUT_NAME,
             "shape": ["batch", len(class_names)],
             "dtype": "float32",
-            "probabilities": "softmax over the last axis",
+            "probabilities": "softmax of logits / temperature over the last axis",
         },
+        "temperature": temperature,
         "preprocessing": preprocessing(spec),
         "model": _plain(model_cfg or {}),
         "torch_version": torch.__version__,
@@ -184,6 +192,7 @@ def export_model(
     path: str | Path,
     opset: int = ExportConfig.opset,
     check: bool = ExportConfig.check,
+    temperature: float = 1.0,
 ) -> Exported:
     """Write `model` (images -> logits, in eval mode) as `fmt` to `path` and its metadata to
     `path` with suffix `.json`, both atomically. With `check`, run the written file on a batch
@@ -197,7 +206,7 @@ def export_model(
     example = torch.randn(2, 3, spec.crop_size, spec.crop_size)
     atomic_write(path, lambda handle: WRITERS[fmt](network, example, handle, opset))
     hparams = getattr(model, "hparams", {})
-    info = metadata(spec, class_names, fmt, path, hparams.get("model"))
+    info = metadata(spec, class_names, fmt, path, hparams.get("model"), temperature)
     metadata_file = write_json(path.with_suffix(".json"), info)
     diff = check_export(model, path, fmt, spec) if check else None
     return Exported(path, metadata_file, diff)
@@ -255,6 +264,9 @@ def run(cfg: Any, output_dir: Path) -> Exported:
     check_output(path, fmt)
     opset = int(cfg.get("opset", ExportConfig.opset))
     model, spec, class_names = load_model(cfg.ckpt)
-    exported = export_model(model, spec, class_names, fmt, path, opset, bool(cfg.check))
+    temperature = temperature_for(find_checkpoint(cfg.ckpt))
+    exported = export_model(
+        model, spec, class_names, fmt, path, opset, bool(cfg.check), temperature
+    )
     print(f"Wrote {exported.model_file}\nWrote {exported.metadata_file}")
     return exported

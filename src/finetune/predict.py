@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune import backbones
 from finetune.atomic import write_json
+from finetune.calibration import temperature_for
 from finetune.config import check_fields
 from finetune.config.commands import TTA_MODES, PredictConfig
 
@@ -239,12 +240,16 @@ def _check_tta(tta: str) -> None:
 
 @dataclass
 class Predictor:
-    """A trained classifier with its eval preprocessing and class names."""
+    """A trained classifier with its eval preprocessing and class names. `temperature`
+    divides the logits before the softmax (fitted on the val split after training,
+    `finetune.calibration`; 1.0: the model's own probabilities); it never changes the order of
+    the classes."""
 
     model: nn.Module
     input_spec: InputSpec
     class_names: list[str]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.input_spec)
@@ -252,13 +257,15 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: str = PredictConfig.tta) -> torch.Tensor:
-        """Softmax of a preprocessed batch `(N, 3, crop, crop)`; `tta="flip"` averages it with
-        that of the mirrored images. Returns `(N, classes)` float32 on the CPU."""
+        """Softmax of a preprocessed batch `(N, 3, crop, crop)`'s logits over `temperature`;
+        `tta="flip"` averages it with that of the mirrored images. Returns `(N, classes)`
+        float32 on the CPU."""
         _check_tta(tta)
         images = images.to(self.device, non_blocking=True)
-        probs = self.model(images).float().softmax(dim=1)
+        probs = (self.model(images).float() / self.temperature).softmax(dim=1)
         if tta == "flip":
-            probs = (probs + self.model(images.flip(-1)).float().softmax(dim=1)) / 2
+            flipped = self.model(images.flip(-1)).float() / self.temperature
+            probs = (probs + flipped.softmax(dim=1)) / 2
         return probs.cpu()
 
     def predict(
@@ -309,9 +316,13 @@ def pick_device(device: str = PredictConfig.device) -> torch.device:
 
 
 def load_predictor(path: str | Path, device: str = PredictConfig.device) -> Predictor:
-    """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict."""
+    """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict, with
+    the temperature fitted for that checkpoint (`finetune.calibration.temperature_for`)."""
     model, spec, class_names = load_model(path)
-    return Predictor(model, spec, class_names, pick_device(device))
+    temperature = temperature_for(find_checkpoint(path))
+    if temperature != 1.0:
+        log.info("Probabilities calibrated by the run's temperature %.4g", temperature)
+    return Predictor(model, spec, class_names, pick_device(device), temperature)
 
 
 def require(cfg: Any, keys: Sequence[str], example: str) -> None:

@@ -24,6 +24,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
 
+from finetune.calibration import calibration_results, fit_temperature, reliability_image
 from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
@@ -75,10 +76,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 class Predictions(Metric):
-    """Each evaluated image's position in its split with its true and predicted class.
+    """Each evaluated image's position in its split with its true class and its logits.
 
-    `update(positions, labels, preds)` takes three `(batch,)` integer tensors; `compute()`
-    returns an `(images, 3)` long tensor of rows `(position, true, predicted)` ordered by
+    `update(positions, labels, logits)` takes two `(batch,)` integer tensors and the
+    `(batch, classes)` logits; `compute()` returns an `(images, 3)` long tensor of rows
+    `(position, true, predicted)` and the float32 `(images, classes)` logits, both ordered by
     position, from every process: with several processes torchmetrics gathers each one's rows
     (its `cat` reduction accepts shares of different lengths), so every image counts once.
     """
@@ -88,14 +90,20 @@ class Predictions(Metric):
     def __init__(self) -> None:
         super().__init__()
         self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
 
-    def update(self, positions: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+    def update(self, positions: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        preds = logits.argmax(dim=1)
         self.rows.append(torch.stack([positions, labels, preds], dim=1).long())
+        self.logits.append(logits.float())
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         # A list on one process; one tensor once torchmetrics has gathered every process's.
-        rows = dim_zero_cat(self.rows) if len(self.rows) else torch.empty(0, 3, dtype=torch.long)
-        return rows[rows[:, 0].argsort()]
+        if not len(self.rows):
+            return torch.empty(0, 3, dtype=torch.long), torch.empty(0, 0)
+        rows, logits = dim_zero_cat(self.rows), dim_zero_cat(self.logits)
+        order = rows[:, 0].argsort()
+        return rows[order], logits[order]
 
 
 def evaluation_order(loader: Any) -> list[int]:
@@ -116,6 +124,7 @@ class EvaluationReport(pl.Callback):
         self.samples = samples  # per stage, in split order: the rows' positions index them
         self.results: dict[str, Any] = {}
         self._predictions = Predictions()
+        self.temperature = 1.0  # fitted on the val logits (finetune.calibration)
         self._order: list[int] = []  # split positions of this process's batches, in order
         self._seen = 0
 
@@ -154,12 +163,17 @@ class EvaluationReport(pl.Callback):
         stage = self._stage(trainer)
         if stage is None:
             return
-        rows = self._predictions.compute().cpu()  # every process takes part in the gather
+        rows, logits = self._predictions.compute()  # every process takes part in the gather
         if not len(rows):
             return
-        positions, labels, preds = rows.unbind(dim=1)
+        positions, labels, preds = rows.cpu().unbind(dim=1)
+        logits = logits.cpu()
         matrix = multiclass_confusion_matrix(preds, labels, len(self.class_names))
         results = stage_results(stage, matrix, self.class_names)
+        if stage == "val":  # the test split, when there is one, is scored with val's T
+            self.temperature = fit_temperature(logits, labels)
+            results["temperature"] = self.temperature
+        results |= calibration_results(stage, logits, labels, self.temperature)
         self.results |= results
         if not trainer.is_global_zero:
             return
@@ -170,6 +184,13 @@ class EvaluationReport(pl.Callback):
         writer.add_image(
             f"{stage}/confusion_matrix",
             confusion_image(matrix, self.class_names, f"{stage} confusion matrix"),
+            step,
+            dataformats="HWC",
+        )
+        title = f"{stage} reliability: accuracy per confidence bin ({len(labels)} images)"
+        writer.add_image(
+            f"{stage}/reliability",
+            reliability_image(logits, labels, self.temperature, title),
             step,
             dataformats="HWC",
         )
