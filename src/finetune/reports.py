@@ -1,14 +1,16 @@
 """What the final evaluation shows: confusion matrix, per-class accuracy, the worst classes,
-the most confused pairs, misclassified images.
+the most confused pairs, the images of highest loss, calibration.
 
 `EvaluationReport` is a callback that watches the evaluation of the best checkpoint after
 training (Lightning's validate and test stages, not the validation inside fit). For each stage it
 logs to TensorBoard a confusion-matrix image (above 40 classes, a sorted view of the worst
-classes and their top confusions: `finetune.report_images`), a grid of misclassified images
-titled with their true and predicted class names, one accuracy scalar per class, and as text the
-classes ranked worst first and the most confused pairs; the same numbers go into `metrics.json`
-(`stage_results`). Top-1 and top-5 accuracy are the module's own metrics (`<stage>/acc`,
-`<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grid
+classes and their top confusions: `finetune.report_images`), a grid of the images of highest
+loss captioned with their true and predicted class and p(true) (`finetune.top_losses`), the
+reliability diagrams before and after the temperature fitted on val (`finetune.calibration`),
+one accuracy scalar per class, and as text the classes ranked worst first and the most confused
+pairs; the same numbers go into `metrics.json` (`stage_results`, the top losses, the
+temperature and the calibration errors). Top-1 and top-5 accuracy are the module's own metrics
+(`<stage>/acc`, `<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grid
 cover each image of the split exactly once.
 """
 
@@ -29,9 +31,9 @@ from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
 from finetune.report_images import confusion_image, misclassified_image
+from finetune.top_losses import top_losses, top_losses_image
 
 __all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
-    "MAX_MISCLASSIFIED",
     "EvaluationReport",
     "Predictions",
     "confusion_image",
@@ -41,7 +43,6 @@ __all__ = [  # the drawing and the numbers live in their own modules; reports ti
     "stage_results",
 ]
 
-MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
@@ -174,6 +175,10 @@ class EvaluationReport(pl.Callback):
             self.temperature = fit_temperature(logits, labels)
             results["temperature"] = self.temperature
         results |= calibration_results(stage, logits, labels, self.temperature)
+        samples = self.samples.get(stage) or []
+        if samples:  # the positions index the split's samples
+            paths = [samples[int(position)][0] for position in positions]
+            results[f"{stage}/top_losses"] = top_losses(paths, labels, logits, self.class_names)
         self.results |= results
         if not trainer.is_global_zero:
             return
@@ -202,18 +207,12 @@ class EvaluationReport(pl.Callback):
                 )
         for key in ("acc_per_class_sorted", "confused_pairs"):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
-        samples = self.samples.get(stage) or []
-        wrong = torch.nonzero(preds != labels).flatten().tolist()
-        mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
-            :MAX_MISCLASSIFIED
-        ]
-        if mistakes:
-            title = f"{stage}: {len(wrong)} misclassified of {len(labels)} (first {len(mistakes)})"
+        shown = results.get(f"{stage}/top_losses")
+        if shown:
+            wrong = int((preds != labels).sum())
+            title = f"{stage}: the {len(shown)} highest losses of {len(labels)} ({wrong} wrong)"
             writer.add_image(
-                f"{stage}/misclassified",
-                misclassified_image(mistakes, self.class_names, title),
-                step,
-                dataformats="HWC",
+                f"{stage}/top_losses", top_losses_image(shown, title), step, dataformats="HWC"
             )
         writer.flush()
 
