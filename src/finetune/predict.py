@@ -18,18 +18,19 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import backbones
-from finetune.atomic import write_json
+from finetune.atomic import atomic_write, write_json
 from finetune.calibration import temperature_for
 from finetune.config import check_fields
 from finetune.config.commands import TTA_MODES, PredictConfig
@@ -37,6 +38,7 @@ from finetune.config.commands import TTA_MODES, PredictConfig
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
 from finetune.data.folders import IMG_EXTENSIONS, images_under, report_unread
+from finetune.embeddings import EMBEDDINGS_FILE, captured
 from finetune.errors import FinetuneError
 from finetune.input_spec import InputSpec
 from finetune.module import load_classifier
@@ -274,9 +276,13 @@ class Predictor:
         batch_size: int = PredictConfig.batch_size,
         tta: str = PredictConfig.tta,
         num_workers: int = 0,
+        embeddings: bool = False,
+        layer: str | None = None,
     ) -> Predictions:
         """Decode, preprocess and classify `files` in batches; unreadable ones are skipped
-        and listed, never fatal."""
+        and listed, never fatal. With `embeddings`, also one vector per image from the same
+        forward pass (of the image as given, not its mirror): the head's input, or the pooled
+        output of the module named `layer` (`finetune.embeddings.captured`)."""
         _check_tta(tta)
         files = [Path(f) for f in files]
         loader = DataLoader(
@@ -286,15 +292,22 @@ class Predictor:
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
-        kept, chunks, unreadable = [], [], {}
-        for indices, images, errors in loader:
-            unreadable |= {files[i]: reason for i, reason in errors.items()}
-            if images is not None:
-                kept += [files[i] for i in indices]
-                chunks.append(self.probabilities(images, tta))
+        kept, chunks, vectors, unreadable = [], [], [], {}
+        with captured(self.model, layer) if embeddings else nullcontext([]) as found:
+            for indices, images, errors in loader:
+                unreadable |= {files[i]: reason for i, reason in errors.items()}
+                if images is not None:
+                    kept += [files[i] for i in indices]
+                    chunks.append(self.probabilities(images, tta))
+                    if embeddings:  # the first forward pass: the image, not its mirror
+                        vectors.append(found[0].cpu())
+                        found.clear()
         classes = len(self.class_names)
         probabilities = torch.cat(chunks) if chunks else torch.empty(0, classes)
-        return Predictions(kept, probabilities, unreadable)
+        result = Predictions(kept, probabilities, unreadable)
+        if embeddings:
+            result.embeddings = torch.cat(vectors) if vectors else torch.empty(0, 0)
+        return result
 
 
 def pick_device(device: str = PredictConfig.device) -> torch.device:
@@ -349,6 +362,15 @@ def check_settings(cfg: Any) -> None:
 PREDICT_EXAMPLE = "python predict.py ckpt=outputs/runs/<run> inputs=photos/"
 
 
+def save_embeddings(path: Path, result: Predictions) -> Path:
+    """`result.embeddings` as a float32 `(N, D)` .npy file, row i the image of row i of
+    predictions.csv; written atomically."""
+    array = result.embeddings.numpy().astype(np.float32)
+    atomic_write(path, lambda handle: np.save(handle, array))
+    print(f"Wrote {path} ({array.shape[0]} x {array.shape[1]}, rows as in the CSV)")
+    return path
+
+
 def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
     class folders), write predictions.csv (and skipped_images.json). Returns a summary.
@@ -357,8 +379,15 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", PredictConfig.device)))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
+    layer = cfg.get("embeddings_layer")
+    embeddings = bool(cfg.get("embeddings")) or layer is not None
     result = predictor.predict(
-        inputs.files, int(cfg.batch_size), str(cfg.tta), int(cfg.get("num_workers", 0))
+        inputs.files,
+        int(cfg.batch_size),
+        str(cfg.tta),
+        int(cfg.get("num_workers", 0)),
+        embeddings,
+        str(layer) if layer is not None else None,
     )
     k = min(int(cfg.top_k), len(predictor.class_names))
     rows = top_k(result, predictor.class_names, k)
@@ -369,6 +398,8 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     csv_path = Path(str(wanted)).expanduser() if wanted else output_dir / "predictions.csv"
     write_csv(csv_path, rows, k, truth)
     summary: dict[str, Any] = {"predicted": len(result.files), "csv": str(csv_path)}
+    if result.embeddings is not None:
+        summary["embeddings"] = str(save_embeddings(csv_path.with_name(EMBEDDINGS_FILE), result))
     if result.unreadable:
         listing = "\n".join(f"  {p} ({reason})" for p, reason in result.unreadable.items())
         print(f"Skipped {len(result.unreadable)} unreadable file(s):\n{listing}")

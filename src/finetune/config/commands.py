@@ -30,6 +30,10 @@ class PredictConfig:
     num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
     output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir
+    # write embeddings.npy beside the CSV: (N, D) features, row-aligned with predictions.csv
+    embeddings: bool = False
+    # the module whose pooled output they are (e.g. layer3, blocks.5); null: what the head sees
+    embeddings_layer: str | None = None
 
 
 @dataclass
