@@ -15,6 +15,7 @@ TTA_MODES = ("none", "flip")
 # format -> the suffix of the model file it writes (a loader picks its reader by the suffix)
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
 EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
+QUANTIZE_MODES = ("none", "int8")
 
 
 @dataclass
@@ -45,3 +46,6 @@ class ExportConfig:
     # ONNX opset version (torch.onnx exports 7 to 23)
     opset: int = field(default=17, metadata=one_of(types=(int,), minimum=7))
     check: bool = True  # run the written file once and compare it with PyTorch (max |diff|)
+    # none | int8: static int8 quantization of the ONNX file, calibrated on training images
+    quantize: str = field(default="none", metadata=one_of(*QUANTIZE_MODES))
+    calibration_images: int = field(default=200, metadata=COUNT_FROM_ONE)  # for quantize=int8
