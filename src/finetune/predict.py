@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from finetune import backbones
 from finetune.atomic import atomic_write, write_json
 from finetune.calibration import temperature_for
+from finetune.cams import CAMS_FOLDER, write_all_cams
 from finetune.config import check_fields
 from finetune.config.commands import TTA_MODES, PredictConfig
 
@@ -379,11 +380,11 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", PredictConfig.device)))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
-    layer = cfg.get("embeddings_layer")
+    layer, batch_size = cfg.get("embeddings_layer"), int(cfg.batch_size)
     embeddings = bool(cfg.get("embeddings")) or layer is not None
     result = predictor.predict(
         inputs.files,
-        int(cfg.batch_size),
+        batch_size,
         str(cfg.tta),
         int(cfg.get("num_workers", 0)),
         embeddings,
@@ -400,6 +401,14 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"predicted": len(result.files), "csv": str(csv_path)}
     if result.embeddings is not None:
         summary["embeddings"] = str(save_embeddings(csv_path.with_name(EMBEDDINGS_FILE), result))
+    method = str(cfg.get("cam") or "none")
+    if method != "none":
+        p = predictor
+        maps = write_all_cams(
+            p.model, p.transform, p.input_spec, result.files, csv_path.parent, method, batch_size
+        )
+        print(f"Wrote {maps} and an overlay per image in {maps.parent / CAMS_FOLDER}")
+        summary["cams"] = str(maps)
     if result.unreadable:
         listing = "\n".join(f"  {p} ({reason})" for p, reason in result.unreadable.items())
         print(f"Skipped {len(result.unreadable)} unreadable file(s):\n{listing}")

@@ -16,6 +16,7 @@ cover each image of the split exactly once.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -31,7 +32,7 @@ from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
 from finetune.report_images import confusion_image, misclassified_image
-from finetune.top_losses import top_losses, top_losses_image
+from finetune.top_losses import top_losses, top_losses_cam_image, top_losses_image
 
 __all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
     "EvaluationReport",
@@ -45,6 +46,7 @@ __all__ = [  # the drawing and the numbers live in their own modules; reports ti
 
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
+log = logging.getLogger(__name__)
 
 
 def stage_results(stage: str, matrix: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
@@ -214,7 +216,19 @@ class EvaluationReport(pl.Callback):
             writer.add_image(
                 f"{stage}/top_losses", top_losses_image(shown, title), step, dataformats="HWC"
             )
+            self._log_cams(writer, step, stage, shown, pl_module, title)
         writer.flush()
+
+    @staticmethod
+    def _log_cams(writer, step: int, stage: str, shown, pl_module, title: str) -> None:
+        """The top losses' class activation maps (`<stage>/top_losses_cam`): a picture for a
+        finished run, never a reason to fail it, so an error is a warning."""
+        try:
+            grid = top_losses_cam_image(shown, pl_module.network, f"{title}: Grad-CAM")
+        except Exception as error:  # a family pytorch-grad-cam cannot serve, ...
+            log.warning("No class activation maps of the top losses: %s", error)
+            return
+        writer.add_image(f"{stage}/top_losses_cam", grid, step, dataformats="HWC")
 
     on_validation_epoch_end = _report
     on_test_epoch_end = _report

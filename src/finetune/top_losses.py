@@ -15,10 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import nn
 from torch.nn import functional as F
 
+from finetune.cams import heatmaps, overlay
 from finetune.data import load_rgb
 from finetune.report_images import _font
+from finetune.transforms import eval_transform
 
 MAX_TOP_LOSSES = 16  # images listed and drawn per evaluated split
 
@@ -51,10 +54,13 @@ def top_losses(
     ]
 
 
-def top_losses_image(entries: list[dict[str, Any]], title: str) -> np.ndarray:
+def top_losses_image(
+    entries: list[dict[str, Any]], title: str, pictures: list[Image.Image] | None = None
+) -> np.ndarray:
     """`top_losses` entries as a grid of 4 columns, in their order (row by row), each image
     captioned with its true class, its predicted class (red when wrong, green when right) and
-    `loss / p(true)`. `(height, width, 3)` uint8 RGB; the images decoded as training does."""
+    `loss / p(true)`. `(height, width, 3)` uint8 RGB; the images decoded as training does, or
+    `pictures[i]` in place of entry i's file (its class activation map)."""
     columns, thumb, caption = 4, 160, 50
     rows = max(1, -(-len(entries) // columns))
     canvas = Image.new(
@@ -66,7 +72,7 @@ def top_losses_image(entries: list[dict[str, Any]], title: str) -> np.ndarray:
     for position, entry in enumerate(entries):
         x = 8 + (position % columns) * (thumb + 8)
         y = 28 + (position // columns) * (thumb + caption + 8)
-        picture = load_rgb(entry["path"])
+        picture = pictures[position].copy() if pictures else load_rgb(entry["path"])
         picture.thumbnail((thumb, thumb))
         canvas.paste(picture, (x + (thumb - picture.width) // 2, y + (thumb - picture.height) // 2))
         wrong = entry["true"] != entry["predicted"]
@@ -78,3 +84,20 @@ def top_losses_image(entries: list[dict[str, Any]], title: str) -> np.ndarray:
         for line, (text, colour) in enumerate(lines):
             draw.text((x, y + thumb + 2 + 15 * line), text, fill=colour, font=font)
     return np.asarray(canvas)
+
+
+def top_losses_cam_image(
+    entries: list[dict[str, Any]], network: nn.Module, title: str, method: str = "gradcam"
+) -> np.ndarray:
+    """The `top_losses_image` grid of the class activation maps of `network` (a
+    `finetune.backbones.Network`) for each image's predicted class, overlaid on what the
+    network saw (the eval crop): where it looked when it decided (`finetune.cams`)."""
+    spec = network.input_spec
+    transform = eval_transform(spec)
+    images = torch.stack([transform(load_rgb(entry["path"])) for entry in entries])
+    maps = heatmaps(network, images, method)
+    pictures = [
+        Image.fromarray(overlay(image, heatmap, spec))
+        for image, heatmap in zip(images, maps, strict=True)
+    ]
+    return top_losses_image(entries, title, pictures)

@@ -16,6 +16,17 @@ TTA_MODES = ("none", "flip")
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
 EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
 QUANTIZE_MODES = ("none", "int8")
+# predict.py cam=<method>: pytorch-grad-cam's methods (finetune.cams.METHODS)
+CAM_METHODS = (
+    "gradcam",
+    "gradcam++",
+    "hirescam",
+    "xgradcam",
+    "layercam",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+)
 
 
 @dataclass
@@ -35,6 +46,8 @@ class PredictConfig:
     embeddings: bool = False
     # the module whose pooled output they are (e.g. layer3, blocks.5); null: what the head sees
     embeddings_layer: str | None = None
+    # none | gradcam | gradcam++ | ...: an overlay PNG per image in cams/ and the maps in cams.npy
+    cam: str = field(default="none", metadata=one_of("none", *CAM_METHODS))
 
 
 @dataclass
