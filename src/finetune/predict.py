@@ -374,7 +374,8 @@ def save_embeddings(path: Path, result: Predictions) -> Path:
 
 def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
-    class folders), write predictions.csv (and skipped_images.json). Returns a summary.
+    class folders), write predictions.csv (and skipped_images.json; embeddings.npy with
+    `embeddings`, cams.npy and cams/ with `cam`). Returns a summary.
     Raises `FinetuneError` for a missing or bad setting before loading anything."""
     check_settings(cfg)
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", PredictConfig.device)))
@@ -403,9 +404,14 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
         summary["embeddings"] = str(save_embeddings(csv_path.with_name(EMBEDDINGS_FILE), result))
     method = str(cfg.get("cam") or "none")
     if method != "none":
-        p = predictor
         maps = write_all_cams(
-            p.model, p.transform, p.input_spec, result.files, csv_path.parent, method, batch_size
+            predictor.model,
+            predictor.transform,
+            predictor.input_spec,
+            result.files,
+            csv_path.parent,
+            method,
+            batch_size,
         )
         print(f"Wrote {maps} and an overlay per image in {maps.parent / CAMS_FOLDER}")
         summary["cams"] = str(maps)

@@ -5,12 +5,13 @@ the most confused pairs, the images of highest loss, calibration.
 training (Lightning's validate and test stages, not the validation inside fit). For each stage it
 logs to TensorBoard a confusion-matrix image (above 40 classes, a sorted view of the worst
 classes and their top confusions: `finetune.report_images`), a grid of the images of highest
-loss captioned with their true and predicted class and p(true) (`finetune.top_losses`), the
-reliability diagrams before and after the temperature fitted on val (`finetune.calibration`),
-one accuracy scalar per class, and as text the classes ranked worst first and the most confused
-pairs; the same numbers go into `metrics.json` (`stage_results`, the top losses, the
-temperature and the calibration errors). Top-1 and top-5 accuracy are the module's own metrics
-(`<stage>/acc`, `<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grid
+loss captioned with their true and predicted class and p(true) (`finetune.top_losses`) and
+the same grid with their class activation maps (`finetune.cams`), the reliability diagrams
+before and after the temperature fitted on val (`finetune.calibration`), one accuracy scalar
+per class, and as text the classes ranked worst first and the most confused pairs; the same
+numbers go into `metrics.json` (`stage_results`, the top losses, the temperature and the
+calibration errors). Top-1 and top-5 accuracy are the module's own metrics (`<stage>/acc`,
+`<stage>/acc_top5`). With several processes (`trainer.devices=2`) every number and the grids
 cover each image of the split exactly once.
 """
 
