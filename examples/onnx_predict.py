@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             continue
         logits = session.run([info["output"]["name"]], {info["input"]["name"]: np.stack(inputs)})[0]
-        for path, probabilities in zip(paths, softmax(logits), strict=True):
+        # the temperature fitted on the val split after training (1: the model's own)
+        calibrated = softmax(logits / info.get("temperature", 1.0))
+        for path, probabilities in zip(paths, calibrated, strict=True):
             best = np.argsort(-probabilities, kind="stable")[:k]
             row = [path]
             for index in best:

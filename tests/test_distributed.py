@@ -23,17 +23,13 @@ from sklearn.metrics import balanced_accuracy_score, f1_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import compose_config, folder_overrides, make_class_folders, run_train
+from finetune.calibration import expected_calibration_error
 from finetune.class_scores import classification_report
 from finetune.errors import FinetuneError
 from finetune.module import ClassifierModule, load_classifier
-from finetune.reports import (
-    MAX_MISCLASSIFIED,
-    EvaluationReport,
-    confusion_image,
-    misclassified_image,
-    per_class_accuracy,
-)
+from finetune.reports import EvaluationReport, confusion_image, per_class_accuracy
 from finetune.run import build_datamodule
+from finetune.top_losses import MAX_TOP_LOSSES, top_losses_image
 
 SPLIT_COUNTS = {
     "train": {"ants": 4, "bees": 4, "wasps": 4},
@@ -95,7 +91,8 @@ def two_process_run(request, tmp_path_factory) -> tuple[Path, Path, dict]:
 
 def one_process_truth(module, datamodule, split: str) -> dict:
     """Each image of `split` once, in one process, without Lightning: accuracy, loss, confusion
-    matrix and the misclassified `(path, true, predicted)` in split order."""
+    matrix, the misclassified `(path, true, predicted)` in split order, the highest losses
+    `(path, loss)` and the expected calibration error."""
     samples = datamodule.splits.named()[split]
     dataset = datamodule.datasets[split]
     batch = (torch.stack([dataset[i][0] for i in range(len(dataset))]), torch.tensor(0))
@@ -104,6 +101,8 @@ def one_process_truth(module, datamodule, split: str) -> dict:
     with torch.no_grad():
         logits = module(images)
     preds = logits.argmax(dim=1)
+    losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").tolist()
+    ranked = sorted(range(len(samples)), key=lambda i: -losses[i])[:MAX_TOP_LOSSES]
     classes = datamodule.num_classes
     matrix = torch.bincount(labels * classes + preds, minlength=classes**2).view(classes, -1)
     return {
@@ -115,6 +114,8 @@ def one_process_truth(module, datamodule, split: str) -> dict:
         "wrong": [
             (path, int(t), int(p)) for (path, t), p in zip(samples, preds, strict=True) if t != p
         ],
+        "top_losses": [(samples[i][0], losses[i]) for i in ranked],
+        "ece": expected_calibration_error(logits, labels),
     }
 
 
@@ -170,15 +171,18 @@ def test_two_processes_evaluate_each_image_once(two_process_run, tmp_path, recor
                 confusion_image(truth["matrix"], names, f"{split} confusion matrix"),
             ),
         }
-        wrong = truth["wrong"]
-        if wrong:  # the grid: the same images in the same order, titled with the whole count
-            shown = wrong[:MAX_MISCLASSIFIED]
-            title = f"{split}: {len(wrong)} misclassified of {count} (first {len(shown)})"
-            expected = misclassified_image(shown, names, title)
-            checks[split]["grid"] = np.array_equal(images[f"{split}/misclassified"], expected)
+        # the top losses: the same images in the same order, titled with the whole count
+        shown = metrics[f"{split}/top_losses"]
+        checks[split]["top_losses"] = [(e["path"], e["loss"]) for e in shown] == [
+            (path, pytest.approx(loss, abs=1e-4)) for path, loss in truth["top_losses"]
+        ]
+        wrong = len(truth["wrong"])
+        title = f"{split}: the {len(shown)} highest losses of {count} ({wrong} wrong)"
+        expected = top_losses_image(shown, title)
+        checks[split]["grid"] = np.array_equal(images[f"{split}/top_losses"], expected)
+        checks[split]["ece"] = metrics[f"{split}/ece"] == pytest.approx(truth["ece"], abs=1e-4)
     record_fault(all(all(c.values()) for c in checks.values()))
     assert checks == {split: dict.fromkeys(c, True) for split, c in checks.items()}
-    assert any("grid" in c for c in checks.values())  # some image was misclassified
 
 
 @pytest.mark.slow  # two processes: CI's slow step runs it

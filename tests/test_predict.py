@@ -68,7 +68,7 @@ def test_predictions_equal_the_evaluation_path_of_training(lite0_run, tmp_path):
     dataset = ImageListDataset([(str(f), 0) for f in files], eval_transform(predictor.input_spec))
     images = torch.stack([dataset[i][0] for i in range(len(files))])
     with torch.inference_mode():
-        expected = predictor.model(images).softmax(dim=1)
+        expected = (predictor.model(images) / predictor.temperature).softmax(dim=1)
     assert result.files == files
     torch.testing.assert_close(result.probabilities, expected, atol=1e-6, rtol=0)
 
@@ -80,7 +80,7 @@ def test_tta_flip_averages_the_image_and_its_mirror(lite0_run, tmp_path):
     flipped = predictor.predict(files, tta="flip").probabilities
     images = torch.stack([predictor.transform(Image.open(f).convert("RGB")) for f in files])
     with torch.inference_mode():
-        mirror = predictor.model(images.flip(-1)).softmax(dim=1)
+        mirror = (predictor.model(images.flip(-1)) / predictor.temperature).softmax(dim=1)
     torch.testing.assert_close(flipped, (plain + mirror) / 2, atol=1e-6, rtol=0)
     assert not torch.allclose(flipped, plain, atol=1e-4)  # the mirror changes the answer
     with pytest.raises(FinetuneError, match="flip"):

@@ -163,7 +163,8 @@ def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(make_cf
     assert any(tag.startswith("lr-") for tag in tags["scalars"])
     for stage in ("val", "test"):
         assert f"{stage}/confusion_matrix" in tags["images"]
-        assert f"{stage}/misclassified" in tags["images"]
+        assert f"{stage}/top_losses" in tags["images"]
+        assert f"{stage}/reliability" in tags["images"]
         assert {
             f"best/{stage}/acc_per_class/{name}" for name in ("circle", "square", "stripes")
         } <= set(tags["scalars"])

@@ -9,7 +9,9 @@ probabilities. `examples/onnx_predict.py` reproduces the preprocessing with Pill
 
 from __future__ import annotations
 
+import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,11 +23,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from finetune.atomic import atomic_write, write_json
+from finetune.calibration import temperature_for
 from finetune.config import check_fields
 from finetune.config.commands import EXPORT_SUFFIXES, ExportConfig
 from finetune.errors import FinetuneError, unknown_name
 from finetune.input_spec import InputSpec
-from finetune.predict import load_model, require
+from finetune.predict import find_checkpoint, load_model, require
+from finetune.quantize import quantization_report, quantize_int8, split_files, top1_agreement
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,15 @@ def preprocessing(spec: InputSpec) -> dict[str, Any]:
 
 
 def metadata(
-    spec: InputSpec, class_names: list[str], fmt: str, file: Path, model_cfg: Any
+    spec: InputSpec,
+    class_names: list[str],
+    fmt: str,
+    file: Path,
+    model_cfg: Any,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """The JSON written beside an exported model."""
+    """The JSON written beside an exported model. `temperature`: what the logits are divided
+    by before the softmax (fitted on the val split after training, `finetune.calibration`)."""
     crop = spec.crop_size
     return {
         "format": fmt,
@@ -82,8 +92,9 @@ def metadata(
             "name": OUTPUT_NAME,
             "shape": ["batch", len(class_names)],
             "dtype": "float32",
-            "probabilities": "softmax over the last axis",
+            "probabilities": "softmax of logits / temperature over the last axis",
         },
+        "temperature": temperature,
         "preprocessing": preprocessing(spec),
         "model": _plain(model_cfg or {}),
         "torch_version": torch.__version__,
@@ -184,6 +195,7 @@ def export_model(
     path: str | Path,
     opset: int = ExportConfig.opset,
     check: bool = ExportConfig.check,
+    temperature: float = 1.0,
 ) -> Exported:
     """Write `model` (images -> logits, in eval mode) as `fmt` to `path` and its metadata to
     `path` with suffix `.json`, both atomically. With `check`, run the written file on a batch
@@ -197,7 +209,7 @@ def export_model(
     example = torch.randn(2, 3, spec.crop_size, spec.crop_size)
     atomic_write(path, lambda handle: WRITERS[fmt](network, example, handle, opset))
     hparams = getattr(model, "hparams", {})
-    info = metadata(spec, class_names, fmt, path, hparams.get("model"))
+    info = metadata(spec, class_names, fmt, path, hparams.get("model"), temperature)
     metadata_file = write_json(path.with_suffix(".json"), info)
     diff = check_export(model, path, fmt, spec) if check else None
     return Exported(path, metadata_file, diff)
@@ -228,6 +240,40 @@ def check_export(model: nn.Module, path: Path, fmt: str, spec: InputSpec) -> flo
     return diff
 
 
+def export_int8(
+    model: nn.Module,
+    spec: InputSpec,
+    class_names: list[str],
+    path: Path,
+    checkpoint: Path,
+    opset: int = ExportConfig.opset,
+    check: bool = ExportConfig.check,
+    temperature: float = 1.0,
+    images: int = ExportConfig.calibration_images,
+) -> Exported:
+    """Export `model` to ONNX (checked against PyTorch), quantize it to int8 calibrated on up
+    to `images` training images of `checkpoint`'s run, and write the int8 file to `path` with
+    its model.json (the float model's, plus `quantization`: sizes, calibration, top-1 agreement
+    with the float model on the run's val images). `finetune.quantize`."""
+    calibration = split_files(checkpoint, "train")
+    validation = split_files(checkpoint, "val")
+    with tempfile.TemporaryDirectory() as folder:
+        float_path, int8_path = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        exported = export_model(
+            model, spec, class_names, "onnx", float_path, opset, check, temperature
+        )
+        calibrated = quantize_int8(float_path, int8_path, calibration, spec, INPUT_NAME, images)
+        agreement, compared = top1_agreement(float_path, int8_path, validation, spec, INPUT_NAME)
+        info = json.loads(exported.metadata_file.read_text())
+        info["file"] = path.name
+        info["quantization"] = quantization_report(
+            float_path, int8_path, calibrated, agreement, compared
+        )
+        atomic_write(path, lambda handle: handle.write(int8_path.read_bytes()))
+        metadata_file = write_json(path.with_suffix(".json"), info)
+    return Exported(path, metadata_file, exported.max_abs_diff)
+
+
 def check_output(path: Path, fmt: str) -> None:
     """`FinetuneError` when `path` is a folder or ends with another format's extension (a
     loader picks its reader by the extension)."""
@@ -253,8 +299,30 @@ def run(cfg: Any, output_dir: Path) -> Exported:
     wanted = cfg.get("output")
     path = Path(str(wanted)).expanduser() if wanted else output_dir / f"model{FORMATS[fmt]}"
     check_output(path, fmt)
+    quantize = str(cfg.get("quantize", "none"))
+    if quantize != "none" and fmt != "onnx":
+        raise FinetuneError(
+            f"quantize={quantize} quantizes ONNX files only, not format={fmt}. Fix: format=onnx."
+        )
     opset = int(cfg.get("opset", ExportConfig.opset))
     model, spec, class_names = load_model(cfg.ckpt)
-    exported = export_model(model, spec, class_names, fmt, path, opset, bool(cfg.check))
+    checkpoint = find_checkpoint(cfg.ckpt)
+    temperature = temperature_for(checkpoint)
+    if quantize == "int8":
+        exported = export_int8(
+            model,
+            spec,
+            class_names,
+            path,
+            checkpoint,
+            opset,
+            bool(cfg.check),
+            temperature,
+            int(cfg.get("calibration_images", ExportConfig.calibration_images)),
+        )
+    else:
+        exported = export_model(
+            model, spec, class_names, fmt, path, opset, bool(cfg.check), temperature
+        )
     print(f"Wrote {exported.model_file}\nWrote {exported.metadata_file}")
     return exported

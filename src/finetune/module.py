@@ -274,12 +274,13 @@ class ClassifierModule(pl.LightningModule):
         self._pending_loss_check = None
         self._epoch_loss_sum, self._epoch_loss_steps = 0.0, 0
 
-    # Evaluation steps return the predicted classes, for reports (finetune.reports).
+    # Evaluation steps return the logits, for reports (finetune.reports: classes, losses,
+    # calibration).
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "val")[1].argmax(dim=1)
+        return self._shared_step(batch, "val")[1].detach()
 
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "test")[1].argmax(dim=1)
+        return self._shared_step(batch, "test")[1].detach()
 
     def configure_optimizers(self) -> dict[str, Any]:
         total_steps = int(self.trainer.estimated_stepping_batches)

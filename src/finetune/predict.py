@@ -17,24 +17,28 @@ import glob
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import backbones
-from finetune.atomic import write_json
+from finetune.atomic import atomic_write, write_json
+from finetune.calibration import temperature_for
+from finetune.cams import CAMS_FOLDER, write_all_cams
 from finetune.config import check_fields
 from finetune.config.commands import TTA_MODES, PredictConfig
 
 # The three pieces shared with training, each imported here only (they move in the package split).
 from finetune.data import load_rgb
 from finetune.data.folders import IMG_EXTENSIONS, images_under, report_unread
+from finetune.embeddings import EMBEDDINGS_FILE, captured
 from finetune.errors import FinetuneError
 from finetune.input_spec import InputSpec
 from finetune.module import load_classifier
@@ -202,12 +206,16 @@ def _check_tta(tta: str) -> None:
 
 @dataclass
 class Predictor:
-    """A trained classifier with its eval preprocessing and class names."""
+    """A trained classifier with its eval preprocessing and class names. `temperature`
+    divides the logits before the softmax (fitted on the val split after training,
+    `finetune.calibration`; 1.0: the model's own probabilities); it never changes the order of
+    the classes."""
 
     model: nn.Module
     input_spec: InputSpec
     class_names: list[str]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.input_spec)
@@ -215,13 +223,15 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor, tta: str = PredictConfig.tta) -> torch.Tensor:
-        """Softmax of a preprocessed batch `(N, 3, crop, crop)`; `tta="flip"` averages it with
-        that of the mirrored images. Returns `(N, classes)` float32 on the CPU."""
+        """Softmax of a preprocessed batch `(N, 3, crop, crop)`'s logits over `temperature`;
+        `tta="flip"` averages it with that of the mirrored images. Returns `(N, classes)`
+        float32 on the CPU."""
         _check_tta(tta)
         images = images.to(self.device, non_blocking=True)
-        probs = self.model(images).float().softmax(dim=1)
+        probs = (self.model(images).float() / self.temperature).softmax(dim=1)
         if tta == "flip":
-            probs = (probs + self.model(images.flip(-1)).float().softmax(dim=1)) / 2
+            flipped = self.model(images.flip(-1)).float() / self.temperature
+            probs = (probs + flipped.softmax(dim=1)) / 2
         return probs.cpu()
 
     def predict(
@@ -230,9 +240,13 @@ class Predictor:
         batch_size: int = PredictConfig.batch_size,
         tta: str = PredictConfig.tta,
         num_workers: int = 0,
+        embeddings: bool = False,
+        layer: str | None = None,
     ) -> Predictions:
         """Decode, preprocess and classify `files` in batches; unreadable ones are skipped
-        and listed, never fatal."""
+        and listed, never fatal. With `embeddings`, also one vector per image from the same
+        forward pass (of the image as given, not its mirror): the head's input, or the pooled
+        output of the module named `layer` (`finetune.embeddings.captured`)."""
         _check_tta(tta)
         files = [Path(f) for f in files]
         loader = DataLoader(
@@ -242,15 +256,22 @@ class Predictor:
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
         )
-        kept, chunks, unreadable = [], [], {}
-        for indices, images, errors in loader:
-            unreadable |= {files[i]: reason for i, reason in errors.items()}
-            if images is not None:
-                kept += [files[i] for i in indices]
-                chunks.append(self.probabilities(images, tta))
+        kept, chunks, vectors, unreadable = [], [], [], {}
+        with captured(self.model, layer) if embeddings else nullcontext([]) as found:
+            for indices, images, errors in loader:
+                unreadable |= {files[i]: reason for i, reason in errors.items()}
+                if images is not None:
+                    kept += [files[i] for i in indices]
+                    chunks.append(self.probabilities(images, tta))
+                    if embeddings:  # the first forward pass: the image, not its mirror
+                        vectors.append(found[0].cpu())
+                        found.clear()
         classes = len(self.class_names)
         probabilities = torch.cat(chunks) if chunks else torch.empty(0, classes)
-        return Predictions(kept, probabilities, unreadable)
+        result = Predictions(kept, probabilities, unreadable)
+        if embeddings:
+            result.embeddings = torch.cat(vectors) if vectors else torch.empty(0, 0)
+        return result
 
 
 def pick_device(device: str = PredictConfig.device) -> torch.device:
@@ -272,9 +293,13 @@ def pick_device(device: str = PredictConfig.device) -> torch.device:
 
 
 def load_predictor(path: str | Path, device: str = PredictConfig.device) -> Predictor:
-    """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict."""
+    """The one-liner: a trained classifier from a run dir or `.ckpt`, ready to predict, with
+    the temperature fitted for that checkpoint (`finetune.calibration.temperature_for`)."""
     model, spec, class_names = load_model(path)
-    return Predictor(model, spec, class_names, pick_device(device))
+    temperature = temperature_for(find_checkpoint(path))
+    if temperature != 1.0:
+        log.info("Probabilities calibrated by the run's temperature %.4g", temperature)
+    return Predictor(model, spec, class_names, pick_device(device), temperature)
 
 
 def require(cfg: Any, keys: Sequence[str], example: str) -> None:
@@ -301,16 +326,33 @@ def check_settings(cfg: Any) -> None:
 PREDICT_EXAMPLE = "python predict.py ckpt=outputs/runs/<run> inputs=photos/"
 
 
+def save_embeddings(path: Path, result: Predictions) -> Path:
+    """`result.embeddings` as a float32 `(N, D)` .npy file, row i the image of row i of
+    predictions.csv; written atomically."""
+    array = result.embeddings.numpy().astype(np.float32)
+    atomic_write(path, lambda handle: np.save(handle, array))
+    print(f"Wrote {path} ({array.shape[0]} x {array.shape[1]}, rows as in the CSV)")
+    return path
+
+
 def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     """`python predict.py`: predict, print the table (and accuracy and confusion matrix for
-    class folders), write predictions.csv (and skipped_images.json). Returns a summary.
+    class folders), write predictions.csv (and skipped_images.json; embeddings.npy with
+    `embeddings`, cams.npy and cams/ with `cam`). Returns a summary.
     Raises `FinetuneError` for a missing or bad setting before loading anything."""
     check_settings(cfg)
     predictor = load_predictor(cfg.ckpt, str(cfg.get("device", PredictConfig.device)))
     inputs = collect_inputs(cfg.inputs, predictor.class_names)
     log.info("Predicting %d image(s) on %s", len(inputs.files), predictor.device)
+    layer, batch_size = cfg.get("embeddings_layer"), int(cfg.batch_size)
+    embeddings = bool(cfg.get("embeddings")) or layer is not None
     result = predictor.predict(
-        inputs.files, int(cfg.batch_size), str(cfg.tta), int(cfg.get("num_workers", 0))
+        inputs.files,
+        batch_size,
+        str(cfg.tta),
+        int(cfg.get("num_workers", 0)),
+        embeddings,
+        str(layer) if layer is not None else None,
     )
     k = min(int(cfg.top_k), len(predictor.class_names))
     rows = top_k(result, predictor.class_names, k)
@@ -321,6 +363,21 @@ def run(cfg: Any, output_dir: Path) -> dict[str, Any]:
     csv_path = Path(str(wanted)).expanduser() if wanted else output_dir / "predictions.csv"
     write_csv(csv_path, rows, k, truth)
     summary: dict[str, Any] = {"predicted": len(result.files), "csv": str(csv_path)}
+    if result.embeddings is not None:
+        summary["embeddings"] = str(save_embeddings(csv_path.with_name(EMBEDDINGS_FILE), result))
+    method = str(cfg.get("cam") or "none")
+    if method != "none":
+        maps = write_all_cams(
+            predictor.model,
+            predictor.transform,
+            predictor.input_spec,
+            result.files,
+            csv_path.parent,
+            method,
+            batch_size,
+        )
+        print(f"Wrote {maps} and an overlay per image in {maps.parent / CAMS_FOLDER}")
+        summary["cams"] = str(maps)
     if result.unreadable:
         listing = "\n".join(f"  {p} ({reason})" for p, reason in result.unreadable.items())
         print(f"Skipped {len(result.unreadable)} unreadable file(s):\n{listing}")

@@ -18,11 +18,13 @@ from finetune.atomic import atomic_write
 @dataclass
 class Predictions:
     """`probabilities[i]` (softmax over the classes, float32) belongs to `files[i]`; the files
-    that could not be read are in `unreadable` (path -> reason), not in `files`."""
+    that could not be read are in `unreadable` (path -> reason), not in `files`. `embeddings`
+    (`(N, D)` float32, row i of `files[i]`) when they were asked for (`finetune.embeddings`)."""
 
     files: list[Path]
     probabilities: torch.Tensor  # (N, classes)
     unreadable: dict[Path, str]
+    embeddings: torch.Tensor | None = None
 
 
 def top_k(predictions: Predictions, class_names: Sequence[str], k: int) -> list[list[Any]]:

@@ -1,16 +1,20 @@
 """What the final evaluation shows: confusion matrix, per-class accuracy, the worst classes,
-the most confused pairs, misclassified images.
+the most confused pairs, the images of highest loss, calibration.
 
 `EvaluationReport` is a callback that watches the evaluation of the best checkpoint after
 training (Lightning's validate and test stages, not the validation inside fit). For each stage it
 logs to TensorBoard a confusion-matrix image (above 40 classes, a sorted view of the worst
-classes and their top confusions: `finetune.report_images`), a grid of misclassified images
-titled with their true and predicted class names, one accuracy scalar per class, and as text the
-classes ranked worst first and the most confused pairs; the same numbers go into `metrics.json`
-(`stage_results`), with precision, recall and F1 per class (`finetune.class_scores`), and the
-text of `classification_report.txt` (`classification_text`). Top-1 and top-5 accuracy, balanced
-accuracy and macro-F1 are the module's own metrics (`<stage>/acc`, `<stage>/acc_top5`,
-`<stage>/balanced_acc`, `<stage>/macro_f1`). With several processes (`trainer.devices=2`) every number and the grid
+classes and their top confusions: `finetune.report_images`), a grid of the images of highest
+loss captioned with their true and predicted class and p(true) (`finetune.top_losses`) and
+the same grid with their class activation maps (`finetune.cams`), the reliability diagrams
+before and after the temperature fitted on val (`finetune.calibration`), one accuracy scalar
+per class, and as text the classes ranked worst first and the most confused pairs; the same
+numbers go into `metrics.json` (`stage_results`, the top losses, the temperature and the
+calibration errors), with precision, recall and F1 per class (`finetune.class_scores`), and
+the text of `classification_report.txt` (`classification_text`). Top-1 and top-5 accuracy,
+balanced accuracy and macro-F1 are the module's own metrics (`<stage>/acc`,
+`<stage>/acc_top5`, `<stage>/balanced_acc`, `<stage>/macro_f1`). With several processes
+(`trainer.devices=2`) every number and the grids
 cover each image of the split exactly once.
 """
 
@@ -27,14 +31,15 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 from torchmetrics.utilities import dim_zero_cat
 
+from finetune.calibration import calibration_results, fit_temperature, reliability_image
 from finetune.class_scores import classification_report, per_class_scores
 from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
 from finetune.report_images import confusion_image, misclassified_image
+from finetune.top_losses import top_losses, top_losses_cam_image, top_losses_image
 
 __all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
-    "MAX_MISCLASSIFIED",
     "EvaluationReport",
     "Predictions",
     "best_checkpoint_line",
@@ -47,8 +52,6 @@ __all__ = [  # the drawing and the numbers live in their own modules; reports ti
 ]
 
 log = logging.getLogger(__name__)
-
-MAX_MISCLASSIFIED = 16
 # The evaluation of the best checkpoint after fit; validation inside fit is not reported.
 EVALUATION_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
 
@@ -83,10 +86,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 class Predictions(Metric):
-    """Each evaluated image's position in its split with its true and predicted class.
+    """Each evaluated image's position in its split with its true class and its logits.
 
-    `update(positions, labels, preds)` takes three `(batch,)` integer tensors; `compute()`
-    returns an `(images, 3)` long tensor of rows `(position, true, predicted)` ordered by
+    `update(positions, labels, logits)` takes two `(batch,)` integer tensors and the
+    `(batch, classes)` logits; `compute()` returns an `(images, 3)` long tensor of rows
+    `(position, true, predicted)` and the float32 `(images, classes)` logits, both ordered by
     position, from every process: with several processes torchmetrics gathers each one's rows
     (its `cat` reduction accepts shares of different lengths), so every image counts once.
     """
@@ -96,14 +100,20 @@ class Predictions(Metric):
     def __init__(self) -> None:
         super().__init__()
         self.add_state("rows", default=[], dist_reduce_fx="cat")
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
 
-    def update(self, positions: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+    def update(self, positions: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor) -> None:
+        preds = logits.argmax(dim=1)
         self.rows.append(torch.stack([positions, labels, preds], dim=1).long())
+        self.logits.append(logits.float())
 
-    def compute(self) -> torch.Tensor:
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         # A list on one process; one tensor once torchmetrics has gathered every process's.
-        rows = dim_zero_cat(self.rows) if len(self.rows) else torch.empty(0, 3, dtype=torch.long)
-        return rows[rows[:, 0].argsort()]
+        if not len(self.rows):
+            return torch.empty(0, 3, dtype=torch.long), torch.empty(0, 0)
+        rows, logits = dim_zero_cat(self.rows), dim_zero_cat(self.logits)
+        order = rows[:, 0].argsort()
+        return rows[order], logits[order]
 
 
 def evaluation_order(loader: Any) -> list[int]:
@@ -125,6 +135,7 @@ class EvaluationReport(pl.Callback):
         self.results: dict[str, Any] = {}
         self.report_texts: dict[str, str] = {}  # stage -> its classification report
         self._predictions = Predictions()
+        self.temperature = 1.0  # fitted on the val logits (finetune.calibration)
         self._order: list[int] = []  # split positions of this process's batches, in order
         self._seen = 0
 
@@ -169,12 +180,21 @@ class EvaluationReport(pl.Callback):
         stage = self._stage(trainer)
         if stage is None:
             return
-        rows = self._predictions.compute().cpu()  # every process takes part in the gather
+        rows, logits = self._predictions.compute()  # every process takes part in the gather
         if not len(rows):
             return
-        positions, labels, preds = rows.unbind(dim=1)
+        positions, labels, preds = rows.cpu().unbind(dim=1)
+        logits = logits.cpu()
         matrix = multiclass_confusion_matrix(preds, labels, len(self.class_names))
         results = stage_results(stage, matrix, self.class_names)
+        if stage == "val":  # the test split, when there is one, is scored with val's T
+            self.temperature = fit_temperature(logits, labels)
+            results["temperature"] = self.temperature
+        results |= calibration_results(stage, logits, labels, self.temperature)
+        samples = self.samples.get(stage) or []
+        if samples:  # the positions index the split's samples
+            paths = [samples[int(position)][0] for position in positions]
+            results[f"{stage}/top_losses"] = top_losses(paths, labels, logits, self.class_names)
         self.results |= results | per_class_scores(stage, preds, labels, self.class_names)
         title = f"{stage}: {len(labels)} images"
         self.report_texts[stage] = classification_report(preds, labels, self.class_names, title)
@@ -190,6 +210,13 @@ class EvaluationReport(pl.Callback):
             step,
             dataformats="HWC",
         )
+        title = f"{stage} reliability: accuracy per confidence bin ({len(labels)} images)"
+        writer.add_image(
+            f"{stage}/reliability",
+            reliability_image(logits, labels, self.temperature, title),
+            step,
+            dataformats="HWC",
+        )
         for name, value in results[f"{stage}/acc_per_class"].items():
             if value is not None:
                 # under best/ like the re-validation's other numbers: not a point of val/*
@@ -200,20 +227,26 @@ class EvaluationReport(pl.Callback):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
         report = self.report_texts[stage].replace("\n", "\n    ")  # a Markdown code block
         writer.add_text(f"{stage}/classification_report", f"    {report}", step)
-        samples = self.samples.get(stage) or []
-        wrong = torch.nonzero(preds != labels).flatten().tolist()
-        mistakes = [(samples[int(positions[i])][0], int(labels[i]), int(preds[i])) for i in wrong][
-            :MAX_MISCLASSIFIED
-        ]
-        if mistakes:
-            title = f"{stage}: {len(wrong)} misclassified of {len(labels)} (first {len(mistakes)})"
+        shown = results.get(f"{stage}/top_losses")
+        if shown:
+            wrong = int((preds != labels).sum())
+            title = f"{stage}: the {len(shown)} highest losses of {len(labels)} ({wrong} wrong)"
             writer.add_image(
-                f"{stage}/misclassified",
-                misclassified_image(mistakes, self.class_names, title),
-                step,
-                dataformats="HWC",
+                f"{stage}/top_losses", top_losses_image(shown, title), step, dataformats="HWC"
             )
+            self._log_cams(writer, step, stage, shown, pl_module, title)
         writer.flush()
+
+    @staticmethod
+    def _log_cams(writer, step: int, stage: str, shown, pl_module, title: str) -> None:
+        """The top losses' class activation maps (`<stage>/top_losses_cam`): a picture for a
+        finished run, never a reason to fail it, so an error is a warning."""
+        try:
+            grid = top_losses_cam_image(shown, pl_module.network, f"{title}: Grad-CAM")
+        except Exception as error:  # a family pytorch-grad-cam cannot serve, ...
+            log.warning("No class activation maps of the top losses: %s", error)
+            return
+        writer.add_image(f"{stage}/top_losses_cam", grid, step, dataformats="HWC")
 
     on_validation_epoch_end = _report
     on_test_epoch_end = _report

@@ -15,6 +15,18 @@ TTA_MODES = ("none", "flip")
 # format -> the suffix of the model file it writes (a loader picks its reader by the suffix)
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "exported_program": ".pt2"}
 EXPORT_FORMATS = tuple(EXPORT_SUFFIXES)
+QUANTIZE_MODES = ("none", "int8")
+# predict.py cam=<method>: pytorch-grad-cam's methods (finetune.cams.METHODS)
+CAM_METHODS = (
+    "gradcam",
+    "gradcam++",
+    "hirescam",
+    "xgradcam",
+    "layercam",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+)
 
 
 @dataclass
@@ -30,6 +42,12 @@ class PredictConfig:
     num_workers: int = field(default=2, metadata=one_of(types=(int,), minimum=0))  # decoding
     device: str = "auto"  # auto (the GPU when there is one) | cpu | cuda | cuda:1 ...
     output: str | None = None  # the CSV to write; null = predictions.csv in the Hydra run dir
+    # write embeddings.npy beside the CSV: (N, D) features, row-aligned with predictions.csv
+    embeddings: bool = False
+    # the module whose pooled output they are (e.g. layer3, blocks.5); null: what the head sees
+    embeddings_layer: str | None = None
+    # none | gradcam | gradcam++ | ...: an overlay PNG per image in cams/ and the maps in cams.npy
+    cam: str = field(default="none", metadata=one_of("none", *CAM_METHODS))
 
 
 @dataclass
@@ -41,3 +59,6 @@ class ExportConfig:
     # ONNX opset version (torch.onnx exports 7 to 23)
     opset: int = field(default=17, metadata=one_of(types=(int,), minimum=7))
     check: bool = True  # run the written file once and compare it with PyTorch (max |diff|)
+    # none | int8: static int8 quantization of the ONNX file, calibrated on training images
+    quantize: str = field(default="none", metadata=one_of(*QUANTIZE_MODES))
+    calibration_images: int = field(default=200, metadata=COUNT_FROM_ONE)  # for quantize=int8
