@@ -4,12 +4,13 @@
                                   [--work-dir DIR] [--table docs/accuracy.md]
 
 Runs `train.py` with efficientnet_lite0 and nothing but the model, the data, the strategy, the
-augmentation and the seed chosen (epochs, batch size and learning rate stay the defaults), each
-run in a process of its own (`common.run_measured`: wall seconds, peak memory):
+augmentation and the seed chosen (and, on magnetic-tile, the imbalance setting; epochs, batch
+size and learning rate stay the defaults), each run in a process of its own
+(`common.run_measured`: wall seconds, peak memory):
   flowers102 (val split): last_layer augment=none, last_layer, lp_ft, full;
   hymenoptera: last_layer, full and lp_ft with seeds 0, 1, 2 (the targets use their mean or a
-  count over them),
-  scratch, and last_layer augment=none twice on one feature cache (cold, then warm);
+  count over them), scratch, and last_layer augment=none twice on one feature cache (cold,
+  then warm);
   and, for the time ratios, plain_loops' bare forward pass over train + val of each dataset
   (on hymenoptera with the least wall time of a process that only imports torch, and of one
   that imports finetune.run: the floors of the warm run's);
@@ -18,9 +19,9 @@ run in a process of its own (`common.run_measured`: wall seconds, peak memory):
   selection.metric=val/macro_f1).
 Every run gets its own folder under the work folder (its run dir and a fresh `paths.cache_dir`,
 which the warm run shares with the cold one), so no run finds features or image checks of an
-earlier one. Prints one JSON line per run, then a summary line: each target of the issue's
-table (`accuracy_targets.TARGETS`) with the measured value and whether it passed. Writes the Markdown page
-`--table` and its data (the same name, `.json`) next to it; with `--only`, the runs of the
+earlier one. Prints one JSON line per run, then a summary line: each target
+(`accuracy_targets.TARGETS`) with the measured value and whether it passed. Writes the Markdown
+page `--table` and its data (the same name, `.json`) next to it; with `--only`, the runs of the
 earlier page that were not re-run are kept.
 """
 
