@@ -1,22 +1,27 @@
-"""Accuracy and training time of the project's defaults against issue 14's targets.
+"""Accuracy and training time of the project's defaults against their targets.
 
     python benchmarks/accuracy.py [--data-root $FINETUNE_DATA_ROOT] [--only CASE ...] [--list]
                                   [--work-dir DIR] [--table docs/accuracy.md]
 
 Runs `train.py` with efficientnet_lite0 and nothing but the model, the data, the strategy, the
-augmentation and the seed chosen (epochs, batch size and learning rate stay the defaults), each
-run in a process of its own (`common.run_measured`: wall seconds, peak memory):
+augmentation and the seed chosen (and, on magnetic-tile, the imbalance setting; epochs, batch
+size and learning rate stay the defaults), each run in a process of its own
+(`common.run_measured`: wall seconds, peak memory):
   flowers102 (val split): last_layer augment=none, last_layer, lp_ft, full;
-  hymenoptera: last_layer, full and lp_ft with seeds 0, 1, 2 (the targets use their mean),
-  scratch, and last_layer augment=none twice on one feature cache (cold, then warm);
+  hymenoptera: last_layer, full and lp_ft with seeds 0, 1, 2 (the targets use their mean or a
+  count over them), scratch, and last_layer augment=none twice on one feature cache (cold,
+  then warm);
   and, for the time ratios, plain_loops' bare forward pass over train + val of each dataset
   (on hymenoptera with the least wall time of a process that only imports torch, and of one
-  that imports finetune.run: the floors of the warm run's).
+  that imports finetune.run: the floors of the warm run's);
+  magnetic-tile (class folders without a split: data=imagefolder): last_layer and full, each with
+  the defaults and with the imbalance setting (data.class_weights=balanced,
+  selection.metric=val/macro_f1).
 Every run gets its own folder under the work folder (its run dir and a fresh `paths.cache_dir`,
 which the warm run shares with the cold one), so no run finds features or image checks of an
-earlier one. Prints one JSON line per run, then a summary line: each target of the issue's
-table (`TARGETS`) with the measured value and whether it passed. Writes the Markdown page
-`--table` and its data (the same name, `.json`) next to it; with `--only`, the runs of the
+earlier one. Prints one JSON line per run, then a summary line: each target
+(`accuracy_targets.TARGETS`) with the measured value and whether it passed. Writes the Markdown
+page `--table` and its data (the same name, `.json`) next to it; with `--only`, the runs of the
 earlier page that were not re-run are kept.
 """
 
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import shlex
 import shutil
 import statistics
@@ -36,17 +40,27 @@ from pathlib import Path
 from typing import Any
 
 import accuracy_page as page
+from accuracy_targets import SMALL_CLASSES, summarise
 
 from common import DATA_ROOT, PLAIN_ENV, REPO, emit, run_measured, train_py
 
-DATA_FOLDERS = {"hymenoptera": "hymenoptera_data", "flowers102": "flowers-102"}
+DATA_FOLDERS = {
+    "hymenoptera": "hymenoptera_data",
+    "flowers102": "flowers-102",
+    "magnetic-tile": "magnetic-tile",
+}
+# The documented setting for imbalanced classes: weight the loss (and the probe's objective) and
+# choose the checkpoint and the probe's L2 by macro-F1.
+WEIGHTED = ("data.class_weights=balanced", "selection.metric=val/macro_f1")
 MARKER = ".accuracy-case"  # marks a case folder this script made (and may replace)
 
 
 @dataclass(frozen=True)
 class Case:
     """One run: `strategy` None is the bare forward loop; `cache_of` names the case whose
-    feature cache this run reuses (the warm run)."""
+    feature cache this run reuses (the warm run); `data` is the data config when it is not the
+    dataset's own (`imagefolder`: `data.root` is the dataset's folder); `settings` are further
+    train.py overrides the case is about (the imbalance setting)."""
 
     id: str
     dataset: str
@@ -54,12 +68,19 @@ class Case:
     augment: str = "default"
     seed: int | None = None
     cache_of: str | None = None
+    data: str | None = None
+    settings: tuple[str, ...] = ()
 
-    def overrides(self) -> list[str]:
-        """The train.py choices of this case, besides folders and the data root."""
-        chosen = ["model=efficientnet_lite0", f"data={self.dataset}", f"strategy={self.strategy}"]
+    def overrides(self, data_root: Path | str = "DATA_ROOT") -> list[str]:
+        """The train.py choices of this case, besides the run's folders and `paths.data_root`;
+        `data.root` below `data_root` for a data config that needs it."""
+        data = self.data or self.dataset
+        chosen = ["model=efficientnet_lite0", f"data={data}", f"strategy={self.strategy}"]
+        if data == "imagefolder":
+            chosen.append(f"data.root={Path(data_root) / DATA_FOLDERS[self.dataset]}")
         chosen += [] if self.augment == "default" else [f"augment={self.augment}"]
-        return chosen + ([] if self.seed is None else [f"seed={self.seed}"])
+        chosen += [] if self.seed is None else [f"seed={self.seed}"]
+        return chosen + list(self.settings)
 
 
 def all_cases() -> list[Case]:
@@ -69,6 +90,11 @@ def all_cases() -> list[Case]:
         for seed in (0, 1, 2)
     ]
     cold = "hymenoptera/last_layer_noaug/cold"
+    tiles = [
+        Case(f"magnetic-tile/{strategy}/{name}", "magnetic-tile", strategy, data="imagefolder", settings=settings)
+        for strategy in ("last_layer", "full")
+        for name, settings in (("defaults", ()), ("weighted", WEIGHTED))
+    ]  # fmt: skip
     return [
         Case("hymenoptera/bare_forward", "hymenoptera"),
         *hymenoptera,
@@ -80,6 +106,7 @@ def all_cases() -> list[Case]:
         Case("flowers102/last_layer", "flowers102", "last_layer"),
         Case("flowers102/lp_ft", "flowers102", "lp_ft"),
         Case("flowers102/full", "flowers102", "full"),
+        *tiles,
     ]
 
 
@@ -101,109 +128,6 @@ def select(cases: list[Case], patterns: list[str] | None) -> list[Case]:
 def matches(case_id: str, pattern: str) -> bool:
     pattern = pattern.rstrip("/")
     return fnmatchcase(case_id, pattern) or case_id.startswith(pattern + "/")
-
-
-@dataclass(frozen=True)
-class Target:
-    """One row of issue 14's targets: the mean of `field` over `cases`, divided by `over`'s
-    value when given, compared by `op` with `target` (a number, or another run's value as
-    "case:field"); `op` "report" only reports."""
-
-    row: str
-    cases: tuple[str, ...]
-    field: str
-    op: str
-    target: float | str | None = None
-    over: str | None = None
-
-
-def seeds(strategy: str) -> tuple[str, ...]:
-    return tuple(f"hymenoptera/{strategy}/seed{seed}" for seed in (0, 1, 2))
-
-
-FLOWERS_PROBE, WARM = "flowers102/last_layer_noaug", "hymenoptera/last_layer_noaug/warm"
-# Issue 14's table. Flowers102's training time is `run_seconds` (all of train(), so a first
-# phase outside `fit` counts too); "no slower than today" compares `fit_seconds` with the fit
-# time of docs/strategies.md's results
-# (measured 2026-11-28; lp_ft against today's full fine-tune); the warm run's ratio includes
-# process start, so it compares wall seconds.
-TARGETS = (
-    Target("flowers102 last_layer, no augmentation: val acc", (FLOWERS_PROBE,), "val_acc", ">=", 0.87),
-    Target(
-        "flowers102 last_layer, no augmentation: run s / bare forward pass s",
-        (FLOWERS_PROBE,), "run_seconds", "<=", 1.3, over="flowers102/bare_forward:work_seconds",
-    ),
-    Target("flowers102 last_layer: val acc", ("flowers102/last_layer",), "val_acc", ">=", 0.88),
-    Target("flowers102 last_layer: run s (15 min)", ("flowers102/last_layer",), "run_seconds", "<=", 900),
-    Target("flowers102 lp_ft: val acc", ("flowers102/lp_ft",), "val_acc", ">=", 0.95),
-    Target("flowers102 lp_ft: run s (30 min)", ("flowers102/lp_ft",), "run_seconds", "<=", 1800),
-    Target("flowers102 full: val acc", ("flowers102/full",), "val_acc", ">=", 0.95),
-    Target("flowers102 full: run s (30 min)", ("flowers102/full",), "run_seconds", "<=", 1800),
-    Target("hymenoptera last_layer: val acc, mean of 3 seeds", seeds("last_layer"), "val_acc", ">=", 0.95),
-    Target("hymenoptera last_layer: fit s, mean of 3 seeds", seeds("last_layer"), "fit_seconds", "<=", 124),
-    Target("hymenoptera full: val acc, mean of 3 seeds", seeds("full"), "val_acc", ">=", 0.95),
-    Target("hymenoptera full: fit s, mean of 3 seeds", seeds("full"), "fit_seconds", "<=", 263),
-    Target("hymenoptera lp_ft: val acc, mean of 3 seeds", seeds("lp_ft"), "val_acc", ">=", 0.95),
-    Target("hymenoptera lp_ft: fit s, mean of 3 seeds", seeds("lp_ft"), "fit_seconds", "<=", 263),
-    Target("hymenoptera scratch: val acc", ("hymenoptera/scratch",), "val_acc", "report"),
-    Target(
-        "hymenoptera last_layer, no augmentation, warm cache: val acc = cold",
-        (WARM,), "val_acc", "==", "hymenoptera/last_layer_noaug/cold:val_acc",
-    ),
-    Target(
-        "hymenoptera last_layer, no augmentation, warm cache: wall s / bare forward pass wall s",
-        (WARM,), "wall_seconds", "<", 0.2, over="hymenoptera/bare_forward:wall_seconds",
-    ),
-    Target(
-        "hymenoptera warm run's floor, a process importing torch: wall s / bare forward wall s",
-        ("hymenoptera/bare_forward",), "import_torch_wall_seconds", "report",
-        over="hymenoptera/bare_forward:wall_seconds",
-    ),
-    Target(
-        "hymenoptera warm run's floor, importing finetune.run: wall s / bare forward wall s",
-        ("hymenoptera/bare_forward",), "import_run_wall_seconds", "report",
-        over="hymenoptera/bare_forward:wall_seconds",
-    ),
-)  # fmt: skip
-
-COMPARE = {
-    ">=": lambda a, b: a >= b,
-    "<=": lambda a, b: a <= b,
-    "<": lambda a, b: a < b,
-    "==": lambda a, b: math.isclose(a, b, abs_tol=1e-9),
-}
-
-
-def value_of(runs: dict[str, dict], reference: str) -> float | None:
-    """`"case:field"` of `runs`; None when the run or the field is missing."""
-    case, field = reference.rsplit(":", 1)
-    return runs.get(case, {}).get(field)
-
-
-def summarise(runs: dict[str, dict], targets=TARGETS) -> list[dict[str, Any]]:
-    """Each target with `measured` (None when a run it needs is missing or failed), `target`
-    and `passed` (True/False; None when not measured or only reported)."""
-    rows = []
-    for target in targets:
-        values = [value_of(runs, f"{case}:{target.field}") for case in target.cases]
-        measured = None if None in values else statistics.mean(values)
-        if measured is not None and target.over:
-            denominator = value_of(runs, target.over)
-            measured = None if not denominator else measured / denominator
-        goal = value_of(runs, target.target) if isinstance(target.target, str) else target.target
-        passed = None
-        if measured is not None and goal is not None and target.op in COMPARE:
-            passed = COMPARE[target.op](measured, goal)
-        rows.append(
-            {
-                "target": target.row,
-                "measured": None if measured is None else round(measured, 4),
-                "op": target.op,
-                "goal": goal,
-                "passed": passed,
-            }
-        )
-    return rows
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -269,25 +193,68 @@ def train_run(case: Case, args, work: Path) -> dict[str, Any]:
     cache = work / (case.cache_of or case.id) / "cache"
     result = train_py(
         folder / "run",
-        *case.overrides(),
+        *case.overrides(args.data_root),
         f"paths.data_root={args.data_root}",
         f"paths.cache_dir={cache}",
         "data.download=false",  # a benchmark measures the data it was given, never fetches
         *args.extra,
     )
-    return run_record(case, result, result.pop("metrics"))
+    history = val_acc_by_epoch(folder / "run")
+    return run_record(case, result, result.pop("metrics"), history)
 
 
-def run_record(case: Case, measured: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
-    """A train.py run's JSON line: its `metrics.json` and `measured` (common.train_py's wall
-    seconds and peak MB); keys metrics.json lacks (top-5 below 6 classes, test acc without a
-    test split, the adaptive rules' choices before they exist) are left out."""
+def val_acc_by_epoch(run_dir: Path) -> list[float] | None:
+    """The val accuracy after each training epoch, in order, from the run's TensorBoard events
+    (metrics.json holds only the best checkpoint's); the point at step 0, a solved probe's own
+    validation before any step, is left out (metrics.json's `probe_val_acc` is that number).
+    None when the run wrote no events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (run_dir / "tensorboard").is_dir():
+        return None
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    if "val/acc" not in events.Tags().get("scalars", []):
+        return None
+    by_step = {point.step: point.value for point in events.Scalars("val/acc") if point.step > 0}
+    return [round(by_step[step], 4) for step in sorted(by_step)]
+
+
+def class_recalls(metrics: dict[str, Any]) -> tuple[dict[str, float] | None, float | None]:
+    """Each val class's recall (its accuracy) by name, and the mean recall of the
+    `SMALL_CLASSES` classes with the fewest val images; Nones when metrics.json lacks them."""
+    ranked = metrics.get("val/acc_per_class_sorted")
+    if not ranked:
+        return None, None
+    recalls = {entry["class"]: round(entry["acc"], 4) for entry in ranked}
+    smallest = sorted(ranked, key=lambda entry: entry["images"])[:SMALL_CLASSES]
+    return recalls, round(statistics.mean(entry["acc"] for entry in smallest), 4)
+
+
+def run_record(
+    case: Case,
+    measured: dict[str, Any],
+    metrics: dict[str, Any],
+    history: list[float] | None = None,
+) -> dict[str, Any]:
+    """A train.py run's JSON line: its `metrics.json`, `measured` (common.train_py's wall
+    seconds and peak MB) and the val accuracy of each epoch (`history`); keys metrics.json lacks
+    (top-5 below 6 classes, test acc without a test split, the adaptive rules' choices before
+    they exist, a probe's numbers without one) are left out."""
+    recalls, small_classes_recall = class_recalls(metrics)
     record = {
         "augment": case.augment,
+        "settings": " ".join(case.settings) or None,
         "seed": metrics.get("seed"),
         "val_acc": metrics["val/acc"],
+        "val_balanced_acc": metrics.get("val/balanced_acc"),
+        "val_macro_f1": metrics.get("val/macro_f1"),
         "val_acc_top5": metrics.get("val/acc_top5"),
         "test_acc": metrics.get("test/acc"),
+        "probe_val_acc": metrics.get("probe_val_acc"),
+        "val_acc_by_epoch": history or None,
+        "val_recall_by_class": recalls,
+        "val_small_classes_recall": small_classes_recall,
         "fit_seconds": metrics["fit_seconds"],
         "run_seconds": metrics["run_seconds"],
         "wall_seconds": measured["wall_seconds"],
@@ -297,7 +264,14 @@ def run_record(case: Case, measured: dict[str, Any], metrics: dict[str, Any]) ->
         "feature_cache": metrics.get("feature_cache"),
         "adaptive": metrics.get("adaptive"),
     }
-    for key in ("val_acc", "val_acc_top5", "test_acc"):
+    for key in (
+        "val_acc",
+        "val_balanced_acc",
+        "val_macro_f1",
+        "val_acc_top5",
+        "test_acc",
+        "probe_val_acc",
+    ):
         record[key] = None if record[key] is None else round(record[key], 4)
     return {key: value for key, value in record.items() if value is not None}
 
