@@ -176,6 +176,7 @@ def build_model(
         channels_last=speed["channels_last"],
         # the solved probe on cached features is the whole training: epochs only measure it
         head_solved=caches_features and strategy.head_from_probe,
+        class_weight=datamodule.class_weight,
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
@@ -269,8 +270,8 @@ def training_data(
             )
     if model.strategy.head_from_probe and not resuming.restores_head:  # and the probe's report
         device = trainer.strategy.root_device
-        smoothing = model.module.criterion.label_smoothing  # the loss gradient training uses
-        solved = solve_probe(model.network, datamodule, extracted, device, views, smoothing)
+        loss = model.module.criterion  # the loss gradient training uses
+        solved = solve_probe(model.network, datamodule, extracted, device, views, loss)
         # the views' cache goes with the probe's report, which a resume restores
         views_cache = {k.replace("feature_", "views_"): v for k, v in views_report.items()}
         model.strategy.probe_report = solved | views_cache
@@ -286,13 +287,13 @@ def solve_probe(
     datamodule: FinetuneDataModule,
     extracted: dict[str, torch.Tensor],
     device: torch.device,
-    views: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
+    views: torch.Tensor | None,
+    loss: probe.HeadLoss,
 ) -> dict[str, Any]:
-    """Solve the linear probe on the training split's features and `views` (features of
-    augmented views of the training images, view-major: `features.augmented_views`), L2 chosen
-    on val, on `device`, with the training loss's `label_smoothing`, and copy it into the
-    network's head; returns its report for metrics.json."""
+    """Solve the linear probe on the training split's features and `views` (augmented views of
+    the training images, view-major: `features.augmented_views`), L2 chosen on val, on
+    `device`, with the training `loss` (class weights as the sampler weighs them:
+    `solved_class_weight`), into the network's head; returns its report for metrics.json."""
     # The features with their labels, as the data module would serve them.
     splits = feature_datasets(datamodule.splits, extracted)
     train, val = splits["train"], splits.get("val")
@@ -312,7 +313,8 @@ def solve_probe(
         datamodule.num_classes,
         None if val is None else val.features.to(device),
         None if val is None else val.labels.to(device),
-        label_smoothing=label_smoothing,
+        label_smoothing=loss.label_smoothing,
+        class_weight=datamodule.solved_class_weight(loss.class_weight),
     )
     solution.copy_into(network.get_classifier())
     return solution.report() | {"probe_augmented_views": view_count}
