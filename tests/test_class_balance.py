@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+from omegaconf import OmegaConf
 from sklearn.utils.class_weight import compute_class_weight
 
 from conftest import TINY_MODEL, compose_config, data_module, folder_overrides, make_class_folders
-from finetune import features, probe
+from finetune import features, probe, resume_config
 from finetune.backbones import InputSpec
 from finetune.config import ConfigError, validate
 from finetune.data.balance import BalancedSampler, class_weights
@@ -244,3 +245,30 @@ def test_gradient_training_runs_with_named_weights_and_the_balanced_sampler(
     module = load_classifier(metrics["best_checkpoint"])
     assert module.hparams.class_weight == [1.0, 1.0, 3.0]
     assert np.isfinite(metrics["val/loss"])
+
+
+# --- resuming -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("data.class_weights=balanced", "data.class_weights: 'none' in the run, 'balanced' now"),
+        ("data.class_weights={small: 2}", "data.class_weights: 'none' in the run, None now"),
+        ("data.sampler=balanced", "data.sampler: 'none' in the run, 'balanced' now"),
+    ],
+)
+def test_a_resume_that_changes_the_weighting_is_refused(make_cfg, tmp_path, override, named):
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg()))
+    changes = resume_config.config_changes(saved, make_cfg(override))
+    with pytest.raises(resume_config.ResumeRefused) as caught:
+        resume_config.check_changes(changes, tmp_path, [override])
+    assert named in str(caught.value)
+    # A run saved before the keys existed resumes with them at their defaults.
+    del saved.data["class_weights"], saved.data["sampler"]
+    changes = resume_config.config_changes(saved, make_cfg())
+    assert changes == {
+        "data.class_weights": (resume_config.ABSENT, "none"),
+        "data.sampler": (resume_config.ABSENT, "none"),
+    }
+    resume_config.check_changes(changes, tmp_path)

@@ -48,15 +48,15 @@ def check_class_names(option: Any, class_names: Sequence[str]) -> None:
         raise ConfigError(
             f"data.class_weights names {', '.join(unknown)}, not a class of this data "
             f"(classes: {known}){f'; did you mean {hint}' if hint else ''}. Fix: name classes "
-            f"as their folders (or labels) are named, e.g. data.class_weights={{{class_names[0]}: "
-            "2.0}; a class not named weighs 1."
+            f"as their folders (or labels) are named, e.g. 'data.class_weights={{{class_names[0]}:"
+            "2.0}' (quoted for the shell); a class not named weighs 1."
         )
     for name, weight in option.items():
         number = isinstance(weight, int | float) and not isinstance(weight, bool)
         if not number or not math.isfinite(weight) or weight <= 0:
             raise ConfigError(
                 f"data.class_weights gives class {name} the weight {weight!r}; a weight is a "
-                f"number above 0. Fix: e.g. data.class_weights={{{name}: 2.0}}."
+                f"number above 0. Fix: e.g. 'data.class_weights={{{name}:2.0}}'."
             )
 
 
@@ -65,11 +65,19 @@ def class_weights(
 ) -> list[float] | None:
     """The training loss's weight per class, in label order, for `data.class_weights=option`:
     None for `none`; scikit-learn's `balanced` weights of `train_labels`; a mapping's weights
-    (`check_class_names` refuses a wrong one), 1 for a class it does not name.
+    (`check_class_names` refuses a wrong one), 1 for a class it does not name. Logged once.
     `ConfigError` for `balanced` when a class has no training image (its weight would be
     infinite), naming it."""
     if option in (None, "none"):
         return None
+    weights = _computed(option, class_names, train_labels)
+    named = ", ".join(f"{name} {w:.3g}" for name, w in zip(class_names, weights, strict=True))
+    log.info("data.class_weights=%s: the training loss weighs %s", option, named)
+    return weights
+
+
+def _computed(option: Any, class_names: Sequence[str], train_labels: Sequence[int]) -> list[float]:
+    """`class_weights` of `balanced` or a mapping, by scikit-learn's `compute_class_weight`."""
     classes = np.arange(len(class_names))
     labels = np.asarray(train_labels, dtype=np.int64)
     if option == BALANCED:
@@ -100,7 +108,7 @@ def expected_class_weight(
     proportional to 1 / n_c, the balanced weight up to a constant)."""
     if sampler != BALANCED:
         return class_weight
-    balanced = class_weights(BALANCED, class_names, train_labels.tolist())
+    balanced = _computed(BALANCED, class_names, train_labels.tolist())
     sampled = torch.tensor(balanced, dtype=torch.float32, device=train_labels.device)
     log.info(
         "data.sampler=balanced: the solved linear probe sees every training image once, so it "
@@ -119,8 +127,8 @@ class BalancedSampler(WeightedRandomSampler):
     `DistributedSamplerWrapper` then gives each process its own share of it)."""
 
     def __init__(self, labels: Sequence[int], seed: int, epoch: int = 0) -> None:
-        counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long))
-        weights = 1.0 / counts[torch.as_tensor(list(labels), dtype=torch.long)].double()
+        classes = torch.as_tensor(list(labels), dtype=torch.long)
+        weights = 1.0 / torch.bincount(classes)[classes].double()
         super().__init__(weights, num_samples=len(weights), replacement=True)
         self.seed, self.epoch = seed, epoch
 
