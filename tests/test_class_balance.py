@@ -272,3 +272,21 @@ def test_a_resume_that_changes_the_weighting_is_refused(make_cfg, tmp_path, over
         "data.sampler": (resume_config.ABSENT, "none"),
     }
     resume_config.check_changes(changes, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_class_weights_follow_the_module_to_the_training_device():
+    from finetune.module import ClassifierModule
+
+    model = {"name": "resnet18", "source": "torchvision", "weights": "none"}
+    module = ClassifierModule(
+        ["a", "b", "c"], model, {}, {"name": "constant"}, class_weight=[1.0, 2.0, 3.0]
+    ).cuda()
+    assert module.criterion.class_weight.device.type == "cuda"
+    logits = module(torch.zeros(2, 3, 64, 64, device="cuda"))
+    labels = torch.tensor([0, 2], device="cuda")
+    expected = torch.nn.functional.cross_entropy(
+        logits.cpu(), labels.cpu(), weight=torch.tensor([1.0, 2.0, 3.0])
+    )
+    assert module.criterion(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
