@@ -1,6 +1,7 @@
 """Class imbalance: data.class_weights (scikit-learn's balanced weights, or named weights) in
 every way the head trains, and the balanced training sampler (data.sampler)."""
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -12,7 +13,14 @@ from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
 from omegaconf import OmegaConf
 from sklearn.utils.class_weight import compute_class_weight
 
-from conftest import TINY_MODEL, compose_config, data_module, folder_overrides, make_class_folders
+from conftest import (
+    TINY_MODEL,
+    compose_config,
+    data_module,
+    folder_overrides,
+    make_class_folders,
+    run_train,
+)
 from finetune import features, probe, resume_config
 from finetune.backbones import InputSpec
 from finetune.config import ConfigError, validate
@@ -163,6 +171,27 @@ def test_the_training_loader_uses_the_balanced_sampler_and_the_probe_its_expecte
     expected = [b * w for b, w in zip(balanced, [1.0, 2.0, 3.0], strict=True)]
     assert module.solved_class_weight(weights).tolist() == pytest.approx(expected)
     assert torch.equal(prepared(photos).solved_class_weight(weights), weights)
+
+
+@pytest.mark.slow  # two processes
+def test_two_processes_train_with_the_balanced_sampler_and_weights(photos, tmp_path):
+    """Lightning wraps the sampler in each DDP process (its shares: the test above); the
+    (epoch, index) keys reach the images, and the weights the checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [*folder_overrides(photos), *TINY_MODEL, "strategy=full", "data.sampler=balanced"]
+    result = run_train(
+        *args,
+        "data.class_weights=balanced",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run_dir / "train_ddp_process_1.log").is_file()  # two processes trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    module = load_classifier(metrics["best_checkpoint"])
+    assert module.hparams.class_weight == pytest.approx([17 / (3 * n) for n in TRAIN_COUNTS])
 
 
 # --- every way the head trains ------------------------------------------------------------------
