@@ -92,6 +92,10 @@ def test_class_counts_name_the_ratio_the_weighting_it_would_change_and_thin_val_
         "class_weights" in line
         for line in class_balance_lines(names, [40, 8, 120], [10, 2, 30], "none")
     )
+    assert not any(
+        "class_weights" in line
+        for line in class_balance_lines(names, [40, 8, 120], [10, 2, 30], "none", "balanced")
+    )
     assert any(
         "class_weights" in line for line in class_balance_lines(names, [30, 10, 12], [10, 9, 8])
     )

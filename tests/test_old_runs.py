@@ -42,7 +42,8 @@ def test_a_run_of_an_earlier_version_resumes_with_the_new_keys_at_their_defaults
     result = run_train(f"hydra.run.dir={run_dir}", "ckpt_path=last", "trainer.max_epochs=2")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
-    for key in ("data.folds", "data.fold", "data.max_image_pixels"):
+    added = ("data.folds", "data.fold", "data.max_image_pixels", "data.class_weights")
+    for key in (*added, "data.sampler"):
         assert f"key {key} was not in the run's saved config; it takes its default" in log
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs"] == 2

@@ -173,6 +173,35 @@ def test_the_solved_probe_is_the_optimum_of_the_modules_training_loss():
     assert (plain.weight - solution.weight).abs().max() > 1e-3 * solution.weight.abs().max()
 
 
+def test_the_solved_probe_is_the_optimum_of_the_modules_class_weighted_loss():
+    """data.class_weights reaches the module's criterion (weights in class order, saved in its
+    hyper-parameters) and the probe solves that same loss: zero gradient at its optimum."""
+    from finetune.module import ClassifierModule
+
+    x, y = blobs(20, 3, 512, spread=8.0, seed=8)
+    weights = [0.2, 5.0, 1.0]
+    module = ClassifierModule(
+        ["a", "b", "c"], RESNET18, {}, {"name": "constant"}, class_weight=weights
+    ).eval()
+    assert module.hparams.class_weight == weights
+    assert module.criterion.class_weight.tolist() == pytest.approx(weights)  # float32
+    loss = module.criterion
+    solution = probe.solve(
+        x, y, 3, label_smoothing=loss.label_smoothing, class_weight=loss.class_weight
+    )
+    solution.copy_into(module.network.get_classifier())
+    std = x.std(dim=0, unbiased=False)
+    weight_grad, bias_grad = head_gradients(module, x, y, module.criterion)
+    standardised = weight_grad / std + solution.l2 * solution.weight * std
+    assert standardised.abs().max() < 1e-4 and bias_grad.abs().max() < 1e-4
+    # Gradient training of the unweighted module's loss would move this head (over 10 times
+    # the tolerance above).
+    unweighted = ClassifierModule(["a", "b", "c"], RESNET18, {}, {"name": "constant"}).eval()
+    solution.copy_into(unweighted.network.get_classifier())
+    plain_grad, _ = head_gradients(unweighted, x, y, unweighted.criterion)
+    assert (plain_grad / std + solution.l2 * solution.weight * std).abs().max() > 1e-3
+
+
 def test_the_probe_solves_the_class_weighted_loss_when_given_one():
     x, y = blobs(20, 3, 16, spread=8.0, seed=7)
     class_weight = torch.tensor([4.0, 1.0, 1.0])

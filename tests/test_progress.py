@@ -33,9 +33,9 @@ def test_on_a_terminal_the_bar_counts_with_rate_and_time_left(monkeypatch):
         bar.console.file = io.StringIO()  # the terminal it would draw on
         return bar
 
-    make_bar = progress._bar
+    make_bar = progress.terminal_bar
     monkeypatch.setattr(progress, "interactive", lambda: True)
-    monkeypatch.setattr(progress, "_bar", recorded_bar)
+    monkeypatch.setattr(progress, "terminal_bar", recorded_bar)
     with progress.progress("Verifying", 4, "images") as advance:
         advance(3)
         advance(3)  # past the planned total: the bar's total grows

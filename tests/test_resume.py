@@ -861,8 +861,9 @@ def run_with_checkpoint(cfg, hparams: dict, epochs: int = 1) -> Path:
 class Data:
     """What `ResumePlan.verify` reads of a data module."""
 
-    def __init__(self, class_names: list[str]) -> None:
+    def __init__(self, class_names: list[str], class_weight: list[float] | None = None) -> None:
         self.class_names = class_names
+        self.class_weight = class_weight
 
     def split_record(self) -> dict:
         return {"files": {}}
@@ -945,6 +946,28 @@ def test_a_resume_plan_verifies_the_checkpoint(make_cfg, options, chosen, classe
     # the lr the user typed is theirs: only a rate lr=auto chose is compared
     if chosen:
         plan.verify(cfg, {}, Data(classes), regime)
+
+
+def test_a_resume_plan_refuses_a_checkpoint_trained_with_other_class_weights(make_cfg, tmp_path):
+    """The checkpoint's hyper-parameters say how its loss weighed the classes (none: alike);
+    a resume from the file alone, which no saved config guards, is refused when they differ."""
+    run_dir = run_with_checkpoint(make_cfg(), HPARAMS | {"class_weight": [1.0, 2.0, 1.0]})
+    cfg = make_cfg("ckpt_path=last", "trainer.max_epochs=2")
+    plan = resume.ResumePlan(run_dir, "last", str(run_dir / "checkpoints" / "last.ckpt"), True)
+    plan.verify(cfg, {}, Data(CLASSES, [1.0, 2.0, 1.0]), "finetune")  # the same: resumes
+    for other in (None, [1.0, 1.0, 2.0]):
+        with pytest.raises(FinetuneError, match=r"weighed the classes \[1.0, 2.0, 1.0\]"):
+            plan.verify(cfg, {}, Data(CLASSES, other), "finetune")
+    # a checkpoint of a version without class weights trained them alike
+    older = make_cfg()
+    older.run_dir = str(tmp_path / "older")
+    unweighted = run_with_checkpoint(older, HPARAMS)
+    plan = resume.ResumePlan(
+        unweighted, "last", str(unweighted / "checkpoints" / "last.ckpt"), True
+    )
+    plan.verify(cfg, {}, Data(CLASSES, [1.0, 1.0, 1.0]), "finetune")
+    with pytest.raises(FinetuneError, match="weighed the classes alike"):
+        plan.verify(cfg, {}, Data(CLASSES, [1.0, 2.0, 1.0]), "finetune")
 
 
 @pytest.mark.slow  # two trainings: CI's slow step

@@ -59,10 +59,11 @@ def class_balance_lines(
     train_counts: Sequence[int],
     val_counts: Sequence[int],
     class_weights: Any = None,
+    sampler: str | None = None,
 ) -> list[str]:
     """The lines a run logs at its start about its classes (see the module docstring):
-    the counts, the ratio, the weighting hint (ratio >= `IMBALANCE_RATIO` and `class_weights`
-    None or "none") and each class with 1 to `FEW_VAL_IMAGES - 1` validation images.
+    the counts, the ratio, the weighting hint (ratio >= `IMBALANCE_RATIO`, `class_weights`
+    None or "none" and no balanced `sampler`) and each class with 1 to `FEW_VAL_IMAGES - 1` validation images.
     `train_counts`, `val_counts`: images per class, in label order."""
     names = list(class_names)
     ratio = imbalance_ratio(train_counts)
@@ -85,7 +86,7 @@ def class_balance_lines(
         f"training class: {names[largest] if present else '-'} / "
         f"{names[smallest] if present else '-'})."
     ]
-    if ratio >= IMBALANCE_RATIO and class_weights in (None, "none"):
+    if ratio >= IMBALANCE_RATIO and class_weights in (None, "none") and sampler != "balanced":
         weights = balanced_weights(train_counts)
         lines.append(
             f"The largest training class has {ratio:.1f} times the images of the smallest, and "
@@ -116,7 +117,7 @@ def class_balance_lines(
 
 
 @rank_zero_only
-def log_class_balance(splits: Any, class_weights: Any = None) -> None:
+def log_class_balance(splits: Any, class_weights: Any = None, sampler: str | None = None) -> None:
     """Log `class_balance_lines` of a `finetune.data.DatasetSplits` (its train and val
     splits); the hint and the few-images lines as warnings."""
     classes = len(splits.class_names)
@@ -125,6 +126,7 @@ def log_class_balance(splits: Any, class_weights: Any = None) -> None:
         class_counts(splits.train, classes),
         class_counts(splits.val, classes),
         class_weights,
+        sampler,
     )
     log.info(lines[0])
     for line in lines[1:]:

@@ -69,6 +69,8 @@ class ClassifierModule(pl.LightningModule):
             measure the loss and accuracy and change no weight (SGD and AdamW move a parameter
             by lr times their update), while Lightning's step count, checkpoints, gradient
             clipping, accumulation and precision plugins work as in any run; not saved.
+        class_weight: the loss's weight per class, in class order (`data.class_weights`,
+            `finetune.data.balance`), or None; saved, so a checkpoint says how it was trained.
 
     Its length (~160 lines) is Lightning's hooks for one module (steps, the deferred loss
     check, optimizers, checkpoint loading); each is short, and splitting them across classes
@@ -98,6 +100,7 @@ class ClassifierModule(pl.LightningModule):
         inputs_are_features: bool = False,
         channels_last: bool = False,
         head_solved: bool = False,
+        class_weight: list[float] | None = None,
     ) -> None:
         super().__init__()
         # Plain values only: the checkpoint must rebuild without pickled modules. How this run
@@ -133,8 +136,11 @@ class ClassifierModule(pl.LightningModule):
         # This epoch's training losses, summed on the device (read once, at its last batch).
         self._epoch_loss_sum: torch.Tensor | float = 0.0
         self._epoch_loss_steps = 0
-        # The objective the solved linear probe minimises too (one loss for the head).
-        self.criterion = HeadLoss(label_smoothing=float(optim.get("label_smoothing", 0)))
+        # The objective the solved linear probe minimises too (one loss for the head); its class
+        # weights a buffer, so that they move to the training device with the network.
+        self.label_smoothing = float(optim.get("label_smoothing", 0))
+        weight = None if class_weight is None else torch.tensor(class_weight, dtype=torch.float32)
+        self.register_buffer("class_weight", weight, persistent=False)
         # ModuleDict keys may not shadow nn.Module attributes such as `train`. The per-class
         # means are evaluation numbers: training batches are augmented and (with a balanced
         # sampler) not drawn as the split is.
@@ -152,6 +158,11 @@ class ClassifierModule(pl.LightningModule):
         self.eval_losses = nn.ModuleDict(
             {stage: MeanMetric(nan_strategy=float("nan")) for stage in ("val", "test")}
         )
+
+    @property
+    def criterion(self) -> HeadLoss:
+        """The training loss: cross-entropy with the label smoothing and class weights."""
+        return HeadLoss(self.label_smoothing, self.class_weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # (batch, features): cached features (the solved probe's train and val splits; its test

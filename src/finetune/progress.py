@@ -37,7 +37,7 @@ def progress(what: str, total: int, unit: str) -> Iterator[Callable[[int], None]
         done += n
 
     if interactive() and total > 0:
-        with _bar(unit) as bar:
+        with terminal_bar(unit) as bar:
             task = bar.add_task(what, total=total)
 
             def advance(n: int = 1) -> None:
@@ -52,7 +52,7 @@ def progress(what: str, total: int, unit: str) -> Iterator[Callable[[int], None]
     log.info("%s: %d %s in %.1f s%s", what, done, unit, seconds, rate)
 
 
-def _bar(unit: str):
+def terminal_bar(unit: str):
     """Rich's progress bar: description, bar, done/total, rate, elapsed and time left."""
     from rich.progress import (
         BarColumn,

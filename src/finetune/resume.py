@@ -130,11 +130,17 @@ class ResumedDataOrder(pl.Callback):
 
 
 def check_compatible(
-    checkpoint_path: str, class_names: list[str], model_name: str, auto_lr: float | None = None
+    checkpoint_path: str,
+    class_names: list[str],
+    model_name: str,
+    auto_lr: float | None = None,
+    class_weight: list[float] | None = None,
 ) -> None:
     """Refuse to resume from a checkpoint of a different experiment, before Lightning fails with
-    a wall of size-mismatch errors; and (`ResumeRefused`) at `auto_lr`, the rate lr=auto chose
-    for this resume, when the checkpoint trained at another (`check_learning_rate`)."""
+    a wall of size-mismatch errors, or of another loss (`class_weight`, data.class_weights'
+    per class; a checkpoint of a version without it trained unweighted); and (`ResumeRefused`)
+    at `auto_lr`, the rate lr=auto chose for this resume, when the checkpoint trained at
+    another (`check_learning_rate`)."""
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated, not a checkpoint, pickled code...
@@ -154,6 +160,12 @@ def check_compatible(
             f"{'...' if len(saved_classes) > 5 else ''}), this run has {len(class_names)} "
             f"({', '.join(class_names[:5])}{'...' if len(class_names) > 5 else ''})"
         )
+    trained_weight = hparams.get("class_weight")
+    if not _same_weights(trained_weight, class_weight):
+        problems.append(
+            f"its loss weighed the classes {trained_weight or 'alike'}, this run's "
+            f"{class_weight or 'alike'} (data.class_weights)"
+        )
     if problems:
         raise FinetuneError(
             f"Cannot resume from {checkpoint_path}: {'; '.join(problems)}. ckpt_path continues "
@@ -163,6 +175,13 @@ def check_compatible(
         )
     if auto_lr is not None:
         check_learning_rate(hparams, auto_lr, checkpoint_path)
+
+
+def _same_weights(first: list[float] | None, second: list[float] | None) -> bool:
+    """Whether two class-weight lists (None: every class weighs 1) weigh the classes alike."""
+    count = len(first or second or [])
+    first, second = first or [1.0] * count, second or [1.0] * count
+    return len(first) == len(second) and all(map(math.isclose, first, second))
 
 
 def check_learning_rate(hparams: dict[str, Any], lr: float, checkpoint_path: str) -> None:
@@ -358,7 +377,13 @@ class ResumePlan:
         if self.checkpoint is None:
             return
         auto_lr = cfg.optim.optimizer.lr if "optim.optimizer.lr" in chosen else None
-        check_compatible(self.checkpoint, datamodule.class_names, cfg.model.name, auto_lr)
+        check_compatible(
+            self.checkpoint,
+            datamodule.class_names,
+            cfg.model.name,
+            auto_lr,
+            datamodule.class_weight,
+        )
         check_split(self.ckpt_path, self.run_dir, datamodule.split_record())
         check_epochs(
             self.checkpoint,

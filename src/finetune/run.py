@@ -151,7 +151,9 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=not datamodule.reads_user_folder):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
-    imbalance.log_class_balance(datamodule.splits, cfg.data.get("class_weights"))
+    imbalance.log_class_balance(
+        datamodule.splits, cfg.data.get("class_weights"), cfg.data.get("sampler")
+    )
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
         rundir.save_split(run_dir, datamodule.split_record())
@@ -180,6 +182,7 @@ def build_model(
         channels_last=speed["channels_last"],
         # the solved probe on cached features is the whole training: epochs only measure it
         head_solved=caches_features and strategy.head_from_probe,
+        class_weight=datamodule.class_weight,
     )
     if speed["compile"] and not caches_features:  # cached features: the head alone, too small
         network.net.compile()
@@ -275,9 +278,14 @@ def training_data(
             )
     if model.strategy.head_from_probe and not resuming.restores_head:  # and the probe's report
         device = trainer.strategy.root_device
-        smoothing = model.module.criterion.label_smoothing  # the loss gradient training uses
         solved = solve_probe(
-            model.network, datamodule, extracted, device, views, smoothing, model.selection
+            model.network,
+            datamodule,
+            extracted,
+            device,
+            views,
+            model.module.criterion,
+            model.selection,
         )
         # the views' cache goes with the probe's report, which a resume restores
         views_cache = {k.replace("feature_", "views_"): v for k, v in views_report.items()}
@@ -294,14 +302,15 @@ def solve_probe(
     datamodule: FinetuneDataModule,
     extracted: dict[str, torch.Tensor],
     device: torch.device,
-    views: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
+    views: torch.Tensor | None,
+    loss: probe.HeadLoss,
     selection: str = "val/acc",
 ) -> dict[str, Any]:
-    """Solve the linear probe on the training split's features and `views` (features of
-    augmented views of the training images, view-major: `features.augmented_views`), L2 chosen
-    on val by `selection` (`selection.metric`), on `device`, with the training loss's `label_smoothing`, and copy it into the
-    network's head; returns its report for metrics.json."""
+    """Solve the linear probe on the training split's features and `views` (augmented views of
+    the training images, view-major: `features.augmented_views`), L2 chosen on val by
+    `selection` (`selection.metric`), on `device`, with the training `loss` (class weights as
+    the sampler weighs them: `solved_class_weight`), into the network's head; returns its report
+    for metrics.json."""
     # The features with their labels, as the data module would serve them.
     splits = feature_datasets(datamodule.splits, extracted)
     train, val = splits["train"], splits.get("val")
@@ -321,7 +330,8 @@ def solve_probe(
         datamodule.num_classes,
         None if val is None else val.features.to(device),
         None if val is None else val.labels.to(device),
-        label_smoothing=label_smoothing,
+        label_smoothing=loss.label_smoothing,
+        class_weight=datamodule.solved_class_weight(loss.class_weight),
         selection=selection,
     )
     solution.copy_into(network.get_classifier())

@@ -37,6 +37,7 @@ from finetune.config.values import (
     AUTO_OR_NUMBER,
     AUTO_OR_POSITIVE_INT,
     AUTO_TRUE_FALSE,
+    CLASS_WEIGHTS,
     CROP_SCALE,
     DATASETS,
     DEVICE_TRANSFORMS,
@@ -49,6 +50,7 @@ from finetune.config.values import (
     REGIMES,  # noqa: F401 - importable from here too
     RESUMABLE,
     RESUMABLE_ENTRIES,  # noqa: F401 - importable from here too
+    SAMPLERS,
     SCHEDULERS,
     SELECTION_METRICS,
     one_of,
@@ -122,6 +124,9 @@ class DataConfig:
     subset_seed: int = II("seed")  # which subset; a smaller fraction is part of a larger one
     shuffle_seed: int = II("seed")  # order and augmentation of training batches
     skip_corrupt: bool = False  # unreadable images: false = name them all and stop
+    # loss weight per class: none, balanced (scikit-learn's) or {class: weight} (docs/data.md)
+    class_weights: Any = field(default="none", metadata=CLASS_WEIGHTS)
+    sampler: str = field(default="none", metadata=SAMPLERS)  # balanced: each class equally often
     # k-fold cross-validation: train and val pooled into this many stratified folds (seeded by
     # split_seed), fold `fold` validating; null = the dataset's own split
     folds: int | None = field(default=None, metadata=one_of(None, types=(int,), minimum=2))

@@ -74,8 +74,8 @@ def _check_value(full_key: str, value: Any, allowed: dict[str, Any]) -> None:
     """`ConfigError` unless `value` is one of `allowed["choices"]` (same type too) or an
     instance of `allowed["types"]`."""
     values, types = allowed["choices"], allowed.get("types", ())
-    if isinstance(value, ListConfig):
-        value = list(value)
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value)
     if any(type(value) is type(a) and value == a for a in values):
         return
     if allowed.get("scale_range"):

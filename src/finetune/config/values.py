@@ -82,6 +82,11 @@ PROBABILITY = one_of(types=(float, int), minimum=0, maximum=1)
 FRACTION = one_of(types=(float, int), above=0, maximum=1, example=1.0)
 # RandomResizedCrop's scale range: [lo, hi] with 0 < lo <= hi <= 1 (an area share).
 CROP_SCALE = {"choices": (), "types": (list,), "scale_range": True}
+# Class imbalance (finetune.data.balance): data.class_weights is one of these or a mapping
+# {class name: weight}; data.sampler draws each class equally often when balanced.
+BALANCED = "balanced"
+CLASS_WEIGHTS = one_of("none", BALANCED, types=(dict,), example=BALANCED)
+SAMPLERS = one_of("none", BALANCED)
 
 
 # Keys that a rule of finetune.adaptive fills in from the data when left at `auto`.

@@ -4,6 +4,7 @@
 - `layouts`: hymenoptera, flowers102, imagefolder, synthetic: fetch the files, build the splits.
 - `loading`: `DatasetSplits`, datasets, the seeded `EpochSampler`, `make_loader`, splits, subsets.
 - `verify`: unreadable files, found once per exact file list.
+- `balance`: class imbalance: the loss's weight per class and the balanced training sampler.
 - `module`: `FinetuneDataModule`, the one LightningDataModule (images or cached features).
 """
 

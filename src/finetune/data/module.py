@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Su
 
 from finetune.config import check_fields
 from finetune.config.schema import DataConfig
-from finetune.config.values import AUTO
+from finetune.config.values import AUTO, BALANCED
+from finetune.data.balance import (
+    BalancedSampler,
+    check_class_names,
+    class_weights,
+    expected_class_weight,
+)
 from finetune.data.duplicates import across_splits
 from finetune.data.folds import check_fold, fold_split
 from finetune.data.images import (
@@ -123,12 +129,15 @@ class FinetuneDataModule(pl.LightningDataModule):
         labels: Mapping[str, Any] | None = None,  # only the csv layout reads a labels file
         folds: int | None = None,
         fold: int = 0,
+        class_weights: Any = "none",
+        sampler: str = "none",
     ) -> None:
         super().__init__()
         checked = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
         checked |= {"num_workers": num_workers, "val_fraction": val_fraction}
         checked |= {"device_transforms": device_transforms, "train_fraction": train_fraction}
         checked |= {"max_image_pixels": max_image_pixels, "folds": folds, "fold": fold}
+        checked |= {"class_weights": class_weights, "sampler": sampler}
         check_fields(checked, DataConfig, "data")
         self.dataset, self.layout = dataset, layout(dataset)
         self.root = Path(root).expanduser()
@@ -154,6 +163,9 @@ class FinetuneDataModule(pl.LightningDataModule):
         self.shuffle_seed, self.skip_corrupt = int(shuffle_seed), bool(skip_corrupt)
         check_fold(folds, fold)
         self.folds, self.fold = folds, fold  # k-fold cross-validation: val is fold `fold`
+        # the loss's weight per class (data.class_weights; set with the splits) and the order
+        self.class_weights_option, self.sampler = class_weights, sampler
+        self.class_weight: list[float] | None = None
         allow_pixels(max_image_pixels)  # for this process and the loader workers it forks
         self.skipped: dict[str, str] = {}  # unreadable files left out (data.skip_corrupt=true)
         self.duplicates: list[dict[str, list[str]]] = []  # byte-identical across splits
@@ -179,6 +191,7 @@ class FinetuneDataModule(pl.LightningDataModule):
         if self._splits is not None:
             return
         splits = self.layout.build(self.layout_options)
+        check_class_names(self.class_weights_option, splits.class_names)  # before verifying
         if self.folds:
             splits = fold_split(splits, self.folds, self.fold, self.layout_options.split_seed)
         splits.train = training_subset(splits.train, self.train_fraction, self.subset_seed)
@@ -187,6 +200,8 @@ class FinetuneDataModule(pl.LightningDataModule):
         )
         self.duplicates = across_splits(self._splits, content_digests(self._splits, self.cache_dir))
         _report_duplicates(self.duplicates)
+        labels = [label for _, label in self._splits.train]
+        self.class_weight = class_weights(self.class_weights_option, self.class_names, labels)
         log.info(
             "Dataset %s in %s: %s (caches in %s)",
             self.dataset,
@@ -252,6 +267,14 @@ class FinetuneDataModule(pl.LightningDataModule):
     @property
     def has_test_split(self) -> bool:
         return self.splits.test is not None
+
+    def solved_class_weight(self, class_weight: torch.Tensor | None) -> torch.Tensor | None:
+        """The class weights of the solved linear probe's loss for a training loss weighted by
+        `class_weight` ((classes,) or None): the expected loss of this module's training batches
+        (`finetune.data.balance.expected_class_weight`: with data.sampler=balanced, times the
+        balanced weights)."""
+        labels = torch.tensor([label for _, label in self.splits.train])
+        return expected_class_weight(class_weight, self.sampler, labels, self.class_names)
 
     def use_features(self, features: Mapping[str, torch.Tensor]) -> None:
         """Serve `features[split]` (`(N, D)` float tensors in the order of the split's samples)
@@ -347,6 +370,9 @@ class FinetuneDataModule(pl.LightningDataModule):
         images = split not in (self.features or {})
         dataset = self.datasets[split]
         sampler = None if train else self.evaluation_samplers.get(split)
+        if train and self.sampler == BALANCED:  # several processes: each a share of its draws
+            labels = [label for _, label in self.splits.train]
+            sampler = BalancedSampler(labels, self.shuffle_seed, self._epoch_starting())
         if self._overfitting():
             dataset = self._mixed_order(dataset, split)
             sampler = SequentialSampler(dataset)  # Lightning keeps a sequential one as it is
