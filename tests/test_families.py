@@ -215,3 +215,28 @@ def test_a_network_torchs_flop_counter_cannot_trace_gets_its_summary_without_flo
     counted = ClassifierModule(["a", "b", "c"], config, {}, {}, network=resnet)
     assert countable_example(counted) is counted.example_input_array
     assert summarize(counted).total_flops > 0
+
+
+def test_a_family_without_a_block_table_has_its_root_tensors_in_the_first_block():
+    """A network no table knows: each top-level child is a block, input first, and tensors
+    registered on the root (a class token) join the first block, where they enter."""
+    from timm.models import group_parameters
+
+    from finetune.heads import torchvision_block_matcher
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 4)
+            self.stages = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+            self.token = nn.Parameter(torch.zeros(4))
+            self.norm = nn.LayerNorm(4)
+
+    net = Tokens()
+    groups = group_parameters(net, torchvision_block_matcher("tokens", net))
+    blocks = [sorted(names) for _, names in sorted(groups.items())]
+    assert blocks == [
+        ["embed.bias", "embed.weight", "token"],
+        ["stages.0.bias", "stages.0.weight", "stages.1.bias", "stages.1.weight"],
+        ["norm.bias", "norm.weight"],
+    ]

@@ -17,6 +17,7 @@ before anything trains.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,10 @@ TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
         "stem": r"^stem",
         "blocks": [(r"^blocks\.(\d+)", None), (r"^classifier", (99999,))],
     },
+    ("pit_",): {  # timm's PiT: stages of transformer blocks, each after its pooling
+        "stem": r"^patch_embed|^pos_embed|^cls_token",
+        "blocks": [(r"^transformers\.(\d+)", None), (r"^norm", (99999,))],
+    },
     ("vit_",): {
         "stem": r"^conv_proj|^class_token|^encoder\.pos_embedding",
         "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)", None), (r"^encoder\.ln", (99999,))],
@@ -74,17 +79,22 @@ TORCHVISION_BLOCK_MATCHERS: dict[tuple[str, ...], dict[str, Any]] = {
 
 
 def torchvision_block_matcher(name: str, net: nn.Module) -> dict[str, Any]:
-    """The block matcher of a torchvision family; any other family: each top-level child with
-    parameters is a block, in registration order (torchvision registers them input first)."""
+    """The block matcher of a family without timm's `group_matcher` (torchvision's, timm's
+    PiT); any other: each top-level child with parameters is a block, in registration order
+    (networks register them input first). Tensors on the root module (a class token, a
+    position embedding) join the first block: they enter at the input."""
     for prefixes, matcher in TORCHVISION_BLOCK_MATCHERS.items():
         if name.startswith(prefixes):
             return matcher
-    children = [
-        child
+    blocks = [
+        rf"^{re.escape(child)}\."
         for child, module in net.named_children()
         if next(module.parameters(), None) is not None
     ]
-    return {"blocks": [(rf"^{child}\.", (index,)) for index, child in enumerate(children)]}
+    on_root = [rf"^{re.escape(n)}$" for n, _ in net.named_parameters(recurse=False)]
+    stem = ([blocks.pop(0)] if blocks else []) + on_root
+    matcher: dict[str, Any] = {"stem": "|".join(stem)} if stem else {}
+    return matcher | {"blocks": [(block, (index,)) for index, block in enumerate(blocks)]}
 
 
 @dataclass(frozen=True)
