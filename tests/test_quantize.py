@@ -83,3 +83,35 @@ def test_int8_of_another_format_is_one_clear_error(lite0_run, tmp_path):
     assert result.returncode == 1
     output = result.stdout + result.stderr  # Hydra's log goes to stdout
     assert "quantizes ONNX files only" in output and "Traceback" not in output
+
+
+def test_the_calibration_images_are_found_from_where_the_run_started_or_where_they_moved(
+    tmp_path, monkeypatch
+):
+    """split.json keeps the data root as typed: a relative one is taken from the folder the
+    run was started in (Hydra's runtime.cwd), not from where export.py runs; images that moved
+    are found with images_root=, and none found is one message naming that key."""
+    import pytest
+
+    from finetune.errors import FinetuneError
+    from finetune.quantize import split_files
+
+    started = tmp_path / "project"
+    (started / "photos" / "ants").mkdir(parents=True)
+    (started / "photos" / "ants" / "a.jpg").write_bytes(b"x")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
+    files = {"train": {"ants": ["ants/a.jpg"]}, "val": {"ants": ["ants/a.jpg"]}}
+    (run / "split.json").write_text(json.dumps({"root": "photos", "files": files}))
+    checkpoint = run / "checkpoints" / "best.ckpt"
+    monkeypatch.chdir(tmp_path)  # export.py started elsewhere
+
+    assert split_files(checkpoint, "train") == [started / "photos" / "ants" / "a.jpg"]
+    moved = tmp_path / "moved"
+    (started / "photos").rename(moved)
+    with pytest.raises(FinetuneError, match="images_root=") as missing:
+        split_files(checkpoint, "train")
+    assert str(started / "photos") in str(missing.value)
+    assert split_files(checkpoint, "val", str(moved)) == [moved / "ants" / "a.jpg"]

@@ -250,13 +250,15 @@ def export_int8(
     check: bool = ExportConfig.check,
     temperature: float = 1.0,
     images: int = ExportConfig.calibration_images,
+    images_root: str | None = None,
 ) -> Exported:
     """Export `model` to ONNX (checked against PyTorch), quantize it to int8 calibrated on up
     to `images` training images of `checkpoint`'s run, and write the int8 file to `path` with
     its model.json (the float model's, plus `quantization`: sizes, calibration, top-1 agreement
-    with the float model on the run's val images). `finetune.quantize`."""
-    calibration = split_files(checkpoint, "train")
-    validation = split_files(checkpoint, "val")
+    with the float model on the run's val images), the images under `images_root` when they
+    moved. `finetune.quantize`."""
+    calibration = split_files(checkpoint, "train", images_root)
+    validation = split_files(checkpoint, "val", images_root)
     with tempfile.TemporaryDirectory() as folder:
         float_path, int8_path = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
         exported = export_model(
@@ -319,6 +321,7 @@ def run(cfg: Any, output_dir: Path) -> Exported:
             bool(cfg.check),
             temperature,
             int(cfg.get("calibration_images", ExportConfig.calibration_images)),
+            cfg.get("images_root"),
         )
     else:
         exported = export_model(

@@ -33,42 +33,72 @@ MAX_SIZE_RATIO = 0.35  # int8 file size over float size above which export warns
 MIN_AGREEMENT = 0.98  # top-1 agreement with the float model below which export warns
 
 
-def split_files(checkpoint: Path, split: str) -> list[Path]:
+def split_files(checkpoint: Path, split: str, images_root: str | None = None) -> list[Path]:
     """The image files of `split` ("train", "val") of the run a checkpoint belongs to, from
-    its run dir's split.json (the folder above `checkpoints/`). Raises `FinetuneError` when
-    there is no split.json or it lists none."""
+    its run dir's split.json (the folder above `checkpoints/`), under `images_root` when given
+    (the images moved), else under the data root the run recorded (a relative one is taken from
+    the folder the run was started in, as Hydra recorded it). Raises `FinetuneError` when there
+    is no split.json, it lists none, or none of them is there."""
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
     record_file = run_dir / "split.json" if run_dir else None
-    if record_file is None or not record_file.is_file():
+    if run_dir is None or record_file is None or not record_file.is_file():
         raise FinetuneError(
             f"quantize=int8 calibrates on the run's training images, listed in its run dir's "
             f"split.json; {checkpoint} is not inside a run dir with one. Fix: pass "
             "ckpt=<run dir> of the run that trained it."
         )
     record = json.loads(record_file.read_text())
-    root = Path(record.get("root") or ".")
+    root = Path(images_root or record.get("root") or ".").expanduser()
+    if not root.is_absolute() and images_root is None:
+        root = _started_in(run_dir) / root
     by_class = record.get("files", {}).get(split) or {}
     files = [root / path for paths in by_class.values() for path in paths]
     if not files:
         raise FinetuneError(f"{record_file} lists no {split} images for quantize=int8.")
+    if not any(file.is_file() for file in files):
+        raise FinetuneError(
+            f"quantize=int8 calibrates on the run's {split} images, and none of the "
+            f"{len(files)} that {record_file} lists is under {root} (e.g. {files[0]}). Fix: "
+            "images_root=<the folder that holds them now, with the run's class folders>."
+        )
     return files
+
+
+def _started_in(run_dir: Path) -> Path:
+    """The folder the run was started in (Hydra's `runtime.cwd`), else the current one."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        from omegaconf import OmegaConf
+
+        cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+        if cwd:
+            return Path(cwd)
+    return Path.cwd()
 
 
 def _batches(files: Sequence[Path], spec: InputSpec) -> Iterator[tuple[list[Path], np.ndarray]]:
     """`(files, float32 (n, 3, crop, crop))` per batch of `BATCH`, preprocessed as evaluation
     does; unreadable files are left out."""
     transform = eval_transform(spec)
+    skipped = []
     for start in range(0, len(files), BATCH):
         kept, arrays = [], []
         for file in files[start : start + BATCH]:
             try:
                 arrays.append(transform(load_rgb(str(file))).numpy())
             except Exception as error:  # a file gone or broken since training: skip it
-                log.warning("Skipping %s for quantization (%s)", file, error)
+                skipped.append(f"{file} ({error})")
                 continue
             kept.append(file)
         if arrays:
             yield kept, np.stack(arrays).astype(np.float32)
+    if skipped:
+        log.warning(
+            "%d of %d images could not be read and were left out, e.g. %s",
+            len(skipped),
+            len(files),
+            skipped[0],
+        )
 
 
 def quantize_int8(

@@ -62,3 +62,6 @@ class ExportConfig:
     # none | int8: static int8 quantization of the ONNX file, calibrated on training images
     quantize: str = field(default="none", metadata=one_of(*QUANTIZE_MODES))
     calibration_images: int = field(default=200, metadata=COUNT_FROM_ONE)  # for quantize=int8
+    # where the run's images are now, when they moved since training (split.json's paths are
+    # relative to the data root it recorded); null = that root
+    images_root: str | None = None
