@@ -116,8 +116,9 @@ def reliability_bins(probabilities: torch.Tensor, labels: torch.Tensor) -> list[
 
 
 def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, size: int, bins, title: str) -> None:
-    """One reliability diagram: a bar per bin at its accuracy over the diagonal of perfect
-    calibration, the gap to the bin's mean confidence shaded red."""
+    """One reliability diagram: a blue bar per bin at its accuracy over the diagonal of perfect
+    calibration, and a red box from there to the bin's mean confidence (above the bar:
+    over-confident; inside it: under-confident)."""
     font = _font()
     draw.text((left, top - 18), title, fill="black", font=font)
     draw.rectangle((left, top, left + size, top + size), outline="black")
@@ -130,12 +131,14 @@ def _panel(draw: ImageDraw.ImageDraw, left: int, top: int, size: int, bins, titl
         confidence_y = top + size * (1 - row["confidence"])
         draw.rectangle((x0, accuracy_y, x1, top + size), fill=(70, 110, 200))
         low, high = sorted((accuracy_y, confidence_y))
-        draw.rectangle((x0, low, x1, high), fill=(230, 90, 80))
+        draw.rectangle((x0, low, x1, high), outline=(230, 90, 80), width=2)
     draw.line((left, top + size, left + size, top), fill="gray", width=1)
     for tick in (0.0, 0.5, 1.0):
         draw.text((left + tick * size - 6, top + size + 4), f"{tick:.1f}", "black", font)
         draw.text((left - 26, top + (1 - tick) * size - 6), f"{tick:.1f}", "black", font)
     draw.text((left + size // 2 - 40, top + size + 18), "confidence (top-1 p)", "gray", font)
+    draw.text((left + 4, top + 4), "blue: accuracy", (70, 110, 200), font)
+    draw.text((left + 4, top + 18), "red: gap to mean confidence", (230, 90, 80), font)
 
 
 def reliability_image(

@@ -191,6 +191,15 @@ class EvaluationReport(pl.Callback):
             self.temperature = fit_temperature(logits, labels)
             results["temperature"] = self.temperature
         results |= calibration_results(stage, logits, labels, self.temperature)
+        if trainer.is_global_zero:
+            log.info(
+                "%s: temperature %.3g (fitted on val's loss) takes the expected calibration "
+                "error from %.4f to %.4f",
+                stage,
+                self.temperature,
+                results[f"{stage}/ece"],
+                results[f"{stage}/ece_calibrated"],
+            )
         samples = self.samples.get(stage) or []
         if samples:  # the positions index the split's samples
             paths = [samples[int(position)][0] for position in positions]
