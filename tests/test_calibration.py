@@ -58,10 +58,17 @@ def test_an_under_confident_model_gets_a_temperature_below_one():
     )
 
 
-def test_a_split_without_errors_or_with_broken_logits_keeps_a_bounded_temperature():
+def test_a_split_without_errors_or_with_broken_logits_keeps_the_models_own_probabilities(
+    caplog,
+):
+    # Every image right: the loss falls without end as T goes to 0, and every probability
+    # would become 1. Half right, half wrong with the same margin: the best probabilities
+    # are uniform, the fit runs to the upper bound.
     logits = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
-    perfect = fit_temperature(logits, torch.tensor([0, 1]))
-    assert 0.05 <= perfect < 1  # sharper, bounded: every image is right
+    assert fit_temperature(logits, torch.tensor([0, 1])) == 1.0
+    assert "classifies all 2 val images correctly" in caplog.text
+    assert fit_temperature(logits.repeat(2, 1), torch.tensor([0, 1, 1, 0])) == 1.0
+    assert "outside [0.05, 20]" in caplog.text
     assert fit_temperature(torch.empty(0, 2), torch.empty(0, dtype=torch.long)) == 1.0
     assert fit_temperature(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0])) == 1.0
 

@@ -162,6 +162,22 @@ def test_a_single_class_folder_is_refused_and_a_root_one_level_too_high_named(tm
         assert "Fix: add a sub-folder of images for each other class" in message
 
 
+def test_folders_of_class_folders_as_classes_are_named_with_the_root_one_level_down(
+    tmp_path, caplog
+):
+    nest = tmp_path / "nest"
+    for name in ("setA", "setB"):
+        make_class_folders(nest / name, {"ants": 3, "bees": 3})
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):
+        datamodule("imagefolder", nest, prepare=False).prepare_data()
+    assert "look like sets of classes" in caplog.text
+    assert f"data.root={nest / 'setA'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finetune.data.folders"):  # ordinary classes
+        datamodule("imagefolder", nest / "setA", prepare=False).prepare_data()
+    assert "sets of classes" not in caplog.text
+
+
 def test_what_a_folder_scan_leaves_out_is_named(tmp_path, caplog):
     photos = tmp_path / "photos"
     make_class_folders(photos, {"ants": 6, "bees": 6, "wasps": 1})

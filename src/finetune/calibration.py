@@ -36,10 +36,20 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The T > 0 that minimises the mean cross-entropy of `softmax(logits / T)` against
     `labels`: `logits` `(N, classes)`, `labels` `(N,)` class indices. L-BFGS over log T (so T
-    stays positive), in float64; clamped to [MIN_TEMPERATURE, MAX_TEMPERATURE]. Returns 1.0
-    (no change) for an empty split, non-finite logits, or a fit that does not lower the
+    stays positive), in float64. Returns 1.0 (no change, with a warning where a user would
+    expect a fit) for an empty split, non-finite logits, a split the model classifies without
+    a mistake (its loss falls without end as T goes to 0: every probability would become 1),
+    a fit that reaches MIN_TEMPERATURE or MAX_TEMPERATURE, or one that does not lower the
     loss."""
     if not len(logits) or not torch.isfinite(logits).all():
+        return 1.0
+    if bool((logits.argmax(dim=1) == labels).all()):
+        log.warning(
+            "No temperature fitted: the model classifies all %d val images correctly, and their "
+            "loss falls without end as the temperature goes to 0. Probabilities stay the "
+            "model's own (temperature 1).",
+            len(labels),
+        )
         return 1.0
     # The evaluation runs under inference mode, whose tensors autograd cannot use: copies.
     with torch.inference_mode(False), torch.enable_grad():
@@ -59,7 +69,18 @@ def _fit(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    temperature = float(log_t.detach().exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE))
+    temperature = float(log_t.detach().exp())
+    if not MIN_TEMPERATURE < temperature < MAX_TEMPERATURE:
+        log.warning(
+            "No temperature fitted: the fit on %d val images ran to %.3g, outside [%g, %g] "
+            "(too few val mistakes to measure the confidence). Probabilities stay the model's "
+            "own (temperature 1).",
+            len(labels),
+            temperature,
+            MIN_TEMPERATURE,
+            MAX_TEMPERATURE,
+        )
+        return 1.0
     before = float(F.cross_entropy(logits, labels))
     after = float(F.cross_entropy(logits / temperature, labels))
     return temperature if math.isfinite(after) and after <= before else 1.0

@@ -199,7 +199,8 @@ def check_changes(
         for k, (old, new) in sorted(shown.items(), key=lambda item: not was_typed(item[0]))
     )
     if len(shown) < len(refused):
-        listed += f" (and {len(brought)} keys of the new option that the run's config lacks)"
+        keys = "key" if len(brought) == 1 else "keys"
+        listed += f" (and {len(brought)} {keys} of the new option that the run's config lacks)"
     # the typed overrides a resume could not follow (print_config=false it can)
     guilty = [line for line in typed if not resumable(_key(line))] or list(typed)
     cause = f" (the overrides {' '.join(guilty)} change)" if guilty else ""

@@ -175,6 +175,17 @@ def two_or_more(folder: Path, class_names: list[str]) -> list[str]:
                 "folders of their own: they look like datasets, not classes, so data.root is "
                 f"one level too high. Fix: data.root={folder / datasets[0]}."
             )
+        if all(_holds_class_folders(folder / name) for name in class_names):
+            # Images in sub-folders of a class are that class's (as torchvision's ImageFolder
+            # reads them), so this is said, not refused.
+            log.warning(
+                "Every class folder of %s (%s) holds no image of its own but two or more "
+                "folders of images: they look like sets of classes, and each is trained as one "
+                "class. If the classes are one level down, data.root=%s.",
+                folder,
+                ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else ""),
+                folder / class_names[0],
+            )
         return class_names
     only = folder / class_names[0]
     nested = [name for name in ("train", "val") if (only / name).is_dir()]
@@ -187,6 +198,19 @@ def two_or_more(folder: Path, class_names: list[str]) -> list[str]:
         f"Only one class folder in {folder} ({class_names[0]}): a classifier needs two or "
         f"more. {fix}"
     )
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """Whether `folder` holds no image file itself and two or more folders that do."""
+    entries = list(folder.iterdir())
+    if any(entry.is_file() and is_image_file(entry) for entry in entries):
+        return False
+    with_images = [
+        entry
+        for entry in entries
+        if entry.is_dir() and any(is_image_file(p) for p in entry.iterdir() if p.is_file())
+    ]
+    return len(with_images) >= 2
 
 
 def split_folders(root: Path, val_fraction: float, seed: int) -> DatasetSplits:
