@@ -29,7 +29,8 @@ def describe(folder: Path, file: Path, split_column: bool = True, sep: str = ","
     matter."""
     header = ["path", "label", "split"] if split_column else ["path", "label"]
     rows = [sep.join(header)]
-    images = [path for path in folder.rglob("*") if path.suffix in (".jpg", ".jpeg", ".png")]
+    # every file, as a user lists a folder (hymenoptera holds a .gif placeholder)
+    images = [p for p in folder.rglob("*") if p.is_file() and p.suffix not in (".csv", ".tsv")]
     for image in sorted(images, reverse=True):
         path = (image.relative_to(folder) if file.parent == folder else image).as_posix()
         rows.append(sep.join([path, image.parent.name, image.parts[-3]][: len(header)]))
@@ -50,6 +51,7 @@ def test_a_labels_file_trains_exactly_as_the_folders_it_describes(tmp_path, data
     photos = tmp_path / "photos"
     for split, count in (("train", 5), ("val", 3)):
         make_class_folders(photos / split, {"ants": count, "bees": count}, seed=len(split))
+    (photos / "train" / "ants" / "placeholder.gif").write_bytes(b"GIF89a")  # left out by both
     describe(photos, photos / "labels.csv")
     folder = folder_overrides(photos)  # data=imagefolder data.root=photos, fast settings
     by_folder = train(compose_config(folder, tmp_path / "by_folder", data_root))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune.data.folders import auto_split, require_images, split_off_val
+from finetune.data.folders import auto_split, is_image_file, require_images, split_off_val
 from finetune.data.loading import DatasetSplits, Sample
 from finetune.errors import DataUnavailableError
 
@@ -98,7 +98,7 @@ def labelled_rows(file: Path, labels: Mapping[str, Any]) -> list[tuple[str, str,
         if split_column != "split":  # the default is read only where the file has it
             _require_column(file, header, split_column, "split_column")
         split_column = None
-    problems, found, first_label = [], [], {}
+    problems, found, first_label, unread = [], [], {}, []
     for line, row in rows:
         path, label = row.get(path_column, ""), row.get(label_column, "")
         split = SPLIT_NAMES.get(row.get(split_column, "").lower()) if split_column else None
@@ -114,6 +114,8 @@ def labelled_rows(file: Path, labels: Mapping[str, Any]) -> list[tuple[str, str,
             )
         elif not full.is_file():
             problems.append(f"line {line}: {path}: no such file under {file.parent}")
+        elif not is_image_file(full):  # as a scan of class folders leaves it out
+            unread.append(f"line {line}: {path}")
         elif str(full) in first_label and first_label[str(full)][1] != label:
             earlier, other = first_label[str(full)]
             problems.append(
@@ -128,7 +130,15 @@ def labelled_rows(file: Path, labels: Mapping[str, Any]) -> list[tuple[str, str,
         "correct or remove those rows (paths are relative to the labels file's folder; "
         "splits are train, val or test).",
     )
-    if len(found) < sum(1 for _ in rows) - len(problems):
+    if unread:
+        log.warning(
+            "Left out %d row(s) of %s naming a file of a type training does not read (as a "
+            "scan of class folders leaves it out), e.g. %s. Fix: convert them to JPEG or PNG.",
+            len(unread),
+            file,
+            ", ".join(unread[:3]),
+        )
+    if len(found) < sum(1 for _ in rows) - len(problems) - len(unread):
         log.warning("Labels file %s lists some images twice; each is used once.", file)
     return found
 
