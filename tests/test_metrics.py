@@ -96,6 +96,10 @@ def test_class_counts_name_the_ratio_the_weighting_it_would_change_and_thin_val_
         "class_weights" in line
         for line in class_balance_lines(names, [40, 8, 120], [10, 2, 30], "none", "balanced")
     )
+    # k-fold is suggested for few val images, but not to a run that already is one fold
+    assert "data.folds=5" in " ".join(class_balance_lines(names, [40, 8, 120], [10, 2, 30]))
+    folded = class_balance_lines(names, [40, 8, 120], [10, 2, 30], folds=5)
+    assert "too coarse" in " ".join(folded) and "data.folds" not in " ".join(folded)
     assert any(
         "class_weights" in line for line in class_balance_lines(names, [30, 10, 12], [10, 9, 8])
     )

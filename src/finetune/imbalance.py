@@ -60,6 +60,7 @@ def class_balance_lines(
     val_counts: Sequence[int],
     class_weights: Any = None,
     sampler: str | None = None,
+    folds: int | None = None,
 ) -> list[str]:
     """The lines a run logs at its start about its classes (see the module docstring):
     the counts, the ratio, the weighting hint (ratio >= `IMBALANCE_RATIO`, `class_weights`
@@ -109,15 +110,19 @@ def class_balance_lines(
     if len(few) > NAMED_FEW:
         lines.append(f"... and {len(few) - NAMED_FEW} more classes with 1 to 4 val images.")
     if few:
+        better = "more val images (data.val_fraction)" + (
+            "" if folds else " or k-fold cross-validation (data.folds=5)"
+        )
         lines.append(
-            "Their numbers are too coarse to compare runs by: more val images "
-            "(data.val_fraction) or k-fold cross-validation (data.folds=5) measure them better."
+            f"Their numbers are too coarse to compare runs by: {better} measure them better."
         )
     return lines
 
 
 @rank_zero_only
-def log_class_balance(splits: Any, class_weights: Any = None, sampler: str | None = None) -> None:
+def log_class_balance(
+    splits: Any, class_weights: Any = None, sampler: str | None = None, folds: int | None = None
+) -> None:
     """Log `class_balance_lines` of a `finetune.data.DatasetSplits` (its train and val
     splits); the hint and the few-images lines as warnings."""
     classes = len(splits.class_names)
@@ -127,6 +132,7 @@ def log_class_balance(splits: Any, class_weights: Any = None, sampler: str | Non
         class_counts(splits.val, classes),
         class_weights,
         sampler,
+        folds,
     )
     log.info(lines[0])
     for line in lines[1:]:

@@ -151,8 +151,9 @@ def build_data(cfg: DictConfig, run_dir: Path, write: bool = True) -> FinetuneDa
     # One builder per data root at a time; a user's image folder is never created by the lock.
     with build_once(datamodule.cache_dir, "prepare", create=not datamodule.reads_user_folder):
         datamodule.prepare_data()  # a missing dataset stops the run here, before any training
+    data = cfg.data
     imbalance.log_class_balance(
-        datamodule.splits, cfg.data.get("class_weights"), cfg.data.get("sampler")
+        datamodule.splits, data.get("class_weights"), data.get("sampler"), data.get("folds")
     )
     if write:
         rundir.save_classes(run_dir, datamodule.class_names, datamodule.skipped)
