@@ -2,6 +2,7 @@
 
 import pickle
 import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -563,3 +564,19 @@ def test_weights_of_another_variant_are_named_as_such_not_as_another_naming(
     message = str(error.value)
     assert "another architecture or variant" in message and "another naming" not in message
     assert "model.name=efficientnet_lite1" not in message
+
+
+def test_renaming_keeps_the_module_versions_a_versioned_loader_reads():
+    """torchvision's MNASNet reads its version from the state dict's `_metadata` and refuses
+    one without it: every evaluation after training and every export of a checkpoint (whose
+    keys the module renames on load) failed."""
+    net = torchvision.models.mnasnet0_5(weights=None)
+    prefixed = {f"backbone.net.{key}": value for key, value in net.state_dict().items()}
+    prefixed = OrderedDict(prefixed)
+    prefixed._metadata = OrderedDict(  # as the module's state dict carries it
+        ("backbone.net" + (f".{p}" if p else ""), v) for p, v in net.state_dict()._metadata.items()
+    )
+    renamed = rename_keys(prefixed, "lightning_legacy")
+    assert renamed._metadata["network.net"] == {"version": 2}  # MNASNet's own
+    assert renamed._metadata["network.net.layers.1"] == {"version": 2}
+    net.load_state_dict(rename_keys(net.state_dict(), None))  # raised ValueError before

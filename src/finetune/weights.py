@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -28,14 +28,8 @@ __all__ = [
     "trace_layers",
 ]
 
-
-# ------------------------------------------------------------------------------------------
-# Bottom-up loading
-# ------------------------------------------------------------------------------------------
-
-# Where this project's Lightning checkpoints keep the torch network's tensors:
-# ClassifierModule.network (a backbones.Network) -> .net; before issue 12 the attribute was
-# `backbone`. The one place these prefixes are written down.
+# Where this project's checkpoints keep the network's tensors (ClassifierModule.network -> .net;
+# earlier versions: `backbone`). The one place these prefixes are written down.
 CHECKPOINT_PREFIX = "network.net."
 LEGACY_CHECKPOINT_PREFIX = "backbone.net."
 # How reports name the root module's own tensors (a ViT's cls_token, pos_embed, dist_token).
@@ -165,16 +159,20 @@ def adopt_naming(
 def rename_keys(
     state_dict: Mapping[str, torch.Tensor], rename: str | list[tuple[str, str]] | None
 ) -> dict[str, torch.Tensor]:
-    """Apply a rename table (a name from RENAMES or a list of (regex, replacement))."""
-    if rename is None:
-        return dict(state_dict)
-    table = RENAMES[rename] if isinstance(rename, str) else rename
-    renamed = {}
-    for key, tensor in state_dict.items():
+    """Apply a rename table (a name from RENAMES or a list of (regex, replacement)), keeping
+    `_metadata` (module versions: torchvision's MNASNet refuses a state dict without it)."""
+    table = [] if rename is None else RENAMES[rename] if isinstance(rename, str) else rename
+
+    def renamed(key: str) -> str:
         for pattern, replacement in table:
             key = re.sub(pattern, replacement, key)
-        renamed[key] = tensor
-    return renamed
+        return key
+
+    result = OrderedDict((renamed(key), tensor) for key, tensor in state_dict.items())
+    if (metadata := getattr(state_dict, "_metadata", None)) is not None:  # "" is the root
+        pairs = ((renamed(f"{p}.")[:-1] if p else p, v) for p, v in metadata.items())
+        result._metadata = OrderedDict(pairs)  # type: ignore[attr-defined]
+    return result
 
 
 def guess_rename(state_dict: Mapping[str, torch.Tensor]) -> str | None:
