@@ -580,3 +580,24 @@ def test_renaming_keeps_the_module_versions_a_versioned_loader_reads():
     assert renamed._metadata["network.net"] == {"version": 2}  # MNASNet's own
     assert renamed._metadata["network.net.layers.1"] == {"version": 2}
     net.load_state_dict(rename_keys(net.state_dict(), None))  # raised ValueError before
+
+
+def test_the_keys_of_a_module_registered_under_two_names_are_not_reported_unused():
+    """timm's CoaT registers its shared convolutions under two names; the layers load under
+    one, and the other name's keys were listed as unused, as if the file did not fit."""
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 1)
+            self.stage = torch.nn.Sequential(self.conv, torch.nn.ReLU())
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.stage(x).mean((2, 3)))
+
+    net = Shared()
+    state = net.state_dict()
+    assert {"conv.weight", "stage.0.weight"} <= set(state)
+    report = load_bottom_up(Shared(), state, example_inputs=(torch.zeros(1, 3, 8, 8),))
+    assert report.blockers == [] and report.unused_source_keys == []

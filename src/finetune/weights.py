@@ -412,10 +412,8 @@ def load_bottom_up(
     default one 224x224 RGB image). A layer loads when the source has a tensor of the same name
     (after `rename`) and shape for each of its parameters and buffers; the first layer that
     fails is the blocker and no later layer loads, even where names and shapes match. With
-    several input paths (an image and a text branch), the rule holds per path: layers are
-    grouped by the input-side layers they are computed from, each path loads up to its own
-    blocker, and a layer that combines paths loads only if none of them is blocked.
-    """
+    several input paths (an image and a text branch), each path loads up to its own blocker,
+    and a layer that combines paths loads only if none of them is blocked."""
     source = rename_keys(state_dict, rename)
     if example_inputs is None:
         example_inputs = (torch.zeros(1, 3, 224, 224),)
@@ -444,5 +442,9 @@ def load_bottom_up(
                     tensor.copy_(source[key])
                     used.add(key)
             report.loaded.append(name or ROOT_LAYER)
-    report.unused_source_keys = sorted(set(source) - used)
+    # A module under two names (CoaT's shared convolutions) loads once: its alias keys are used.
+    own = model.state_dict(keep_vars=True)
+    loaded = {id(own[key]) for key in used if key in own}
+    unused = set(source) - used
+    report.unused_source_keys = sorted(k for k in unused if id(own.get(k)) not in loaded)
     return report
