@@ -128,8 +128,9 @@ def affine_parts(classifier: nn.Module) -> tuple[nn.BatchNorm1d | None, nn.Linea
     if served_affine and len(norms) == 1 and isinstance(norms[0], nn.BatchNorm1d):
         return norms[0], affine
     raise ValueError(
-        f"a {type(classifier).__name__} classifier ({' + '.join(kinds) or 'no parameters'}); "
-        "served: Linear, 1x1 Conv2d, BatchNorm1d + Linear"
+        f"a {type(classifier).__name__} ({' + '.join(kinds) or 'no parameters'}); served: "
+        "one Linear, 1x1 Conv2d or BatchNorm1d + Linear per head module (a distilled model's "
+        "heads as separate modules)"
     )
 
 
