@@ -20,6 +20,7 @@ from torch import nn
 from finetune import backbones, probe, strategies
 from finetune.config.schema import TopKConfig
 from finetune.export import export_model
+from finetune.heads import affine_parts
 from finetune.module import ClassifierModule, countable_example
 from finetune.weights import ROOT_LAYER, trace_layers
 
@@ -49,6 +50,7 @@ SLOW = [
     ("inception_v3", "torchvision", None),  # 299 px, no auxiliary classifier
     ("efficientformer_l1", "timm", None),  # two heads on the same pooled features
     ("pit_ti_distilled_224", "timm", None),  # two heads; the class token passes its pooling
+    ("repvit_m0_9", "timm", None),  # two BatchNorm1d + Linear heads inside one module
 ]
 
 
@@ -240,3 +242,13 @@ def test_a_family_without_a_block_table_has_its_root_tensors_in_the_first_block(
         ["stages.0.bias", "stages.0.weight", "stages.1.bias", "stages.1.weight"],
         ["norm.bias", "norm.weight"],
     ]
+
+
+def test_the_heads_a_classifier_module_averages_are_each_replaced():
+    """timm's RepViT keeps its two distilled heads (each a BatchNorm1d + Linear) inside one
+    classifier module: each is a head, as a DeiT's two are."""
+    config = {"name": "repvit_m0_9", "source": "timm", "weights": "none"}
+    network = backbones.build(config, CLASSES, pretrained=False)
+    assert network.head_names == ("head.head", "head.head_dist")
+    outputs = [affine_parts(head)[1].out_features for head in network.classifiers()]
+    assert outputs == [CLASSES, CLASSES]

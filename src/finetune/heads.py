@@ -154,13 +154,29 @@ def _module_names(net: nn.Module, modules: Iterable[nn.Module]) -> tuple[str, ..
     return tuple(by_id[id(module)] for module in modules)
 
 
+def _heads_in(classifier: nn.Module) -> tuple[nn.Module, ...]:
+    """The heads a classifier module averages (timm's RepViT: `head` and `head_dist`, each a
+    BatchNorm1d + Linear), when it is not served itself and each of them is; else itself."""
+    parts = tuple(m for m in classifier.children() if next(m.parameters(), None) is not None)
+    try:
+        affine_parts(classifier)
+        return (classifier,)
+    except ValueError:
+        try:
+            return (
+                parts if len(parts) > 1 and all(affine_parts(p) for p in parts) else (classifier,)
+            )
+        except ValueError:
+            return (classifier,)
+
+
 def head_layout(net: nn.Module, name: str) -> HeadLayout:
     """The classifier of `net` (model `name`), found through its family's API. Raises
     `FinetuneError` (one line: the model and what is unsupported) for a head that cannot be
     served."""
     if is_timm(net):
         found = net.get_classifier()
-        classifiers = tuple(found) if isinstance(found, tuple | list) else (found,)
+        classifiers = tuple(found) if isinstance(found, tuple | list) else _heads_in(found)
         layout = HeadLayout(_module_names(net, classifiers), timm=True)
     else:
         for family, reason in UNSERVED_TORCHVISION.items():
