@@ -59,6 +59,8 @@ def comparable(metrics: dict) -> dict:
     kept.pop("feature_cache", None)
     kept.pop("views_cache_file", None)
     kept.pop("views_cache", None)
+    for key in [k for k in kept if k.endswith("/top_losses")]:  # images under each run's data
+        kept[key] = [row | {"path": Path(row["path"]).name} for row in kept[key]]
     return kept
 
 
