@@ -30,7 +30,7 @@ from finetune import optim
 from finetune.backbones import Network
 from finetune.config import check_fields
 from finetune.config.messages import unknown_key
-from finetune.config.schema import (
+from finetune.config.strategy_schema import (
     BackboneTrainsConfig,
     FullConfig,
     GradualConfig,
