@@ -277,13 +277,15 @@ def test_constructor_defaults_do_not_disagree_with_the_config(make_cfg):
         assert default is inspect.Parameter.empty or default == value, key
 
 
-def test_misclassified_grid_decodes_like_training(tmp_path):
+def test_the_report_grid_decodes_like_training(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from finetune.reports import misclassified_image
+    from finetune.top_losses import top_losses_image
 
     path = tmp_path / "sixteen.png"
     Image.fromarray(np.full((40, 40), 51400, dtype=np.uint16)).save(path)  # PIL alone: 255
-    grid = misclassified_image([(str(path), 0, 1)], ["a", "b"], "title")
+    grid = top_losses_image(
+        [{"path": str(path), "true": "a", "predicted": "b", "loss": 1.0, "p_true": 0.3}], "title"
+    )
     assert tuple(grid[28 + 80, 8 + 80]) == (200, 200, 200)

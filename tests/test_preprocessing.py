@@ -34,7 +34,7 @@ WHITE = (255, 255, 255)
 
 def centre_pixel_of_every_consumer(path: Path) -> dict[str, tuple[int, ...]]:
     """The centre pixel of a uniform image as each consumer of images sees it."""
-    from finetune.reports import misclassified_image
+    from finetune.top_losses import top_losses_image
 
     seen = {"load_rgb": load_rgb(str(path)).getpixel((20, 20))}
     loader = ImageListDataset([(str(path), 0)], eval_transform(SPEC, normalise=False))
@@ -42,7 +42,9 @@ def centre_pixel_of_every_consumer(path: Path) -> dict[str, tuple[int, ...]]:
     decoded = DecodedImages(budget_mb=1)
     decoded.fill([str(path)], eval_resize(SPEC), threads=1)
     seen["decode cache"] = tuple(decoded.get(str(path))[:, 18, 18].tolist())
-    grid = misclassified_image([(str(path), 0, 1)], ["a", "b"], "title")
+    grid = top_losses_image(
+        [{"path": str(path), "true": "a", "predicted": "b", "loss": 1.0, "p_true": 0.3}], "title"
+    )
     seen["reports grid"] = tuple(grid[28 + 80, 8 + 80].tolist())
     return seen
 

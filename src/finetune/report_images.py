@@ -16,7 +16,6 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from finetune.confusion import class_ranking, confused_pairs
-from finetune.data import load_rgb
 
 FONT_SIZE = 11  # the smallest text drawn; names and counts stay readable at this size
 FULL_MATRIX_MAX_CLASSES = 40  # above this, cells would drop below MIN_CELL: the sorted view
@@ -143,31 +142,4 @@ def sorted_view_image(matrix: torch.Tensor, class_names: list[str], title: str) 
             count = f": {pair['count']} ({pair['share']:.0%})"
             name = _fit(pair["predicted"], confusion_width - 12 - font.getlength(count), font)
             draw.text((x + 3, text_y), name + count, fill="black", font=font)
-    return np.asarray(canvas)
-
-
-def misclassified_image(
-    mistakes: list[tuple[str, int, int]], class_names: list[str], title: str
-) -> np.ndarray:
-    """Up to 16 misclassified images in a grid, each titled with its true and predicted class."""
-    columns, thumb, caption = 4, 160, 34
-    rows = max(1, -(-len(mistakes) // columns))
-    canvas = Image.new(
-        "RGB", (columns * (thumb + 8) + 8, 28 + rows * (thumb + caption + 8)), "white"
-    )
-    draw = ImageDraw.Draw(canvas)
-    draw.text((8, 6), title, fill="black", font=_font(14))
-    font = _font()
-    for position, (path, true, pred) in enumerate(mistakes):
-        x = 8 + (position % columns) * (thumb + 8)
-        y = 28 + (position // columns) * (thumb + caption + 8)
-        picture = load_rgb(path)
-        picture.thumbnail((thumb, thumb))
-        canvas.paste(picture, (x + (thumb - picture.width) // 2, y + (thumb - picture.height) // 2))
-        draw.text(
-            (x, y + thumb + 2), f"true: {class_names[true][:22]}", fill="darkgreen", font=font
-        )
-        draw.text(
-            (x, y + thumb + 17), f"pred: {class_names[pred][:22]}", fill="firebrick", font=font
-        )
     return np.asarray(canvas)

@@ -36,7 +36,7 @@ from finetune.class_scores import classification_report, per_class_scores
 from finetune.confusion import class_ranking, confused_pairs, per_class_accuracy
 from finetune.data import Sample
 from finetune.module import ClassifierModule
-from finetune.report_images import confusion_image, misclassified_image
+from finetune.report_images import confusion_image
 from finetune.top_losses import top_losses, top_losses_cam_image, top_losses_image
 
 __all__ = [  # the drawing and the numbers live in their own modules; reports ties them together
@@ -45,7 +45,6 @@ __all__ = [  # the drawing and the numbers live in their own modules; reports ti
     "best_checkpoint_line",
     "confusion_image",
     "evaluation_order",
-    "misclassified_image",
     "per_class_accuracy",
     "stage_results",
     "warn_partial_evaluations",
