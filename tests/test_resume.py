@@ -354,8 +354,9 @@ def test_ties_of_val_acc_keep_the_epoch_with_the_lowest_val_loss(
     scalars = events.Tags()["scalars"]
     assert [tag for tag in scalars if tag.startswith("val/acc_per_class")] == []
     for stage in ("val", "test"):
-        per_class = [t for t in scalars if t.startswith(f"best/{stage}/acc_per_class/")]
-        assert len(per_class) == 3 and all(len(events.Scalars(t)) == 1 for t in per_class)
+        for score in ("acc", "precision", "recall", "f1"):
+            per_class = [t for t in scalars if t.startswith(f"best/{stage}/{score}_per_class/")]
+            assert len(per_class) == 3 and all(len(events.Scalars(t)) == 1 for t in per_class)
 
 
 class ScoredEpochs(BoringModel):

@@ -166,7 +166,9 @@ def test_tensorboard_holds_scalars_images_hparams_and_the_weights_report(make_cf
         assert f"{stage}/top_losses" in tags["images"]
         assert f"{stage}/reliability" in tags["images"]
         assert {
-            f"best/{stage}/acc_per_class/{name}" for name in ("circle", "square", "stripes")
+            f"best/{stage}/{score}_per_class/{name}"
+            for name in ("circle", "square", "stripes")
+            for score in ("acc", "precision", "recall", "f1")
         } <= set(tags["scalars"])
     assert "weights/load_report/text_summary" in tags["tensors"]
     hparams = hparams_plugin_data(run_dir / "tensorboard")

@@ -225,12 +225,12 @@ class EvaluationReport(pl.Callback):
             step,
             dataformats="HWC",
         )
-        for name, value in results[f"{stage}/acc_per_class"].items():
-            if value is not None:
-                # under best/ like the re-validation's other numbers: not a point of val/*
-                writer.add_scalar(
-                    f"{ClassifierModule.EVALUATION_TAG}{stage}/acc_per_class/{name}", value, step
-                )
+        # under best/ like the re-validation's other numbers: not a point of val/*
+        for key in ("acc", "precision", "recall", "f1"):
+            for name, value in self.results[f"{stage}/{key}_per_class"].items():
+                if value is not None:
+                    tag = f"{ClassifierModule.EVALUATION_TAG}{stage}/{key}_per_class/{name}"
+                    writer.add_scalar(tag, value, step)
         for key in ("acc_per_class_sorted", "confused_pairs"):
             writer.add_text(f"{stage}/{key}", markdown_table(results[f"{stage}/{key}"]), step)
         report = self.report_texts[stage].replace("\n", "\n    ")  # a Markdown code block
