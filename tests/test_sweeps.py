@@ -306,3 +306,60 @@ def test_tensorboard_names_a_sweeps_runs_by_their_swept_values(tmp_path):
         "strategy=full",
         "strategy=last_layer",
     ]
+
+
+def drawn_chart(rows, path: Path, monkeypatch):
+    """The axis summary.png is drawn on (the figure kept open to be read)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    summary.plot(rows, path)
+    monkeypatch.undo()
+    (figure,) = figures
+    plt.close(figure)
+    return figure.axes[0]
+
+
+def test_each_bar_of_the_chart_names_the_swept_values_it_holds_and_the_averaged_axis(
+    tmp_path, monkeypatch
+):
+    """A sweep of strategy x learning rate x seed drew four bars labelled `m / full` twice and
+    `m / last_layer` twice: which bar held which learning rate was nowhere on the chart."""
+    runs = [
+        (strategy, lr, seed)
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+        for seed in (1, 2)
+    ]
+    for job, (strategy, lr, seed) in enumerate(runs):
+        overrides = [f"strategy={strategy}", f"optim.optimizer.lr={lr}", f"seed={seed}"]
+        metrics = {"val/acc": 0.5 + job / 100, "model": "m", "strategy": strategy, "seed": seed}
+        fake_run(tmp_path, str(job), overrides, metrics)
+    rows = summary.collect(tmp_path)
+
+    axis = drawn_chart(rows, tmp_path / "summary.png", monkeypatch)
+    assert [label.get_text() for label in axis.get_xticklabels()] == [
+        f"strategy={strategy}\noptim.optimizer.lr={lr}"
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+    ]
+    title = axis.get_title()
+    assert "strategy x optim.optimizer.lr" in title
+    assert "mean +- std over seed, 2 runs each" in title
+
+    # learning curves: one per combination of the other swept values, named by them
+    for row in rows:
+        job = int(row["job"])
+        row["overrides"]["data.train_fraction"] = "0.5" if job % 2 else "1.0"
+        row["train_images"] = 10 if job % 2 else 20
+    axis = drawn_chart(rows, tmp_path / "summary.png", monkeypatch)
+    assert sorted(text.get_text() for text in axis.get_legend().get_texts()) == sorted(
+        f"strategy={strategy}, optim.optimizer.lr={lr}"
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+    )
+    assert "one run each" in axis.get_title()  # seed and fraction vary together here

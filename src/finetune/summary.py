@@ -14,9 +14,10 @@ Files written into the sweep folder:
   over them of the accuracies, macro-F1 and fit seconds for every other combination.
 - `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
   `tensorboard --logdir <sweep folder>/tensorboard`.
-- `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
-  values, the axis zoomed to the data's range); when
-  `data.train_fraction` is swept, learning curves: accuracy against training images.
+- `summary.png` (`finetune.sweep_plot`): val accuracy per combination of the swept values (bars
+  with the std over seeds and their values, the axis zoomed to the data's range), each bar
+  named by the overrides it holds; when `data.train_fraction` is swept, learning curves:
+  accuracy against training images.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from finetune import sweep_plot
 from finetune.atomic import atomic_write
 from finetune.progress import progress
 from finetune.rundir import FAILURE_FILE, METRICS_FILE
+from finetune.sweep_plot import (  # noqa: F401 - importable from here too
+    accuracy_range,
+    shows_learning_curves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -281,66 +287,23 @@ def _mean_std(entry: dict[str, Any], column: str) -> str:
     return "" if mean is None else f"{_fmt(mean, column)} +- {_fmt(entry[f'{column}_std'], column)}"
 
 
-def shows_learning_curves(rows: list[dict[str, Any]]) -> bool:
-    """Whether the sweep varies `data.train_fraction` (one fraction for all is no curve)."""
-    return len({row["overrides"].get("data.train_fraction") for row in rows}) > 1
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Learning curves when `data.train_fraction` is swept, else bars per strategy and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """summary.png (`finetune.sweep_plot`): learning curves when `data.train_fraction` is
+    swept, else bars; each names the swept values it holds and the axes averaged over."""
     import matplotlib.pyplot as plt
 
+    keys = swept_keys(rows) if len(rows) > 1 else []
     table = [e for e in aggregate(rows) if e["val_acc_mean"] is not None]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    if shows_learning_curves(rows):
-        curves: dict[str, list[tuple[int, float, float]]] = {}
-        for entry in table:
-            label = " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k))
-            curves.setdefault(label, []).append(
-                (entry["train_images"], entry["val_acc_mean"], entry["val_acc_std"])
-            )
-        for label, points in sorted(curves.items()):
-            points.sort()
-            xs, ys, errors = zip(*points, strict=True)
-            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
-        axis.set_xlabel("training images")
-        axis.set_title("Learning curves (mean +- std over seeds)")
-    else:
-        labels = [
-            " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k)) or "run"
-            for entry in table
-        ]
-        bars = axis.bar(
-            range(len(table)),
-            [e["val_acc_mean"] for e in table],
-            yerr=[e["val_acc_std"] for e in table],
-            capsize=3,
-        )
-        axis.bar_label(bars, fmt="%.3f", padding=2)  # the values a zoomed axis compares
-        axis.set_xticks(range(len(table)), labels, rotation=30, ha="right")
-        axis.set_title("Validation accuracy per strategy and model")
-    axis.set_ylabel("val accuracy")
-    axis.set_ylim(*accuracy_range(table))
-    axis.grid(alpha=0.3)
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
-    plt.close(figure)
-
-
-def accuracy_range(table: list[dict[str, Any]]) -> tuple[float, float]:
-    """The plot's val accuracy axis: the data's range (mean +- std) with a margin, not 0 to 1,
-    where 0.951 and 0.954 would look equal. Within [0, 1.02]; (0, 1.02) without data."""
-    if not table:
-        return 0.0, 1.02
-    low = min(e["val_acc_mean"] - e["val_acc_std"] for e in table)
-    high = max(e["val_acc_mean"] + e["val_acc_std"] for e in table)
-    margin = max((high - low) * 0.25, 0.01)  # room for the bars' labels above them
-    return max(low - margin, 0.0), min(high + margin, 1.02)
+    figure = sweep_plot.draw(
+        table,
+        [key for key in keys if key not in REPEAT_AXES],
+        [key for key in REPEAT_AXES if key in keys],
+        curves=shows_learning_curves(rows),
+    )
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
+    finally:
+        plt.close(figure)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
