@@ -9,9 +9,10 @@ Files written into the sweep folder:
 - `summary.csv`: one row per run: job number, status (`ok`, `failed` or `diverged`, with the
   error), its overrides (one column per swept key), val/test accuracy and macro-F1, the metric
   that chose the best checkpoint (`selection.metric`) and its value, trainable params, fit
-  seconds.
+  seconds and the feature cache they include (`finetune.sweep_times`: `miss` extracted).
 - `summary.md`: the same table, and when the sweep has a `seed` or `data.fold` axis, mean +- std
-  over them of the accuracies, macro-F1 and fit seconds for every other combination.
+  over them of the accuracies, macro-F1 and fit seconds (per feature-cache state where the runs
+  mix them) for every other combination.
 - `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
   `tensorboard --logdir <sweep folder>/tensorboard`.
 - `summary.png` (`finetune.sweep_plot`): val accuracy per combination of the swept values (bars
@@ -36,7 +37,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
-from finetune import sweep_plot
+from finetune import sweep_plot, sweep_times
 from finetune.atomic import atomic_write
 from finetune.progress import progress
 from finetune.rundir import FAILURE_FILE, METRICS_FILE
@@ -56,6 +57,7 @@ METRIC_COLUMNS = (
     "selected_value",
     "trainable_params",
     "fit_seconds",
+    "feature_cache",
     "train_images",
 )
 AGGREGATED = ("val_acc", "test_acc", "val_macro_f1", "test_macro_f1", "fit_seconds")
@@ -99,6 +101,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "selected_value": metrics.get(selected_by),
                 "trainable_params": metrics.get("trainable_params"),
                 "fit_seconds": metrics.get("fit_seconds"),
+                "feature_cache": sweep_times.cache_state(metrics),
                 "train_images": (metrics.get("split_sizes") or {}).get("train"),
                 "model": metrics.get("model"),
                 "strategy": metrics.get("strategy"),
@@ -185,6 +188,11 @@ def aggregate(
             values = [m[column] for m in finished if m.get(column) is not None]
             entry[f"{column}_mean"] = statistics.mean(values) if values else None
             entry[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        # minutes of extraction and seconds of cache reads have no common mean: per state
+        times = sweep_times.seconds_by_cache(finished)
+        entry |= {"fit_seconds_by_cache": times, "feature_cache": sweep_times.states_cell(times)}
+        if len(times) > 1:
+            entry["fit_seconds_mean"] = entry["fit_seconds_std"] = None
         entry["train_images"] = finished[0].get("train_images") if finished else None
         entry["strategy"] = (finished[0] if finished else entry).get("strategy")
         entry["model"] = finished[0].get("model") if finished else None
@@ -257,6 +265,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             ],
         ),
     ]
+    if sweep_times.mixes_states(rows):
+        parts += ["", sweep_times.NOTE]
     repeats = [key for key in REPEAT_AXES if key in keys]
     if repeats:
         others = [key for key in keys if key not in repeats]
@@ -267,13 +277,20 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
-                [*others, "runs", "failed", *(c.replace("_", " ") for c in AGGREGATED)],
+                [
+                    *others,
+                    "runs",
+                    "failed",
+                    *(c.replace("_", " ") for c in AGGREGATED),
+                    "feature cache",
+                ],
                 [
                     [
                         *(str(entry[key]) for key in others),
                         str(entry["runs"]),
                         str(entry["failed"]),
                         *(_mean_std(entry, column) for column in AGGREGATED),
+                        entry["feature_cache"],
                     ]
                     for entry in table
                 ],
@@ -283,6 +300,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
 
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:
+    if column == "fit_seconds" and len(entry["fit_seconds_by_cache"]) > 1:
+        return sweep_times.seconds_cell(entry["fit_seconds_by_cache"])
     mean = entry[f"{column}_mean"]
     return "" if mean is None else f"{_fmt(mean, column)} +- {_fmt(entry[f'{column}_std'], column)}"
 
