@@ -4,7 +4,8 @@ A thin Hydra entry point; the flow itself lives in `finetune.run.train`. Before 
 (and creates the run dir), the command line is composed once and checked against the schema
 (`finetune.config`): a wrong key, option or type ends here with one message and exit status 1.
 A resume (`hydra.run.dir=D ckpt_path=last`) first gets D's own saved overrides
-(`finetune.resume.command_line`). Ctrl-C prints the command that continues the run; exit 130.
+(`finetune.resume.command_line`). Ctrl-C prints the command that continues the run (exit 130);
+a new run stopped by Ctrl-C or an error before its first checkpoint leaves no run dir.
 """
 
 import logging
@@ -19,9 +20,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from finetune import config, interrupt
-from finetune.errors import FinetuneError, raised_before_training
+from finetune.errors import FinetuneError
 from finetune.resume_config import ResumeRefused
-from finetune.rundir import METRICS_FILE, save_failure
+from finetune.rundir import METRICS_FILE, holds_results, save_failure
 
 log = logging.getLogger("finetune")
 
@@ -50,15 +51,22 @@ def hydra_task(
             with job_processes(cfg):  # DDP ranks of a sweep job re-run that job only
                 metrics = train(cfg)
         except KeyboardInterrupt:
-            log.warning("%s", interrupt.interrupted_message(Path(cfg.run_dir), cfg))
+            run_dir = Path(cfg.run_dir)
+            # A sweep keeps its jobs' folders: the summary lists an interrupted job.
+            if new_run_dir and not in_sweep and remove_unkept(run_dir):
+                log.warning("%s", interrupt.nothing_kept_message(run_dir))
+            else:
+                log.warning("%s", interrupt.interrupted_message(run_dir, cfg))
             sys.exit(130)
         except Exception as error:
             # A refused resume leaves its run dir as it was; a finished run stays finished.
             refused = isinstance(error, ResumeRefused)
             run_dir = Path(cfg.run_dir)
-            # The sweep summary counts a failed job by its failure.json: kept in a sweep.
-            untrained = new_run_dir and not in_sweep and raised_before_training(error)
-            if not (refused or untrained or (run_dir / METRICS_FILE).is_file()):
+            # The sweep summary counts a failed job by its failure.json: kept in a sweep. A
+            # single run's new folder with nothing worth keeping goes: the error is on the
+            # console, and a folder holding only failure.json would be clutter.
+            unkept = new_run_dir and not in_sweep and not holds_results(run_dir)
+            if not (refused or unkept or (run_dir / METRICS_FILE).is_file()):
                 save_failure(run_dir, error)
             if in_sweep:
                 # One failed job must not end a sweep (Hydra's basic sweeper stops at a raised
@@ -71,8 +79,9 @@ def hydra_task(
                 return None
             if isinstance(error, FinetuneError):
                 log.error("%s", error)
-                if untrained:
-                    remove_untrained(run_dir)
+            if unkept and remove_unkept(run_dir):  # before the traceback of any other error
+                log.info("Nothing was kept: the run dir %s was removed.", run_dir)
+            if isinstance(error, FinetuneError):
                 if refused and resumed_log is not None:
                     # the log too: this attempt is on the console
                     interrupt.restore_size(*resumed_log)
@@ -83,14 +92,16 @@ def hydra_task(
     return main
 
 
-def remove_untrained(run_dir: Path) -> None:
-    """Remove the run dir of a run refused before training (its config, log and the empty
-    logger folders), unless it holds checkpoints or results after all: a run started in the
-    same second by another process shares the time-named folder."""
-    if (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists():
-        return
+def remove_unkept(run_dir: Path) -> bool:
+    """Remove the run dir this process made for a run that stopped (refused, failed or
+    interrupted) before anything worth keeping was written: its config, log, split and the
+    logger folders. One that holds a checkpoint or results after all stays: a run started in
+    the same second by another process shares the time-named folder. Returns whether the
+    folder was removed (the caller says so)."""
+    if holds_results(run_dir):
+        return False
     shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("Nothing was trained: the run dir %s was removed.", run_dir)
+    return not run_dir.exists()
 
 
 if __name__ == "__main__":

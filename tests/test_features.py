@@ -195,6 +195,40 @@ def test_a_changed_image_is_re_extracted_in_the_next_run(make_cfg, tmp_path):
     assert train(make_cfg(*options, fast=False))["feature_cache"] == "miss"
 
 
+def test_debug_fast_extracts_the_features_of_its_batches_only_and_no_real_run_reads_them(
+    make_cfg, tmp_path, caplog
+):
+    """debug=fast ran two batches, but first extracted the features of every training and
+    validation image, and of augmented views of each: on a real dataset, minutes of a smoke
+    test. Its features are those of its batches alone, and a real run extracts its own."""
+    data = [
+        "data.synthetic.train_per_class=40",
+        "data.synthetic.val_per_class=8",
+        "data.synthetic.test_per_class=8",
+        f"data.root={tmp_path / 'data'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    cfg = make_cfg(*TINY_MODEL, *data, "debug=fast")  # augment=default: views were auto
+    train_batch, eval_batch = cfg.data.batch_size, cfg.data.eval_batch_size  # FAST's 4 and 8
+    with caplog.at_level(logging.INFO, logger="finetune"):
+        smoke = train(cfg)
+    assert smoke["feature_cache"] == "miss"
+    assert smoke["feature_rows"] == {"train": 2 * train_batch, "val": 2 * eval_batch}
+    assert smoke["probe_augmented_views"] == 0 and "views_cache" not in smoke
+    assert smoke["smoke_test_images"] == {"train": 8, "val": 16, "test": 16}
+    assert smoke["split_sizes"] == {"train": 120, "val": 24, "test": 24}  # the whole splits
+    said = [r.getMessage() for r in caplog.records if "solved on this subset" in r.getMessage()]
+    assert len(said) == 1 and "(8 of the 120 training images" in said[0], said
+
+    features.clear_memory_cache()  # a new process: only the cache files remain
+    real_cfg = make_cfg(*TINY_MODEL, *data, "augment=none")
+    real_cfg.run_dir = str(tmp_path / "real")
+    real = train(real_cfg)
+    assert real["feature_cache"] == "miss" and "smoke_test_images" not in real
+    assert real["feature_rows"] == {"train": 120, "val": 24}
+    assert real["feature_cache_file"] != smoke["feature_cache_file"]
+
+
 def test_unreadable_cache_file_is_recomputed(make_cfg, tmp_path):
     first = train(make_cfg(*PROBE, *TINY_MODEL, f"data.cache_dir={tmp_path}/c"))
     Path(first["feature_cache_file"]).write_bytes(b"truncated")

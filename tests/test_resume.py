@@ -25,7 +25,14 @@ from pytorch_lightning.demos.boring_classes import BoringModel
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchmetrics import Metric, MetricCollection
 
-from conftest import FAST_OVERRIDES, REPO, make_class_folders, run_train, subprocess_env
+from conftest import (
+    FAST_OVERRIDES,
+    REPO,
+    TINY_MODEL,
+    make_class_folders,
+    run_train,
+    subprocess_env,
+)
 from finetune import callbacks, features, interrupt, resume, resume_config
 from finetune import module as module_lib
 from finetune.config import ConfigError, check_overrides
@@ -568,6 +575,69 @@ def test_ctrl_c_of_a_resume_prints_the_overrides_it_applied(one_epoch_run, tmp_p
     assert plain.returncode == 1 and "has trained 2 epoch(s)" in message, message[-2000:]
     assert "Traceback" not in message
     assert file_hashes(run_dir) == before
+
+
+STOP_AT_STEP = """
+import os, signal
+from finetune.module import ClassifierModule
+
+_original = ClassifierModule.training_step
+
+def training_step(self, batch, batch_idx):
+    if self.trainer.global_step == int(os.environ.get("STOP_STEP", "0")):
+        if os.environ["STOP_BY"] == "ctrl_c":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            raise RuntimeError("a fault in the first epoch")
+    return _original(self, batch, batch_idx)
+
+ClassifierModule.training_step = training_step
+"""
+
+
+@pytest.mark.parametrize("stop", ["ctrl_c", "error"])
+def test_a_new_run_stopped_before_its_first_checkpoint_leaves_no_run_dir(tmp_path, stop):
+    """Ctrl-C or an error in the first epoch left a run dir of a config, a log, a split and
+    empty logger folders (and a failure.json): nothing to continue from or to look at. A
+    folder that existed before the run is the user's: it stays."""
+    env = hooked_env(tmp_path, STOP_AT_STEP) | {"STOP_BY": stop}
+    options = [*FAST_OVERRIDES, *TINY_MODEL, "strategy=full", f"data.root={tmp_path / 'data'}"]
+    run_dir = tmp_path / "runs" / "new"
+    result = run_train(*options, f"hydra.run.dir={run_dir}", env=env)
+    message = result.stdout + result.stderr
+    assert result.returncode == (130 if stop == "ctrl_c" else 1), message[-3000:]
+    assert not run_dir.exists() and (tmp_path / "runs").is_dir()
+    if stop == "ctrl_c":
+        said = [line for line in message.splitlines() if "nothing was kept" in line]
+        assert len(said) == 1 and f"the run dir {run_dir} was removed" in said[0], message[-3000:]
+        assert "Continue it with" not in message and "Traceback" not in message
+    else:
+        assert "a fault in the first epoch" in message  # the error and its traceback
+        assert f"Nothing was kept: the run dir {run_dir} was removed." in message
+
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    again = run_train(*options, f"hydra.run.dir={run_dir}", env=env)
+    message = again.stdout + again.stderr
+    assert again.returncode == result.returncode, message[-3000:]
+    assert (run_dir / "notes.txt").read_text() == "mine" and (run_dir / "config.yaml").is_file()
+    assert "was removed" not in message
+    if stop == "ctrl_c":
+        assert f"{run_dir} holds no checkpoint to continue from" in message
+
+
+def test_ctrl_c_after_the_first_checkpoint_keeps_the_run_dir_and_says_how_to_continue(tmp_path):
+    env = hooked_env(tmp_path, STOP_AT_STEP) | {"STOP_BY": "ctrl_c", "STOP_STEP": "3"}
+    run_dir = tmp_path / "run"
+    result = run_train(
+        *FAST_OVERRIDES, *TINY_MODEL, "strategy=full", "trainer.max_epochs=2",
+        f"data.root={tmp_path / 'data'}", f"hydra.run.dir={run_dir}", env=env,
+    )  # fmt: skip
+    message = result.stdout + result.stderr
+    assert result.returncode == 130, message[-3000:]  # 3 steps an epoch: in the second one
+    assert f"Continue it with: python {REPO / 'train.py'} hydra.run.dir={run_dir}" in message
+    assert "nothing was kept" not in message
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "train.log").is_file()
 
 
 CTRL_C_IN_EVALUATION = """

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,106 @@ def test_tensorboard_names_a_sweeps_runs_by_their_swept_values(tmp_path):
         "strategy=full",
         "strategy=last_layer",
     ]
+
+
+def drawn_chart(rows, path: Path, monkeypatch):
+    """The axis summary.png is drawn on (the figure kept open to be read)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    summary.plot(rows, path)
+    monkeypatch.undo()
+    (figure,) = figures
+    plt.close(figure)
+    return figure.axes[0]
+
+
+def test_each_bar_of_the_chart_names_the_swept_values_it_holds_and_the_averaged_axis(
+    tmp_path, monkeypatch
+):
+    """A sweep of strategy x learning rate x seed drew four bars labelled `m / full` twice and
+    `m / last_layer` twice: which bar held which learning rate was nowhere on the chart."""
+    runs = [
+        (strategy, lr, seed)
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+        for seed in (1, 2)
+    ]
+    for job, (strategy, lr, seed) in enumerate(runs):
+        overrides = [f"strategy={strategy}", f"optim.optimizer.lr={lr}", f"seed={seed}"]
+        metrics = {"val/acc": 0.5 + job / 100, "model": "m", "strategy": strategy, "seed": seed}
+        fake_run(tmp_path, str(job), overrides, metrics)
+    rows = summary.collect(tmp_path)
+
+    axis = drawn_chart(rows, tmp_path / "summary.png", monkeypatch)
+    assert [label.get_text() for label in axis.get_xticklabels()] == [
+        f"strategy={strategy}\noptim.optimizer.lr={lr}"
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+    ]
+    title = axis.get_title()
+    assert "strategy x optim.optimizer.lr" in title
+    assert "mean +- std over seed, 2 runs each" in title
+
+    # learning curves: one per combination of the other swept values, named by them
+    for row in rows:
+        job = int(row["job"])
+        row["overrides"]["data.train_fraction"] = "0.5" if job % 2 else "1.0"
+        row["train_images"] = 10 if job % 2 else 20
+    axis = drawn_chart(rows, tmp_path / "summary.png", monkeypatch)
+    assert sorted(text.get_text() for text in axis.get_legend().get_texts()) == sorted(
+        f"strategy={strategy}, optim.optimizer.lr={lr}"
+        for strategy in ("last_layer", "full")
+        for lr in ("0.01", "0.1")
+    )
+    assert "one run each" in axis.get_title()  # seed and fraction vary together here
+
+
+def test_fit_seconds_are_averaged_per_feature_cache_state_never_across_them(tmp_path):
+    """The first seed extracted the features (two minutes), the others read them (seconds):
+    their mean, 41.7 +- 67.8 s, was neither time. Each run now shows its cache state, and the
+    mean table averages seconds per state."""
+    runs = [  # strategy, seed, fit seconds, metrics.json's cache entries
+        ("last_layer", 1, 120.0, {"feature_cache": "miss"}),
+        ("last_layer", 2, 2.0, {"feature_cache": "hit"}),
+        ("last_layer", 3, 3.0, {"feature_cache": "hit"}),
+        ("full", 1, 50.0, {"feature_cache": "off"}),
+        ("full", 2, 52.0, {"feature_cache": "off"}),
+        # the clean features read, the augmented views' extracted: it extracted
+        ("full", 3, 60.0, {"feature_cache": "hit", "views_cache": "miss"}),
+    ]
+    for job, (strategy, seed, seconds, cache) in enumerate(runs):
+        metrics = {"val/acc": 0.8, "fit_seconds": seconds, "strategy": strategy, **cache}
+        fake_run(tmp_path, str(job), [f"strategy={strategy}", f"seed={seed}"], metrics)
+
+    rows = summary.write_summary(tmp_path)
+
+    table = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [r["feature_cache"] for r in table] == ["miss", "hit", "hit", "off", "off", "miss"]
+    probe, full = summary.aggregate(rows)
+    assert probe["fit_seconds_mean"] is None  # no mean of minutes and seconds
+    assert probe["fit_seconds_by_cache"] == {
+        "miss": {"mean": 120.0, "std": 0.0, "runs": 1},
+        "hit": {"mean": 2.5, "std": pytest.approx(0.7071, rel=1e-3), "runs": 2},
+    }
+    assert probe["feature_cache"] == "1 miss, 2 hit"
+    assert full["feature_cache"] == "1 miss, 2 off"
+    markdown = (tmp_path / "summary.md").read_text()
+    mean_rows = markdown[markdown.index("Mean +- std") :].splitlines()
+    assert mean_rows[2].rstrip().endswith("| fit seconds | feature cache |")
+    assert "| miss 120.0 +- 0.0 (1); hit 2.5 +- 0.7 (2) | 1 miss, 2 hit |" in mean_rows[4]
+    assert "| miss 60.0 +- 0.0 (1); off 51.0 +- 1.4 (2) | 1 miss, 2 off |" in mean_rows[5]
+    assert "Compare times within one state" in markdown
+
+    # runs of one state keep one mean, and the table no note
+    for job in ("0", "5"):
+        shutil.rmtree(tmp_path / job)
+    rows = summary.write_summary(tmp_path)
+    probe, full = summary.aggregate(rows)
+    assert probe["fit_seconds_mean"] == 2.5 and probe["feature_cache"] == "hit"
+    assert full["fit_seconds_mean"] == 51.0 and full["feature_cache"] == "off"
+    assert "Compare times within one state" not in (tmp_path / "summary.md").read_text()

@@ -11,7 +11,7 @@ line per key, and `metrics_entry` is what metrics.json records of it.
 | `data.batch_size` | per process: 32, halved while an epoch gives fewer than 4 optimizer steps, >= 8 |
 | `trainer.max_epochs` | probe: 1; else ceil(P / images per class) within [lo, hi] |
 | `optim.optimizer.lr` | base(optimizer, regime) x images per optimizer step / 32 |
-| `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 |
+| `strategy.augmented_views` | probe, augmented: ceil(100 / images per class) in [5, 15], clean + views <= 50k rows; else 0 (also for `smoke_test`) |
 
 Regimes (`finetune.config.schema.REGIMES`; `finetune.strategies.plan` says which one a run
 is):
@@ -137,13 +137,16 @@ def _range(wanted: int, low: int, high: int) -> str:
     return f", clamped to [{low}, {high}]"
 
 
-def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: int) -> Choice:
+def auto_views(
+    regime: str, augmenting: bool, train_images: int, num_classes: int, smoke_test: bool = False
+) -> Choice:
     """The number of augmented views of each training image the linear probe is solved on
     (besides the clean image): with augmentation in the `probe` regime, ceil(P / ipc) within
     VIEW_RANGE, P = VIEW_PRESENTATIONS and ipc = images per class, as `auto_max_epochs` counts
     the `head` regime's epochs (a view costs what an epoch of the head on images costs: one
     forward pass over the training images), lowered so that the full-batch solve has at most
-    MAX_PROBE_ROWS rows (clean + views; no views above MAX_PROBE_ROWS / 2 images); otherwise 0.
+    MAX_PROBE_ROWS rows (clean + views; no views above MAX_PROBE_ROWS / 2 images); otherwise 0,
+    and 0 for a `smoke_test` (`finetune.smoke`: views of every image would cost epochs).
 
     Source: the views are the head regime's augmented epochs, solved at once instead of
     followed by SGD (the same objective: cross-entropy + L2 over augmented images). Measured
@@ -154,6 +157,8 @@ def auto_views(regime: str, augmenting: bool, train_images: int, num_classes: in
         return Choice(0, f"regime {regime}: the head trains by the optimizer, no probe to widen")
     if not augmenting:
         return Choice(0, "no augmentation: the probe is solved on the clean images only")
+    if smoke_test:
+        return Choice(0, "smoke test (debug=fast): the probe is solved on the clean images only")
     per_class = max(train_images, 1) / max(num_classes, 1)
     wanted = math.ceil(VIEW_PRESENTATIONS / per_class)
     low, high = VIEW_RANGE
@@ -238,8 +243,10 @@ def resolve(
         choose("optim.optimizer.lr", auto_lr(target, regime, int(batch_size), batches_per_step))
     views = resolved.strategy.get("augmented_views")
     if views == AUTO:
+        smoke_test = bool(resolved.get("smoke_test"))
         choose(
-            "strategy.augmented_views", auto_views(regime, augmenting, train_images, num_classes)
+            "strategy.augmented_views",
+            auto_views(regime, augmenting, train_images, num_classes, smoke_test),
         )
     elif views is not None:
         _check_views(int(views), regime, augmenting)

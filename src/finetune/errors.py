@@ -51,15 +51,3 @@ def closest_names(name: str, valid: list[str], most: int = 5) -> list[str]:
     ratio = {v: difflib.SequenceMatcher(None, name, v).ratio() for v in valid}
     alike = sorted((v for v in valid if ratio[v] >= 0.6), key=lambda v: -ratio[v])
     return alike[:most]
-
-
-def mark_before_training(error: BaseException) -> None:
-    """Record on `error` that it stopped the run before training began: nothing of the run
-    dir is worth keeping then (train.py removes a new run's dir instead of leaving it with
-    only a failure.json)."""
-    error.before_training = True  # type: ignore[attr-defined]
-
-
-def raised_before_training(error: BaseException) -> bool:
-    """Whether `mark_before_training` marked `error`."""
-    return getattr(error, "before_training", False)

@@ -267,6 +267,7 @@ def _load_or_compute(
         "feature_cache": status,
         "feature_cache_seconds": round(time.perf_counter() - started, 2),
         "feature_cache_file": str(cache_file),
+        "feature_rows": {name: len(tensor) for name, tensor in features.items()},
     }
     return features, report
 

@@ -1,7 +1,8 @@
 """What Ctrl-C leaves, and a resume in place that leaves its run dir as it was.
 
 - `interrupted_message` names the run dir and the command that continues it, with the
-  overrides the run applied on top of its saved config (e.g. `trainer.max_epochs=40`).
+  overrides the run applied on top of its saved config (e.g. `trainer.max_epochs=40`);
+  `nothing_kept_message` says that a new run stopped before its first checkpoint left nothing.
 - `log_before_resume` / `restore_size`: the run's log cut back after a refused resume.
 - `ctrl_c_as_interrupt`: Lightning's ways of ending a Ctrl-C, as the KeyboardInterrupt it was.
 """
@@ -73,6 +74,15 @@ def interrupted_message(run_dir: Path, cfg: DictConfig | None = None) -> str:
     return (
         f"Interrupted before the first epoch finished: {run_dir} holds no checkpoint to "
         "continue from. Start the run again with the same command."
+    )
+
+
+def nothing_kept_message(run_dir: Path) -> str:
+    """What Ctrl-C leaves of a new run stopped before its first checkpoint: nothing, the run
+    dir it made is removed (train.py)."""
+    return (
+        f"Interrupted before anything worth keeping was written: nothing was kept (the run "
+        f"dir {run_dir} was removed). Start the run again with the same command."
     )
 
 

@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 from finetune import lightning_internals, strategies
 from finetune.atomic import DiskFullError, atomic_write
 from finetune.data import FinetuneDataModule
-from finetune.errors import FinetuneError, mark_before_training
+from finetune.errors import FinetuneError
 from finetune.resume_config import (
     ResumeRefused,
     check_config,
@@ -307,14 +307,12 @@ def command_line(argv: Sequence[str]) -> list[str]:
 @contextlib.contextmanager
 def _as_it_was(run_dir: Path, in_place: bool) -> Iterator[None]:
     """A `FinetuneError` of a resume in place raised as `ResumeRefused` (train.py then writes
-    no failure.json into the run, and cuts its log back); one of a new run marked as raised
-    before training (train.py then removes the run dir it made)."""
+    no failure.json into the run, and cuts its log back)."""
     try:
         yield
     except FinetuneError as error:
         if in_place and not isinstance(error, ResumeRefused):
             raise ResumeRefused(f"{error} (The run dir {run_dir} is as it was.)") from error
-        mark_before_training(error)
         raise
 
 
@@ -357,8 +355,7 @@ class ResumePlan:
 
     def kept_as_it_was(self) -> contextlib.AbstractContextManager[None]:
         """Within it, a `FinetuneError` of a resume in place is a `ResumeRefused`: the run dir
-        is as it was (nothing of it written before training); one of a new run is marked as
-        raised before training (`finetune.errors.raised_before_training`)."""
+        is as it was (nothing of it written before training)."""
         return _as_it_was(self.run_dir, self.in_place)
 
     def verify(

@@ -32,6 +32,7 @@ from finetune import (
     resume,
     rundir,
     runtime,
+    smoke,
     strategies,
 )
 from finetune.backbones import Network
@@ -75,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         datamodule.batch_size = cfg.data.batch_size  # the loaders take the resolved batch
         resuming.verify(cfg, chosen, datamodule, planned.regime)
+        solves = planned.strategy.head_from_probe and not resuming.restores_head
+        smoke_test = smoke.cut_splits(cfg, datamodule, processes, probe=solves)  # debug=fast
         model = build_model(cfg, datamodule, planned)
     fitting = build_trainer(cfg, model, datamodule)
     check_world_size(fitting.trainer, processes, chosen)
@@ -87,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     earlier_seconds = fitting.epoch_timer.earlier_fit_seconds  # a resume's earlier processes
     with interrupt.ctrl_c_as_interrupt(fitting.trainer):
         metrics = evaluate_best_checkpoint(fitting.trainer, model.module, datamodule)
-    metrics |= described | feature_report
+    metrics |= described | smoke_test | feature_report  # a smoke test's split_sizes: whole
     metrics |= model.strategy.probe_report
     metrics |= fitting.evaluation_report.results | adaptive.metrics_entry(chosen)
     # Everything of train() but writing the results: what the benchmarks call work seconds;

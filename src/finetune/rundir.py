@@ -151,6 +151,13 @@ def save_classification_report(run_dir: Path, text: str) -> None:
         )
 
 
+def holds_results(run_dir: Path) -> bool:
+    """Whether `run_dir` holds anything of a run worth keeping: metrics.json or a checkpoint
+    (`checkpoints/`, made when the first one is written). Its config, log, split and logger
+    folders alone are not: the run can be started again from its command."""
+    return (run_dir / METRICS_FILE).exists() or (run_dir / "checkpoints").exists()
+
+
 def save_failure(run_dir: Path, error: BaseException) -> None:
     """failure.json (`{"error": "<type>: <message>"}`): what the sweep summary shows for a run
     that did not finish. An unwritable run dir is ignored: the log still has the error."""

@@ -9,14 +9,16 @@ Files written into the sweep folder:
 - `summary.csv`: one row per run: job number, status (`ok`, `failed` or `diverged`, with the
   error), its overrides (one column per swept key), val/test accuracy and macro-F1, the metric
   that chose the best checkpoint (`selection.metric`) and its value, trainable params, fit
-  seconds.
+  seconds and the feature cache they include (`finetune.sweep_times`: `miss` extracted).
 - `summary.md`: the same table, and when the sweep has a `seed` or `data.fold` axis, mean +- std
-  over them of the accuracies, macro-F1 and fit seconds for every other combination.
+  over them of the accuracies, macro-F1 and fit seconds (per feature-cache state where the runs
+  mix them) for every other combination.
 - `tensorboard/`: a link per run to its TensorBoard events, named by its swept values, for
   `tensorboard --logdir <sweep folder>/tensorboard`.
-- `summary.png`: accuracy per strategy and model (bars with the std over seeds and their
-  values, the axis zoomed to the data's range); when
-  `data.train_fraction` is swept, learning curves: accuracy against training images.
+- `summary.png` (`finetune.sweep_plot`): val accuracy per combination of the swept values (bars
+  with the std over seeds and their values, the axis zoomed to the data's range), each bar
+  named by the overrides it holds; when `data.train_fraction` is swept, learning curves:
+  accuracy against training images.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+from finetune import sweep_plot, sweep_times
 from finetune.atomic import atomic_write
 from finetune.progress import progress
 from finetune.rundir import FAILURE_FILE, METRICS_FILE
+from finetune.sweep_plot import (  # noqa: F401 - importable from here too
+    accuracy_range,
+    shows_learning_curves,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,7 @@ METRIC_COLUMNS = (
     "selected_value",
     "trainable_params",
     "fit_seconds",
+    "feature_cache",
     "train_images",
 )
 AGGREGATED = ("val_acc", "test_acc", "val_macro_f1", "test_macro_f1", "fit_seconds")
@@ -93,6 +101,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "selected_value": metrics.get(selected_by),
                 "trainable_params": metrics.get("trainable_params"),
                 "fit_seconds": metrics.get("fit_seconds"),
+                "feature_cache": sweep_times.cache_state(metrics),
                 "train_images": (metrics.get("split_sizes") or {}).get("train"),
                 "model": metrics.get("model"),
                 "strategy": metrics.get("strategy"),
@@ -179,6 +188,11 @@ def aggregate(
             values = [m[column] for m in finished if m.get(column) is not None]
             entry[f"{column}_mean"] = statistics.mean(values) if values else None
             entry[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        # minutes of extraction and seconds of cache reads have no common mean: per state
+        times = sweep_times.seconds_by_cache(finished)
+        entry |= {"fit_seconds_by_cache": times, "feature_cache": sweep_times.states_cell(times)}
+        if len(times) > 1:
+            entry["fit_seconds_mean"] = entry["fit_seconds_std"] = None
         entry["train_images"] = finished[0].get("train_images") if finished else None
         entry["strategy"] = (finished[0] if finished else entry).get("strategy")
         entry["model"] = finished[0].get("model") if finished else None
@@ -251,6 +265,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             ],
         ),
     ]
+    if sweep_times.mixes_states(rows):
+        parts += ["", sweep_times.NOTE]
     repeats = [key for key in REPEAT_AXES if key in keys]
     if repeats:
         others = [key for key in keys if key not in repeats]
@@ -261,13 +277,20 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
             f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
             "",
             _markdown_table(
-                [*others, "runs", "failed", *(c.replace("_", " ") for c in AGGREGATED)],
+                [
+                    *others,
+                    "runs",
+                    "failed",
+                    *(c.replace("_", " ") for c in AGGREGATED),
+                    "feature cache",
+                ],
                 [
                     [
                         *(str(entry[key]) for key in others),
                         str(entry["runs"]),
                         str(entry["failed"]),
                         *(_mean_std(entry, column) for column in AGGREGATED),
+                        entry["feature_cache"],
                     ]
                     for entry in table
                 ],
@@ -277,70 +300,29 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
 
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:
+    if column == "fit_seconds" and len(entry["fit_seconds_by_cache"]) > 1:
+        return sweep_times.seconds_cell(entry["fit_seconds_by_cache"])
     mean = entry[f"{column}_mean"]
     return "" if mean is None else f"{_fmt(mean, column)} +- {_fmt(entry[f'{column}_std'], column)}"
 
 
-def shows_learning_curves(rows: list[dict[str, Any]]) -> bool:
-    """Whether the sweep varies `data.train_fraction` (one fraction for all is no curve)."""
-    return len({row["overrides"].get("data.train_fraction") for row in rows}) > 1
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Learning curves when `data.train_fraction` is swept, else bars per strategy and model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """summary.png (`finetune.sweep_plot`): learning curves when `data.train_fraction` is
+    swept, else bars; each names the swept values it holds and the axes averaged over."""
     import matplotlib.pyplot as plt
 
+    keys = swept_keys(rows) if len(rows) > 1 else []
     table = [e for e in aggregate(rows) if e["val_acc_mean"] is not None]
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    if shows_learning_curves(rows):
-        curves: dict[str, list[tuple[int, float, float]]] = {}
-        for entry in table:
-            label = " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k))
-            curves.setdefault(label, []).append(
-                (entry["train_images"], entry["val_acc_mean"], entry["val_acc_std"])
-            )
-        for label, points in sorted(curves.items()):
-            points.sort()
-            xs, ys, errors = zip(*points, strict=True)
-            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label)
-        axis.set_xlabel("training images")
-        axis.set_title("Learning curves (mean +- std over seeds)")
-    else:
-        labels = [
-            " / ".join(str(entry.get(k)) for k in ("model", "strategy") if entry.get(k)) or "run"
-            for entry in table
-        ]
-        bars = axis.bar(
-            range(len(table)),
-            [e["val_acc_mean"] for e in table],
-            yerr=[e["val_acc_std"] for e in table],
-            capsize=3,
-        )
-        axis.bar_label(bars, fmt="%.3f", padding=2)  # the values a zoomed axis compares
-        axis.set_xticks(range(len(table)), labels, rotation=30, ha="right")
-        axis.set_title("Validation accuracy per strategy and model")
-    axis.set_ylabel("val accuracy")
-    axis.set_ylim(*accuracy_range(table))
-    axis.grid(alpha=0.3)
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend()
-    figure.tight_layout()
-    atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
-    plt.close(figure)
-
-
-def accuracy_range(table: list[dict[str, Any]]) -> tuple[float, float]:
-    """The plot's val accuracy axis: the data's range (mean +- std) with a margin, not 0 to 1,
-    where 0.951 and 0.954 would look equal. Within [0, 1.02]; (0, 1.02) without data."""
-    if not table:
-        return 0.0, 1.02
-    low = min(e["val_acc_mean"] - e["val_acc_std"] for e in table)
-    high = max(e["val_acc_mean"] + e["val_acc_std"] for e in table)
-    margin = max((high - low) * 0.25, 0.01)  # room for the bars' labels above them
-    return max(low - margin, 0.0), min(high + margin, 1.02)
+    figure = sweep_plot.draw(
+        table,
+        [key for key in keys if key not in REPEAT_AXES],
+        [key for key in REPEAT_AXES if key in keys],
+        curves=shows_learning_curves(rows),
+    )
+    try:
+        atomic_write(path, lambda handle: figure.savefig(handle, dpi=110, format="png"))
+    finally:
+        plt.close(figure)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:

@@ -322,6 +322,9 @@ class Config:
     # resume: `last` (the last checkpoint of hydra.run.dir), a run dir, or a .ckpt file
     ckpt_path: str | None = None
     print_config: bool = field(default=False, metadata=RESUMABLE)  # true: the whole tree
+    # debug=fast: each split cut to the images its trainer.limit_<split>_batches (a count)
+    # reach, so the probe's features and the decode cache cover only those (finetune.smoke)
+    smoke_test: bool = False
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
