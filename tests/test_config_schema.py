@@ -141,6 +141,7 @@ def test_a_key_of_another_option_is_refused_with_that_option():
         "model.min_loaded_fraction=0.9",
         "-m hparams_search=optuna strategy=full hydra.sweeper.n_trials=40",
         "-m experiment=sample_efficiency",
+        "-m experiment=sample_efficiency_flowers102",
         "debug=overfit trainer=cpu",
         "data=imagefolder data.root=photos data.val_fraction=0.25",
         "+callbacks.timer._target_=pytorch_lightning.callbacks.Timer",  # free-form group
