@@ -144,12 +144,15 @@ def test_missing_imagefolder_root_is_a_clear_error(tmp_path):
         datamodule("imagefolder", tmp_path / "photos", prepare=False).prepare_data()
 
 
-@pytest.mark.parametrize("layout", ["train_val", "class_folders"])
+@pytest.mark.parametrize("layout", ["train_val", "class_folders", "one_set_of_classes"])
 def test_a_single_class_folder_is_refused_and_a_root_one_level_too_high_named(tmp_path, layout):
     photos = tmp_path / "photos"
-    for split in ("train", "val"):
-        make_class_folders(photos / "mydata" / split, {"ants": 3, "bees": 3})
-    root = photos if layout == "class_folders" else tmp_path / "nested"
+    if layout == "one_set_of_classes":  # root/photos/mydata/{ants,bees}: an unzipped folder
+        make_class_folders(photos / "mydata", {"ants": 3, "bees": 3})
+    else:
+        for split in ("train", "val"):
+            make_class_folders(photos / "mydata" / split, {"ants": 3, "bees": 3})
+    root = tmp_path / "nested" if layout == "train_val" else photos
     if layout == "train_val":  # root/train holds one class folder: mydata
         make_class_folders(root / "train" / "mydata", {"ants": 3})
         make_class_folders(root / "val" / "mydata", {"ants": 3})
@@ -158,6 +161,10 @@ def test_a_single_class_folder_is_refused_and_a_root_one_level_too_high_named(tm
     message = str(caught.value)
     if layout == "class_folders":
         assert f"Fix: data.root={photos / 'mydata'} (it holds train/ and val/)" in message
+    elif layout == "one_set_of_classes":
+        assert "one level too high" in message
+        assert f"Fix: data.root={photos / 'mydata'}." in message
+        assert "add a sub-folder" not in message
     else:
         assert "Fix: add a sub-folder of images for each other class" in message
 

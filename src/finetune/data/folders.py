@@ -189,11 +189,12 @@ def two_or_more(folder: Path, class_names: list[str]) -> list[str]:
         return class_names
     only = folder / class_names[0]
     nested = [name for name in ("train", "val") if (only / name).is_dir()]
-    fix = (
-        f"Fix: data.root={only} (it holds {' and '.join(f'{n}/' for n in nested)})."
-        if nested
-        else f"Fix: add a sub-folder of images for each other class beside {only}."
-    )
+    if nested:
+        fix = f"Fix: data.root={only} (it holds {' and '.join(f'{n}/' for n in nested)})."
+    elif _holds_class_folders(only):  # root/photos/{ants,bees}: the classes are one level down
+        fix = f"{only} holds class folders of its own: data.root is one level too high. Fix: data.root={only}."
+    else:
+        fix = f"Fix: add a sub-folder of images for each other class beside {only}."
     raise DataUnavailableError(
         f"Only one class folder in {folder} ({class_names[0]}): a classifier needs two or "
         f"more. {fix}"
