@@ -108,14 +108,27 @@ def test_a_choice_at_an_edge_of_the_grid_grows_the_grid_until_it_is_inside(grid)
     assert ratios == pytest.approx([grid[0] / grid[1]] * len(ratios))
 
 
-def test_the_grid_grows_a_bounded_number_of_steps():
+def test_the_grid_grows_a_bounded_number_of_steps_and_says_when_the_choice_stays_at_its_edge(
+    caplog,
+):
     """Validation labels the training ones cannot predict: ever stronger L2 validates better,
-    and the grid stops growing after MAX_GRID_EXTENSIONS steps."""
+    and the grid stops growing after MAX_GRID_EXTENSIONS steps; the choice still sits at the
+    edge, which the run is told and metrics.json records."""
     x, y = blobs(10, 3, 8, spread=1.0, seed=4)
-    solution = probe.solve(x, y, 3, x, (y + 1) % 3, l2_grid=(1.0, 0.1))
+    with caplog.at_level("WARNING", logger="finetune.probe"):
+        solution = probe.solve(x, y, 3, x, (y + 1) % 3, l2_grid=(1.0, 0.1))
     strengths = [point["l2"] for point in solution.path]
     assert len(strengths) == 2 + probe.MAX_GRID_EXTENSIONS
     assert solution.l2 == max(strengths) == pytest.approx(10.0**probe.MAX_GRID_EXTENSIONS)
+    assert solution.report()["probe_l2_at_edge"] is True
+    assert "still at the strong edge" in caplog.text
+    assert f"grew {probe.MAX_GRID_EXTENSIONS} steps" in caplog.text
+    # a choice inside the grid is not flagged
+    caplog.clear()
+    val_x, val_y = blobs(40, 5, 64, spread=6.0, seed=3)
+    with caplog.at_level("WARNING", logger="finetune.probe"):
+        inside = probe.solve(*blobs(8, 5, 64, spread=6.0, seed=2), 5, val_x, val_y)
+    assert inside.report()["probe_l2_at_edge"] is False and "edge" not in caplog.text
 
 
 def test_without_validation_one_strength_is_solved():

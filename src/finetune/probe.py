@@ -75,11 +75,13 @@ class ProbeSolution:
     feature_std: torch.Tensor | None = None
     selection: str = "val/acc"
     val_scores: dict[str, float] = field(default_factory=dict)
+    at_edge: bool = False  # the chosen l2 is still the grid's strongest or weakest
 
     def report(self) -> dict[str, object]:
         """The part of metrics.json that says how the head was solved."""
         return {
             "probe_l2": self.l2,
+            "probe_l2_at_edge": self.at_edge,
             "probe_selected_by": self.selection,
             "probe_val_acc": self.val_acc,
             **{f"probe_{name}": self.val_scores.get(name) for name in PER_CLASS_MEANS},
@@ -307,4 +309,21 @@ def solve(
     )
     if not math.isfinite(float(raw_weight.abs().max())):
         raise ValueError("The linear probe diverged (non-finite weights); the features are bad.")
+    tried = [point["l2"] for point in path]
+    solution.at_edge = validating and len(tried) > 1 and l2 in (max(tried), min(tried))
+    if solution.at_edge:
+        log.warning(
+            "The linear probe's l2=%.3g is still at the %s edge of the %d strengths searched "
+            "(the grid grew %d steps past it): %s",
+            l2,
+            "strong" if l2 == max(tried) else "weak",
+            len(tried),
+            len(tried) - len(l2_grid),
+            "the validation split prefers a head that is close to predicting the class prior, "
+            "the usual sign of very few training images or features that do not separate the "
+            "classes"
+            if l2 == max(tried)
+            else "the validation split prefers an almost unregularised head, whose large "
+            "weights fine-tuning from it (lp_ft) may not survive",
+        )
     return solution
