@@ -203,9 +203,15 @@ def test_what_a_folder_scan_leaves_out_is_named(tmp_path, caplog):
     assert dm.splits.sizes()["train"] + dm.splits.sizes()["val"] == 13  # as before: left out
 
 
-def test_flowers102_absent_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(DataUnavailableError, match="flowers-102"):
-        datamodule("flowers102", tmp_path, prepare=False, download=False).prepare_data()
+@pytest.mark.parametrize("dataset", ["flowers102", "hymenoptera"])
+def test_a_dataset_absent_offline_is_a_clear_error_naming_the_documented_key(tmp_path, dataset):
+    with pytest.raises(DataUnavailableError) as caught:
+        datamodule(dataset, tmp_path, prepare=False, download=False).prepare_data()
+    folder = {"flowers102": "flowers-102", "hymenoptera": "hymenoptera_data"}[dataset]
+    # the README sets the datasets' folder with paths.data_root
+    assert f"point paths.data_root (or data.root) at the folder that contains {folder}/" in str(
+        caught.value
+    )
 
 
 def test_eval_preset_resizes_crops_and_normalises_with_the_spec():

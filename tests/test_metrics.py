@@ -124,6 +124,19 @@ def test_class_counts_of_many_classes_name_the_extremes_and_a_single_val_image()
     assert "Class 'c7' has 1 val image: its recall is 0 or 1." in lines
 
 
+def test_class_counts_of_even_classes_say_so_instead_of_naming_one_class_twice():
+    many = class_balance_lines([f"flower {i}" for i in range(102)], [10] * 102, [10] * 102)
+    assert many[0] == (
+        "Class counts (train / val): 102 classes, every one with 10 training images, 1020 val "
+        "images in all. Every class has as many training images (imbalance ratio 1.0)."
+    )
+    few = class_balance_lines(["circle", "square"], [8, 8], [2, 2])
+    assert few[0] == (
+        "Class counts (train / val): circle 8 / 2, square 8 / 2. Every class has as many "
+        "training images (imbalance ratio 1.0)."
+    )
+
+
 # --- selection.metric ---------------------------------------------------------------------------
 
 

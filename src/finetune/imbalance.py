@@ -71,7 +71,13 @@ def class_balance_lines(
     present = [index for index, count in enumerate(train_counts) if count > 0]
     largest = max(present, key=lambda index: train_counts[index]) if present else 0
     smallest = min(present, key=lambda index: train_counts[index]) if present else 0
-    if len(names) <= LISTED_CLASSES:
+    even = len(present) == len(names) and len({train_counts[i] for i in present}) == 1
+    if len(names) > LISTED_CLASSES and even:
+        counts = (
+            f"{len(names)} classes, every one with {train_counts[0]} training images, "
+            f"{sum(val_counts)} val images in all"
+        )
+    elif len(names) <= LISTED_CLASSES:
         counts = ", ".join(
             f"{name} {train} / {val}"
             for name, train, val in zip(names, train_counts, val_counts, strict=True)
@@ -82,11 +88,13 @@ def class_balance_lines(
             f"{names[largest]} {train_counts[largest]} / {val_counts[largest]}, smallest "
             f"{names[smallest]} {train_counts[smallest]} / {val_counts[smallest]}"
         )
-    lines = [
-        f"Class counts (train / val): {counts}. Imbalance ratio {ratio:.1f} (largest / smallest "
-        f"training class: {names[largest] if present else '-'} / "
-        f"{names[smallest] if present else '-'})."
-    ]
+    balance = (
+        "Every class has as many training images (imbalance ratio 1.0)."
+        if even
+        else f"Imbalance ratio {ratio:.1f} (largest / smallest training class: "
+        f"{names[largest] if present else '-'} / {names[smallest] if present else '-'})."
+    )
+    lines = [f"Class counts (train / val): {counts}. {balance}"]
     if ratio >= IMBALANCE_RATIO and class_weights in (None, "none") and sampler != "balanced":
         weights = balanced_weights(train_counts)
         lines.append(

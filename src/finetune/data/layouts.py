@@ -86,8 +86,8 @@ def _download_archive(url: str, root: Path, name: str, expected: Path) -> None:
         archive.unlink(missing_ok=True)  # never leave a partial zip that looks complete
         raise DataUnavailableError(
             f"Dataset {name} is not in {expected} and downloading {url} failed ({error}). "
-            f"Fix: download and unzip it into {root} by hand, or set data.root to the folder "
-            f"that contains {expected.name}/."
+            f"Fix: download and unzip it into {root} by hand, or point paths.data_root (or "
+            f"data.root) at the folder that contains {expected.name}/."
         ) from error
 
 
@@ -117,8 +117,8 @@ def build_hymenoptera(options: LayoutOptions) -> DatasetSplits:
     if not (folder / "train").is_dir():
         raise DataUnavailableError(
             f"Dataset hymenoptera not found: {folder} has no train/ folder. Fix: unzip "
-            f"hymenoptera_data.zip ({HYMENOPTERA_URL}) into {options.root}, or set data.root to "
-            "the folder that contains hymenoptera_data/."
+            f"hymenoptera_data.zip ({HYMENOPTERA_URL}) into {options.root}, or point "
+            "paths.data_root (or data.root) at the folder that contains hymenoptera_data/."
         )
     return split_folders(folder, val_fraction=0.2, seed=0)
 
@@ -135,8 +135,8 @@ def _flowers102(options: LayoutOptions, split: str, download: bool):
         raise DataUnavailableError(
             f"Dataset flowers102 not found or incomplete in {folder} (expected jpg/, "
             f"imagelabels.mat and setid.mat) and could not be downloaded ({error}). Fix: "
-            f"place those files in {folder}, or set data.root to the folder that contains "
-            "flowers-102/."
+            f"place those files in {folder}, or point paths.data_root (or data.root) at the "
+            "folder that contains flowers-102/."
         ) from error
 
 
