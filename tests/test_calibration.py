@@ -24,6 +24,7 @@ from finetune.data import ImageListDataset, load_rgb
 from finetune.export import export_model
 from finetune.module import load_classifier
 from finetune.predict import load_predictor
+from finetune.reports import calibration_line
 from finetune.transforms import eval_transform
 
 
@@ -146,3 +147,14 @@ def test_a_run_fits_its_temperature_on_val_and_predict_and_export_use_it(lite0_r
     info = json.loads(exported.metadata_file.read_text())
     assert info["temperature"] == temperature
     assert "temperature" in info["output"]["probabilities"]
+
+
+def test_the_calibration_line_is_left_out_without_a_fit_and_explains_a_worse_ece():
+    assert calibration_line("val", 1.0, 0.2547, 0.2547) is None  # none fitted: said once, why
+    better = calibration_line("val", 1.7, 0.12, 0.03)
+    assert better == (
+        "val: temperature 1.7 (fitted on val's loss) takes the expected calibration error from "
+        "0.1200 to 0.0300"
+    )
+    worse = calibration_line("val", 0.8, 0.5834, 0.5861)
+    assert worse.startswith("val: temperature 0.8") and "minimises the val loss, not" in worse

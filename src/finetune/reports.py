@@ -73,6 +73,24 @@ def stage_results(stage: str, matrix: torch.Tensor, class_names: list[str]) -> d
     }
 
 
+def calibration_line(stage: str, temperature: float, before: float, after: float) -> str | None:
+    """The log line of a fitted temperature and the expected calibration error it gives `stage`
+    (`before`, `after`: ECE at temperature 1 and at `temperature`); None when no temperature
+    was fitted (1.0: `fit_temperature` has said why)."""
+    if temperature == 1.0:
+        return None
+    line = (
+        f"{stage}: temperature {temperature:.3g} (fitted on val's loss) takes the expected "
+        f"calibration error from {before:.4f} to {after:.4f}"
+    )
+    if after > before:
+        line += (
+            " (the temperature minimises the val loss, not the binned ECE, which a few images "
+            "per bin can move either way)"
+        )
+    return line
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """`rows` (dicts with the same keys) as a Markdown table, which TensorBoard's TEXT tab
     draws; floats as percentages."""
@@ -190,15 +208,11 @@ class EvaluationReport(pl.Callback):
             self.temperature = fit_temperature(logits, labels)
             results["temperature"] = self.temperature
         results |= calibration_results(stage, logits, labels, self.temperature)
-        if trainer.is_global_zero:
-            log.info(
-                "%s: temperature %.3g (fitted on val's loss) takes the expected calibration "
-                "error from %.4f to %.4f",
-                stage,
-                self.temperature,
-                results[f"{stage}/ece"],
-                results[f"{stage}/ece_calibrated"],
-            )
+        line = calibration_line(
+            stage, self.temperature, results[f"{stage}/ece"], results[f"{stage}/ece_calibrated"]
+        )
+        if trainer.is_global_zero and line:
+            log.info("%s", line)
         samples = self.samples.get(stage) or []
         if samples:  # the positions index the split's samples
             paths = [samples[int(position)][0] for position in positions]
