@@ -148,6 +148,7 @@ def test_the_config_is_summed_up_at_the_start_and_printed_whole_on_request(
     summary = caplog.text
     assert "Config: model=efficientnet_lite0 strategy=full data=synthetic" in summary
     assert f"The whole config: {tmp_path / 'config.yaml'}" in summary
+    assert f"Run dir: {tmp_path}\nConfig: " in summary  # at the start, as at the end
     assert "min_loaded_fraction" not in summary + capsys.readouterr().out
     assert "min_loaded_fraction" in (tmp_path / "config.yaml").read_text()
     rundir.save_config(make_cfg("strategy=full", "print_config=true"), tmp_path)

@@ -65,7 +65,7 @@ SUMMARY_GROUPS = ("model", "strategy", "data", "augment", "optim", "scheduler", 
 
 
 def config_summary(cfg: DictConfig, run_dir: Path) -> str:
-    """The config in a few lines: the option of each main group (Hydra's choices; for a config
+    """The run dir and the config in a few lines: the option of each main group (Hydra's choices; for a config
     built in code, the names it holds), the command line's overrides, and where the whole
     config is. The full config runs to 130 lines, mostly defaults nobody changed."""
     from hydra.core.hydra_config import HydraConfig
@@ -80,7 +80,7 @@ def config_summary(cfg: DictConfig, run_dir: Path) -> str:
         overrides = "none (a config built in code)"
     chosen = " ".join(f"{group}={option}" for group, option in choices.items() if option)
     return (
-        f"Config: {chosen}\nOverrides: {overrides}\n"
+        f"Run dir: {run_dir}\nConfig: {chosen}\nOverrides: {overrides}\n"
         f"The whole config: {run_dir / CONFIG_FILE} (print_config=true prints it here)"
     )
 
