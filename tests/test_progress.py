@@ -21,7 +21,9 @@ def test_without_a_terminal_a_step_logs_its_start_and_end_and_draws_no_bar(capsy
     messages = [record.getMessage() for record in caplog.records]
     assert messages[0] == "Extracting features: 10 images" and len(messages) == 2
     assert re.fullmatch(
-        r"Extracting features: 12 images in \d+\.\d s( \(\d+\.\d images/s\))?", messages[1]
+        r"Extracting features: 12 images in \d+\.\d s( \(\d+\.\d images/s\))?"
+        r", 2 more than the 10 planned",
+        messages[1],
     )
 
 
@@ -43,9 +45,24 @@ def test_on_a_terminal_the_bar_counts_with_rate_and_time_left(monkeypatch):
         assert (task.completed, task.total) == (6, 6)
     columns = [type(column).__name__ for column in bars[0].columns]
     assert columns[2:] == [
-        "MofNCompleteColumn", "Rate", "TimeElapsedColumn", "TextColumn", "TimeRemainingColumn"
+        "MofNCompleteColumn", "Rate", "TimeElapsedColumn", "TextColumn", "TimeRemainingColumn",
+        "TextColumn",
     ]  # fmt: skip
     assert bars[0].live.transient and bars[0].finished  # gone once the step ends
+
+
+def test_a_narrow_terminal_shortens_the_bar_never_the_rate_unit_or_the_times():
+    from rich.console import Console
+
+    bar = progress.terminal_bar("L2 strengths")
+    task = bar.add_task("Solving the linear probe", total=13)
+    bar.update(task, advance=5)
+    narrow = Console(file=io.StringIO(), width=70, force_terminal=True, color_system=None)
+    with narrow.capture() as captured:
+        narrow.print(bar.make_tasks_table(bar.tasks))
+    text = captured.get()
+    assert "L2 strengths/s" in text, text
+    assert re.search(r"\d:\d\d:\d\d elapsed, (-:--:--|\d:\d\d:\d\d) left", text), text
 
 
 def test_a_run_in_a_log_has_each_steps_lines_and_no_bar(tmp_path):

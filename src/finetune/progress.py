@@ -49,7 +49,8 @@ def progress(what: str, total: int, unit: str) -> Iterator[Callable[[int], None]
         yield count
     seconds = time.perf_counter() - started
     rate = f" ({done / seconds:.1f} {unit}/s)" if seconds > 0 and done > 0 else ""
-    log.info("%s: %d %s in %.1f s%s", what, done, unit, seconds, rate)
+    grew = f", {done - total} more than the {total} planned" if done > total else ""
+    log.info("%s: %d %s in %.1f s%s%s", what, done, unit, seconds, rate, grew)
 
 
 def terminal_bar(unit: str):
@@ -63,19 +64,24 @@ def terminal_bar(unit: str):
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.table import Column
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
             return Text(f"{task.speed:.1f} {unit}/s" if task.speed else f"- {unit}/s")
 
+    def whole() -> Column:  # a narrow terminal shortens the description, not the numbers
+        return Column(no_wrap=True, overflow="ignore")
+
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeElapsedColumn(),
-        TextColumn("left"),
-        TimeRemainingColumn(),
+        TextColumn("{task.description}", table_column=Column(ratio=2, overflow="fold")),
+        BarColumn(bar_width=None, table_column=Column(ratio=1)),
+        MofNCompleteColumn(table_column=whole()),
+        Rate(table_column=whole()),
+        TimeElapsedColumn(table_column=whole()),
+        TextColumn("elapsed,", table_column=whole()),
+        TimeRemainingColumn(table_column=whole()),
+        TextColumn("left", table_column=whole()),
         transient=True,
     )
