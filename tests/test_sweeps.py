@@ -71,6 +71,25 @@ def test_summary_of_a_two_by_two_sweep_has_four_rows_and_the_right_aggregates(tm
     assert (tmp_path / "summary.png").stat().st_size > 1000
 
 
+def test_the_end_of_a_sweep_prints_its_mean_table_capped(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(summary, "plot", lambda rows, path: None)  # the chart is not the point
+    lrs = [f"{k}e-4" for k in range(1, summary.CONSOLE_ROWS + 6)]  # 35 combinations
+    for job, (lr, seed) in enumerate((lr, seed) for lr in lrs for seed in (1, 2)):
+        metrics = {"val/acc": 0.5 + seed / 10, "strategy": "full", "seed": seed}
+        fake_run(tmp_path, str(job), [f"optim.lr={lr}", f"seed={seed}"], metrics)
+    with caplog.at_level("INFO", logger="finetune.summary"):
+        summary.write_summary(tmp_path)
+    printed = caplog.text
+    assert f"Sweep summary: {tmp_path / 'summary.md'}" in printed
+    assert "Mean +- std over seeds:" in printed
+    assert "| optim.lr | runs | failed | val acc |" in printed
+    assert "| 1e-4 | 2 | 0 | 0.6500 +- 0.0707 |" in printed
+    assert f"| {lrs[summary.CONSOLE_ROWS - 1]} | 2 |" in printed  # the 30th row
+    assert f"| {lrs[summary.CONSOLE_ROWS]} | 2 |" not in printed  # the 31st: only in the file
+    assert f"| {lrs[summary.CONSOLE_ROWS]} | 2 |" in (tmp_path / "summary.md").read_text()
+    assert "... 5 more row(s) in summary.md" in printed
+
+
 def test_summary_can_be_run_by_hand_on_a_sweep_folder(tmp_path):
     fake_run(tmp_path, "0", ["strategy=full"], {"val/acc": 0.5, "strategy": "full"})
     fake_run(tmp_path, "1", ["strategy=scratch"], None)  # killed: no metrics, no failure.json

@@ -239,7 +239,6 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> None:
-    keys = swept_keys(rows)
     failed = sum(row["status"] != "ok" for row in rows)
     diverged = sum(row["status"] == "diverged" for row in rows)
     parts = [
@@ -251,52 +250,76 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, sweep_dir: Path) -> N
         "Shared overrides: "
         + (" ".join(f"`{k}={v}`" for k, v in fixed_overrides(rows).items()) or "none"),
         "",
-        _markdown_table(
-            ["job", "status", *keys, *(c.replace("_", " ") for c in METRIC_COLUMNS), "error"],
-            [
-                [
-                    row["job"],
-                    row["status"],
-                    *(row["overrides"].get(key, "") for key in keys),
-                    *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
-                    row.get("error", "")[:200],
-                ]
-                for row in rows
-            ],
-        ),
+        runs_table(rows),
     ]
     if sweep_times.mixes_states(rows):
         parts += ["", sweep_times.NOTE]
-    repeats = [key for key in REPEAT_AXES if key in keys]
-    if repeats:
-        others = [key for key in keys if key not in repeats]
-        table = aggregate(rows)
-        names = {"seed": "seeds", "data.fold": "folds"}
-        parts += [
-            "",
-            f"## Mean +- std over {' and '.join(names[key] for key in repeats)}",
-            "",
-            _markdown_table(
-                [
-                    *others,
-                    "runs",
-                    "failed",
-                    *(c.replace("_", " ") for c in AGGREGATED),
-                    "feature cache",
-                ],
-                [
-                    [
-                        *(str(entry[key]) for key in others),
-                        str(entry["runs"]),
-                        str(entry["failed"]),
-                        *(_mean_std(entry, column) for column in AGGREGATED),
-                        entry["feature_cache"],
-                    ]
-                    for entry in table
-                ],
-            ),
-        ]
+    means = mean_table(rows)
+    if means:
+        parts += ["", f"## {means[0]}", "", means[1]]
     _write_text(path, "\n".join(parts) + "\n")
+
+
+def runs_table(rows: list[dict[str, Any]], errors: bool = True) -> str:
+    """The Markdown table of one row per run: its swept values and metrics (and error)."""
+    keys = swept_keys(rows)
+    return _markdown_table(
+        [
+            "job",
+            "status",
+            *keys,
+            *(c.replace("_", " ") for c in METRIC_COLUMNS),
+            *(["error"] if errors else []),
+        ],
+        [
+            [
+                row["job"],
+                row["status"],
+                *(row["overrides"].get(key, "") for key in keys),
+                *(_fmt(row.get(column), column) for column in METRIC_COLUMNS),
+                *([row.get("error", "")[:200]] if errors else []),
+            ]
+            for row in rows
+        ],
+    )
+
+
+def mean_table(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The heading and Markdown table of the means +- std over the sweep's `seed` and
+    `data.fold` axes, per combination of its other swept values; None without such an axis."""
+    keys = swept_keys(rows)
+    repeats = [key for key in REPEAT_AXES if key in keys]
+    if not repeats:
+        return None
+    others = [key for key in keys if key not in repeats]
+    names = {"seed": "seeds", "data.fold": "folds"}
+    header = [*others, "runs", "failed", *(c.replace("_", " ") for c in AGGREGATED)]
+    body = [
+        [
+            *(str(entry[key]) for key in others),
+            str(entry["runs"]),
+            str(entry["failed"]),
+            *(_mean_std(entry, column) for column in AGGREGATED),
+            entry["feature_cache"],
+        ]
+        for entry in aggregate(rows)
+    ]
+    heading = f"Mean +- std over {' and '.join(names[key] for key in repeats)}"
+    return heading, _markdown_table([*header, "feature cache"], body)
+
+
+CONSOLE_ROWS = 30  # the most table rows the end of a sweep prints (summary.md has them all)
+
+
+def console_table(rows: list[dict[str, Any]]) -> str:
+    """What the end of a sweep prints: the mean table (or, without seeds or folds, the runs'
+    table without errors), at most `CONSOLE_ROWS` rows of it."""
+    means = mean_table(rows)
+    heading, table = means if means else ("Runs", runs_table(rows, errors=False))
+    lines = table.split("\n")
+    shown, hidden = lines[: 2 + CONSOLE_ROWS], len(lines) - 2 - CONSOLE_ROWS
+    more = [f"... {hidden} more row(s) in summary.md"] if hidden > 0 else []
+    return "\n".join([f"{heading}:", *shown, *more])
 
 
 def _mean_std(entry: dict[str, Any], column: str) -> str:
@@ -339,7 +362,7 @@ def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
         advance(1)
         plot(rows, sweep_dir / "summary.png")  # matplotlib: the slow part
         advance(1)
-    log.info("Sweep summary: %s", sweep_dir / "summary.md")
+    log.info("Sweep summary: %s\n%s", sweep_dir / "summary.md", console_table(rows))
     if link_tensorboard_runs(rows, sweep_dir):
         log.info(
             "TensorBoard, runs named by their overrides: tensorboard --logdir %s",
