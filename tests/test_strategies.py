@@ -278,7 +278,7 @@ def test_a_strategy_is_built_from_its_schema_dataclass_with_its_defaults():
         "regex": ("train_affine", 0.1, False),
         "gradual": ("train_affine", 0.1, False),
         "full": ("train_affine", 0.1, False),
-        "lp_ft": ("train_affine", 1.0, True),
+        "lp_ft": ("train_affine", 0.1, True),
         "scratch": ("train", 1.0, False),
     }
     built = strategies.build({"name": "top_k", "k": 5, "bn": "frozen", "backbone_lr_scale": 0.5})

@@ -69,9 +69,11 @@ VIEW_RANGE = EPOCH_RANGE["head"]
 MAX_PROBE_ROWS = 50_000
 
 # optim.optimizer.lr: the rate at REFERENCE_BATCH_SIZE, per regime, for SGD; AdamW takes a
-# tenth of it. from_probe starts from a solved head, so a lower rate keeps the features it fits.
+# tenth of it. from_probe fine-tunes at finetune's rates: of the rates measured on Flowers102
+# (docs/strategies.md, "LP-FT on Flowers102"), 0.003 for every layer lost 21 points of the probe
+# in the first epochs, full's rates 6, for the same end.
 REFERENCE_BATCH_SIZE = 32
-SGD_BASE_LR = {"probe": 0.01, "head": 0.01, "finetune": 0.01, "from_probe": 0.003}
+SGD_BASE_LR = {"probe": 0.01, "head": 0.01, "finetune": 0.01, "from_probe": 0.01}
 ADAMW_LR_FACTOR = 0.1
 BASE_LR_FACTOR = {"torch.optim.SGD": 1.0, "torch.optim.AdamW": ADAMW_LR_FACTOR}
 

@@ -209,7 +209,7 @@ class Full(FreezeStrategy):
 
 class LpFt(Full):
     """LP-FT (Kumar et al. 2022): the head is solved as a linear probe first, then every layer
-    trains from it, by default all at the same rate."""
+    trains from it as `Full` does (the same rates: only the head's start differs)."""
 
     config_class = LpFtConfig
     head_from_probe = True

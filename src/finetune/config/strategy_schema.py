@@ -103,12 +103,9 @@ class GradualConfig(BackboneTrainsConfig):
 FullConfig = named_option("FullConfig", BackboneTrainsConfig, "full")
 
 
-@dataclass
-class LpFtConfig(BackboneTrainsConfig):
-    name: str = "lp_ft"
-    # LP-FT (Kumar et al. 2022): the head starts from the solved linear probe, so it needs no
-    # faster rate than the layers beneath it; every layer learns at the same rate.
-    backbone_lr_scale: float = 1.0
+# LP-FT (Kumar et al. 2022): the head starts from the solved linear probe, then fine-tunes as
+# `full` does (the same keys, defaults and rates: the comparison isolates the head's start).
+LpFtConfig = named_option("LpFtConfig", BackboneTrainsConfig, "lp_ft")
 
 
 @dataclass
