@@ -25,6 +25,8 @@ def test_a_finite_but_exploding_loss_stops_the_run_naming_the_learning_rate(make
     assert message.startswith("Training diverged: the mean training loss of epoch")
     assert "optim.optimizer.lr=50" in message and "though finite" in message
     assert "val/acc is at chance" in message
+    # a value to type, never "leave it at auto": auto may be what chose the diverging rate
+    assert message.endswith("Fix: start again with a tenth of it, optim.optimizer.lr=5.")
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 

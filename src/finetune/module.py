@@ -252,14 +252,14 @@ class ClassifierModule(pl.LightningModule):
         at_chance = validated is not None and float(validated) <= 1 / classes + 0.05
         if not (mean > self.DIVERGED_LOSS_FACTOR * guessing and at_chance):  # NaN: the step's
             return
-        lr = self.hparams.optim["optimizer"].get("lr")
+        lr = float(self.hparams.optim["optimizer"]["lr"])  # resolved: `auto` chose it if unset
         raise FinetuneError(
             f"Training diverged: the mean training loss of epoch {self.current_epoch} is "
             f"{mean:.3g}, {mean / guessing:.0f} times the loss of guessing among {classes} "
             f"classes (ln {classes} = {guessing:.2f}), though finite, and val/acc is at chance "
             f"({float(validated):.3f}). The learning rate is far too high "
-            f"(optim.optimizer.lr={lr}). The checkpoints written before are intact. Fix: lower "
-            "optim.optimizer.lr (a tenth of it, or leave it at auto) and start again."
+            f"(optim.optimizer.lr={lr:g}). The checkpoints written before are intact. Fix: "
+            f"start again with a tenth of it, optim.optimizer.lr={lr / 10:g}."
         )
 
     def stop_if_diverged(
