@@ -73,7 +73,8 @@ MAX_PROBE_ROWS = 50_000
 # (docs/strategies.md, "LP-FT on Flowers102"), 0.003 for every layer lost 21 points of the probe
 # in the first epochs, full's rates 6, for the same end.
 REFERENCE_BATCH_SIZE = 32
-SGD_BASE_LR = {"probe": 0.01, "head": 0.01, "finetune": 0.01, "from_probe": 0.01}
+SGD_BASE_LR = {"probe": 0.01, "head": 0.01, "finetune": 0.01}
+SGD_BASE_LR["from_probe"] = SGD_BASE_LR["finetune"]
 ADAMW_LR_FACTOR = 0.1
 BASE_LR_FACTOR = {"torch.optim.SGD": 1.0, "torch.optim.AdamW": ADAMW_LR_FACTOR}
 

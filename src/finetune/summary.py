@@ -293,7 +293,8 @@ def mean_table(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
         return None
     others = [key for key in keys if key not in repeats]
     names = {"seed": "seeds", "data.fold": "folds"}
-    header = [*others, "runs", "failed", *(c.replace("_", " ") for c in AGGREGATED)]
+    aggregated = [c.replace("_", " ") for c in AGGREGATED]
+    header = [*others, "runs", "failed", *aggregated, "feature cache"]
     body = [
         [
             *(str(entry[key]) for key in others),
@@ -305,7 +306,7 @@ def mean_table(rows: list[dict[str, Any]]) -> tuple[str, str] | None:
         for entry in aggregate(rows)
     ]
     heading = f"Mean +- std over {' and '.join(names[key] for key in repeats)}"
-    return heading, _markdown_table([*header, "feature cache"], body)
+    return heading, _markdown_table(header, body)
 
 
 CONSOLE_ROWS = 30  # the most table rows the end of a sweep prints (summary.md has them all)
